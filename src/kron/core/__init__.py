@@ -1,0 +1,90 @@
+"""The PSGD-Kron math, written once for every front end (see ``docs/core.md``).
+
+Pure functions over arrays: every function takes an ``ops`` backend (:mod:`kron.core.ops`), returns
+new arrays, takes its randomness as input arrays, and never branches on array values. Nothing here
+imports a framework.
+"""
+
+from kron.core.clipping import clip_elementwise, clip_rms, soft_clip
+from kron.core.fit import (
+    DAMPING_RULES,
+    GEOMETRIES,
+    STATE_IS_P,
+    FitOptions,
+    balance,
+    canonical_geometry,
+    damp,
+    fit,
+    lipschitz_update,
+)
+from kron.core.init import fourth_moment, init_factors, init_lipschitz, scale_from_moments
+from kron.core.kron_product import (
+    apply_factors,
+    cache_preconditioner,
+    gram,
+    mode_product,
+    precondition,
+    solve_transpose,
+)
+from kron.core.layout import MEMORY_SAVE_MODES, LayoutOptions, Plan, make_plan
+from kron.core.norms import NORM_BOUNDS, norm_lower_bound
+from kron.core.ops import Ops, get_ops
+from kron.core.procrustes import procrustes_repeat3, procrustes_step2, procrustes_step3
+from kron.core.schedules import (
+    DECISION_RULES,
+    accumulator_decision,
+    bernoulli_decision,
+    counter_decision,
+    exponential_schedule,
+    heavyball_schedule,
+    probability_at,
+)
+from kron.core.step import MOMENTUM_RULES, StepOptions, TensorState, kron_step, update_momentum
+
+__all__ = [
+    "DAMPING_RULES",
+    "DECISION_RULES",
+    "GEOMETRIES",
+    "MEMORY_SAVE_MODES",
+    "MOMENTUM_RULES",
+    "NORM_BOUNDS",
+    "STATE_IS_P",
+    "FitOptions",
+    "LayoutOptions",
+    "Ops",
+    "Plan",
+    "StepOptions",
+    "TensorState",
+    "accumulator_decision",
+    "apply_factors",
+    "balance",
+    "bernoulli_decision",
+    "cache_preconditioner",
+    "canonical_geometry",
+    "clip_elementwise",
+    "clip_rms",
+    "counter_decision",
+    "damp",
+    "exponential_schedule",
+    "fit",
+    "fourth_moment",
+    "get_ops",
+    "gram",
+    "heavyball_schedule",
+    "init_factors",
+    "init_lipschitz",
+    "kron_step",
+    "lipschitz_update",
+    "make_plan",
+    "mode_product",
+    "norm_lower_bound",
+    "precondition",
+    "probability_at",
+    "procrustes_repeat3",
+    "procrustes_step2",
+    "procrustes_step3",
+    "scale_from_moments",
+    "soft_clip",
+    "solve_transpose",
+    "update_momentum",
+]

@@ -1,0 +1,272 @@
+"""Fitting the preconditioner: one update of every factor from one pair (algorithm.md §4-5).
+
+Two types of pair (§1.1):
+
+* **whitening** (``probe is None``): ``x`` is a gradient-like tensor; the auxiliary variable is
+  integrated out except in EQ, which uses ``noise`` both to damp ``x`` and as the explicit ``v``;
+* **Newton** (``probe`` given): ``x`` is the Hessian-vector product ``h = H v`` and ``probe`` is
+  ``v``; ``noise`` only damps ``h``.
+
+Seven geometries, each a different local coordinate system for the same criterion (§1.2, §4.7):
+EQ, QEQ, Q0.5EQ1.5, QUAD, QEP, and PRO4P / QUAD4P whose state is ``P`` itself.
+
+Shapes: ``x``, ``noise``, ``probe`` and ``mask`` are ``(B, *block_shape)``; factors are
+``(B, n, n)`` or ``(B, n)``; Lipschitz estimates are ``(B,)``. Functions return new arrays and
+never write in place.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from kron.core.kron_product import (
+    apply_factors,
+    gram,
+    is_dense,
+    mode_product,
+    precondition,
+    solve_transpose,
+)
+from kron.core.norms import NORM_BOUNDS, norm_lower_bound
+from kron.core.procrustes import procrustes_repeat3, procrustes_step2
+
+GEOMETRIES = ("EQ", "QEQ", "Q0.5EQ1.5", "QUAD", "QEP", "PRO4P", "QUAD4P")
+GEOMETRY_ALIASES = {"Q0p5EQ1p5": "Q0.5EQ1.5", "QE": "QEQ"}
+STATE_IS_P = frozenset({"PRO4P", "QUAD4P"})
+DAMPING_RULES = ("elementwise", "mean_abs")
+
+
+def canonical_geometry(name: str) -> str:
+    """The canonical spelling of a geometry name; ``ValueError`` listing the accepted ones."""
+    name = GEOMETRY_ALIASES.get(name, name)
+    if name not in GEOMETRIES:
+        accepted = ", ".join(GEOMETRIES + tuple(GEOMETRY_ALIASES))
+        raise ValueError(f"Unknown preconditioner geometry {name!r}; accepted: {accepted}.")
+    return name
+
+
+@dataclass(frozen=True)
+class FitOptions:
+    """Static options of the preconditioner fit.
+
+    Attributes:
+      geometry: one of :data:`GEOMETRIES` (aliases in :data:`GEOMETRY_ALIASES`). Default
+        ``"Q0.5EQ1.5"``, psgd_torch's default since 2025-09.
+      beta_lipschitz: β_L of the "EMA, never below the current value" normaliser (§4.0). ``0``
+        gives kron_torch's per-step normaliser. Default 0.9.
+      damping: δ, the absolute damping of the ``"elementwise"`` rule. Default 1e-9.
+      damping_rule: ``"elementwise"``: ``x + (δ + eps·|x|)·ξ`` (psgd_torch, heavyball);
+        ``"mean_abs"``: ``x + √eps_f32·mean|x|·ξ`` (kron_torch, psgd_jax). Default elementwise.
+      norm_bound: spectral-norm lower bound for dense factors, one of
+        :data:`kron.core.norms.NORM_BOUNDS`. Default ``"power"``.
+      normalizer_floor: the step is ``μ / max(L, floor)``. Default 0 (the dtype's ``tiny``).
+    """
+
+    geometry: str = "Q0.5EQ1.5"
+    beta_lipschitz: float = 0.9
+    damping: float = 1e-9
+    damping_rule: str = "elementwise"
+    norm_bound: str = "power"
+    normalizer_floor: float = 0.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "geometry", canonical_geometry(self.geometry))
+        if not 0.0 <= self.beta_lipschitz < 1.0:
+            raise ValueError(f"beta_lipschitz must be in [0, 1); got {self.beta_lipschitz!r}.")
+        if not self.damping >= 0.0:
+            raise ValueError(f"damping must be >= 0; got {self.damping!r}.")
+        if self.damping_rule not in DAMPING_RULES:
+            raise ValueError(
+                f"Unknown damping_rule {self.damping_rule!r}; accepted: {', '.join(DAMPING_RULES)}."
+            )
+        if self.norm_bound not in NORM_BOUNDS:
+            raise ValueError(
+                f"Unknown norm_bound {self.norm_bound!r}; accepted: {', '.join(NORM_BOUNDS)}."
+            )
+        if not self.normalizer_floor >= 0.0:
+            raise ValueError(f"normalizer_floor must be >= 0; got {self.normalizer_floor!r}.")
+
+    @property
+    def state_is_p(self) -> bool:
+        return self.geometry in STATE_IS_P
+
+
+def damp(x: Any, noise: Any, options: FitOptions, ops: Any) -> Any:
+    """Add damping noise to ``x`` (§5.1). ``noise`` is standard normal, shaped like ``x``."""
+    if options.damping_rule == "mean_abs":
+        scale = math.sqrt(1.1920928955078125e-07) * ops.mean(
+            ops.abs(x), axis=tuple(range(1, len(x.shape))), keepdims=True
+        )
+        return x + scale * noise
+    return x + (options.damping + ops.eps(ops.dtype(x)) * ops.abs(x)) * noise
+
+
+def lipschitz_update(lipschitz: Any, ell: Any, beta: float, ops: Any) -> Any:
+    """``L ← max(β L + (1-β) ell, ell)``: an EMA that never falls below the current estimate."""
+    return ops.maximum(beta * lipschitz + (1.0 - beta) * ell, ell)
+
+
+def _max_abs(f: Any, ops: Any) -> Any:
+    return ops.max(ops.abs(f), axis=tuple(range(1, len(f.shape))))
+
+
+def _per_block(value: Any, factor: Any, ops: Any) -> Any:
+    """A ``(B,)`` value reshaped to broadcast against ``factor``."""
+    return ops.reshape(value, (-1,) + (1,) * (len(factor.shape) - 1))
+
+
+def balance(factors: Sequence[Any], ops: Any) -> list[Any]:
+    """Rescale factors to equal max-abs norms without changing ``⊗Q_i`` (§5.3)."""
+    if len(factors) < 2:
+        return list(factors)
+    log_norms = [ops.log(_max_abs(f, ops)) for f in factors]
+    log_mean = sum(log_norms) / len(factors)
+    return [f * _per_block(ops.exp(log_mean - ln), f, ops) for f, ln in zip(factors, log_norms)]
+
+
+def _whitening_count(mask: Any, axis: int, shape: tuple[int, ...], ops: Any) -> Any:
+    """``E Γ_i(v, v)`` for ``v ~ N(0, I)`` on the unpadded entries: the scalar ``N/n_i``, or a
+    ``(B, n_i)`` vector of per-index counts when ``mask`` marks padding."""
+    if mask is None:
+        return math.prod(shape) / shape[axis]
+    return gram(mask, mask, axis, False, ops)
+
+
+def _as_matrix(count: Any, q: Any, ops: Any) -> Any:
+    """The diagonal matrix with ``count`` (scalar or ``(B, n)``) on its diagonal, like ``q``."""
+    eye = ops.eye(q.shape[-1], q)
+    if isinstance(count, (int, float)):
+        return count * eye
+    return eye * ops.reshape(count, (*count.shape, 1))
+
+
+def _bound(m: Any, dense: bool, options: FitOptions, ops: Any, probes: Any) -> Any:
+    if not dense:
+        return ops.max(m, axis=-1)
+    return norm_lower_bound(m, options.norm_bound, ops, probes)
+
+
+def _update_dense(geometry: str, q: Any, g: Any, s: Any, ops: Any) -> Any:
+    mm = ops.matmul
+    if geometry == "EQ":
+        return q - s * mm(ops.triu(g), q)
+    if geometry == "QEQ":
+        return q - s * mm(q, g)
+    if geometry in ("Q0.5EQ1.5", "QEP", "PRO4P"):
+        q = q - s * mm(g, q)
+        if geometry == "Q0.5EQ1.5":
+            return procrustes_step2(q, ops)
+        return procrustes_repeat3(q, ops) if geometry == "PRO4P" else q
+    half = 0.5 if geometry == "QUAD" else 1.0  # QUAD4P takes the full step on P
+    q = q - (half * s) * mm(g, q)
+    q = q - (half * s) * mm(q, g)
+    return 0.5 * (q + ops.mT(q))
+
+
+def _update_diagonal(geometry: str, q: Any, g: Any, s: Any) -> Any:
+    if geometry == "QUAD":
+        return q * (1.0 - 0.5 * s * g) ** 2
+    if geometry == "QUAD4P":
+        return q * (1.0 - s * g) ** 2
+    return q * (1.0 - s * g)
+
+
+def fit(
+    factors: Sequence[Any],
+    lipschitz: Sequence[Any],
+    x: Any,
+    noise: Any,
+    *,
+    lr: Any,
+    options: FitOptions,
+    ops: Any,
+    probe: Any = None,
+    mask: Any = None,
+    norm_probes: Sequence[Any] | None = None,
+) -> tuple[list[Any], list[Any]]:
+    """One preconditioner update (§4.0). Returns ``(factors, lipschitz)``.
+
+    Args:
+      factors: ``Q_i`` (``P_i`` for PRO4P/QUAD4P), each ``(B, n_i, n_i)`` or ``(B, n_i)``.
+      lipschitz: ``L_i``, each ``(B,)``.
+      x: the gradient-like tensor (whitening) or ``h = H·probe`` (Newton), ``(B, *block_shape)``.
+      noise: standard normal like ``x``; damps ``x`` (and is EQ-whitening's ``v``).
+      lr: μ, the preconditioner learning rate (float or scalar array).
+      options: :class:`FitOptions`.
+      probe: Newton type only: the ``v`` of ``h = H v``.
+      mask: 1 on real entries, 0 on padding, like ``x``; ``None`` when nothing is padded.
+      norm_probes: per factor, ``(B, r, n_i)`` normals for the ``"subspace"`` norm bound.
+    """
+    geometry = options.geometry
+    newton = probe is not None
+    x = damp(x, noise, options, ops)
+    if mask is not None:
+        x, noise = x * mask, noise * mask
+        probe = None if probe is None else probe * mask
+    factors = balance(factors, ops) if geometry == "QEP" else list(factors)
+    shape = tuple(x.shape[1:])
+    if geometry == "EQ":
+        left = apply_factors(factors, x, ops)
+        right = solve_transpose(factors, probe if newton else noise, ops)
+    else:
+        left = precondition(factors, x, ops, options.state_is_p)
+    floor = max(options.normalizer_floor, ops.tiny(ops.dtype(x)))
+    new_factors, new_lipschitz = [], []
+    for i, (q, lip) in enumerate(zip(factors, lipschitz)):
+        dense = is_dense(q)
+        probes = None if norm_probes is None else norm_probes[i]
+        if geometry == "EQ":
+            t1, t2 = gram(left, left, i, dense, ops), gram(right, right, i, dense, ops)
+            ell = _bound(t1 + t2, dense, options, ops, probes)
+        elif geometry == "QEP":
+            xi = mode_product(q, left, i, ops)
+            t1 = gram(xi, xi, i, dense, ops)
+            if newton:
+                vi = mode_product(q, probe, i, ops)
+                t2 = gram(vi, vi, i, dense, ops)
+            else:
+                count = _whitening_count(mask, i, shape, ops)
+                t2 = (
+                    ops.matmul(ops.matmul(q, _as_matrix(count, q, ops)), ops.mT(q))
+                    if dense
+                    else count * q * q
+                )
+            ell = _bound(t1 + t2, dense, options, ops, probes)
+        else:
+            t1 = gram(left, left, i, dense, ops)
+            if newton:
+                t2 = gram(probe, probe, i, dense, ops)
+                ell = _bound(t1 + t2, dense, options, ops, probes)
+            else:
+                count = _whitening_count(mask, i, shape, ops)
+                t2 = _as_matrix(count, q, ops) if dense else count + 0.0 * t1
+                biggest = count if isinstance(count, float) else ops.max(count, axis=-1)
+                ell = _bound(t1, dense, options, ops, probes) + biggest
+        lip = lipschitz_update(lip, ell, options.beta_lipschitz, ops)
+        step = _per_block(lr / ops.maximum(lip, floor), q, ops)
+        g = t1 - t2
+        q = (
+            _update_dense(geometry, q, g, step, ops)
+            if dense
+            else _update_diagonal(geometry, q, g, step)
+        )
+        new_factors.append(q)
+        new_lipschitz.append(lip)
+    return new_factors, new_lipschitz
+
+
+__all__ = [
+    "DAMPING_RULES",
+    "GEOMETRIES",
+    "GEOMETRY_ALIASES",
+    "STATE_IS_P",
+    "FitOptions",
+    "balance",
+    "canonical_geometry",
+    "damp",
+    "fit",
+    "lipschitz_update",
+]

@@ -1,0 +1,90 @@
+"""Kronecker-factored products (algorithm.md §0, §3).
+
+Shapes: a tensor ``x`` is ``(B, n_1, ..., n_k)``. A factor for axis ``i`` is dense
+``(B, n_i, n_i)`` or diagonal ``(B, n_i)``; its rank tells which (the plan fixed it, so this is
+static metadata, never a value test). Everything is batched over ``B``. Contractions go through
+``matmul`` on the mode-``i`` unfolding, so there is no einsum letter budget and any order works.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+
+def is_dense(factor: Any) -> bool:
+    """True for a dense ``(B, n, n)`` factor, False for a diagonal ``(B, n)`` one."""
+    return len(factor.shape) == 3
+
+
+def _unfold(x: Any, axis: int, ops: Any) -> tuple[Any, tuple[int, ...]]:
+    """``x`` -> ``(B, N/n_i, n_i)`` with axis ``i`` last, plus the shape to fold back."""
+    moved = ops.moveaxis(x, axis + 1, -1)
+    shape = tuple(moved.shape)
+    return ops.reshape(moved, (shape[0], -1, shape[-1])), shape
+
+
+def _fold(y: Any, shape: tuple[int, ...], axis: int, ops: Any) -> Any:
+    return ops.moveaxis(ops.reshape(y, shape), -1, axis + 1)
+
+
+def along_axis(d: Any, axis: int, ndim: int, ops: Any) -> Any:
+    """A ``(B, n)`` vector reshaped to broadcast along axis ``axis`` of a ``(B, ...)`` tensor."""
+    shape = [d.shape[0]] + [1] * (ndim - 1)
+    shape[axis + 1] = d.shape[1]
+    return ops.reshape(d, tuple(shape))
+
+
+def mode_product(factor: Any, x: Any, axis: int, ops: Any, transpose: bool = False) -> Any:
+    """``factor ×_axis x`` (``factorᵀ ×_axis x`` with ``transpose``). Shape of ``x`` is kept."""
+    if not is_dense(factor):
+        return x * along_axis(factor, axis, len(x.shape), ops)
+    unfolded, shape = _unfold(x, axis, ops)
+    # Rows of the unfolding are vectors along `axis`: y = x·Mᵀ applies M, y = x·M applies Mᵀ.
+    matrix = factor if transpose else ops.mT(factor)
+    return _fold(ops.matmul(unfolded, matrix), shape, axis, ops)
+
+
+def apply_factors(factors: Sequence[Any], x: Any, ops: Any, transpose: bool = False) -> Any:
+    """``(⊗ F_i) x`` (or ``(⊗ F_iᵀ) x``): one mode product per axis."""
+    for axis, factor in enumerate(factors):
+        x = mode_product(factor, x, axis, ops, transpose)
+    return x
+
+
+def precondition(factors: Sequence[Any], x: Any, ops: Any, state_is_p: bool = False) -> Any:
+    """``P x`` (§3.1). With Q factors, ``P x = Qᵀ(Q x)``; when the factors are P itself (PRO4P,
+    QUAD4P, or a cache from :func:`cache_preconditioner`), each is applied once."""
+    if state_is_p:
+        return apply_factors(factors, x, ops)
+    return apply_factors(factors, apply_factors(factors, x, ops), ops, transpose=True)
+
+
+def cache_preconditioner(factors: Sequence[Any], ops: Any) -> list[Any]:
+    """``P_i = Q_iᵀ Q_i`` per factor, so that ``precondition(P, x, state_is_p=True)`` is one
+    contraction per axis instead of two. Worth it when the preconditioner changes rarely."""
+    return [ops.matmul(ops.mT(q), q) if is_dense(q) else q * q for q in factors]
+
+
+def gram(x: Any, y: Any, axis: int, dense: bool, ops: Any) -> Any:
+    """Partial contraction keeping ``axis`` (Γ_i of §0): ``(B, n, n)`` if ``dense`` else its
+    diagonal ``(B, n)``; summed over every other axis."""
+    if not dense:
+        xu, _ = _unfold(x * y, axis, ops)
+        return ops.sum(xu, axis=1)
+    xu, _ = _unfold(x, axis, ops)
+    yu, _ = _unfold(y, axis, ops)
+    return ops.matmul(ops.mT(xu), yu)
+
+
+def solve_transpose(factors: Sequence[Any], v: Any, ops: Any) -> Any:
+    """``Q^{-T} v`` for upper-triangular or diagonal factors (§3.3, EQ only)."""
+    for axis, q in enumerate(factors):
+        if not is_dense(q):
+            v = v / along_axis(q, axis, len(v.shape), ops)
+            continue
+        unfolded, shape = _unfold(v, axis, ops)
+        # Q_iᵀ X = V_(i) with V_(i) the (n, N/n) unfolding; Q_iᵀ is lower triangular.
+        solved = ops.solve_lower(ops.mT(q), ops.mT(unfolded))
+        v = _fold(ops.mT(solved), shape, axis, ops)
+    return v

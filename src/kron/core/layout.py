@@ -1,0 +1,188 @@
+"""How a parameter's shape becomes Kronecker factors (algorithm.md §2.2-2.3).
+
+A :class:`Plan` is pure Python, computed once per ``(shape, LayoutOptions)`` and cached. It says:
+
+1. the *work shape*: the parameter with size-1 axes squeezed out (a scalar becomes ``(1,)``), and,
+   with ``merge_dims``, a tensor of order > 2 reshaped to its squarest 2-D view;
+2. the *block grid*: with ``block_size`` set, every work axis longer than ``block_size`` is cut
+   into blocks of ``block_size`` (the last one zero-padded); every block gets its own factors;
+3. per block axis, whether its factor is a dense ``n×n`` matrix or a diagonal (a vector).
+
+Tensors handed to the core always have the *blocked* layout ``(B, *block_shape)``: ``B`` counts
+blocks (1 when nothing is split) and front ends may stack several same-plan parameters along it.
+Padding is tracked by :meth:`Plan.mask` so that it never enters any statistic.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+
+MEMORY_SAVE_MODES = (None, "one_diag", "smart_one_diag", "one_triu", "all_diag")
+
+
+@dataclass(frozen=True)
+class LayoutOptions:
+    """Rules that pick dense or diagonal factors. Both families of the peers are expressible.
+
+    psgd_torch's rule is ``max_size`` + ``max_skew``; kron_torch's is ``max_size`` (its
+    ``max_size_triangular``) + ``min_ndim_dense`` (its ``min_ndim_triangular``) +
+    ``memory_save_mode`` with ``max_skew=inf``. An axis of size ``n`` in a block of ``N`` elements
+    and order ``k`` is diagonal iff any of these holds:
+
+    * ``n == 1``; ``n > max_size``; ``n * n > max_skew * N``; ``k < min_ndim_dense``;
+    * ``memory_save_mode`` marks it: ``"one_diag"`` the largest axis (the last one on ties),
+      ``"smart_one_diag"`` the largest axis if it is strictly larger than the second largest,
+      ``"one_triu"`` every axis but the smallest, ``"all_diag"`` every axis.
+
+    Attributes:
+      max_size: largest axis that may get a dense factor. Default ``inf``.
+      max_skew: an axis whose square exceeds ``max_skew`` times the block size gets a diagonal
+        factor. ``1.0`` (default) makes vectors and the long side of a rectangular matrix diagonal;
+        ``inf`` disables the rule; ``0`` makes everything diagonal.
+      min_ndim_dense: tensors of lower order get only diagonal factors. Default 0.
+      memory_save_mode: one of ``None``, ``"one_diag"``, ``"smart_one_diag"``, ``"one_triu"``,
+        ``"all_diag"``. Default ``None``.
+      merge_dims: reshape tensors of order > 2 to their squarest 2-D view. Default ``False``.
+      block_size: cut axes longer than this into blocks with their own factors. Default ``None``
+        (never split).
+    """
+
+    max_size: float = math.inf
+    max_skew: float = 1.0
+    min_ndim_dense: int = 0
+    memory_save_mode: str | None = None
+    merge_dims: bool = False
+    block_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.max_size >= 1:
+            raise ValueError(f"max_size must be >= 1; got {self.max_size!r}.")
+        if not self.max_skew >= 0:
+            raise ValueError(f"max_skew must be >= 0 (inf disables it); got {self.max_skew!r}.")
+        if self.min_ndim_dense < 0:
+            raise ValueError(f"min_ndim_dense must be >= 0; got {self.min_ndim_dense!r}.")
+        if self.memory_save_mode not in MEMORY_SAVE_MODES:
+            raise ValueError(
+                f"Unknown memory_save_mode {self.memory_save_mode!r}; accepted: "
+                f"{', '.join(repr(m) for m in MEMORY_SAVE_MODES)}."
+            )
+        if self.block_size is not None and (
+            not isinstance(self.block_size, int) or self.block_size < 1
+        ):
+            raise ValueError(f"block_size must be a positive int or None; got {self.block_size!r}.")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The factor layout of one parameter shape. See the module docstring."""
+
+    shape: tuple[int, ...]
+    work_shape: tuple[int, ...]
+    grid: tuple[int, ...]
+    block_shape: tuple[int, ...]
+    dense: tuple[bool, ...]
+
+    @property
+    def num_blocks(self) -> int:
+        return math.prod(self.grid)
+
+    @property
+    def order(self) -> int:
+        return len(self.block_shape)
+
+    @property
+    def padded(self) -> bool:
+        return any(g * b != n for g, b, n in zip(self.grid, self.block_shape, self.work_shape))
+
+    def to_blocks(self, x: Any, ops: Any) -> Any:
+        """``x`` of shape ``shape`` -> ``(B, *block_shape)``, zero-padded."""
+        x = ops.reshape(x, self.work_shape)
+        if self.num_blocks == 1:
+            return ops.reshape(x, (1, *self.block_shape))
+        k = self.order
+        x = ops.pad_end(x, tuple(g * b - n for g, b, n in self._axes()))
+        x = ops.reshape(x, tuple(d for g, b, _ in self._axes() for d in (g, b)))
+        x = ops.permute(x, tuple(range(0, 2 * k, 2)) + tuple(range(1, 2 * k, 2)))
+        return ops.reshape(x, (self.num_blocks, *self.block_shape))
+
+    def from_blocks(self, y: Any, ops: Any) -> Any:
+        """Inverse of :meth:`to_blocks`: ``(B, *block_shape)`` -> ``shape``, padding dropped."""
+        if self.num_blocks == 1:
+            return ops.reshape(y, self.shape)
+        k = self.order
+        y = ops.reshape(y, self.grid + self.block_shape)
+        y = ops.permute(y, tuple(i for j in range(k) for i in (j, k + j)))
+        y = ops.reshape(y, tuple(g * b for g, b, _ in self._axes()))
+        return ops.reshape(ops.slice_front(y, self.work_shape), self.shape)
+
+    def mask(self) -> np.ndarray | None:
+        """``(B, *block_shape)`` float64 array, 1 on real entries and 0 on padding; ``None`` if
+        nothing is padded."""
+        if not self.padded:
+            return None
+        from kron.core.ops import get_ops
+
+        return self.to_blocks(np.ones(self.shape), get_ops("numpy"))
+
+    def _axes(self) -> list[tuple[int, int, int]]:
+        return list(zip(self.grid, self.block_shape, self.work_shape))
+
+
+def squarest_split(shape: tuple[int, ...]) -> tuple[int, int]:
+    """The 2-D view ``(prod(shape[:j]), prod(shape[j:]))`` closest to square (first on ties)."""
+    best = None
+    for j in range(1, len(shape)):
+        rows, cols = math.prod(shape[:j]), math.prod(shape[j:])
+        imbalance = abs(math.log(rows) - math.log(cols))
+        if best is None or imbalance < best[0] - 1e-12:
+            best = (imbalance, (rows, cols))
+    assert best is not None
+    return best[1]
+
+
+def _marked_by_memory_mode(shape: tuple[int, ...], mode: str | None) -> set[int]:
+    k = len(shape)
+    ascending = sorted(range(k), key=lambda i: shape[i])  # stable: ties keep axis order
+    largest = ascending[-1]
+    if mode is None:
+        return set()
+    if mode == "one_diag":
+        return {largest}
+    if mode == "smart_one_diag":
+        sizes = sorted(shape)
+        return {largest} if k > 1 and sizes[-1] > sizes[-2] else set()
+    if mode == "one_triu":
+        return set(range(k)) - {ascending[0]}
+    return set(range(k))  # all_diag
+
+
+@lru_cache(maxsize=4096)
+def make_plan(shape: tuple[int, ...], options: LayoutOptions = LayoutOptions()) -> Plan:
+    """The :class:`Plan` for a parameter of ``shape`` (any order, including 0-d)."""
+    shape = tuple(int(n) for n in shape)
+    if any(n < 1 for n in shape):
+        raise ValueError(f"Cannot precondition an empty tensor of shape {shape}.")
+    work = tuple(n for n in shape if n > 1) or (1,)
+    if options.merge_dims and len(work) > 2:
+        work = squarest_split(work)
+    bs = options.block_size
+    grid = tuple(1 if bs is None or n <= bs else -(-n // bs) for n in work)
+    block = tuple(n if g == 1 else bs for n, g in zip(work, grid))
+    size, k = math.prod(block), len(block)
+    marked = _marked_by_memory_mode(block, options.memory_save_mode)
+    dense = tuple(
+        not (
+            n == 1
+            or n > options.max_size
+            or n * n > options.max_skew * size
+            or k < options.min_ndim_dense
+            or i in marked
+        )
+        for i, n in enumerate(block)
+    )
+    return Plan(shape=shape, work_shape=work, grid=grid, block_shape=block, dense=dense)

@@ -1,0 +1,129 @@
+"""NumPy backend. Written against a swappable namespace ``xp`` so that array libraries with the
+NumPy API (``jax.numpy``) can subclass it and change only what differs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+
+class NumpyOps:
+    name = "numpy"
+    xp: Any = np
+
+    def asarray(self, x, dtype=None):
+        return self.xp.asarray(x, dtype=dtype)
+
+    def zeros(self, shape, like):
+        return self.xp.zeros(shape, dtype=like.dtype)
+
+    def ones(self, shape, like):
+        return self.xp.ones(shape, dtype=like.dtype)
+
+    def eye(self, n, like):
+        return self.xp.eye(n, dtype=like.dtype)
+
+    def arange(self, n, like):
+        return self.xp.arange(n)
+
+    def astype(self, x, dtype):
+        return self.xp.asarray(x).astype(dtype)
+
+    def dtype(self, x):
+        return x.dtype
+
+    def eps(self, dtype):
+        return float(np.finfo(dtype).eps)
+
+    def tiny(self, dtype):
+        return float(np.finfo(dtype).tiny)
+
+    def reshape(self, x, shape):
+        return self.xp.reshape(x, shape)
+
+    def moveaxis(self, x, source, destination):
+        return self.xp.moveaxis(x, source, destination)
+
+    def permute(self, x, axes):
+        return self.xp.transpose(x, axes)
+
+    def pad_end(self, x, widths):
+        return self.xp.pad(x, [(0, w) for w in widths])
+
+    def slice_front(self, x, sizes):
+        return x[tuple(slice(0, s) for s in sizes)]
+
+    def stack(self, xs, axis=0):
+        return self.xp.stack(xs, axis=axis)
+
+    def matmul(self, a, b):
+        return self.xp.matmul(a, b)
+
+    def mT(self, x):
+        return self.xp.swapaxes(x, -1, -2)
+
+    def triu(self, x):
+        return self.xp.triu(x)
+
+    def diagonal(self, x):
+        return self.xp.diagonal(x, axis1=-2, axis2=-1)
+
+    def solve_lower(self, lower, rhs):
+        # NumPy has no triangular solve; a general solve gives the same answer on a triangular
+        # system.
+        return np.linalg.solve(lower, rhs)
+
+    def where(self, cond, x, y):
+        return self.xp.where(cond, x, y)
+
+    def sqrt(self, x):
+        return self.xp.sqrt(x)
+
+    def exp(self, x):
+        return self.xp.exp(x)
+
+    def log(self, x):
+        return self.xp.log(x)
+
+    def log1p(self, x):
+        return self.xp.log1p(x)
+
+    def tanh(self, x):
+        return self.xp.tanh(x)
+
+    def sign(self, x):
+        return self.xp.sign(x)
+
+    def abs(self, x):
+        return self.xp.abs(x)
+
+    def maximum(self, x, y):
+        return self.xp.maximum(x, y)
+
+    def minimum(self, x, y):
+        return self.xp.minimum(x, y)
+
+    def clip(self, x, lo, hi):
+        return self.xp.clip(x, lo, hi)
+
+    def floor(self, x):
+        return self.xp.floor(x)
+
+    def isfinite(self, x):
+        return self.xp.isfinite(x)
+
+    def sum(self, x, axis=None, keepdims=False):
+        return self.xp.sum(x, axis=axis, keepdims=keepdims)
+
+    def mean(self, x, axis=None, keepdims=False):
+        return self.xp.mean(x, axis=axis, keepdims=keepdims)
+
+    def max(self, x, axis=None, keepdims=False):
+        return self.xp.max(x, axis=axis, keepdims=keepdims)
+
+    def all(self, x, axis=None):
+        return self.xp.all(x, axis=axis)
+
+    def argmax(self, x, axis):
+        return self.xp.argmax(x, axis=axis)

@@ -1,0 +1,130 @@
+"""PyTorch backend. Every torch spelling (``dim`` for ``axis``, ``movedim``, ``amax``, the
+triangular solve) lives here and nowhere else."""
+
+from __future__ import annotations
+
+import torch
+
+
+class TorchOps:
+    name = "torch"
+
+    def asarray(self, x, dtype=None):
+        return torch.as_tensor(x, dtype=dtype)
+
+    def zeros(self, shape, like):
+        return torch.zeros(shape, dtype=like.dtype, device=like.device)
+
+    def ones(self, shape, like):
+        return torch.ones(shape, dtype=like.dtype, device=like.device)
+
+    def eye(self, n, like):
+        return torch.eye(n, dtype=like.dtype, device=like.device)
+
+    def arange(self, n, like):
+        return torch.arange(n, device=like.device)
+
+    def astype(self, x, dtype):
+        return torch.as_tensor(x).to(dtype)
+
+    def dtype(self, x):
+        return x.dtype
+
+    def eps(self, dtype):
+        return float(torch.finfo(dtype).eps)
+
+    def tiny(self, dtype):
+        return float(torch.finfo(dtype).tiny)
+
+    def reshape(self, x, shape):
+        return x.reshape(shape)
+
+    def moveaxis(self, x, source, destination):
+        return torch.movedim(x, source, destination)
+
+    def permute(self, x, axes):
+        return x.permute(axes)
+
+    def pad_end(self, x, widths):
+        # torch's pad lists (before, after) pairs starting from the last axis.
+        flat = []
+        for w in reversed(widths):
+            flat += [0, w]
+        return torch.nn.functional.pad(x, flat)
+
+    def slice_front(self, x, sizes):
+        return x[tuple(slice(0, s) for s in sizes)]
+
+    def stack(self, xs, axis=0):
+        return torch.stack(xs, dim=axis)
+
+    def matmul(self, a, b):
+        return torch.matmul(a, b)
+
+    def mT(self, x):
+        return x.transpose(-1, -2)
+
+    def triu(self, x):
+        return torch.triu(x)
+
+    def diagonal(self, x):
+        return torch.diagonal(x, dim1=-2, dim2=-1)
+
+    def solve_lower(self, lower, rhs):
+        return torch.linalg.solve_triangular(lower, rhs, upper=False)
+
+    def where(self, cond, x, y):
+        return torch.where(torch.as_tensor(cond), x, y)
+
+    def sqrt(self, x):
+        return torch.sqrt(torch.as_tensor(x))
+
+    def exp(self, x):
+        return torch.exp(torch.as_tensor(x))
+
+    def log(self, x):
+        return torch.log(torch.as_tensor(x))
+
+    def log1p(self, x):
+        return torch.log1p(x)
+
+    def tanh(self, x):
+        return torch.tanh(x)
+
+    def sign(self, x):
+        return torch.sign(x)
+
+    def abs(self, x):
+        return torch.abs(x)
+
+    def maximum(self, x, y):
+        x, y = torch.as_tensor(x), torch.as_tensor(y)
+        return torch.maximum(x, y.to(x.dtype) if y.ndim == 0 and x.is_floating_point() else y)
+
+    def minimum(self, x, y):
+        x, y = torch.as_tensor(x), torch.as_tensor(y)
+        return torch.minimum(x, y.to(x.dtype) if y.ndim == 0 and x.is_floating_point() else y)
+
+    def clip(self, x, lo, hi):
+        return torch.clamp(x, lo, hi)
+
+    def floor(self, x):
+        return torch.floor(torch.as_tensor(x))
+
+    def isfinite(self, x):
+        return torch.isfinite(x)
+
+    def sum(self, x, axis=None, keepdims=False):
+        return x.sum() if axis is None else x.sum(dim=axis, keepdim=keepdims)
+
+    def mean(self, x, axis=None, keepdims=False):
+        return x.mean() if axis is None else x.mean(dim=axis, keepdim=keepdims)
+
+    def max(self, x, axis=None, keepdims=False):
+        return x.amax() if axis is None else x.amax(dim=axis, keepdim=keepdims)
+
+    def all(self, x, axis=None):
+        return x.all() if axis is None else x.all(dim=axis)
+
+    def argmax(self, x, axis):
+        return x.argmax(dim=axis)

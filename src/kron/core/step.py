@@ -1,0 +1,163 @@
+"""One parameter's whole Kron step, composed from the pieces (algorithm.md §6.1).
+
+``momentum → (fit P) → y = P·m → (fit P) → clip``. Front ends decide *whether* to fit on this step
+(``do_fit`` is a Python bool: the host decides in PyTorch and NumPy, ``lax.cond``/``ops.cond`` picks
+one of two traced branches in JAX and Keras) and own the RNG; this module owns the arithmetic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+from kron.core.clipping import clip_elementwise, clip_rms, soft_clip
+from kron.core.fit import FitOptions, fit
+from kron.core.kron_product import precondition
+from kron.core.layout import LayoutOptions, Plan
+
+MOMENTUM_RULES = ("running_mean", "debiased_ema")
+
+
+class TensorState(NamedTuple):
+    """Optimizer state of one parameter.
+
+    Attributes:
+      factors: ``Q_i`` (``P_i`` for PRO4P/QUAD4P), each ``(B, n_i, n_i)`` or ``(B, n_i)``.
+      lipschitz: ``L_i``, each ``(B,)``.
+      momentum: the momentum buffer, shaped like the parameter.
+    """
+
+    factors: tuple[Any, ...]
+    lipschitz: tuple[Any, ...]
+    momentum: Any
+
+
+@dataclass(frozen=True)
+class StepOptions:
+    """Static options of a step. Defaults are psgd_torch's KronWhiten with momentum.
+
+    Attributes:
+      layout, fit: :class:`LayoutOptions`, :class:`FitOptions`.
+      beta: momentum β; 0 disables momentum (``y = P g``). Default 0.9.
+      momentum_rule: ``"running_mean"``: ``β_t = min(t/(t+1), β)``, ``m ← β_t m + (1-β_t) g``
+        (psgd_torch); ``"debiased_ema"``: ``m ← β m + (1-β) g``, ``m̂ = m / (1-β^t)`` (kron_torch,
+        psgd_jax, heavyball). Default ``"running_mean"``.
+      whiten_momentum: fit P on the momentum (kron_torch's ``momentum_into_precond_update``) rather
+        than on the raw gradient. Default False.
+      fit_before_apply: fit P before applying it (kron_torch; uses the sample twice) instead of
+        after (unbiased). Default True.
+      clip_rms: per-tensor RMS cap of ``y``, or None. Default 2.0.
+      clip_max: elementwise cap of ``y``, or None. Default 10.0.
+      soft_clip: apply the trust-region soft clip before the caps. Default False.
+    """
+
+    layout: LayoutOptions = field(default_factory=LayoutOptions)
+    fit: FitOptions = field(default_factory=FitOptions)
+    beta: float = 0.9
+    momentum_rule: str = "running_mean"
+    whiten_momentum: bool = False
+    fit_before_apply: bool = True
+    clip_rms: float | None = 2.0
+    clip_max: float | None = 10.0
+    soft_clip: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.beta < 1.0:
+            raise ValueError(f"momentum beta must be in [0, 1); got {self.beta!r}.")
+        if self.momentum_rule not in MOMENTUM_RULES:
+            raise ValueError(
+                f"Unknown momentum_rule {self.momentum_rule!r}; accepted: "
+                f"{', '.join(MOMENTUM_RULES)}."
+            )
+        for name in ("clip_rms", "clip_max"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be > 0 or None; got {value!r}.")
+
+
+def update_momentum(
+    momentum: Any, grad: Any, count: Any, beta: float, rule: str, ops: Any
+) -> tuple[Any, Any]:
+    """``(stored momentum, momentum to use)``; ``count`` is the number of earlier updates."""
+    if rule == "running_mean":
+        beta_t = ops.minimum(count / (count + 1.0), beta)
+        momentum = beta_t * momentum + (1.0 - beta_t) * grad
+        return momentum, momentum
+    momentum = beta * momentum + (1.0 - beta) * grad
+    return momentum, momentum / (1.0 - beta ** (count + 1.0))
+
+
+def clip_update(y: Any, options: StepOptions, ops: Any) -> Any:
+    """The clips of ``options``: soft clip, RMS cap, elementwise cap. ``y`` is ``(B, ...)``."""
+    if options.soft_clip:
+        y = soft_clip(y, ops)
+    if options.clip_rms is not None:
+        y = clip_rms(y, options.clip_rms, ops)
+    if options.clip_max is not None:
+        y = clip_elementwise(y, options.clip_max, ops)
+    return y
+
+
+def kron_step(
+    state: TensorState,
+    grad: Any,
+    count: Any,
+    noise: Any,
+    *,
+    plan: Plan,
+    options: StepOptions,
+    precond_lr: Any,
+    do_fit: bool,
+    ops: Any,
+    mask: Any = None,
+    probe: Any = None,
+    hvp: Any = None,
+    norm_probes: Sequence[Any] | None = None,
+) -> tuple[Any, TensorState]:
+    """One step for one parameter; returns ``(y, new state)`` with ``y`` the clipped preconditioned
+    direction, shaped like the parameter (the caller applies ``θ ← θ - η·y``).
+
+    Args:
+      grad: the gradient, shaped like the parameter.
+      count: momentum updates taken so far (int or scalar array).
+      noise: standard normal in the blocked layout ``(B, *plan.block_shape)``.
+      do_fit: update the preconditioner on this step.
+      probe, hvp: Newton type: the probe ``v`` and ``H v`` in the blocked layout; when given, P is
+        fitted on this pair instead of on the gradient.
+      mask, norm_probes: see :func:`kron.core.fit.fit`.
+    """
+    factors, lipschitz = list(state.factors), list(state.lipschitz)
+    momentum = state.momentum
+    if options.beta > 0:
+        momentum, used = update_momentum(
+            momentum, grad, count, options.beta, options.momentum_rule, ops
+        )
+    else:
+        used = grad
+
+    def refit(factors: list[Any], lipschitz: list[Any]) -> tuple[list[Any], list[Any]]:
+        if hvp is not None:
+            target = hvp
+        else:
+            target = plan.to_blocks(used if options.whiten_momentum else grad, ops)
+        return fit(
+            factors,
+            lipschitz,
+            target,
+            noise,
+            lr=precond_lr,
+            options=options.fit,
+            ops=ops,
+            probe=probe,
+            mask=mask,
+            norm_probes=norm_probes,
+        )
+
+    if do_fit and options.fit_before_apply:
+        factors, lipschitz = refit(factors, lipschitz)
+    y = precondition(factors, plan.to_blocks(used, ops), ops, options.fit.state_is_p)
+    if do_fit and not options.fit_before_apply:
+        factors, lipschitz = refit(factors, lipschitz)
+    y = clip_update(ops.reshape(plan.from_blocks(y, ops), (1, *plan.shape)), options, ops)
+    return ops.reshape(y, plan.shape), TensorState(tuple(factors), tuple(lipschitz), momentum)

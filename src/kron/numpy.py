@@ -1,0 +1,401 @@
+"""``KronPsgd``: PSGD-Kron for plain NumPy arrays, with the API of the Rust crate's ``KronPsgd``.
+
+The six fields of the Rust struct (``lr``, ``precond_lr``, ``momentum``, ``weight_decay``, ``eps``,
+``clip``) are plain mutable attributes, read afresh on every step. Everything else is a keyword
+option fixed at construction. Parameters are addressed by name::
+
+    opt = KronPsgd(lr=1e-3)
+    for batch in data:
+        for name, param in params.items():
+            opt.step(name, param, grads[name])   # updates `param` in place
+        opt.end_iteration()
+
+Randomness is counter-based: the noise of a step is drawn from a generator seeded with
+``(seed, iteration, crc32(name))``, so a run resumed from :meth:`KronPsgd.state_dict` repeats the
+uninterrupted run bit for bit, and the order in which names are stepped does not matter.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from kron.core import (
+    DECISION_RULES,
+    FitOptions,
+    LayoutOptions,
+    Plan,
+    StepOptions,
+    TensorState,
+    accumulator_decision,
+    balance,
+    bernoulli_decision,
+    counter_decision,
+    fourth_moment,
+    get_ops,
+    init_factors,
+    init_lipschitz,
+    kron_step,
+    make_plan,
+    probability_at,
+    scale_from_moments,
+)
+
+_OPS = get_ops("numpy")
+_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+NONFINITE_POLICIES = ("skip", "raise")
+_HYPERPARAMETERS = ("lr", "precond_lr", "momentum", "weight_decay", "eps", "clip")
+
+
+@dataclass
+class _Slot:
+    """Per-name state: the plan (derived, not saved), the core state and two counters."""
+
+    plan: Plan
+    state: TensorState
+    count: int = 0  # steps applied (momentum count)
+    skipped: int = 0  # steps skipped for a non-finite gradient
+    mask: np.ndarray | None = None
+
+
+class KronPsgd:
+    """Kronecker-factored preconditioned SGD for NumPy arrays.
+
+    Args:
+      lr: learning rate η. Default 1e-3: the update ``P·m`` is whitened to about unit RMS per
+        entry, like Adam's, so Adam's learning rates transfer (see ``docs/numpy.md``).
+      precond_lr: μ, the preconditioner's learning rate. Default 0.1.
+      momentum: momentum β (0 disables it). Default 0.9.
+      weight_decay: L2 coefficient folded into the gradient (``g + wd·θ``). Default 0.0.
+      eps: floor of the preconditioner step normaliser (``μ / max(L, eps)``). Default 1e-8.
+      clip: cap on every entry of the preconditioned update; ``None`` or ``inf`` disables it.
+        Default 1.0.
+      preconditioner_mode: geometry: ``"Q0.5EQ1.5"`` (default), ``"EQ"``, ``"QEQ"``, ``"QUAD"``,
+        ``"QEP"``, ``"PRO4P"``, ``"QUAD4P"``.
+      whiten_grad: fit P on the raw gradient (True, default) or on the momentum (False).
+      update_probability: probability of a preconditioner fit per iteration: a float or a callable
+        of the iteration number. Default 1.0.
+      decision_rule: how the probability becomes a decision: ``"counter"`` (default),
+        ``"accumulator"`` or ``"bernoulli"`` (see :mod:`kron.core.schedules`).
+      init_scale: initial ``Q = init_scale·I``; ``None`` (default) sets it per tensor from the first
+        gradient by the 4th-moment rule.
+      max_size, max_skew, min_ndim_dense, memory_save_mode, merge_dims, block_size: factor layout,
+        see :class:`kron.core.LayoutOptions`.
+      beta_lipschitz, damping, damping_rule, norm_bound: fit options, see
+        :class:`kron.core.FitOptions`.
+      clip_rms: optional per-tensor RMS cap applied before ``clip``. Default None.
+      balance_probability: chance per fit of rebalancing factor norms. Default 0.01.
+      nonfinite: ``"skip"`` (default) leaves a tensor untouched when its gradient has a NaN or Inf
+        and counts it (:meth:`skipped`); ``"raise"`` raises ``FloatingPointError``.
+      seed: seed of the counter-based noise. Default 0.
+    """
+
+    def __init__(
+        self,
+        lr: float = 1e-3,
+        precond_lr: float = 0.1,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        eps: float = 1e-8,
+        clip: float | None = 1.0,
+        *,
+        preconditioner_mode: str = "Q0.5EQ1.5",
+        whiten_grad: bool = True,
+        update_probability: float | Callable[[int], float] = 1.0,
+        decision_rule: str = "counter",
+        init_scale: float | None = None,
+        max_size: float = math.inf,
+        max_skew: float = 1.0,
+        min_ndim_dense: int = 0,
+        memory_save_mode: str | None = None,
+        merge_dims: bool = False,
+        block_size: int | None = None,
+        beta_lipschitz: float = 0.9,
+        damping: float = 1e-9,
+        damping_rule: str = "elementwise",
+        norm_bound: str = "power",
+        clip_rms: float | None = None,
+        balance_probability: float = 0.01,
+        nonfinite: str = "skip",
+        seed: int = 0,
+    ) -> None:
+        self.lr = lr
+        self.precond_lr = precond_lr
+        self.momentum = momentum
+        self.weight_decay = weight_decay
+        self.eps = eps
+        self.clip = clip
+        self._layout = LayoutOptions(
+            max_size=max_size,
+            max_skew=max_skew,
+            min_ndim_dense=min_ndim_dense,
+            memory_save_mode=memory_save_mode,
+            merge_dims=merge_dims,
+            block_size=block_size,
+        )
+        self._fit = FitOptions(
+            geometry=preconditioner_mode,
+            beta_lipschitz=beta_lipschitz,
+            damping=damping,
+            damping_rule=damping_rule,
+            norm_bound=norm_bound,
+            normalizer_floor=eps,
+        )
+        if decision_rule not in DECISION_RULES:
+            raise ValueError(
+                f"Unknown decision_rule {decision_rule!r}; accepted: {', '.join(DECISION_RULES)}."
+            )
+        if nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(
+                f"Unknown nonfinite {nonfinite!r}; accepted: {', '.join(NONFINITE_POLICIES)}."
+            )
+        if not callable(update_probability) and not 0.0 < update_probability <= 1.0:
+            raise ValueError(
+                f"update_probability must be in (0, 1] or a callable; got {update_probability!r}."
+            )
+        if init_scale is not None and not init_scale > 0:
+            raise ValueError(f"init_scale must be > 0 or None; got {init_scale!r}.")
+        if not 0.0 <= balance_probability <= 1.0:
+            raise ValueError(f"balance_probability must be in [0, 1]; got {balance_probability!r}.")
+        self.whiten_grad = whiten_grad
+        self.update_probability = update_probability
+        self.decision_rule = decision_rule
+        self.init_scale = init_scale
+        self.clip_rms = clip_rms
+        self.balance_probability = balance_probability
+        self.nonfinite = nonfinite
+        self.seed = int(seed)
+        self._step_options()  # validate the mutable fields once, eagerly
+        self._iteration = 0
+        self._decision_total = 0.0  # the counter or accumulator of the decision rule
+        self._decided: tuple[int, bool] | None = None
+        self._slots: dict[str, _Slot] = {}
+        self._pending_skips: dict[str, int] = {}  # skips seen before a name's first good step
+
+    # -- the Rust crate's API ------------------------------------------------------------------
+
+    def step(
+        self,
+        name: str,
+        param: np.ndarray,
+        grad: np.ndarray,
+        shape: tuple[int, ...] | None = None,
+    ) -> None:
+        """Update ``param`` in place from ``grad``.
+
+        ``param`` and ``grad`` have the same shape, or are flat with ``shape`` giving the logical
+        shape (as the Rust API passes ``shape`` with flat slices). float32 and float64 are accepted.
+        """
+        view, grad = self._check(name, param, grad, shape)
+        if not np.isfinite(grad).all():
+            if self.nonfinite == "raise":
+                raise FloatingPointError(f"Non-finite gradient for {name!r}.")
+            if name in self._slots:
+                self._slots[name].skipped += 1
+            else:
+                self._pending_skips[name] = self._pending_skips.get(name, 0) + 1
+            return
+        if self.weight_decay:
+            grad = grad + self.weight_decay * view
+        slot = self._slots.get(name) or self._create(name, view, grad)
+        rng = np.random.default_rng([self.seed, self._iteration, zlib.crc32(name.encode())])
+        do_fit = self._do_fit()
+        plan, dtype = slot.plan, view.dtype
+        balance_draw = rng.random()
+        noise = rng.standard_normal((plan.num_blocks, *plan.block_shape)).astype(dtype)
+        probes = None
+        if self._fit.norm_bound == "subspace":
+            probes = [
+                rng.standard_normal((plan.num_blocks, 32, n)).astype(dtype)
+                for n in plan.block_shape
+            ]
+        y, state = kron_step(
+            slot.state,
+            grad,
+            slot.count,
+            noise,
+            plan=plan,
+            options=self._step_options(),
+            precond_lr=self.precond_lr,
+            do_fit=do_fit,
+            ops=_OPS,
+            mask=slot.mask,
+            norm_probes=probes,
+        )
+        if do_fit and balance_draw < self.balance_probability:
+            state = state._replace(factors=tuple(balance(state.factors, _OPS)))
+        slot.state, slot.count = state, slot.count + 1
+        view -= (self.lr * self.lr_scale(name)) * y.astype(dtype, copy=False)
+
+    def end_iteration(self) -> None:
+        """Advance the global iteration (schedules and noise depend on it)."""
+        self._do_fit()  # an iteration with no step still advances the decision rule
+        self._iteration += 1
+
+    def lr_scale(self, name: str) -> float:
+        """Multiplier on ``lr`` for parameter ``name``. 1.0; override in a subclass for per-name
+        learning rates."""
+        return 1.0
+
+    # -- inspection and checkpoints ------------------------------------------------------------
+
+    @property
+    def iteration(self) -> int:
+        """Iterations completed (calls to :meth:`end_iteration`)."""
+        return self._iteration
+
+    def skipped(self, name: str) -> int:
+        """How many steps of ``name`` were skipped for a non-finite gradient."""
+        slot = self._slots.get(name)
+        return (slot.skipped if slot else 0) + self._pending_skips.get(name, 0)
+
+    def preconditioner(self, name: str) -> list[np.ndarray]:
+        """The factors of ``name`` (``Q_i``, or ``P_i`` for PRO4P/QUAD4P), blocked ``(B, ...)``."""
+        return list(self._slots[name].state.factors)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume: plain NumPy arrays and Python scalars, no objects."""
+        slots = {
+            name: {
+                "factors": [np.array(f) for f in s.state.factors],
+                "lipschitz": [np.array(lip) for lip in s.state.lipschitz],
+                "momentum": np.array(s.state.momentum),
+                "count": s.count,
+                "skipped": s.skipped,
+                "shape": list(s.plan.shape),
+            }
+            for name, s in self._slots.items()
+        }
+        return {
+            "hyperparameters": {k: getattr(self, k) for k in _HYPERPARAMETERS},
+            "seed": self.seed,
+            "iteration": self._iteration,
+            "decision_total": self._decision_total,
+            "decided": None if self._decided is None else list(self._decided),
+            "pending_skips": dict(self._pending_skips),
+            "slots": slots,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`; the continued run equals the one that never stopped."""
+        slots = {}
+        for name, saved in state["slots"].items():
+            plan = make_plan(tuple(saved["shape"]), self._layout)
+            factors = tuple(np.array(f) for f in saved["factors"])
+            expected = [
+                (plan.num_blocks, n, n) if dense else (plan.num_blocks, n)
+                for n, dense in zip(plan.block_shape, plan.dense)
+            ]
+            if [f.shape for f in factors] != [tuple(e) for e in expected]:
+                raise ValueError(
+                    f"Saved factors of {name!r} have shapes {[f.shape for f in factors]}, but this "
+                    f"optimizer's layout options give {expected}; construct it with the options "
+                    "used when saving."
+                )
+            mask = plan.mask()
+            slots[name] = _Slot(
+                plan=plan,
+                state=TensorState(
+                    factors,
+                    tuple(np.array(lip) for lip in saved["lipschitz"]),
+                    np.array(saved["momentum"]),
+                ),
+                count=int(saved["count"]),
+                skipped=int(saved["skipped"]),
+                mask=None if mask is None else mask.astype(factors[0].dtype),
+            )
+        for key, value in state["hyperparameters"].items():
+            setattr(self, key, value)
+        self.seed = int(state["seed"])
+        self._iteration = int(state["iteration"])
+        self._decision_total = float(state["decision_total"])
+        decided = state["decided"]
+        self._decided = None if decided is None else (int(decided[0]), bool(decided[1]))
+        self._pending_skips = dict(state["pending_skips"])
+        self._slots = slots
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _step_options(self) -> StepOptions:
+        clip = None if self.clip is None or math.isinf(self.clip) else self.clip
+        return StepOptions(
+            layout=self._layout,
+            fit=self._fit,
+            beta=self.momentum,
+            momentum_rule="running_mean",
+            whiten_momentum=not self.whiten_grad,
+            fit_before_apply=True,
+            clip_rms=self.clip_rms,
+            clip_max=clip,
+        )
+
+    def _check(self, name, param, grad, shape):
+        if not isinstance(param, np.ndarray) or param.dtype not in _FLOAT_DTYPES:
+            raise TypeError(
+                f"param {name!r} must be a float32 or float64 numpy array; got "
+                f"{type(param).__name__} of dtype {getattr(param, 'dtype', None)}."
+            )
+        grad = np.asarray(grad)
+        if shape is not None:
+            shape = tuple(int(n) for n in shape)
+            if param.size != math.prod(shape) or grad.size != param.size:
+                raise ValueError(
+                    f"shape {shape} of {name!r} ({math.prod(shape)} elements) does not match param "
+                    f"of {param.size} and grad of {grad.size} elements."
+                )
+            view = param.reshape(shape)
+            if not np.shares_memory(view, param):
+                raise ValueError(f"param {name!r} must be contiguous to be updated through shape=.")
+            grad = grad.reshape(shape)
+        else:
+            view = param
+            if grad.shape != param.shape:
+                raise ValueError(
+                    f"grad shape {grad.shape} does not match param shape {param.shape} "
+                    f"for {name!r}."
+                )
+        return view, grad.astype(param.dtype, copy=False)
+
+    def _create(self, name: str, param: np.ndarray, grad: np.ndarray) -> _Slot:
+        plan = make_plan(param.shape, self._layout)
+        like = np.zeros((), param.dtype)
+        if self.init_scale is None:
+            scale = float(scale_from_moments(fourth_moment(grad, _OPS), _OPS, self._fit.damping))
+        else:
+            scale = self.init_scale
+        factors = init_factors(plan, scale, like, _OPS, self._fit.state_is_p)
+        lipschitz = init_lipschitz(
+            plan, np.zeros((), np.promote_types(param.dtype, np.float32)), _OPS
+        )
+        mask = plan.mask()
+        slot = _Slot(
+            plan=plan,
+            state=TensorState(tuple(factors), tuple(lipschitz), np.zeros_like(param)),
+            skipped=self._pending_skips.pop(name, 0),
+            mask=None if mask is None else mask.astype(param.dtype),
+        )
+        self._slots[name] = slot
+        return slot
+
+    def _do_fit(self) -> bool:
+        """The fit decision of the current iteration, made once and remembered."""
+        if self._decided is not None and self._decided[0] == self._iteration:
+            return self._decided[1]
+        p = float(probability_at(self.update_probability, self._iteration))
+        if self.decision_rule == "counter":
+            decide, total = counter_decision(self._decision_total, p, _OPS)
+        elif self.decision_rule == "accumulator":
+            decide, total = accumulator_decision(self._decision_total, p, _OPS)
+        else:
+            draw = np.random.default_rng([self.seed, self._iteration, 0x5EED]).random()
+            decide, total = bernoulli_decision(draw, p), self._decision_total
+        self._decision_total = float(total)
+        self._decided = (self._iteration, bool(decide))
+        return bool(decide)
+
+
+__all__ = ["KronPsgd"]

@@ -1,0 +1,274 @@
+"""KronPsgd: the Rust crate's contract, checkpoints, bad input, and a problem it must win."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+
+import numpy as np
+from kron.demo import Adam, RotatedQuadratic, relative_loss
+from kron.numpy import KronPsgd
+
+SHAPES = {"w": (6, 4), "b": (4,), "conv": (3, 2, 5), "s": ()}
+
+
+def make_params(rng, dtype=np.float64):
+    return {k: rng.standard_normal(s).astype(dtype) for k, s in SHAPES.items()}
+
+
+def grads_at(iteration, params):
+    rng = np.random.default_rng(1000 + iteration)
+    return {k: rng.standard_normal(v.shape).astype(v.dtype) + 0.1 * v for k, v in params.items()}
+
+
+def run(opt, params, iterations, start=0):
+    for it in range(start, start + iterations):
+        grads = grads_at(it, params)
+        for name in params:
+            opt.step(name, params[name], grads[name])
+        opt.end_iteration()
+
+
+def test_defaults_match_the_rust_struct():
+    opt = KronPsgd()
+    assert (opt.precond_lr, opt.momentum, opt.weight_decay, opt.eps, opt.clip) == (
+        0.1,
+        0.9,
+        0.0,
+        1e-8,
+        1.0,
+    )
+    assert opt.lr == 1e-3
+
+
+@pytest.mark.parametrize("mode", ["Q0.5EQ1.5", "EQ", "PRO4P"])
+def test_resume_is_bit_for_bit(rng, mode):
+    options = dict(
+        preconditioner_mode=mode,
+        update_probability=0.5,
+        decision_rule="bernoulli",
+        block_size=3,
+        norm_bound="subspace",
+    )
+    params = make_params(rng)
+    straight = KronPsgd(**options)
+    reference = copy.deepcopy(params)
+    run(straight, reference, 12)
+
+    first = KronPsgd(**options)
+    run(first, params, 5)
+    saved = pickle.loads(pickle.dumps(first.state_dict()))
+    resumed = KronPsgd(**options)
+    resumed.load_state_dict(saved)
+    run(resumed, params, 7, start=5)
+    for name in params:
+        np.testing.assert_array_equal(params[name], reference[name])
+    for a, b in zip(resumed.preconditioner("w"), straight.preconditioner("w")):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_state_dict_holds_only_plain_values(rng):
+    opt = KronPsgd()
+    run(opt, make_params(rng), 2)
+
+    def leaves(x):
+        if isinstance(x, dict):
+            for v in x.values():
+                yield from leaves(v)
+        elif isinstance(x, list):
+            for v in x:
+                yield from leaves(v)
+        else:
+            yield x
+
+    kinds = {type(v) for v in leaves(opt.state_dict())}
+    assert kinds <= {np.ndarray, int, float, bool, type(None)}
+
+
+def test_load_rejects_state_saved_with_another_layout(rng):
+    opt = KronPsgd(max_skew=float("inf"))
+    run(opt, make_params(rng), 1)
+    with pytest.raises(ValueError, match="layout options"):
+        KronPsgd(max_skew=0.0).load_state_dict(opt.state_dict())
+
+
+def test_lr_scale_is_honoured_when_overridden(rng):
+    class HalfForBias(KronPsgd):
+        def lr_scale(self, name):
+            return 0.5 if name == "b" else 1.0
+
+    params = make_params(rng)
+    plain, halved = copy.deepcopy(params), copy.deepcopy(params)
+    run(KronPsgd(), plain, 1)
+    run(HalfForBias(), halved, 1)
+    np.testing.assert_allclose(halved["b"] - params["b"], 0.5 * (plain["b"] - params["b"]))
+    np.testing.assert_array_equal(halved["w"], plain["w"])
+    assert KronPsgd().lr_scale("anything") == 1.0
+
+
+def test_fields_are_plain_mutable_attributes(rng):
+    params = make_params(rng)
+    opt = KronPsgd()
+    run(opt, params, 2)
+    before = copy.deepcopy(params)
+    opt.lr = 0.0
+    run(opt, params, 1, start=2)
+    for name in params:
+        np.testing.assert_array_equal(params[name], before[name])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_dtype_is_kept(rng, dtype):
+    params = make_params(rng, dtype)
+    opt = KronPsgd()
+    run(opt, params, 3)
+    assert all(p.dtype == dtype for p in params.values())
+    assert all(f.dtype == dtype for f in opt.preconditioner("w"))
+    assert np.all(np.isfinite(params["w"]))
+
+
+def test_flat_param_with_shape_matches_shaped_param(rng):
+    w = rng.standard_normal((5, 3))
+    flat = w.copy().ravel()
+    shaped_opt, flat_opt = KronPsgd(), KronPsgd()
+    for it in range(4):
+        g = np.random.default_rng(it).standard_normal((5, 3))
+        shaped_opt.step("w", w, g)
+        flat_opt.step("w", flat, g.ravel(), shape=(5, 3))
+        shaped_opt.end_iteration()
+        flat_opt.end_iteration()
+    np.testing.assert_array_equal(flat.reshape(5, 3), w)
+
+
+def test_order_of_names_does_not_matter(rng):
+    params = make_params(rng)
+    forward, backward = copy.deepcopy(params), copy.deepcopy(params)
+    a, b = KronPsgd(), KronPsgd()
+    for it in range(3):
+        grads = grads_at(it, params)
+        for name in forward:
+            a.step(name, forward[name], grads[name])
+        for name in reversed(list(backward)):
+            b.step(name, backward[name], grads[name])
+        a.end_iteration()
+        b.end_iteration()
+    for name in params:
+        np.testing.assert_array_equal(forward[name], backward[name])
+
+
+def test_weight_decay_is_folded_into_the_gradient(rng):
+    w = rng.standard_normal((4, 4))
+    g = rng.standard_normal((4, 4))
+    decayed, manual = w.copy(), w.copy()
+    KronPsgd(weight_decay=0.1).step("w", decayed, g)
+    KronPsgd().step("w", manual, g + 0.1 * w)
+    np.testing.assert_array_equal(decayed, manual)
+
+
+def test_clip_caps_every_entry(rng):
+    w = np.zeros((4, 4))
+    KronPsgd(lr=1.0, clip=0.25, init_scale=100.0).step("w", w, rng.standard_normal((4, 4)))
+    assert np.abs(w).max() == pytest.approx(0.25)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_nonfinite_gradient_changes_nothing_and_is_counted(rng, bad):
+    params = make_params(rng)
+    opt = KronPsgd()
+    run(opt, params, 2)
+    before = copy.deepcopy(opt.state_dict()["slots"]["w"])
+    w_before = params["w"].copy()
+    grad = rng.standard_normal((6, 4))
+    grad[1, 2] = bad
+    opt.step("w", params["w"], grad)
+    after = opt.state_dict()["slots"]["w"]
+    np.testing.assert_array_equal(params["w"], w_before)
+    for key in ("factors", "lipschitz"):
+        for x, y in zip(before[key], after[key]):
+            np.testing.assert_array_equal(x, y)
+    np.testing.assert_array_equal(before["momentum"], after["momentum"])
+    assert opt.skipped("w") == 1 and opt.skipped("b") == 0
+
+
+def test_nonfinite_gradient_raises_when_asked(rng):
+    with pytest.raises(FloatingPointError, match="'w'"):
+        KronPsgd(nonfinite="raise").step("w", np.zeros(3), np.array([0.0, np.nan, 1.0]))
+
+
+def test_nonfinite_first_gradient_creates_no_state():
+    opt = KronPsgd()
+    w = np.ones((3, 3))
+    opt.step("w", w, np.full((3, 3), np.inf))
+    assert opt.skipped("w") == 1
+    opt.step("w", w, np.ones((3, 3)))
+    assert np.all(np.isfinite(w)) and opt.skipped("w") == 1
+
+
+def test_zero_first_gradient_gives_a_finite_start():
+    opt = KronPsgd()
+    w = np.ones((3, 3))
+    opt.step("w", w, np.zeros((3, 3)))
+    factors = opt.preconditioner("w")
+    assert all(np.all(np.isfinite(f)) for f in factors)
+    np.testing.assert_array_equal(w, np.ones((3, 3)))
+
+
+def test_shape_mismatch_names_both_shapes():
+    with pytest.raises(ValueError, match=r"\(3, 2\).*\(2, 3\)"):
+        KronPsgd().step("w", np.zeros((2, 3)), np.zeros((3, 2)))
+    with pytest.raises(ValueError, match=r"\(3, 4\) of .w. \(12 elements\).*6"):
+        KronPsgd().step("w", np.zeros(6), np.zeros(6), shape=(3, 4))
+
+
+def test_wrong_param_type_is_a_type_error():
+    with pytest.raises(TypeError, match="int64"):
+        KronPsgd().step("w", np.zeros(3, dtype=np.int64), np.zeros(3))
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "accepted"),
+    [
+        ("preconditioner_mode", "XYZ", "Q0.5EQ1.5"),
+        ("memory_save_mode", "some_diag", "one_diag"),
+        ("decision_rule", "sometimes", "accumulator"),
+        ("damping_rule", "huge", "mean_abs"),
+        ("norm_bound", "exact", "subspace"),
+        ("nonfinite", "ignore", "skip"),
+    ],
+)
+def test_unknown_option_values_list_the_accepted_ones(option, value, accepted):
+    with pytest.raises(ValueError, match=accepted):
+        KronPsgd(**{option: value})
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("momentum", 1.0), ("update_probability", 0.0), ("init_scale", -1.0), ("clip", -1.0)],
+)
+def test_out_of_range_values_are_rejected(option, value):
+    with pytest.raises(ValueError, match=option.split("_")[0]):
+        KronPsgd(**{option: value})
+
+
+def test_beats_adam_on_a_rotated_ill_conditioned_quadratic():
+    """16×16 rotated quadratic, each factor's condition number 1e3 so cond(H) = 1e6
+    (kron.demo.RotatedQuadratic, seed 3), 600 steps, the same learning-rate grid for both.
+    Measured f/f0: Adam's best 1.7e-4 (lr 0.1), KronPsgd's best 1.4e-7 (lr 0.01), a ratio of
+    about 1200; the test asks for 100."""
+    problem = RotatedQuadratic.make(n=16, cond=1e3, seed=3)
+    grid = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
+
+    def kron(lr):
+        opt = KronPsgd(lr=lr)
+
+        def step(w, g):
+            opt.step("W", w, g)
+            opt.end_iteration()
+
+        return step
+
+    adam = min(relative_loss(problem, Adam(lr).step, 600) for lr in grid)
+    ours = min(relative_loss(problem, kron(lr), 600) for lr in grid)
+    assert ours * 100 < adam, (ours, adam)
