@@ -214,8 +214,8 @@ class KronPsgd:
                 for n in plan.block_shape
             ]
         y, state = kron_step(
-            slot.state,
-            grad,
+            slot.state._replace(momentum=slot.state.momentum[None]),
+            grad[None],
             slot.count,
             noise,
             plan=plan,
@@ -228,8 +228,9 @@ class KronPsgd:
         )
         if do_fit and balance_draw < self.balance_probability:
             state = state._replace(factors=tuple(balance(state.factors, _OPS)))
-        slot.state, slot.count = state, slot.count + 1
-        view -= (self.lr * self.lr_scale(name)) * y.astype(dtype, copy=False)
+        slot.state = state._replace(momentum=state.momentum[0])
+        slot.count += 1
+        view -= (self.lr * self.lr_scale(name)) * y[0].astype(dtype, copy=False)
 
     def end_iteration(self) -> None:
         """Advance the global iteration (schedules and noise depend on it)."""

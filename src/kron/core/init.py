@@ -14,39 +14,34 @@ from kron.core.layout import Plan
 
 
 def init_factors(
-    plan: Plan, scale: Any, like: Any, ops: Any, state_is_p: bool = False
+    plan: Plan, scale: Any, like: Any, ops: Any, state_is_p: bool = False, stack: int = 1
 ) -> list[Any]:
-    """Factors for ``plan.num_blocks`` blocks in the dtype/device of ``like``.
+    """Factors for ``stack`` parameters of ``plan`` in the dtype/device of ``like``.
 
-    ``scale`` is a float, a scalar array, or a ``(B,)`` array (one scale per block). Dense factors
-    are ``(B, n, n)``, diagonal ones ``(B, n)``.
+    ``scale`` is a float, a scalar array, or a ``(stack·B,)`` array (one scale per block). Dense
+    factors are ``(stack·B, n, n)``, diagonal ones ``(stack·B, n)``.
     """
     if state_is_p:
         scale = scale * scale
     per_factor = scale ** (1.0 / plan.order)
-    if not isinstance(per_factor, (int, float)) and len(per_factor.shape) == 1:
-        per_factor = ops.reshape(per_factor, (-1, 1))
-    blocks = plan.num_blocks
+    per_block = not isinstance(per_factor, (int, float)) and len(per_factor.shape) == 1
+    blocks = stack * plan.num_blocks
     factors = []
     for n, dense in zip(plan.block_shape, plan.dense):
-        if dense:
-            eye = ops.eye(n, like) * ops.ones((blocks, 1, 1), like)
-            factors.append(
-                eye
-                * (
-                    per_factor
-                    if isinstance(per_factor, (int, float))
-                    else ops.reshape(per_factor, (-1, 1, 1))
-                )
-            )
-        else:
-            factors.append(ops.ones((blocks, n), like) * per_factor)
+        ones = ops.ones((blocks, 1, 1) if dense else (blocks, n), like)
+        start = ops.eye(n, like) * ones if dense else ones
+        factor_scale = (
+            ops.reshape(per_factor, ones.shape[:1] + (1,) * (len(ones.shape) - 1))
+            if per_block
+            else per_factor
+        )
+        factors.append(start * factor_scale)
     return factors
 
 
-def init_lipschitz(plan: Plan, like: Any, ops: Any) -> list[Any]:
-    """``L_i = 0`` per factor, each ``(B,)``."""
-    return [ops.zeros((plan.num_blocks,), like) for _ in plan.block_shape]
+def init_lipschitz(plan: Plan, like: Any, ops: Any, stack: int = 1) -> list[Any]:
+    """``L_i = 0`` per factor, each ``(stack·B,)``."""
+    return [ops.zeros((stack * plan.num_blocks,), like) for _ in plan.block_shape]
 
 
 def fourth_moment(x: Any, ops: Any) -> Any:

@@ -99,26 +99,32 @@ class Plan:
     def padded(self) -> bool:
         return any(g * b != n for g, b, n in zip(self.grid, self.block_shape, self.work_shape))
 
-    def to_blocks(self, x: Any, ops: Any) -> Any:
-        """``x`` of shape ``shape`` -> ``(B, *block_shape)``, zero-padded."""
-        x = ops.reshape(x, self.work_shape)
+    def to_blocks(self, x: Any, ops: Any, stacked: bool = False) -> Any:
+        """``x`` of shape ``shape`` -> ``(B, *block_shape)``, zero-padded. With ``stacked``, ``x``
+        is ``(S, *shape)`` (S same-shape parameters) and the result ``(S·B, *block_shape)``."""
+        stack = x.shape[0] if stacked else 1
+        x = ops.reshape(x, (stack, *self.work_shape))
         if self.num_blocks == 1:
-            return ops.reshape(x, (1, *self.block_shape))
+            return ops.reshape(x, (stack, *self.block_shape))
         k = self.order
-        x = ops.pad_end(x, tuple(g * b - n for g, b, n in self._axes()))
-        x = ops.reshape(x, tuple(d for g, b, _ in self._axes() for d in (g, b)))
-        x = ops.permute(x, tuple(range(0, 2 * k, 2)) + tuple(range(1, 2 * k, 2)))
-        return ops.reshape(x, (self.num_blocks, *self.block_shape))
+        x = ops.pad_end(x, (0, *(g * b - n for g, b, n in self._axes())))
+        x = ops.reshape(x, (stack, *(d for g, b, _ in self._axes() for d in (g, b))))
+        x = ops.permute(x, (0, *range(1, 2 * k + 1, 2), *range(2, 2 * k + 1, 2)))
+        return ops.reshape(x, (stack * self.num_blocks, *self.block_shape))
 
-    def from_blocks(self, y: Any, ops: Any) -> Any:
-        """Inverse of :meth:`to_blocks`: ``(B, *block_shape)`` -> ``shape``, padding dropped."""
+    def from_blocks(self, y: Any, ops: Any, stacked: bool = False) -> Any:
+        """Inverse of :meth:`to_blocks`: ``(S·B, *block_shape)`` -> ``shape`` (``(S, *shape)`` with
+        ``stacked``), padding dropped."""
+        stack = y.shape[0] // self.num_blocks
+        out_shape = (stack, *self.shape) if stacked else self.shape
         if self.num_blocks == 1:
-            return ops.reshape(y, self.shape)
+            return ops.reshape(y, out_shape)
         k = self.order
-        y = ops.reshape(y, self.grid + self.block_shape)
-        y = ops.permute(y, tuple(i for j in range(k) for i in (j, k + j)))
-        y = ops.reshape(y, tuple(g * b for g, b, _ in self._axes()))
-        return ops.reshape(ops.slice_front(y, self.work_shape), self.shape)
+        y = ops.reshape(y, (stack, *self.grid, *self.block_shape))
+        y = ops.permute(y, (0, *(i for j in range(1, k + 1) for i in (j, k + j))))
+        y = ops.reshape(y, (stack, *(g * b for g, b, _ in self._axes())))
+        y = ops.slice_front(y, (stack, *self.work_shape))
+        return ops.reshape(y, out_shape)
 
     def mask(self) -> np.ndarray | None:
         """``(B, *block_shape)`` float64 array, 1 on real entries and 0 on padding; ``None`` if

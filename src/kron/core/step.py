@@ -25,7 +25,7 @@ class TensorState(NamedTuple):
     Attributes:
       factors: ``Q_i`` (``P_i`` for PRO4P/QUAD4P), each ``(B, n_i, n_i)`` or ``(B, n_i)``.
       lipschitz: ``L_i``, each ``(B,)``.
-      momentum: the momentum buffer, shaped like the parameter.
+      momentum: the momentum buffers of the ``S`` stacked parameters, ``(S, *shape)``.
     """
 
     factors: tuple[Any, ...]
@@ -115,13 +115,14 @@ def kron_step(
     hvp: Any = None,
     norm_probes: Sequence[Any] | None = None,
 ) -> tuple[Any, TensorState]:
-    """One step for one parameter; returns ``(y, new state)`` with ``y`` the clipped preconditioned
-    direction, shaped like the parameter (the caller applies ``θ ← θ - η·y``).
+    """One step for ``S ≥ 1`` stacked parameters of one plan; returns ``(y, new state)`` with ``y``
+    the clipped preconditioned directions ``(S, *plan.shape)`` (the caller applies ``θ ← θ - η·y``).
+    Factors hold ``S·B`` blocks, parameter ``s`` owning blocks ``s·B … (s+1)·B - 1``.
 
     Args:
-      grad: the gradient, shaped like the parameter.
+      grad: the gradients, ``(S, *plan.shape)``.
       count: momentum updates taken so far (int or scalar array).
-      noise: standard normal in the blocked layout ``(B, *plan.block_shape)``.
+      noise: standard normal in the blocked layout ``(S·B, *plan.block_shape)``.
       do_fit: update the preconditioner on this step.
       probe, hvp: Newton type: the probe ``v`` and ``H v`` in the blocked layout; when given, P is
         fitted on this pair instead of on the gradient.
@@ -140,7 +141,7 @@ def kron_step(
         if hvp is not None:
             target = hvp
         else:
-            target = plan.to_blocks(used if options.whiten_momentum else grad, ops)
+            target = plan.to_blocks(used if options.whiten_momentum else grad, ops, stacked=True)
         return fit(
             factors,
             lipschitz,
@@ -156,8 +157,8 @@ def kron_step(
 
     if do_fit and options.fit_before_apply:
         factors, lipschitz = refit(factors, lipschitz)
-    y = precondition(factors, plan.to_blocks(used, ops), ops, options.fit.state_is_p)
+    y = precondition(factors, plan.to_blocks(used, ops, stacked=True), ops, options.fit.state_is_p)
     if do_fit and not options.fit_before_apply:
         factors, lipschitz = refit(factors, lipschitz)
-    y = clip_update(ops.reshape(plan.from_blocks(y, ops), (1, *plan.shape)), options, ops)
-    return ops.reshape(y, plan.shape), TensorState(tuple(factors), tuple(lipschitz), momentum)
+    y = clip_update(plan.from_blocks(y, ops, stacked=True), options, ops)
+    return y, TensorState(tuple(factors), tuple(lipschitz), momentum)
