@@ -5,7 +5,14 @@ new arrays, takes its randomness as input arrays, and never branches on array va
 imports a framework.
 """
 
-from kron.core.clipping import clip_elementwise, clip_rms, soft_clip
+from kron.core.clipping import (
+    cautious,
+    clip_elementwise,
+    clip_l2,
+    clip_rms,
+    mars_correction,
+    soft_clip,
+)
 from kron.core.fit import (
     DAMPING_RULES,
     GEOMETRIES,
@@ -61,7 +68,9 @@ __all__ = [
     "bernoulli_decision",
     "cache_preconditioner",
     "canonical_geometry",
+    "cautious",
     "clip_elementwise",
+    "clip_l2",
     "clip_rms",
     "counter_decision",
     "damp",
@@ -76,6 +85,7 @@ __all__ = [
     "kron_step",
     "lipschitz_update",
     "make_plan",
+    "mars_correction",
     "mode_product",
     "norm_lower_bound",
     "precondition",

@@ -25,3 +25,24 @@ def soft_clip(y: Any, ops: Any, scale: float = 1.5, lerp: float = 0.9) -> Any:
     ``φ(x) = (1-lerp)·sign(x)·log(1+|x|) + lerp·tanh(x)`` (kron_torch 2024, heavyball)."""
     x = y / scale
     return scale * ((1.0 - lerp) * ops.sign(x) * ops.log1p(ops.abs(x)) + lerp * ops.tanh(x))
+
+
+def clip_l2(y: Any, max_norm: float, ops: Any) -> Any:
+    """``y · min(1, max_norm / ‖y‖₂)`` per leading index."""
+    norm = ops.sqrt(ops.sum(y * y, axis=tuple(range(1, len(y.shape))), keepdims=True))
+    return y * ops.minimum(max_norm / (norm + 1e-12), 1.0)
+
+
+def mars_correction(grad: Any, previous: Any, beta: float, gamma: float, ops: Any) -> Any:
+    """MARS variance reduction (Yuan et al., 2024): ``c = g + γ·β/(1-β)·(g - g_prev)``, rescaled to
+    unit L2 norm when larger. Shapes ``(S, ...)``; the norm is per leading index."""
+    corrected = grad + (gamma * beta / (1.0 - beta)) * (grad - previous)
+    return clip_l2(corrected, 1.0, ops)
+
+
+def cautious(y: Any, grad: Any, ops: Any) -> Any:
+    """Cautious update (Liang et al., 2024): zero the entries of ``y`` whose sign disagrees with the
+    gradient and rescale the rest by the inverse kept fraction (at most 1000×)."""
+    keep = ops.astype(y * grad > 0, ops.dtype(y))
+    kept = ops.mean(keep, axis=tuple(range(1, len(y.shape))), keepdims=True)
+    return y * keep / ops.maximum(kept, 1e-3)

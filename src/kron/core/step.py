@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 
 from kron.core.clipping import clip_elementwise, clip_rms, soft_clip
 from kron.core.fit import FitOptions, fit
-from kron.core.kron_product import precondition
+from kron.core.kron_product import cache_preconditioner, precondition
 from kron.core.layout import LayoutOptions, Plan
 
 MOMENTUM_RULES = ("running_mean", "debiased_ema")
@@ -26,11 +26,13 @@ class TensorState(NamedTuple):
       factors: ``Q_i`` (``P_i`` for PRO4P/QUAD4P), each ``(B, n_i, n_i)`` or ``(B, n_i)``.
       lipschitz: ``L_i``, each ``(B,)``.
       momentum: the momentum buffers of the ``S`` stacked parameters, ``(S, *shape)``.
+      cache: ``P_i = Q_iᵀQ_i`` of the current factors when ``StepOptions.cache`` is on, else ``()``.
     """
 
     factors: tuple[Any, ...]
     lipschitz: tuple[Any, ...]
     momentum: Any
+    cache: tuple[Any, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,10 @@ class StepOptions:
         psgd_jax, heavyball). Default ``"running_mean"``.
       whiten_momentum: fit P on the momentum (kron_torch's ``momentum_into_precond_update``) rather
         than on the raw gradient. Default False.
+      precondition_momentum: apply P to the momentum (True) or to the raw gradient (heavyball's
+        ``exp_avg_input=False``). Default True.
+      cache: keep ``P_i = Q_iᵀQ_i`` so that applying P costs one contraction per axis instead of
+        two; it is refreshed after every fit (heavyball's ``cached``). Default False.
       fit_before_apply: fit P before applying it (kron_torch; uses the sample twice) instead of
         after (unbiased). Default True.
       clip_rms: per-tensor RMS cap of ``y``, or None. Default 2.0.
@@ -57,6 +63,8 @@ class StepOptions:
     beta: float = 0.9
     momentum_rule: str = "running_mean"
     whiten_momentum: bool = False
+    precondition_momentum: bool = True
+    cache: bool = False
     fit_before_apply: bool = True
     clip_rms: float | None = 2.0
     clip_max: float | None = 10.0
@@ -128,21 +136,25 @@ def kron_step(
         fitted on this pair instead of on the gradient.
       mask, norm_probes: see :func:`kron.core.fit.fit`.
     """
-    factors, lipschitz = list(state.factors), list(state.lipschitz)
+    factors, lipschitz, cache = list(state.factors), list(state.lipschitz), list(state.cache)
     momentum = state.momentum
     if options.beta > 0:
-        momentum, used = update_momentum(
+        momentum, debiased = update_momentum(
             momentum, grad, count, options.beta, options.momentum_rule, ops
         )
     else:
-        used = grad
+        debiased = grad
+    used = debiased if options.precondition_momentum else grad
+    use_cache = options.cache and not options.fit.state_is_p
 
-    def refit(factors: list[Any], lipschitz: list[Any]) -> tuple[list[Any], list[Any]]:
+    def refit() -> None:
+        nonlocal factors, lipschitz, cache
         if hvp is not None:
             target = hvp
         else:
-            target = plan.to_blocks(used if options.whiten_momentum else grad, ops, stacked=True)
-        return fit(
+            source = debiased if options.whiten_momentum else grad
+            target = plan.to_blocks(source, ops, stacked=True)
+        factors, lipschitz = fit(
             factors,
             lipschitz,
             target,
@@ -154,11 +166,18 @@ def kron_step(
             mask=mask,
             norm_probes=norm_probes,
         )
+        cache = cache_preconditioner(factors, ops) if use_cache else []
 
     if do_fit and options.fit_before_apply:
-        factors, lipschitz = refit(factors, lipschitz)
-    y = precondition(factors, plan.to_blocks(used, ops, stacked=True), ops, options.fit.state_is_p)
+        refit()
+    if use_cache and not cache:
+        cache = cache_preconditioner(factors, ops)
+    blocks = plan.to_blocks(used, ops, stacked=True)
+    if use_cache:
+        y = precondition(cache, blocks, ops, state_is_p=True)
+    else:
+        y = precondition(factors, blocks, ops, options.fit.state_is_p)
     if do_fit and not options.fit_before_apply:
-        factors, lipschitz = refit(factors, lipschitz)
+        refit()
     y = clip_update(plan.from_blocks(y, ops, stacked=True), options, ops)
-    return y, TensorState(tuple(factors), tuple(lipschitz), momentum)
+    return y, TensorState(tuple(factors), tuple(lipschitz), momentum, tuple(cache))
