@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
 from kron.core import (
     DECISION_RULES,
     FitOptions,

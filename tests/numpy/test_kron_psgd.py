@@ -5,9 +5,9 @@ from __future__ import annotations
 import copy
 import pickle
 
+import numpy as np
 import pytest
 
-import numpy as np
 from kron.demo import Adam, RotatedQuadratic, relative_loss
 from kron.numpy import KronPsgd
 

@@ -94,13 +94,14 @@ class FitOptions:
         return self.geometry in STATE_IS_P
 
 
-def damp(x: Any, noise: Any, options: FitOptions, ops: Any) -> Any:
-    """Add damping noise to ``x`` (§5.1). ``noise`` is standard normal, shaped like ``x``."""
+def damp(x: Any, noise: Any, options: FitOptions, ops: Any, mask: Any = None) -> Any:
+    """Add damping noise to ``x`` (§5.1). ``noise`` is standard normal, shaped like ``x``; the
+    ``"mean_abs"`` rule averages ``|x|`` over the real (unmasked) entries of each block."""
     if options.damping_rule == "mean_abs":
-        scale = math.sqrt(1.1920928955078125e-07) * ops.mean(
-            ops.abs(x), axis=tuple(range(1, len(x.shape))), keepdims=True
-        )
-        return x + scale * noise
+        axes = tuple(range(1, len(x.shape)))
+        total = ops.sum(ops.abs(x), axis=axes, keepdims=True)
+        count = math.prod(x.shape[1:]) if mask is None else ops.sum(mask, axis=axes, keepdims=True)
+        return x + math.sqrt(1.1920928955078125e-07) * (total / count) * noise
     return x + (options.damping + ops.eps(ops.dtype(x)) * ops.abs(x)) * noise
 
 
@@ -122,7 +123,7 @@ def balance(factors: Sequence[Any], ops: Any) -> list[Any]:
     """Rescale factors to equal max-abs norms without changing ``⊗Q_i`` (§5.3)."""
     if len(factors) < 2:
         return list(factors)
-    log_norms = [ops.log(_max_abs(f, ops)) for f in factors]
+    log_norms = [ops.log(ops.maximum(_max_abs(f, ops), ops.tiny(ops.dtype(f)))) for f in factors]
     log_mean = sum(log_norms) / len(factors)
     return [f * _per_block(ops.exp(log_mean - ln), f, ops) for f, ln in zip(factors, log_norms)]
 
@@ -202,7 +203,7 @@ def fit(
     """
     geometry = options.geometry
     newton = probe is not None
-    x = damp(x, noise, options, ops)
+    x = damp(x, noise, options, ops, mask)
     if mask is not None:
         x, noise = x * mask, noise * mask
         probe = None if probe is None else probe * mask
@@ -248,12 +249,13 @@ def fit(
         lip = lipschitz_update(lip, ell, options.beta_lipschitz, ops)
         step = _per_block(lr / ops.maximum(lip, floor), q, ops)
         g = t1 - t2
-        q = (
+        updated = (
             _update_dense(geometry, q, g, step, ops)
             if dense
             else _update_diagonal(geometry, q, g, step)
         )
-        new_factors.append(q)
+        # L is kept in at least float32, which would promote a bfloat16 factor; keep its dtype.
+        new_factors.append(ops.astype(updated, ops.dtype(q)))
         new_lipschitz.append(lip)
     return new_factors, new_lipschitz
 

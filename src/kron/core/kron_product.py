@@ -84,7 +84,12 @@ def solve_transpose(factors: Sequence[Any], v: Any, ops: Any) -> Any:
             v = v / along_axis(q, axis, len(v.shape), ops)
             continue
         unfolded, shape = _unfold(v, axis, ops)
-        # Q_iᵀ X = V_(i) with V_(i) the (n, N/n) unfolding; Q_iᵀ is lower triangular.
-        solved = ops.solve_lower(ops.mT(q), ops.mT(unfolded))
-        v = _fold(ops.mT(solved), shape, axis, ops)
+        # Q_iᵀ X = V_(i) with V_(i) the (n, N/n) unfolding; Q_iᵀ is lower triangular. Solves run
+        # in at least float32: half-precision triangular solves are inaccurate or unsupported.
+        dtype = ops.dtype(v)
+        lifted = ops.eps(dtype) > 1e-6
+        lower = ops.mT(ops.astype(q, "float32") if lifted else q)
+        rhs = ops.mT(ops.astype(unfolded, "float32") if lifted else unfolded)
+        solved = ops.mT(ops.solve_lower(lower, rhs))
+        v = _fold(ops.astype(solved, dtype) if lifted else solved, shape, axis, ops)
     return v

@@ -31,10 +31,10 @@ class LayoutOptions:
 
     psgd_torch's rule is ``max_size`` + ``max_skew``; kron_torch's is ``max_size`` (its
     ``max_size_triangular``) + ``min_ndim_dense`` (its ``min_ndim_triangular``) +
-    ``memory_save_mode`` with ``max_skew=inf``. An axis of size ``n`` in a block of ``N`` elements
-    and order ``k`` is diagonal iff any of these holds:
+    ``memory_save_mode`` with ``max_skew=inf``. An axis of size ``n`` in a block of ``N`` elements,
+    of a parameter with ``ndim`` axes (before squeezing), is diagonal iff any of these holds:
 
-    * ``n == 1``; ``n > max_size``; ``n * n > max_skew * N``; ``k < min_ndim_dense``;
+    * ``n == 1``; ``n > max_size``; ``n * n > max_skew * N``; ``ndim < min_ndim_dense``;
     * ``memory_save_mode`` marks it: ``"one_diag"`` the largest axis (the last one on ties),
       ``"smart_one_diag"`` the largest axis if it is strictly larger than the second largest,
       ``"one_triu"`` every axis but the smallest, ``"all_diag"`` every axis.
@@ -47,7 +47,8 @@ class LayoutOptions:
       min_ndim_dense: tensors of lower order get only diagonal factors. Default 0.
       memory_save_mode: one of ``None``, ``"one_diag"``, ``"smart_one_diag"``, ``"one_triu"``,
         ``"all_diag"``. Default ``None``.
-      merge_dims: reshape tensors of order > 2 to their squarest 2-D view. Default ``False``.
+      merge_dims: reshape tensors of order > 2 to their squarest 2-D view, over every split point
+        (kron_torch compares only the first and last split). Default ``False``.
       block_size: cut axes longer than this into blocks with their own factors. Default ``None``
         (never split).
     """
@@ -179,14 +180,14 @@ def make_plan(shape: tuple[int, ...], options: LayoutOptions = LayoutOptions()) 
     bs = options.block_size
     grid = tuple(1 if bs is None or n <= bs else -(-n // bs) for n in work)
     block = tuple(n if g == 1 else bs for n, g in zip(work, grid))
-    size, k = math.prod(block), len(block)
+    size = math.prod(block)
     marked = _marked_by_memory_mode(block, options.memory_save_mode)
     dense = tuple(
         not (
             n == 1
             or n > options.max_size
             or n * n > options.max_skew * size
-            or k < options.min_ndim_dense
+            or len(shape) < options.min_ndim_dense
             or i in marked
         )
         for i, n in enumerate(block)

@@ -74,7 +74,8 @@ def lb_spd(m: Any, ops: Any) -> Any:
 
 
 def lb_power(m: Any, ops: Any, iters: int = 2) -> Any:
-    """Power iteration on MᵀM from the top row; returns ‖M x‖ for the final unit ``x``."""
+    """``iters`` power iterations ``x ← x·M·Mᵀ`` from the top row, then ``‖x Mᵀ‖``: a tight
+    bound for the symmetric matrices the fit passes (any unit ``x`` gives a valid bound)."""
     s = ops.max(ops.abs(m), axis=(-2, -1))
     m = m / ops.reshape(_safe_scale(s, ops), (-1, 1, 1))
     x = _unit_rows(_top_row(m, ops), ops)

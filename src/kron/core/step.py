@@ -37,7 +37,8 @@ class TensorState(NamedTuple):
 
 @dataclass(frozen=True)
 class StepOptions:
-    """Static options of a step. Defaults are psgd_torch's KronWhiten with momentum.
+    """Static options of a step. Defaults follow psgd_torch's KronWhiten (gradient whitening,
+    Q0.5EQ1.5, RMS ≤ 2 and entries ≤ 10), with momentum 0.9 and the power-iteration norm bound.
 
     Attributes:
       layout, fit: :class:`LayoutOptions`, :class:`FitOptions`.
@@ -87,13 +88,17 @@ class StepOptions:
 def update_momentum(
     momentum: Any, grad: Any, count: Any, beta: float, rule: str, ops: Any
 ) -> tuple[Any, Any]:
-    """``(stored momentum, momentum to use)``; ``count`` is the number of earlier updates."""
+    """``(stored momentum, momentum to use)``; ``count`` is the number of earlier updates (a
+    number, or an array that broadcasts against ``grad``). Coefficients are computed in the
+    precision of ``count`` and cast to ``grad``'s dtype, so a float32 counter never promotes
+    bfloat16 momentum."""
+    dtype = ops.dtype(grad)
     if rule == "running_mean":
-        beta_t = ops.minimum(count / (count + 1.0), beta)
+        beta_t = ops.astype(ops.minimum(count / (count + 1.0), beta), dtype)
         momentum = beta_t * momentum + (1.0 - beta_t) * grad
         return momentum, momentum
     momentum = beta * momentum + (1.0 - beta) * grad
-    return momentum, momentum / (1.0 - beta ** (count + 1.0))
+    return momentum, momentum / ops.astype(1.0 - beta ** (count + 1.0), dtype)
 
 
 def clip_update(y: Any, options: StepOptions, ops: Any) -> Any:
@@ -136,6 +141,8 @@ def kron_step(
         fitted on this pair instead of on the gradient.
       mask, norm_probes: see :func:`kron.core.fit.fit`.
     """
+    if (probe is None) != (hvp is None):
+        raise ValueError("Newton-type steps need both probe and hvp; got only one of them.")
     factors, lipschitz, cache = list(state.factors), list(state.lipschitz), list(state.cache)
     momentum = state.momentum
     if options.beta > 0:

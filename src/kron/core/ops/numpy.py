@@ -54,9 +54,6 @@ class NumpyOps:
     def slice_front(self, x, sizes):
         return x[tuple(slice(0, s) for s in sizes)]
 
-    def stack(self, xs, axis=0):
-        return self.xp.stack(xs, axis=axis)
-
     def matmul(self, a, b):
         return self.xp.matmul(a, b)
 
@@ -121,9 +118,6 @@ class NumpyOps:
 
     def max(self, x, axis=None, keepdims=False):
         return self.xp.max(x, axis=axis, keepdims=keepdims)
-
-    def all(self, x, axis=None):
-        return self.xp.all(x, axis=axis)
 
     def argmax(self, x, axis):
         return self.xp.argmax(x, axis=axis)

@@ -25,7 +25,8 @@ class TorchOps:
         return torch.arange(n, device=like.device)
 
     def astype(self, x, dtype):
-        return torch.as_tensor(x).to(dtype)
+        # The core names dtypes it needs by string ("float32"); front ends pass torch dtypes.
+        return torch.as_tensor(x).to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
 
     def dtype(self, x):
         return x.dtype
@@ -54,9 +55,6 @@ class TorchOps:
 
     def slice_front(self, x, sizes):
         return x[tuple(slice(0, s) for s in sizes)]
-
-    def stack(self, xs, axis=0):
-        return torch.stack(xs, dim=axis)
 
     def matmul(self, a, b):
         return torch.matmul(a, b)
@@ -122,9 +120,6 @@ class TorchOps:
 
     def max(self, x, axis=None, keepdims=False):
         return x.amax() if axis is None else x.amax(dim=axis, keepdim=keepdims)
-
-    def all(self, x, axis=None):
-        return x.all() if axis is None else x.all(dim=axis)
 
     def argmax(self, x, axis):
         return x.argmax(dim=axis)

@@ -1,0 +1,146 @@
+"""The PyTorch glue between ``torch.Tensor`` parameters and :mod:`kron.core`: random streams,
+stacking of same-shape parameters, bf16 storage and Hessian-vector products. No math lives here
+that other front ends would also need."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+
+from kron.core import cautious, clip_elementwise, clip_l2, clip_rms, get_ops, soft_clip
+
+OPS = get_ops("torch")
+CLIPPING_NAMES = ("rms", "l2_norm", "value", "soft")
+
+
+def seed_for(*words: int) -> int:
+    """A 63-bit seed from integers (seed, step, group, parameter, stream), stable across runs."""
+    return int(
+        np.random.SeedSequence(list(words)).generate_state(2, np.uint32).view(np.uint64)[0]
+        >> np.uint64(1)
+    )
+
+
+class Streams:
+    """Counter-based normal draws: the same words give the same numbers on every device type
+    and in every process, so replicas agree and resumed runs repeat."""
+
+    def __init__(self) -> None:
+        self._generators: dict[torch.device, torch.Generator] = {}
+
+    def normal(
+        self, shape: Sequence[int], dtype: torch.dtype, device: torch.device, words: Sequence[int]
+    ) -> torch.Tensor:
+        generator = self._seeded(device, words)
+        return torch.randn(tuple(shape), generator=generator, dtype=dtype, device=device)
+
+    def low_bits(
+        self, shape: Sequence[int], device: torch.device, words: Sequence[int]
+    ) -> torch.Tensor:
+        """Uniform integers in ``[0, 2**16)`` as int32."""
+        generator = self._seeded(device, words)
+        return torch.randint(
+            0, 1 << 16, tuple(shape), generator=generator, dtype=torch.int32, device=device
+        )
+
+    def _seeded(self, device: torch.device, words: Sequence[int]) -> torch.Generator:
+        generator = self._generators.get(device)
+        if generator is None:
+            generator = self._generators[device] = torch.Generator(device=device)
+        generator.manual_seed(seed_for(*words))
+        return generator
+
+
+def clipper(
+    spec: str | Callable[[torch.Tensor], torch.Tensor] | None, threshold: float
+) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """A per-parameter clip for ``(S, ...)`` tensors from a name in :data:`CLIPPING_NAMES`, a
+    callable of one parameter's tensor, or None."""
+    if spec is None:
+        return None
+    if callable(spec):
+        return lambda x: torch.stack([spec(item) for item in x.unbind(0)])
+    if spec == "rms":
+        return lambda x: clip_rms(x, threshold, OPS)
+    if spec == "l2_norm":
+        return lambda x: clip_l2(x, threshold, OPS)
+    if spec == "value":
+        return lambda x: clip_elementwise(x, threshold, OPS)
+    if spec == "soft":
+        return lambda x: soft_clip(x, OPS, scale=threshold)
+    raise ValueError(
+        f"Unknown clipping {spec!r}; accepted: a callable, None, or one of "
+        f"{', '.join(CLIPPING_NAMES)}."
+    )
+
+
+def apply_caution(y: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    return cautious(y, grad, OPS)
+
+
+def stochastic_round(
+    x: torch.Tensor, dtype: torch.dtype, generator_words: Sequence[int], streams: Streams
+) -> torch.Tensor:
+    """Round fp32 ``x`` to bfloat16 with probability proportional to the distance to each
+    neighbour (unbiased); other target dtypes are a plain cast."""
+    if dtype != torch.bfloat16 or x.dtype != torch.float32:
+        return x.to(dtype)
+    # bf16 keeps the high 16 bits of fp32: adding uniform low bits before truncating rounds the
+    # magnitude up with probability equal to the discarded fraction.
+    low_bits = streams.low_bits(x.shape, x.device, generator_words)
+    rounded = (x.contiguous().view(torch.int32) + low_bits) & -65536
+    return rounded.view(torch.float32).to(torch.bfloat16)
+
+
+def stack(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Stack along a new axis 0 (the single-tensor case is a view, not a copy)."""
+    if len(tensors) == 1:
+        return tensors[0].unsqueeze(0)
+    return torch.stack(list(tensors))
+
+
+def concat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Concatenate along axis 0 (the single-tensor case is the tensor itself)."""
+    return tensors[0] if len(tensors) == 1 else torch.cat(list(tensors))
+
+
+def hessian_vector_products(
+    closure: Callable[[], torch.Tensor],
+    params: Sequence[torch.Tensor],
+    newton_params: Sequence[torch.Tensor],
+    probes: Sequence[torch.Tensor],
+    method: str,
+) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """Evaluate ``closure`` (which returns the loss and must not call ``backward``) and return
+    ``(loss, grads of params, H·v for newton_params)``.
+
+    ``"double_backward"`` differentiates the gradient; where a model does not support double
+    backward it falls back to ``"finite_difference"``: ``(g(θ + εv) - g(θ)) / ε`` with
+    ``ε = √eps(dtype)``.
+    """
+    with torch.enable_grad():
+        loss = closure()
+        if method == "double_backward":
+            try:
+                grads = torch.autograd.grad(loss, params, create_graph=True)
+                index = {id(p): i for i, p in enumerate(params)}
+                chosen = [grads[index[id(p)]] for p in newton_params]
+                hvps = torch.autograd.grad(chosen, newton_params, grad_outputs=probes)
+                return loss.detach(), [g.detach() for g in grads], [h.detach() for h in hvps]
+            except RuntimeError:
+                loss = closure()  # the graph was consumed by the failed attempt
+        grads = [g.detach() for g in torch.autograd.grad(loss, params)]
+    steps = [float(torch.finfo(p.dtype).eps) ** 0.5 for p in newton_params]
+    with torch.no_grad():
+        for p, v, eps in zip(newton_params, probes, steps):
+            p.add_(v.to(p.dtype), alpha=eps)
+    with torch.enable_grad():
+        shifted = torch.autograd.grad(closure(), newton_params)
+    with torch.no_grad():
+        for p, v, eps in zip(newton_params, probes, steps):
+            p.sub_(v.to(p.dtype), alpha=eps)
+    index = {id(p): i for i, p in enumerate(params)}
+    hvps = [(s - grads[index[id(p)]]) / eps for s, p, eps in zip(shifted, newton_params, steps)]
+    return loss.detach(), grads, hvps

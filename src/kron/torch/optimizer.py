@@ -1,0 +1,629 @@
+"""``kron.torch.Kron``: PSGD-Kron as a ``torch.optim.Optimizer``.
+
+The class does bookkeeping only: options, param groups, state, when to fit, stacking. The math is
+:func:`kron.core.kron_step` on the torch ops backend. Design choices (see ``docs/torch.md``):
+
+* parameters of one group with the same shape, dtype and device are stacked and stepped in one
+  batched call;
+* the decision to fit the preconditioner is made on the host from counters kept in the param
+  group, so ``step()`` never synchronises with the device; randomness is counter-based from
+  ``(seed, step, group, parameter index)``;
+* preconditioner state stays in ``precond_dtype`` (float32 by default) whatever the parameter
+  dtype, including after ``load_state_dict``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import numpy as np
+import torch
+
+from kron.core import (
+    DECISION_RULES,
+    FitOptions,
+    LayoutOptions,
+    StepOptions,
+    TensorState,
+    accumulator_decision,
+    balance,
+    bernoulli_decision,
+    counter_decision,
+    exponential_schedule,
+    fourth_moment,
+    init_factors,
+    init_lipschitz,
+    kron_step,
+    make_plan,
+    mars_correction,
+    probability_at,
+    scale_from_moments,
+)
+from kron.torch.functional import (
+    OPS,
+    Streams,
+    apply_caution,
+    clipper,
+    concat,
+    hessian_vector_products,
+    stack,
+    stochastic_round,
+)
+
+PRECONDITIONER_TYPES = ("whitening", "newton")
+HVP_METHODS = ("double_backward", "finite_difference")
+NONFINITE_POLICIES = ("skip", "raise")
+DEFAULT_SCHEDULE = exponential_schedule()
+
+# Stream identifiers mixed into the counter-based seeds.
+_NOISE, _PROBE, _SUBSPACE, _ROUNDING, _BALANCE, _DECISION = range(6)
+
+
+def _dtype(value: Any, name: str) -> torch.dtype | None:
+    if value is None or isinstance(value, torch.dtype):
+        return value
+    if isinstance(value, str) and isinstance(getattr(torch, value, None), torch.dtype):
+        return getattr(torch, value)
+    raise ValueError(f"{name} must be a torch.dtype, a dtype name or None; got {value!r}.")
+
+
+class Kron(torch.optim.Optimizer):
+    """PSGD-Kron: SGD preconditioned by a learned Kronecker-factored ``P = QᵀQ``.
+
+    The options of kron_torch's ``Kron`` (seed 000) come first, with its defaults; then those of
+    heavyball's ``PSGDKron``; then kron's own. Every option except ``seed``, ``nonfinite`` and
+    ``stack_params`` can be overridden per param group. ``docs/torch.md`` lists each one.
+
+    Args:
+      params: parameters or param groups.
+      lr: learning rate. Default 3e-4.
+      b1: momentum β. Default 0.9.
+      weight_decay: weight decay. Default 0.
+      preconditioner_update_probability: float or callable of the step; ``None`` is kron_torch's
+        schedule (1.0 for 500 steps, then decaying to 0.03).
+      max_size_triangular, min_ndim_triangular, memory_save_mode: which axes get dense factors.
+      momentum_into_precond_update: fit P on the momentum (True) or the gradient. Default True.
+      precond_lr: preconditioner learning rate μ. Default 0.1.
+      precond_init_scale: initial ``Q = scale·I``; ``None`` sets it from the first gradient.
+      mu_dtype: momentum storage dtype (default: the parameter's). bfloat16 storage is
+        stochastically rounded.
+      precond_dtype: preconditioner dtype. Default float32.
+      merge_dims, split: heavyball's layout switches; ``split`` cuts axes longer than
+        ``max_size_triangular`` into blocks (as ``block_size``).
+      cached: keep ``P_i = Q_iᵀQ_i``; ``None`` (default) caches once the update probability is
+        below 0.5.
+      delayed: apply the previous step's P, then fit (heavyball's ``delayed``). Default False.
+      exp_avg_input: precondition the momentum (True) or the raw gradient. Default True.
+      stochastic_schedule: draw the fit decision (True) instead of the deterministic rule.
+      warmup_steps: linear learning-rate warm-up length. Default 0.
+      caution: cautious updates. mars, mars_gamma: MARS gradient correction.
+      q_dtype, storage_dtype: heavyball's names for ``precond_dtype`` and ``mu_dtype``.
+      gradient_clipping, gradient_clip_value: clip each gradient before use: ``"rms"``,
+        ``"l2_norm"``, ``"value"``, ``"soft"``, a callable, or None (default).
+      update_clipping, update_clip_value: same for the preconditioned update. Default ``"rms"``
+        at 1.1, kron_torch's clip.
+      preconditioner_mode: geometry, one of ``kron.core.GEOMETRIES``. Default ``"Q0.5EQ1.5"``.
+      whiten_grad: psgd_torch's name for ``not momentum_into_precond_update``; overrides it when
+        given.
+      max_skew: psgd_torch's skew rule (``inf`` disables it, the default).
+      block_size: cut axes longer than this into blocks. Default None.
+      decoupled_weight_decay: ``θ ← θ(1 - lr·wd)`` (True, default) or ``g ← g + wd·θ``.
+      decision_rule: ``"counter"`` (default), ``"accumulator"`` or ``"bernoulli"``.
+      beta_lipschitz, damping, damping_rule, norm_bound: see ``kron.core.FitOptions``.
+      balance_probability: chance per fit of rebalancing factor norms. Default 0.01.
+      preconditioner_type: ``"whitening"`` (default) or ``"newton"``; Newton fits P on
+        Hessian-vector products and needs ``step(closure)`` with a closure that returns the loss
+        without calling ``backward``.
+      hvp_method: ``"double_backward"`` (default) or ``"finite_difference"``.
+      seed: seed of every random draw. Default 0.
+      nonfinite: ``"skip"`` (default): a parameter whose gradient has a NaN or Inf is left
+        untouched this step and counted in ``state[p]["skipped"]``; ``"raise"`` raises
+        ``FloatingPointError`` (this one synchronises with the device).
+      stack_params: step same-shape parameters in one batched call. Default True.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 3e-4,
+        b1: float = 0.9,
+        weight_decay: float = 0.0,
+        preconditioner_update_probability: float | Callable[[int], float] | None = None,
+        max_size_triangular: int = 8192,
+        min_ndim_triangular: int = 2,
+        memory_save_mode: str | None = None,
+        momentum_into_precond_update: bool = True,
+        precond_lr: float = 0.1,
+        precond_init_scale: float | None = 1.0,
+        mu_dtype: torch.dtype | str | None = None,
+        precond_dtype: torch.dtype | str | None = None,
+        *,
+        merge_dims: bool = False,
+        split: bool = False,
+        cached: bool | None = None,
+        delayed: bool = False,
+        exp_avg_input: bool = True,
+        stochastic_schedule: bool = False,
+        warmup_steps: int = 0,
+        caution: bool = False,
+        mars: bool = False,
+        mars_gamma: float = 0.0025,
+        q_dtype: torch.dtype | str | None = None,
+        storage_dtype: torch.dtype | str | None = None,
+        gradient_clipping: str | Callable[[torch.Tensor], torch.Tensor] | None = None,
+        gradient_clip_value: float = 1.0,
+        update_clipping: str | Callable[[torch.Tensor], torch.Tensor] | None = "rms",
+        update_clip_value: float = 1.1,
+        preconditioner_mode: str = "Q0.5EQ1.5",
+        whiten_grad: bool | None = None,
+        max_skew: float = math.inf,
+        block_size: int | None = None,
+        decoupled_weight_decay: bool = True,
+        decision_rule: str = "counter",
+        beta_lipschitz: float = 0.9,
+        damping: float = 1e-9,
+        damping_rule: str = "elementwise",
+        norm_bound: str = "power",
+        balance_probability: float = 0.01,
+        preconditioner_type: str = "whitening",
+        hvp_method: str = "double_backward",
+        seed: int = 0,
+        nonfinite: str = "skip",
+        stack_params: bool = True,
+    ) -> None:
+        if q_dtype is not None:
+            if precond_dtype is not None and _dtype(q_dtype, "q_dtype") != _dtype(
+                precond_dtype, "precond_dtype"
+            ):
+                raise ValueError("q_dtype and precond_dtype name the same option; give one.")
+            precond_dtype = q_dtype
+        if storage_dtype is not None:
+            if mu_dtype is not None and _dtype(storage_dtype, "storage_dtype") != _dtype(
+                mu_dtype, "mu_dtype"
+            ):
+                raise ValueError("storage_dtype and mu_dtype name the same option; give one.")
+            mu_dtype = storage_dtype
+        if nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(
+                f"Unknown nonfinite {nonfinite!r}; accepted: {', '.join(NONFINITE_POLICIES)}."
+            )
+        defaults = dict(
+            lr=lr,
+            b1=b1,
+            weight_decay=weight_decay,
+            preconditioner_update_probability=preconditioner_update_probability,
+            max_size_triangular=max_size_triangular,
+            min_ndim_triangular=min_ndim_triangular,
+            memory_save_mode=memory_save_mode,
+            momentum_into_precond_update=momentum_into_precond_update,
+            precond_lr=precond_lr,
+            precond_init_scale=precond_init_scale,
+            mu_dtype=mu_dtype,
+            precond_dtype=precond_dtype,
+            merge_dims=merge_dims,
+            split=split,
+            cached=cached,
+            delayed=delayed,
+            exp_avg_input=exp_avg_input,
+            stochastic_schedule=stochastic_schedule,
+            warmup_steps=warmup_steps,
+            caution=caution,
+            mars=mars,
+            mars_gamma=mars_gamma,
+            gradient_clipping=gradient_clipping,
+            gradient_clip_value=gradient_clip_value,
+            update_clipping=update_clipping,
+            update_clip_value=update_clip_value,
+            preconditioner_mode=preconditioner_mode,
+            whiten_grad=whiten_grad,
+            max_skew=max_skew,
+            block_size=block_size,
+            decoupled_weight_decay=decoupled_weight_decay,
+            decision_rule=decision_rule,
+            beta_lipschitz=beta_lipschitz,
+            damping=damping,
+            damping_rule=damping_rule,
+            norm_bound=norm_bound,
+            balance_probability=balance_probability,
+            preconditioner_type=preconditioner_type,
+            hvp_method=hvp_method,
+        )
+        self.seed = int(seed)
+        self.nonfinite = nonfinite
+        self.stack_params = stack_params
+        self._streams = Streams()
+        self._masks: dict[Any, torch.Tensor] = {}
+        super().__init__(params, defaults)
+
+    # -- param groups and validation -----------------------------------------------------------
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        self._options(group)  # validates every option of the group, eagerly
+        for p in group["params"]:
+            if p.is_sparse:
+                raise ValueError("Kron does not support sparse parameters.")
+        group.setdefault("step", 0)
+        group.setdefault("decision_total", 0.0)
+
+    def _options(self, group: dict[str, Any]) -> tuple[LayoutOptions, StepOptions]:
+        """The core's option records for ``group``; raises ``ValueError`` on a bad value."""
+        for key in ("lr", "weight_decay", "precond_lr", "warmup_steps", "mars_gamma"):
+            if not group[key] >= 0:
+                raise ValueError(f"Invalid {key}: {group[key]!r} (must be >= 0).")
+        if group["preconditioner_type"] not in PRECONDITIONER_TYPES:
+            raise ValueError(
+                f"Unknown preconditioner_type {group['preconditioner_type']!r}; accepted: "
+                f"{', '.join(PRECONDITIONER_TYPES)}."
+            )
+        if group["hvp_method"] not in HVP_METHODS:
+            raise ValueError(
+                f"Unknown hvp_method {group['hvp_method']!r}; accepted: {', '.join(HVP_METHODS)}."
+            )
+        if group["decision_rule"] not in DECISION_RULES:
+            raise ValueError(
+                f"Unknown decision_rule {group['decision_rule']!r}; accepted: "
+                f"{', '.join(DECISION_RULES)}."
+            )
+        probability = group["preconditioner_update_probability"]
+        if not (probability is None or callable(probability) or 0 < probability <= 1):
+            raise ValueError(
+                "preconditioner_update_probability must be in (0, 1], a callable or None; got "
+                f"{probability!r}."
+            )
+        scale = group["precond_init_scale"]
+        if scale is not None and not scale > 0:
+            raise ValueError(f"precond_init_scale must be > 0 or None; got {scale!r}.")
+        if not 0 <= group["balance_probability"] <= 1:
+            raise ValueError(
+                f"balance_probability must be in [0, 1]; got {group['balance_probability']!r}."
+            )
+        _dtype(group["mu_dtype"], "mu_dtype")
+        _dtype(group["precond_dtype"], "precond_dtype")
+        clipper(group["gradient_clipping"], group["gradient_clip_value"])
+        clipper(group["update_clipping"], group["update_clip_value"])
+        block = group["block_size"]
+        if group["split"] and block is None:
+            block = group["max_size_triangular"]
+        layout = LayoutOptions(
+            max_size=group["max_size_triangular"],
+            max_skew=group["max_skew"],
+            min_ndim_dense=group["min_ndim_triangular"],
+            memory_save_mode=group["memory_save_mode"],
+            merge_dims=group["merge_dims"],
+            block_size=block,
+        )
+        whiten = group["whiten_grad"]
+        whiten_momentum = (
+            (not whiten) if whiten is not None else group["momentum_into_precond_update"]
+        )
+        step = StepOptions(
+            layout=layout,
+            fit=FitOptions(
+                geometry=group["preconditioner_mode"],
+                beta_lipschitz=group["beta_lipschitz"],
+                damping=group["damping"],
+                damping_rule=group["damping_rule"],
+                norm_bound=group["norm_bound"],
+            ),
+            beta=group["b1"],
+            momentum_rule="debiased_ema",
+            whiten_momentum=whiten_momentum,
+            precondition_momentum=group["exp_avg_input"],
+            cache=False,  # decided per step, see _step_bucket
+            fit_before_apply=not group["delayed"],
+            clip_rms=None,
+            clip_max=None,
+        )
+        return layout, step
+
+    # -- the step ------------------------------------------------------------------------------
+
+    @torch._disable_dynamo
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One optimisation step. ``closure`` re-evaluates the model: for whitening it may call
+        ``backward`` as usual; for Newton-type groups it must return the loss *without* calling
+        ``backward`` (the optimizer differentiates it to get gradients and Hessian-vector
+        products)."""
+        decisions = [self._decide(group) for group in self.param_groups]
+        probes: dict[int, torch.Tensor] = {}
+        hvps: dict[int, torch.Tensor] = {}
+        loss = None
+        newton = [
+            (gi, group)
+            for gi, group in enumerate(self.param_groups)
+            if group["preconditioner_type"] == "newton"
+        ]
+        if newton:
+            if closure is None:
+                raise ValueError("Newton-type preconditioning needs step(closure).")
+            loss = self._newton_gradients(closure, newton, decisions, probes, hvps)
+        elif closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for gi, group in enumerate(self.param_groups):
+            self._step_group(gi, group, decisions[gi], probes, hvps)
+        return loss
+
+    def _decide(self, group: dict[str, Any]) -> bool:
+        """Whether ``group`` fits its preconditioner on this step (host-side, no sync)."""
+        step = group["step"]
+        schedule = group["preconditioner_update_probability"]
+        p = float(probability_at(DEFAULT_SCHEDULE if schedule is None else schedule, step))
+        rule = "bernoulli" if group["stochastic_schedule"] else group["decision_rule"]
+        if rule == "bernoulli":
+            draw = np.random.default_rng([self.seed, step, _DECISION]).random()
+            return bool(bernoulli_decision(draw, p))
+        decide = counter_decision if rule == "counter" else accumulator_decision
+        do_fit, total = decide(group["decision_total"], p, np)
+        group["pending_decision_total"] = float(total)
+        return bool(do_fit)
+
+    def _newton_gradients(self, closure, newton, decisions, probes, hvps):
+        params = [p for group in self.param_groups for p in group["params"] if p.requires_grad]
+        newton_params = []
+        for gi, group in newton:
+            if not decisions[gi]:
+                continue
+            for index, p in enumerate(group["params"]):
+                if p.requires_grad:
+                    words = (self.seed, group["step"], gi, index, _PROBE)
+                    probes[id(p)] = self._streams.normal(p.shape, p.dtype, p.device, words)
+                    newton_params.append(p)
+        if not newton_params:
+            with torch.enable_grad():
+                loss = closure()
+                grads = torch.autograd.grad(loss, params, allow_unused=True)
+            loss = loss.detach()
+        else:
+            method = newton[0][1]["hvp_method"]
+            loss, grads, products = hessian_vector_products(
+                closure, params, newton_params, [probes[id(p)] for p in newton_params], method
+            )
+            hvps.update({id(p): h for p, h in zip(newton_params, products)})
+        for p, g in zip(params, grads):
+            p.grad = None if g is None else g
+        return loss
+
+    def _step_group(self, gi, group, do_fit, probes, hvps) -> None:
+        layout, options = self._options(group)
+        step = group["step"]
+        buckets: dict[Any, list[tuple[int, torch.Tensor]]] = {}
+        for index, p in enumerate(group["params"]):
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise ValueError(
+                    f"Kron does not support sparse gradients (parameter {index} of group {gi}, "
+                    f"shape {tuple(p.shape)}); use a dense gradient."
+                )
+            key = (tuple(p.shape), p.dtype, p.device)
+            if not self.stack_params:
+                key = (*key, index)
+            buckets.setdefault(key, []).append((index, p))
+        schedule = group["preconditioner_update_probability"]
+        probability = float(
+            probability_at(DEFAULT_SCHEDULE if schedule is None else schedule, step)
+        )
+        use_cache = group["cached"] if group["cached"] is not None else probability < 0.5
+        options = options.__class__(**{**options.__dict__, "cache": bool(use_cache)})
+        balance_draw = np.random.default_rng([self.seed, step, gi, _BALANCE]).random()
+        do_balance = do_fit and balance_draw < group["balance_probability"]
+        for members in buckets.values():
+            self._step_bucket(gi, group, members, layout, options, do_fit, do_balance, probes, hvps)
+        if "pending_decision_total" in group:
+            group["decision_total"] = group.pop("pending_decision_total")
+        group["step"] = step + 1
+
+    def _init_state(self, group, p, plan, options) -> dict[str, Any]:
+        precond_dtype = _dtype(group["precond_dtype"], "precond_dtype") or torch.float32
+        mu_dtype = _dtype(group["mu_dtype"], "mu_dtype") or p.dtype
+        like = torch.zeros((), dtype=precond_dtype, device=p.device)
+        scale = group["precond_init_scale"]
+        if scale is None:
+            grad = p.grad.to(precond_dtype)
+            scale = scale_from_moments(fourth_moment(grad, OPS), OPS, group["damping"])
+        state = self.state[p]
+        state["momentum"] = torch.zeros(p.shape, dtype=mu_dtype, device=p.device)
+        state["factors"] = init_factors(plan, scale, like, OPS, options.fit.state_is_p)
+        lipschitz_like = torch.zeros(
+            (), dtype=torch.promote_types(precond_dtype, torch.float32), device=p.device
+        )
+        state["lipschitz"] = init_lipschitz(plan, lipschitz_like, OPS)
+        state["cache"] = []
+        state["count"] = torch.zeros((), dtype=torch.float32, device=p.device)
+        state["skipped"] = torch.zeros((), dtype=torch.int64, device=p.device)
+        if group["mars"]:
+            state["previous_grad"] = torch.zeros(p.shape, dtype=mu_dtype, device=p.device)
+        return state
+
+    def _mask(self, plan, stack_size, dtype, device):
+        key = (plan, stack_size, dtype, device)
+        if key not in self._masks:
+            mask = plan.mask()
+            self._masks[key] = (
+                None
+                if mask is None
+                else torch.as_tensor(
+                    np.concatenate([mask] * stack_size), dtype=dtype, device=device
+                )
+            )
+        return self._masks[key]
+
+    def _step_bucket(self, gi, group, members, layout, options, do_fit, do_balance, probes, hvps):
+        plan = make_plan(tuple(members[0][1].shape), layout)
+        params = [p for _, p in members]
+        states = [
+            self.state[p] if self.state[p] else self._init_state(group, p, plan, options)
+            for p in params
+        ]
+        first = states[0]["factors"][0]
+        compute_dtype, device, step = first.dtype, first.device, group["step"]
+        size = len(params)
+
+        grads = stack([p.grad for p in params]).to(compute_dtype)
+        finite = torch.isfinite(grads).reshape(size, -1).all(1)
+        if self.nonfinite == "raise" and not bool(finite.all()):
+            raise FloatingPointError(f"Non-finite gradient in param group {gi}.")
+        per_param = finite.view(-1, *[1] * len(plan.shape))
+        grads = torch.where(per_param, grads, torch.zeros((), dtype=compute_dtype, device=device))
+        clip_grad = clipper(group["gradient_clipping"], group["gradient_clip_value"])
+        if clip_grad is not None:
+            grads = clip_grad(grads)
+        if group["mars"]:
+            previous = stack([s["previous_grad"] for s in states]).to(compute_dtype)
+            raw_grads, grads = (
+                grads,
+                mars_correction(grads, previous, group["b1"], group["mars_gamma"], OPS),
+            )
+        params_stacked = stack([p.detach() for p in params]).to(compute_dtype)
+        if group["weight_decay"] and not group["decoupled_weight_decay"]:
+            grads = grads + group["weight_decay"] * params_stacked
+
+        noise = concat(
+            [
+                self._streams.normal(
+                    (plan.num_blocks, *plan.block_shape),
+                    compute_dtype,
+                    device,
+                    (self.seed, step, gi, index, _NOISE),
+                )
+                for index, _ in members
+            ]
+        )
+        norm_probes = None
+        if options.fit.norm_bound == "subspace":
+            norm_probes = [
+                concat(
+                    [
+                        self._streams.normal(
+                            (plan.num_blocks, 32, n),
+                            compute_dtype,
+                            device,
+                            (self.seed, step, gi, index, _SUBSPACE, axis),
+                        )
+                        for index, _ in members
+                    ]
+                )
+                for axis, n in enumerate(plan.block_shape)
+            ]
+        probe = hvp = None
+        if do_fit and group["preconditioner_type"] == "newton":
+            probe = plan.to_blocks(
+                stack([probes[id(p)] for p in params]).to(compute_dtype), OPS, stacked=True
+            )
+            hvp = plan.to_blocks(
+                stack([hvps[id(p)] for p in params]).to(compute_dtype), OPS, stacked=True
+            )
+        old = TensorState(
+            tuple(concat([s["factors"][i] for s in states]) for i in range(plan.order)),
+            tuple(concat([s["lipschitz"][i] for s in states]) for i in range(plan.order)),
+            stack([s["momentum"] for s in states]).to(compute_dtype),
+            tuple(concat([s["cache"][i] for s in states]) for i in range(plan.order))
+            if all(s["cache"] for s in states)
+            else (),
+        )
+        count = stack([s["count"] for s in states]).view(per_param.shape)
+        y, new = kron_step(
+            old,
+            grads,
+            count,
+            noise,
+            plan=plan,
+            options=options,
+            precond_lr=group["precond_lr"],
+            do_fit=do_fit,
+            ops=OPS,
+            mask=self._mask(plan, size, compute_dtype, device),
+            probe=probe,
+            hvp=hvp,
+            norm_probes=norm_probes,
+        )
+        if do_balance:
+            new = new._replace(factors=tuple(balance(new.factors, OPS)))
+        if group["caution"]:
+            y = apply_caution(y, grads)
+        clip_update = clipper(group["update_clipping"], group["update_clip_value"])
+        if clip_update is not None:
+            y = clip_update(y)
+
+        # Keep the old state wherever the gradient was not finite.
+        per_block = finite.repeat_interleave(plan.num_blocks)
+        factors = [
+            torch.where(per_block.view(-1, *[1] * (f.ndim - 1)), f, o)
+            for f, o in zip(new.factors, old.factors)
+        ]
+        lipschitz = [torch.where(per_block, f, o) for f, o in zip(new.lipschitz, old.lipschitz)]
+        momentum = torch.where(per_param, new.momentum, old.momentum)
+        cache = (
+            [
+                torch.where(per_block.view(-1, *[1] * (f.ndim - 1)), f, o)
+                for f, o in zip(new.cache, old.cache)
+            ]
+            if old.cache
+            else list(new.cache)
+        )
+        lr = group["lr"]
+        if group["warmup_steps"]:
+            lr = lr * min(1.0, (step + 1) / group["warmup_steps"])
+        decay = 1.0 - lr * group["weight_decay"] if group["decoupled_weight_decay"] else 1.0
+        updated = params_stacked * torch.where(per_param, decay, 1.0) - lr * torch.where(
+            per_param, y, torch.zeros((), dtype=compute_dtype, device=device)
+        )
+        nb = plan.num_blocks
+        for s, (index, p), state in zip(range(size), members, states):
+            p.copy_(updated[s].to(p.dtype))
+            state["factors"] = [f[s * nb : (s + 1) * nb] for f in factors]
+            state["lipschitz"] = [f[s * nb : (s + 1) * nb] for f in lipschitz]
+            state["cache"] = [f[s * nb : (s + 1) * nb] for f in cache]
+            mu_dtype = state["momentum"].dtype
+            state["momentum"] = stochastic_round(
+                momentum[s], mu_dtype, (self.seed, step, gi, index, _ROUNDING), self._streams
+            )
+            state["count"] = state["count"] + finite[s].to(state["count"].dtype)
+            state["skipped"] = state["skipped"] + (~finite[s]).to(torch.int64)
+            if group["mars"]:
+                state["previous_grad"] = torch.where(
+                    finite[s], raw_grads[s], state["previous_grad"].to(compute_dtype)
+                ).to(mu_dtype)
+
+    # -- checkpoints ---------------------------------------------------------------------------
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As ``torch.optim.Optimizer.load_state_dict``, except that preconditioner and momentum
+        state keep the dtype they were saved with (torch would cast them to the parameter dtype,
+        turning a float32 Q into bfloat16 for bfloat16 parameters). Options missing from the saved
+        groups (callables are not saved) keep their current values."""
+        groups = state_dict["param_groups"]
+        merged = []
+        for saved, current in zip(groups, self.param_groups):
+            merged.append({**{k: v for k, v in current.items() if k != "params"}, **saved})
+        super().load_state_dict({**state_dict, "param_groups": merged})
+        saved_ids = [i for g in groups for i in g["params"]]
+        current = [p for g in self.param_groups for p in g["params"]]
+        for saved_id, p in zip(saved_ids, current):
+            saved = state_dict["state"].get(saved_id)
+            if saved is None:
+                continue
+            self.state[p] = {key: _to_device(value, p.device) for key, value in saved.items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        """As ``torch.optim.Optimizer.state_dict``; callables in the param groups (schedules,
+        clipping functions) are left out so that ``torch.load(weights_only=True)`` can read it."""
+        state = super().state_dict()
+        for group in state["param_groups"]:
+            for key in [k for k, v in group.items() if callable(v)]:
+                del group[key]
+        return state
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device=device)
+    if isinstance(value, list):
+        return [_to_device(v, device) for v in value]
+    return value

@@ -1,0 +1,329 @@
+"""Kron behaves as a torch.optim.Optimizer: groups, schedulers, checkpoints, dtypes, bad input."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+from torch import nn
+
+from kron.torch import Kron
+
+
+def make_model(seed: int = 0, dtype=torch.float32) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(),
+                         nn.Linear(16, 3)).to(dtype)
+
+
+TEACHER = torch.randn(8, 3, generator=torch.Generator().manual_seed(42))
+
+
+def batch(step: int, dtype=torch.float32):
+    """Inputs and the labels a fixed linear teacher gives them, so there is something to learn."""
+    x = torch.randn(32, 8, generator=torch.Generator().manual_seed(step))
+    return x.to(dtype), (x @ TEACHER).argmax(1)
+
+
+def train(model, opt, steps, start=0, scheduler=None):
+    losses = []
+    for step in range(start, start + steps):
+        x, y = batch(step, next(model.parameters()).dtype)
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x).float(), y)
+        loss.backward()
+        opt.step()
+        if scheduler is not None:
+            scheduler.step()
+        losses.append(loss.item())
+    return losses
+
+
+def snapshot(model):
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def test_resume_is_bit_for_bit_through_weights_only_load():
+    options = dict(lr=1e-2, preconditioner_update_probability=0.3, stochastic_schedule=True,
+                   precond_init_scale=None, mars=True, caution=True)
+    straight = make_model()
+    opt = Kron(straight.parameters(), **options)
+    train(straight, opt, 12)
+
+    first = make_model()
+    opt1 = Kron(first.parameters(), **options)
+    train(first, opt1, 5)
+    buffer = io.BytesIO()
+    torch.save({"model": first.state_dict(), "optim": opt1.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    resumed = make_model(seed=123)
+    resumed.load_state_dict(saved["model"])
+    opt2 = Kron(resumed.parameters(), **options)
+    opt2.load_state_dict(saved["optim"])
+    train(resumed, opt2, 7, start=5)
+    for a, b in zip(snapshot(resumed), snapshot(straight)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_callable_schedule_survives_state_dict_round_trip():
+    model = make_model()
+    schedule = lambda step: 0.5  # noqa: E731
+    opt = Kron(model.parameters(), preconditioner_update_probability=schedule)
+    train(model, opt, 2)
+    state = opt.state_dict()
+    assert "preconditioner_update_probability" not in state["param_groups"][0]
+    opt.load_state_dict(state)
+    assert opt.param_groups[0]["preconditioner_update_probability"] is schedule
+    assert opt.param_groups[0]["step"] == 2
+
+
+def test_param_group_overrides():
+    model = make_model()
+    first, second = list(model[0].parameters()), list(model[2].parameters()) + list(
+        model[4].parameters())
+    frozen = [p.detach().clone() for p in second]
+    opt = Kron([{"params": first, "preconditioner_mode": "EQ"},
+                {"params": second, "lr": 0.0, "preconditioner_mode": "QUAD"}], lr=1e-2)
+    train(model, opt, 3)
+    weight = model[0].weight  # (16, 8): the 8-axis is dense
+    dense = [f for f in opt.state[weight]["factors"] if f.ndim == 3]
+    assert dense and all(torch.equal(f, f.triu()) for f in dense)  # EQ: triangular
+    quad = [f for f in opt.state[model[2].weight]["factors"] if f.ndim == 3]
+    assert all(torch.equal(f, f.transpose(-1, -2)) for f in quad)  # QUAD: symmetric
+    assert not torch.equal(quad[0], torch.eye(16).expand_as(quad[0]))  # it was fitted
+    for p, before in zip(second, frozen):
+        torch.testing.assert_close(p.detach(), before, rtol=0, atol=0)  # lr 0 in that group
+
+
+def test_lr_scheduler_scales_the_step():
+    def first_step_change(factor):
+        model = make_model()
+        opt = Kron(model.parameters(), lr=1e-2)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: factor)
+        before = snapshot(model)
+        train(model, opt, 1)
+        assert scheduler.get_last_lr() == [1e-2 * factor]
+        return [a - b for a, b in zip(snapshot(model), before)]
+
+    full, half = first_step_change(1.0), first_step_change(0.5)
+    for a, b in zip(full, half):
+        torch.testing.assert_close(b, 0.5 * a)
+
+
+def test_bf16_params_keep_fp32_preconditioner_through_a_checkpoint():
+    model = make_model(dtype=torch.bfloat16)
+    opt = Kron(model.parameters(), lr=1e-2, mu_dtype=torch.bfloat16)
+    losses = train(model, opt, 20)
+    weight = model[2].weight
+    assert weight.dtype == torch.bfloat16
+    assert all(f.dtype == torch.float32 for f in opt.state[weight]["factors"])
+    assert opt.state[weight]["momentum"].dtype == torch.bfloat16
+    fresh = Kron(model.parameters(), lr=1e-2, mu_dtype=torch.bfloat16)
+    fresh.load_state_dict(copy.deepcopy(opt.state_dict()))
+    assert all(f.dtype == torch.float32 for f in fresh.state[weight]["factors"])
+    torch.testing.assert_close(fresh.state[weight]["factors"][0], opt.state[weight]["factors"][0],
+                               rtol=0, atol=0)
+    assert sum(losses[-5:]) < 0.8 * sum(losses[:5])
+
+
+def test_stochastic_rounding_of_bf16_momentum_is_unbiased():
+    from kron.torch.functional import Streams, stochastic_round
+
+    x = torch.full((20000,), 1.0 + 2**-10, dtype=torch.float32)  # between two bf16 neighbours
+    rounded = stochastic_round(x, torch.bfloat16, (1, 2, 3), Streams()).float()
+    assert set(rounded.unique().tolist()) == {1.0, 1.0078125}
+    assert rounded.mean().item() == pytest.approx(1.0 + 2**-10, abs=2e-4)
+
+
+def test_params_without_gradients_are_skipped():
+    model = make_model()
+    model[4].weight.requires_grad_(False)
+    opt = Kron(model.parameters(), lr=1e-2)
+    frozen = model[4].weight.detach().clone()
+    train(model, opt, 2)
+    assert not opt.state[model[4].weight]
+    torch.testing.assert_close(model[4].weight.detach(), frozen, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nonfinite_gradient_leaves_state_untouched_and_is_counted(bad):
+    model = make_model()
+    opt = Kron(model.parameters(), lr=1e-2)
+    train(model, opt, 2)
+    weight = model[2].weight
+    before = copy.deepcopy(opt.state[weight])
+    param_before = weight.detach().clone()
+    other_before = model[0].weight.detach().clone()
+    x, y = batch(99)
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    weight.grad[3, 4] = bad
+    opt.step()
+    torch.testing.assert_close(weight.detach(), param_before, rtol=0, atol=0)
+    for key in ("factors", "lipschitz"):
+        for a, b in zip(opt.state[weight][key], before[key]):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.testing.assert_close(opt.state[weight]["momentum"], before["momentum"], rtol=0, atol=0)
+    assert opt.state[weight]["skipped"].item() == 1
+    assert not torch.equal(model[0].weight.detach(), other_before)  # the others still step
+
+
+def test_nonfinite_gradient_raises_when_asked():
+    model = make_model()
+    opt = Kron(model.parameters(), nonfinite="raise")
+    x, y = batch(0)
+    nn.functional.cross_entropy(model(x), y).backward()
+    model[0].bias.grad[0] = float("nan")
+    with pytest.raises(FloatingPointError, match="group 0"):
+        opt.step()
+
+
+def test_zero_first_gradient_with_automatic_init_stays_finite():
+    p = nn.Parameter(torch.ones(4, 4))
+    # probability 0.03: the counter rule does not fit on the first step, so Q is its initial value
+    opt = Kron([p], precond_init_scale=None, preconditioner_update_probability=0.03)
+    p.grad = torch.zeros(4, 4)
+    opt.step()
+    for factor in opt.state[p]["factors"]:  # scale 1.0 spread over two factors
+        torch.testing.assert_close(factor, torch.eye(4).expand(1, 4, 4))
+    torch.testing.assert_close(p.detach(), torch.ones(4, 4))
+
+
+def test_sparse_gradient_is_rejected_clearly():
+    embedding = nn.Embedding(10, 4, sparse=True)
+    opt = Kron(embedding.parameters())
+    embedding(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(ValueError, match="sparse gradients"):
+        opt.step()
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("preconditioner_mode", "XQX", "Q0.5EQ1.5"),
+        ("memory_save_mode", "sometimes", "smart_one_diag"),
+        ("preconditioner_type", "fisher", "newton"),
+        ("update_clipping", "cubic", "l2_norm"),
+        ("decision_rule", "maybe", "accumulator"),
+        ("lr", -1.0, "Invalid lr"),
+        ("b1", 1.5, "beta"),
+        ("preconditioner_update_probability", 1.5, r"\(0, 1\]"),
+        ("precond_dtype", "float99", "precond_dtype"),
+        ("nonfinite", "ignore", "skip"),
+    ],
+)
+def test_invalid_options_raise_value_error(option, value, message):
+    with pytest.raises(ValueError, match=message):
+        Kron(make_model().parameters(), **{option: value})
+
+
+def test_invalid_group_override_raises_value_error():
+    model = make_model()
+    with pytest.raises(ValueError, match="EQ"):
+        Kron([{"params": model.parameters(), "preconditioner_mode": "bogus"}])
+
+
+def test_channels_last_and_non_contiguous_params_match_contiguous():
+    torch.manual_seed(0)
+    weight = torch.randn(4, 3, 3, 3)
+    grads = [torch.randn(4, 3, 3, 3) for _ in range(3)]
+    contiguous = nn.Parameter(weight.clone())
+    channels_last = nn.Parameter(weight.clone().to(memory_format=torch.channels_last))
+    transposed = nn.Parameter(weight.clone().transpose(0, 1).contiguous().transpose(0, 1))
+    assert not transposed.is_contiguous()
+    results = []
+    for p in (contiguous, channels_last, transposed):
+        opt = Kron([p], lr=1e-2)
+        for g in grads:
+            p.grad = g.clone()
+            opt.step()
+        results.append(p.detach().contiguous())
+    torch.testing.assert_close(results[1], results[0])
+    torch.testing.assert_close(results[2], results[0])
+    assert channels_last.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_state_size_is_constant_over_many_steps():
+    model = make_model()
+    opt = Kron(model.parameters(), lr=1e-3, preconditioner_update_probability=0.5)
+
+    def state_bytes():
+        total = 0
+        for state in opt.state.values():
+            for value in state.values():
+                values = value if isinstance(value, list) else [value]
+                total += sum(v.numel() * v.element_size() for v in values
+                             if isinstance(v, torch.Tensor))
+        return total
+
+    train(model, opt, 5)
+    after_five = state_bytes()
+    train(model, opt, 200, start=5)
+    assert state_bytes() == after_five
+
+
+def test_closure_is_evaluated_and_its_loss_returned():
+    model = make_model()
+    opt = Kron(model.parameters(), lr=1e-2)
+    x, y = batch(0)
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    first = opt.step(closure)
+    assert isinstance(first, torch.Tensor) and first.item() > 0
+    assert opt.step(closure).item() < first.item()
+
+
+def test_no_global_torch_setting_changes_at_import():
+    import importlib
+    import sys
+
+    import torch._dynamo
+
+    before = (torch.get_default_dtype(), torch._dynamo.config.cache_size_limit,
+              torch.are_deterministic_algorithms_enabled(), torch.get_num_threads())
+    for name in [m for m in sys.modules if m.startswith("kron")]:
+        del sys.modules[name]
+    importlib.import_module("kron.torch")
+    after = (torch.get_default_dtype(), torch._dynamo.config.cache_size_limit,
+             torch.are_deterministic_algorithms_enabled(), torch.get_num_threads())
+    assert before == after
+
+
+def test_compiled_training_step_equals_eager_and_compiles_once():
+    import torch._dynamo
+
+    def run(compiled):
+        torch._dynamo.reset()
+        model = make_model()
+        opt = Kron(model.parameters(), lr=1e-2, preconditioner_update_probability=0.5)
+
+        def train_step(x, y):
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            return loss
+
+        step_fn = torch.compile(train_step, backend="aot_eager") if compiled else train_step
+        for step in range(6):
+            step_fn(*batch(step))
+        return snapshot(model)
+
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    compiled = run(True)
+    frames = counters["stats"]["unique_graphs"]
+    eager = run(False)
+    for a, b in zip(compiled, eager):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # one graph before optimizer.step() and one after; no recompilation per step
+    assert 0 < frames <= 4, frames
