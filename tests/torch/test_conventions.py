@@ -14,8 +14,9 @@ from kron.torch import Kron
 
 def make_model(seed: int = 0, dtype=torch.float32) -> nn.Module:
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(),
-                         nn.Linear(16, 3)).to(dtype)
+    return nn.Sequential(
+        nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3)
+    ).to(dtype)
 
 
 TEACHER = torch.randn(8, 3, generator=torch.Generator().manual_seed(42))
@@ -46,8 +47,14 @@ def snapshot(model):
 
 
 def test_resume_is_bit_for_bit_through_weights_only_load():
-    options = dict(lr=1e-2, preconditioner_update_probability=0.3, stochastic_schedule=True,
-                   precond_init_scale=None, mars=True, caution=True)
+    options = dict(
+        lr=1e-2,
+        preconditioner_update_probability=0.3,
+        stochastic_schedule=True,
+        precond_init_scale=None,
+        mars=True,
+        caution=True,
+    )
     straight = make_model()
     opt = Kron(straight.parameters(), **options)
     train(straight, opt, 12)
@@ -82,11 +89,18 @@ def test_callable_schedule_survives_state_dict_round_trip():
 
 def test_param_group_overrides():
     model = make_model()
-    first, second = list(model[0].parameters()), list(model[2].parameters()) + list(
-        model[4].parameters())
+    first, second = (
+        list(model[0].parameters()),
+        list(model[2].parameters()) + list(model[4].parameters()),
+    )
     frozen = [p.detach().clone() for p in second]
-    opt = Kron([{"params": first, "preconditioner_mode": "EQ"},
-                {"params": second, "lr": 0.0, "preconditioner_mode": "QUAD"}], lr=1e-2)
+    opt = Kron(
+        [
+            {"params": first, "preconditioner_mode": "EQ"},
+            {"params": second, "lr": 0.0, "preconditioner_mode": "QUAD"},
+        ],
+        lr=1e-2,
+    )
     train(model, opt, 3)
     weight = model[0].weight  # (16, 8): the 8-axis is dense
     dense = [f for f in opt.state[weight]["factors"] if f.ndim == 3]
@@ -124,8 +138,9 @@ def test_bf16_params_keep_fp32_preconditioner_through_a_checkpoint():
     fresh = Kron(model.parameters(), lr=1e-2, mu_dtype=torch.bfloat16)
     fresh.load_state_dict(copy.deepcopy(opt.state_dict()))
     assert all(f.dtype == torch.float32 for f in fresh.state[weight]["factors"])
-    torch.testing.assert_close(fresh.state[weight]["factors"][0], opt.state[weight]["factors"][0],
-                               rtol=0, atol=0)
+    torch.testing.assert_close(
+        fresh.state[weight]["factors"][0], opt.state[weight]["factors"][0], rtol=0, atol=0
+    )
     assert sum(losses[-5:]) < 0.8 * sum(losses[:5])
 
 
@@ -255,8 +270,9 @@ def test_state_size_is_constant_over_many_steps():
         for state in opt.state.values():
             for value in state.values():
                 values = value if isinstance(value, list) else [value]
-                total += sum(v.numel() * v.element_size() for v in values
-                             if isinstance(v, torch.Tensor))
+                total += sum(
+                    v.numel() * v.element_size() for v in values if isinstance(v, torch.Tensor)
+                )
         return total
 
     train(model, opt, 5)
@@ -287,13 +303,21 @@ def test_no_global_torch_setting_changes_at_import():
 
     import torch._dynamo
 
-    before = (torch.get_default_dtype(), torch._dynamo.config.cache_size_limit,
-              torch.are_deterministic_algorithms_enabled(), torch.get_num_threads())
+    before = (
+        torch.get_default_dtype(),
+        torch._dynamo.config.cache_size_limit,
+        torch.are_deterministic_algorithms_enabled(),
+        torch.get_num_threads(),
+    )
     for name in [m for m in sys.modules if m.startswith("kron")]:
         del sys.modules[name]
     importlib.import_module("kron.torch")
-    after = (torch.get_default_dtype(), torch._dynamo.config.cache_size_limit,
-             torch.are_deterministic_algorithms_enabled(), torch.get_num_threads())
+    after = (
+        torch.get_default_dtype(),
+        torch._dynamo.config.cache_size_limit,
+        torch.are_deterministic_algorithms_enabled(),
+        torch.get_num_threads(),
+    )
     assert before == after
 
 

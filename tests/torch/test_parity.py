@@ -40,43 +40,68 @@ def loss_fn(params: list[torch.Tensor]) -> torch.Tensor:
     total = 0.0
     for i, p in enumerate(params):
         weights = torch.linspace(0.5, 2.0, p.numel(), dtype=p.dtype).reshape(p.shape)
-        total = total + (weights * p * p).sum() * (i + 1) / 2 + torch.sin(p).sum() + 0.1 * (p**4).sum()
+        total = (
+            total + (weights * p * p).sum() * (i + 1) / 2 + torch.sin(p).sum() + 0.1 * (p**4).sum()
+        )
     return total
 
 
 def reference_run(geometry, newton, cached, delayed, block_size):
     """The loop Kron promises, written directly against kron.core."""
     params = [p.detach().clone() for p in make_params()]
-    layout = LayoutOptions(max_size=8192, max_skew=float("inf"), min_ndim_dense=2,
-                           block_size=block_size)
-    options = StepOptions(layout=layout, fit=FitOptions(geometry=geometry), beta=0.9,
-                          momentum_rule="debiased_ema", whiten_momentum=True, cache=cached,
-                          fit_before_apply=not delayed, clip_rms=None, clip_max=None)
+    layout = LayoutOptions(
+        max_size=8192, max_skew=float("inf"), min_ndim_dense=2, block_size=block_size
+    )
+    options = StepOptions(
+        layout=layout,
+        fit=FitOptions(geometry=geometry),
+        beta=0.9,
+        momentum_rule="debiased_ema",
+        whiten_momentum=True,
+        cache=cached,
+        fit_before_apply=not delayed,
+        clip_rms=None,
+        clip_max=None,
+    )
     streams = Streams()
     like = torch.zeros((), dtype=torch.float64)
     plans = [make_plan(p.shape, layout) for p in params]
-    states = [TensorState(tuple(init_factors(pl, 1.0, like, OPS, options.fit.state_is_p)),
-                          tuple(init_lipschitz(pl, like, OPS)), torch.zeros((1, *p.shape),
-                                                                            dtype=torch.float64))
-              for pl, p in zip(plans, params)]
+    states = [
+        TensorState(
+            tuple(init_factors(pl, 1.0, like, OPS, options.fit.state_is_p)),
+            tuple(init_lipschitz(pl, like, OPS)),
+            torch.zeros((1, *p.shape), dtype=torch.float64),
+        )
+        for pl, p in zip(plans, params)
+    ]
     total = 0.0
     for step in range(STEPS):
         do_fit, total = counter_decision(total, PROBABILITY, np)
         do_fit = bool(do_fit)
         do_balance = do_fit and np.random.default_rng([0, step, 0, 4]).random() < 0.01
         leaves = [p.clone().requires_grad_(True) for p in params]
-        probes = [streams.normal(p.shape, torch.float64, p.device, (0, step, 0, i, 1))
-                  for i, p in enumerate(params)]
+        probes = [
+            streams.normal(p.shape, torch.float64, p.device, (0, step, 0, i, 1))
+            for i, p in enumerate(params)
+        ]
         with torch.enable_grad():
             grads = torch.autograd.grad(loss_fn(leaves), leaves, create_graph=newton)
             hvps = torch.autograd.grad(grads, leaves, probes) if newton and do_fit else None
         for i, (plan, p) in enumerate(zip(plans, params)):
-            noise = streams.normal((plan.num_blocks, *plan.block_shape), torch.float64, p.device,
-                                   (0, step, 0, i, 0))
+            noise = streams.normal(
+                (plan.num_blocks, *plan.block_shape), torch.float64, p.device, (0, step, 0, i, 0)
+            )
             mask = plan.mask()
             y, new = kron_step(
-                states[i], grads[i].detach()[None], torch.tensor(float(step)), noise, plan=plan,
-                options=options, precond_lr=PRECOND_LR, do_fit=do_fit, ops=OPS,
+                states[i],
+                grads[i].detach()[None],
+                torch.tensor(float(step)),
+                noise,
+                plan=plan,
+                options=options,
+                precond_lr=PRECOND_LR,
+                do_fit=do_fit,
+                ops=OPS,
                 mask=None if mask is None else torch.as_tensor(mask),
                 probe=plan.to_blocks(probes[i][None], OPS, stacked=True) if hvps else None,
                 hvp=plan.to_blocks(hvps[i][None], OPS, stacked=True) if hvps else None,
@@ -97,23 +122,37 @@ def test_every_geometry_matches_the_core(geometry, newton):
 
 @pytest.mark.parametrize(
     ("cached", "delayed", "block_size", "stack"),
-    [(True, False, None, True), (False, True, None, True), (True, True, 2, True),
-     (False, False, 2, False)],
+    [
+        (True, False, None, True),
+        (False, True, None, True),
+        (True, True, 2, True),
+        (False, False, 2, False),
+    ],
     ids=["cached", "delayed", "cached-delayed-blocked", "unstacked-blocked"],
 )
 @pytest.mark.parametrize("geometry", ["EQ", "Q0.5EQ1.5"])
-def test_cached_delayed_blocked_and_unstacked_match_the_core(geometry, cached, delayed,
-                                                             block_size, stack):
+def test_cached_delayed_blocked_and_unstacked_match_the_core(
+    geometry, cached, delayed, block_size, stack
+):
     _check(geometry, False, cached, delayed, block_size, stack)
 
 
 def _check(geometry, newton, cached, delayed, block_size, stack):
     expected_params, expected_states = reference_run(geometry, newton, cached, delayed, block_size)
     params = make_params()
-    opt = Kron(params, lr=LR, precond_lr=PRECOND_LR, preconditioner_update_probability=PROBABILITY,
-               preconditioner_mode=geometry, precond_dtype=torch.float64, cached=cached,
-               delayed=delayed, block_size=block_size, stack_params=stack,
-               preconditioner_type="newton" if newton else "whitening")
+    opt = Kron(
+        params,
+        lr=LR,
+        precond_lr=PRECOND_LR,
+        preconditioner_update_probability=PROBABILITY,
+        preconditioner_mode=geometry,
+        precond_dtype=torch.float64,
+        cached=cached,
+        delayed=delayed,
+        block_size=block_size,
+        stack_params=stack,
+        preconditioner_type="newton" if newton else "whitening",
+    )
     for _ in range(STEPS):
         if newton:
             opt.step(lambda: loss_fn(params))

@@ -47,9 +47,17 @@ def test_newton_type_learns_the_inverse_hessian(method):
 
     a, b = spd(5).to(dtype), spd(4).to(dtype)
     w = nn.Parameter(torch.randn(5, 4, dtype=dtype))
-    opt = Kron([w], lr=0.0, preconditioner_type="newton", hvp_method=method,
-               preconditioner_update_probability=1.0, precond_dtype=dtype, precond_lr=0.3,
-               momentum_into_precond_update=False, update_clipping=None)
+    opt = Kron(
+        [w],
+        lr=0.0,
+        preconditioner_type="newton",
+        hvp_method=method,
+        preconditioner_update_probability=1.0,
+        precond_dtype=dtype,
+        precond_lr=0.3,
+        momentum_into_precond_update=False,
+        update_clipping=None,
+    )
     for _ in range(400):
         opt.step(lambda: 0.5 * torch.trace(w.T @ a @ w @ b))
     ops = get_ops("torch")

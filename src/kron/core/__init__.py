@@ -13,7 +13,7 @@ from kron.core.clipping import (
     mars_correction,
     soft_clip,
 )
-from kron.core.fit import (
+from kron.core.fitting import (
     DAMPING_RULES,
     GEOMETRIES,
     STATE_IS_P,

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from kron.core.clipping import clip_elementwise, clip_rms, soft_clip
-from kron.core.fit import FitOptions, fit
+from kron.core.fitting import FitOptions, fit
 from kron.core.kron_product import cache_preconditioner, precondition
 from kron.core.layout import LayoutOptions, Plan
 
@@ -139,7 +139,7 @@ def kron_step(
       do_fit: update the preconditioner on this step.
       probe, hvp: Newton type: the probe ``v`` and ``H v`` in the blocked layout; when given, P is
         fitted on this pair instead of on the gradient.
-      mask, norm_probes: see :func:`kron.core.fit.fit`.
+      mask, norm_probes: see :func:`kron.core.fitting.fit`.
     """
     if (probe is None) != (hvp is None):
         raise ValueError("Newton-type steps need both probe and hvp; got only one of them.")

@@ -26,7 +26,8 @@ class TorchOps:
 
     def astype(self, x, dtype):
         # The core names dtypes it needs by string ("float32"); front ends pass torch dtypes.
-        return torch.as_tensor(x).to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        return x.to(dtype) if isinstance(x, torch.Tensor) else torch.as_tensor(x, dtype=dtype)
 
     def dtype(self, x):
         return x.dtype
@@ -96,12 +97,10 @@ class TorchOps:
         return torch.abs(x)
 
     def maximum(self, x, y):
-        x, y = torch.as_tensor(x), torch.as_tensor(y)
-        return torch.maximum(x, y.to(x.dtype) if y.ndim == 0 and x.is_floating_point() else y)
+        return _binary(torch.maximum, max, "min", x, y)
 
     def minimum(self, x, y):
-        x, y = torch.as_tensor(x), torch.as_tensor(y)
-        return torch.minimum(x, y.to(x.dtype) if y.ndim == 0 and x.is_floating_point() else y)
+        return _binary(torch.minimum, min, "max", x, y)
 
     def clip(self, x, lo, hi):
         return torch.clamp(x, lo, hi)
@@ -123,3 +122,16 @@ class TorchOps:
 
     def argmax(self, x, axis):
         return x.argmax(dim=axis)
+
+
+def _binary(tensor_fn, scalar_fn, clamp_side, x, y):
+    """Elementwise max/min where either side may be a Python number. Numbers go through
+    ``clamp``, which keeps the tensor's precision (``as_tensor(0.9)`` would round to float32)."""
+    x_number, y_number = isinstance(x, (int, float)), isinstance(y, (int, float))
+    if x_number and y_number:
+        return scalar_fn(x, y)
+    if y_number:
+        return torch.clamp(x, **{clamp_side: y})
+    if x_number:
+        return torch.clamp(y, **{clamp_side: x})
+    return tensor_fn(x, y)

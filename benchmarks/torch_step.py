@@ -1,0 +1,182 @@
+"""Optimizer step time and state size: kron.torch.Kron against kron_torch, heavyball and AdamW.
+
+Every optimizer runs in this one process on the same model and the same batches. For each
+(model, update probability, optimizer) cell the script times ``optimizer.step()`` alone (forward
+and backward are identical across optimizers and are excluded) over ``--steps`` steps after
+``--warmup`` steps (which absorb the peers' torch.compile), and reports the median over
+``--repeats`` such windows, plus the bytes of optimizer state. Results go to stdout as a Markdown
+table and to ``--json``.
+
+    python benchmarks/torch_step.py --json benchmarks/results/torch_step_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from kron.torch import Kron
+
+
+def mlp() -> nn.Module:
+    return nn.Sequential(
+        nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10)
+    )
+
+
+class TinyLM(nn.Module):
+    """A 4-layer, d=128 transformer encoder over a 128-symbol vocabulary."""
+
+    def __init__(self, vocab: int = 128, d: int = 128, layers: int = 4, context: int = 64):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.position = nn.Parameter(torch.zeros(context, d))
+        layer = nn.TransformerEncoderLayer(
+            d, nhead=4, dim_feedforward=4 * d, batch_first=True, dropout=0.0
+        )
+        self.body = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.head = nn.Linear(d, vocab)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.embed(tokens) + self.position[: tokens.shape[1]]
+        mask = nn.Transformer.generate_square_subsequent_mask(tokens.shape[1])
+        return self.head(self.body(h, mask=mask, is_causal=True))
+
+
+def mlp_loss(model: nn.Module, step: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(step)
+    x = torch.randn(128, 256, generator=gen)
+    y = torch.randint(0, 10, (128,), generator=gen)
+    return nn.functional.cross_entropy(model(x), y)
+
+
+def lm_loss(model: nn.Module, step: int) -> torch.Tensor:
+    tokens = torch.randint(0, 128, (16, 65), generator=torch.Generator().manual_seed(step))
+    logits = model(tokens[:, :-1])
+    return nn.functional.cross_entropy(logits.reshape(-1, 128), tokens[:, 1:].reshape(-1))
+
+
+MODELS = {"mlp": (mlp, mlp_loss), "lm": (TinyLM, lm_loss)}
+
+
+def optimizers(probability: float) -> dict[str, Callable]:
+    """Each optimizer with matching settings: kron_torch's and heavyball's own defaults, ours set
+    to the same geometry and rules as each peer, then ours as shipped."""
+    import heavyball
+    import kron_torch
+
+    p = probability
+    return {
+        "AdamW": lambda ps: torch.optim.AdamW(ps, lr=1e-3),
+        "kron_torch Kron": lambda ps: kron_torch.Kron(ps, preconditioner_update_probability=p),
+        "ours as kron_torch": lambda ps: Kron(
+            ps,
+            preconditioner_update_probability=p,
+            preconditioner_mode="EQ",
+            merge_dims=True,
+            beta_lipschitz=0.0,
+            damping_rule="mean_abs",
+            norm_bound="rowcol",
+            cached=False,
+        ),
+        "heavyball PSGDKron": lambda ps: heavyball.PSGDKron(
+            ps, preconditioner_update_probability=p
+        ),
+        "ours as heavyball": lambda ps: Kron(
+            ps,
+            preconditioner_update_probability=p,
+            preconditioner_mode="EQ",
+            max_size_triangular=2048,
+            update_clipping="soft",
+            update_clip_value=1.5,
+            decision_rule="accumulator",
+            cached=p < 0.5,
+        ),
+        "ours (default)": lambda ps: Kron(ps, preconditioner_update_probability=p),
+    }
+
+
+def state_bytes(opt: torch.optim.Optimizer) -> int:
+    total = 0
+    for state in opt.state.values():
+        for value in state.values():
+            for v in value if isinstance(value, list | tuple) else [value]:
+                if isinstance(v, torch.Tensor):
+                    total += v.numel() * v.element_size()
+    return total
+
+
+def time_steps(
+    model_name: str, make_opt: Callable, warmup: int, steps: int, repeats: int
+) -> tuple[float, int]:
+    build, loss_fn = MODELS[model_name]
+    torch.manual_seed(0)
+    model = build()
+    opt = make_opt(list(model.parameters()))
+    windows, step = [], 0
+    for window in range(repeats + 1):
+        elapsed = 0.0
+        for _ in range(warmup if window == 0 else steps):
+            opt.zero_grad()
+            loss_fn(model, step).backward()
+            started = time.perf_counter()
+            opt.step()
+            elapsed += time.perf_counter() - started
+            step += 1
+        if window:
+            windows.append(1000 * elapsed / steps)
+    return statistics.median(windows), state_bytes(opt)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=list(MODELS))
+    parser.add_argument("--probabilities", nargs="+", type=float, default=[1.0, 0.03])
+    parser.add_argument("--only", nargs="*", default=None, help="optimizer names to run")
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=34)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(torch.get_num_threads())
+    rows = []
+    for model_name in args.models:
+        for probability in args.probabilities:
+            for name, make in optimizers(probability).items():
+                if args.only and name not in args.only:
+                    continue
+                ms, nbytes = time_steps(model_name, make, args.warmup, args.steps, args.repeats)
+                rows.append(
+                    dict(
+                        model=model_name,
+                        probability=probability,
+                        optimizer=name,
+                        ms_per_step=ms,
+                        state_bytes=nbytes,
+                    )
+                )
+                print(
+                    f"| {model_name} | {probability:g} | {name} | {ms:.2f} | "
+                    f"{nbytes / 2**20:.2f} |",
+                    flush=True,
+                )
+    if args.json:
+        meta = dict(
+            machine=platform.processor() or platform.machine(),
+            threads=torch.get_num_threads(),
+            torch=torch.__version__,
+            args=vars(args),
+        )
+        with open(args.json, "w") as f:
+            json.dump(dict(meta=meta, rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,241 @@
+"""Option validation and degenerate inputs: zero, NaN and infinite statistics."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kron.core import (
+    DAMPING_RULES,
+    GEOMETRIES,
+    MEMORY_SAVE_MODES,
+    MOMENTUM_RULES,
+    NORM_BOUNDS,
+    FitOptions,
+    LayoutOptions,
+    StepOptions,
+    canonical_geometry,
+    fit,
+    fourth_moment,
+    get_ops,
+    init_factors,
+    init_lipschitz,
+    make_plan,
+    norm_lower_bound,
+    scale_from_moments,
+)
+from kron.core.fitting import GEOMETRY_ALIASES
+
+from ._core_helpers import ALL_GEOMETRIES
+
+
+# --------------------------------------------------------------------------------------------
+# Unknown names: ValueError listing every accepted value.
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("make", "field", "accepted"),
+    [
+        (lambda: FitOptions(geometry="QQ"), "geometry", GEOMETRIES + tuple(GEOMETRY_ALIASES)),
+        (lambda: canonical_geometry("eq"), "geometry", GEOMETRIES),
+        (lambda: FitOptions(damping_rule="relative"), "damping_rule", DAMPING_RULES),
+        (lambda: FitOptions(norm_bound="frobenius"), "norm_bound", NORM_BOUNDS),
+        (
+            lambda: LayoutOptions(memory_save_mode="two_diag"),
+            "memory_save_mode",
+            [repr(m) for m in MEMORY_SAVE_MODES],
+        ),
+        (lambda: StepOptions(momentum_rule="nesterov"), "momentum_rule", MOMENTUM_RULES),
+        (lambda: StepOptions(fit=FitOptions(geometry="Kron")), "geometry", GEOMETRIES),
+        (
+            lambda: norm_lower_bound(np.eye(3)[None], "frobenius", get_ops("numpy")),
+            "norm bound",
+            NORM_BOUNDS,
+        ),
+        (lambda: get_ops("jax"), "backend", ("numpy", "torch")),
+    ],
+    ids=[
+        "geometry",
+        "canonical",
+        "damping_rule",
+        "norm_bound",
+        "memory_save_mode",
+        "momentum_rule",
+        "nested_fit",
+        "norm_lower_bound",
+        "get_ops",
+    ],
+)
+def test_unknown_names_list_accepted_values(make, field, accepted):
+    with pytest.raises(ValueError) as info:
+        make()
+    message = str(info.value)
+    assert field in message
+    assert "accepted" in message
+    for name in accepted:
+        assert str(name) in message
+
+
+def test_geometry_aliases():
+    assert FitOptions(geometry="Q0p5EQ1p5").geometry == "Q0.5EQ1.5"
+    assert FitOptions(geometry="QE").geometry == "QEQ"
+    for name in GEOMETRIES:
+        assert FitOptions(geometry=name).geometry == name
+
+
+@pytest.mark.parametrize(
+    ("make", "field"),
+    [
+        (lambda: FitOptions(beta_lipschitz=1.0), "beta_lipschitz"),
+        (lambda: FitOptions(beta_lipschitz=-0.1), "beta_lipschitz"),
+        (lambda: FitOptions(damping=-1e-9), "damping"),
+        (lambda: FitOptions(damping=float("nan")), "damping"),
+        (lambda: FitOptions(normalizer_floor=-1.0), "normalizer_floor"),
+        (lambda: StepOptions(beta=1.0), "beta"),
+        (lambda: StepOptions(beta=-0.5), "beta"),
+        (lambda: StepOptions(clip_rms=0.0), "clip_rms"),
+        (lambda: StepOptions(clip_max=-1.0), "clip_max"),
+        (lambda: LayoutOptions(max_size=0.5), "max_size"),
+        (lambda: LayoutOptions(block_size=0), "block_size"),
+    ],
+)
+def test_out_of_range_values(make, field):
+    with pytest.raises(ValueError, match=field):
+        make()
+
+
+def test_subspace_bound_needs_probes():
+    with pytest.raises(ValueError, match="probes"):
+        norm_lower_bound(np.eye(3)[None], "subspace", get_ops("numpy"))
+
+
+# --------------------------------------------------------------------------------------------
+# The automatic init scale.
+# --------------------------------------------------------------------------------------------
+def test_scale_from_moments_falls_back_to_one(backend):
+    fourth = backend.array(np.array([0.0, np.nan, np.inf, -np.inf, -3.0, 16.0, 1e-12]))
+    scale = backend.numpy(scale_from_moments(fourth, backend.ops))
+    np.testing.assert_array_equal(scale[:5], 1.0)
+    np.testing.assert_allclose(scale[5], 16.0 ** (-1 / 8), rtol=1e-14)
+    np.testing.assert_allclose(scale[6], (1e-12 + 1e-36) ** (-1 / 8), rtol=1e-14)
+    assert np.all(np.isfinite(scale))
+
+
+def test_scale_from_moments_newton(backend):
+    fourth = backend.array(np.array([0.0, np.nan, 81.0]))
+    second = backend.array(np.array([4.0, 4.0, 4.0]))
+    scale = backend.numpy(scale_from_moments(fourth, backend.ops, probe_second=second))
+    np.testing.assert_array_equal(scale[:2], 1.0)
+    np.testing.assert_allclose(scale[2], 81.0 ** (-1 / 8) * 4.0**0.25, rtol=1e-14)
+
+
+def test_scale_from_a_zero_gradient(backend):
+    fourth = fourth_moment(backend.array(np.zeros((3, 4))), backend.ops)
+    assert float(backend.numpy(scale_from_moments(fourth, backend.ops))) == 1.0
+    fourth = fourth_moment(backend.array(np.full((3, 4), 2.0)), backend.ops)
+    assert float(backend.numpy(fourth)) == 16.0
+
+
+# --------------------------------------------------------------------------------------------
+# Degenerate inputs to fit.
+# --------------------------------------------------------------------------------------------
+CASES = {
+    "matrix(4,6)": ((4, 6), LayoutOptions()),
+    "blocked(20,6)": ((20, 6), LayoutOptions(block_size=8)),
+}
+
+
+def _zero_fit(
+    backend,
+    geometry,
+    case,
+    *,
+    damping_rule="elementwise",
+    damping=1e-9,
+    newton=False,
+    zero_probe=False,
+    steps=5,
+):
+    shape, layout = CASES[case]
+    plan = make_plan(shape, layout)
+    options = FitOptions(geometry=geometry, damping_rule=damping_rule, damping=damping)
+    ops = backend.ops
+    like = backend.array(np.zeros(1))
+    factors = init_factors(plan, 1.0, like, ops, options.state_is_p)
+    lips = init_lipschitz(plan, like, ops)
+    mask = None if plan.mask() is None else backend.array(plan.mask())
+    rng = np.random.default_rng(30)
+    batch = (plan.num_blocks, *plan.block_shape)
+    zero = backend.array(np.zeros(batch))
+    for _ in range(steps):
+        noise = backend.array(rng.standard_normal(batch))
+        probe = None
+        if newton:
+            probe = zero if zero_probe else backend.array(rng.standard_normal(batch))
+        factors, lips = fit(
+            factors, lips, zero, noise, lr=0.1, options=options, ops=ops, probe=probe, mask=mask
+        )
+    return [backend.numpy(f) for f in factors], [backend.numpy(lip) for lip in lips]
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize(
+    ("damping_rule", "damping"), [("elementwise", 1e-9), ("elementwise", 0.0), ("mean_abs", 0.0)]
+)
+@pytest.mark.parametrize("geometry", ALL_GEOMETRIES)
+def test_whitening_on_zero_gradient_is_finite(backend, geometry, damping_rule, damping, case):
+    factors, lips = _zero_fit(backend, geometry, case, damping_rule=damping_rule, damping=damping)
+    for f in factors:
+        assert np.all(np.isfinite(f))
+        assert np.abs(f).max() > 0
+    for lip in lips:
+        assert np.all(np.isfinite(lip)) and np.all(lip > 0)
+
+
+@pytest.mark.parametrize("geometry", ALL_GEOMETRIES)
+def test_newton_on_zero_hvp_is_finite(backend, geometry):
+    """h = 0 with a random probe: T1 = 0, T2 = Γ(v, v) > 0."""
+    factors, _ = _zero_fit(backend, geometry, "matrix(4,6)", newton=True)
+    for f in factors:
+        assert np.all(np.isfinite(f)) and np.abs(f).max() > 0
+
+
+@pytest.mark.parametrize("geometry", ["EQ", "Q0.5EQ1.5"])
+def test_newton_on_all_zero_pair_is_finite(backend, geometry):
+    """h = 0 and v = 0: T1 = T2 = 0, so L = 0 and the step is
+    μ / max(L, tiny). The floor ``tiny`` must keep the step finite so that 0·step = 0. On torch,
+    ``TorchOps.maximum`` turns the Python float tiny(float64) = 2.2e-308 into a float32 tensor
+    first, which flushes it to 0: the step is μ/0 = inf and inf·0 = NaN."""
+    factors, lips = _zero_fit(
+        backend, geometry, "matrix(4,6)", newton=True, zero_probe=True, damping=0.0, steps=1
+    )
+    for lip in lips:
+        np.testing.assert_array_equal(lip, 0.0)
+    for f in factors:
+        assert np.all(np.isfinite(f)), "NaN/inf factors after a zero Newton pair"
+
+
+def test_fit_ignores_padding(backend):
+    """Garbage in the padded entries never reaches the factors (mask zeroes it)."""
+    plan = make_plan((20, 6), LayoutOptions(block_size=8))
+    mask = plan.mask()
+    ops = backend.ops
+    rng = np.random.default_rng(31)
+    x = rng.standard_normal(mask.shape) * mask
+    noise = rng.standard_normal(mask.shape)
+    outs = []
+    for garbage in (0.0, 1e6):
+        polluted = x + garbage * (1 - mask)
+        like = backend.array(np.zeros(1))
+        factors, _ = fit(
+            init_factors(plan, 1.0, like, ops),
+            init_lipschitz(plan, like, ops),
+            backend.array(polluted),
+            backend.array(noise),
+            lr=0.1,
+            options=FitOptions(),
+            ops=ops,
+            mask=backend.array(mask),
+        )
+        outs.append([backend.numpy(f) for f in factors])
+    for a, b in zip(*outs):
+        np.testing.assert_array_equal(a, b)
