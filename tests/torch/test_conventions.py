@@ -351,3 +351,29 @@ def test_compiled_training_step_equals_eager_and_compiles_once():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     # one graph before optimizer.step() and one after; no recompilation per step
     assert 0 < frames <= 4, frames
+
+
+def test_device_path_without_host_reads_matches_the_cpu_fast_path(monkeypatch):
+    """On accelerators the optimizer never reads the finiteness flags on the host; it selects the
+    new state with torch.where instead. Forcing that path on the CPU must not change results."""
+    from kron.torch.optimizer import Kron as KronClass
+
+    def run():
+        model = make_model()
+        opt = Kron(model.parameters(), lr=1e-2, preconditioner_update_probability=0.5, mars=True)
+        train(model, opt, 6)
+        return snapshot(model), opt
+
+    fast, fast_opt = run()
+    original = KronClass._gather_gradients
+
+    def without_host_read(self, *args):
+        grads, finite, _ = original(self, *args)
+        return grads, finite, False
+
+    monkeypatch.setattr(KronClass, "_gather_gradients", without_host_read)
+    slow, slow_opt = run()
+    for a, b in zip(fast, slow):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    counts = [opt.state[next(iter(opt.state))]["count"].item() for opt in (fast_opt, slow_opt)]
+    assert counts == [6, 6]

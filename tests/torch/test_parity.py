@@ -22,7 +22,7 @@ from kron.core import (
     make_plan,
 )
 from kron.torch import Kron
-from kron.torch.functional import Streams
+from kron.torch.functional import Streams, uniform_for
 
 OPS = get_ops("torch")
 SHAPES = [(4, 3), (4, 3), (3,), (2, 2, 3), ()]
@@ -78,7 +78,7 @@ def reference_run(geometry, newton, cached, delayed, block_size):
     for step in range(STEPS):
         do_fit, total = counter_decision(total, PROBABILITY, np)
         do_fit = bool(do_fit)
-        do_balance = do_fit and np.random.default_rng([0, step, 0, 4]).random() < 0.01
+        do_balance = do_fit and uniform_for(0, step, 0, 4) < 0.01
         leaves = [p.clone().requires_grad_(True) for p in params]
         probes = [
             streams.normal(p.shape, torch.float64, p.device, (0, step, 0, i, 1))

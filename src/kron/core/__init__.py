@@ -46,7 +46,14 @@ from kron.core.schedules import (
     heavyball_schedule,
     probability_at,
 )
-from kron.core.step import MOMENTUM_RULES, StepOptions, TensorState, kron_step, update_momentum
+from kron.core.step import (
+    MOMENTUM_RULES,
+    StepOptions,
+    TensorState,
+    kron_step,
+    select_state,
+    update_momentum,
+)
 
 __all__ = [
     "DAMPING_RULES",
@@ -94,6 +101,7 @@ __all__ = [
     "procrustes_step2",
     "procrustes_step3",
     "scale_from_moments",
+    "select_state",
     "soft_clip",
     "solve_transpose",
     "update_momentum",

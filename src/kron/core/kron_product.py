@@ -8,6 +8,7 @@ static metadata, never a value test). Everything is batched over ``B``. Contract
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -35,13 +36,27 @@ def along_axis(d: Any, axis: int, ndim: int, ops: Any) -> Any:
     return ops.reshape(d, tuple(shape))
 
 
+def _sides(x: Any, axis: int) -> tuple[int, int, int]:
+    """``(prod of axes before, n_axis, prod of axes after)``, batch axis excluded."""
+    shape = tuple(x.shape[1:])
+    return math.prod(shape[:axis]), shape[axis], math.prod(shape[axis + 1 :])
+
+
 def mode_product(factor: Any, x: Any, axis: int, ops: Any, transpose: bool = False) -> Any:
     """``factor ×_axis x`` (``factorᵀ ×_axis x`` with ``transpose``). Shape of ``x`` is kept."""
     if not is_dense(factor):
         return x * along_axis(factor, axis, len(x.shape), ops)
+    before, n, after = _sides(x, axis)
+    batch = x.shape[0]
+    # The first and last axes need no transposition: x is already (B, n, rest) or (B, rest, n).
+    if before == 1:
+        matrix = ops.mT(factor) if transpose else factor
+        return ops.reshape(ops.matmul(matrix, ops.reshape(x, (batch, n, after))), x.shape)
+    matrix = factor if transpose else ops.mT(factor)
+    if after == 1:
+        return ops.reshape(ops.matmul(ops.reshape(x, (batch, before, n)), matrix), x.shape)
     unfolded, shape = _unfold(x, axis, ops)
     # Rows of the unfolding are vectors along `axis`: y = x·Mᵀ applies M, y = x·M applies Mᵀ.
-    matrix = factor if transpose else ops.mT(factor)
     return _fold(ops.matmul(unfolded, matrix), shape, axis, ops)
 
 
@@ -69,9 +84,16 @@ def cache_preconditioner(factors: Sequence[Any], ops: Any) -> list[Any]:
 def gram(x: Any, y: Any, axis: int, dense: bool, ops: Any) -> Any:
     """Partial contraction keeping ``axis`` (Γ_i of §0): ``(B, n, n)`` if ``dense`` else its
     diagonal ``(B, n)``; summed over every other axis."""
+    before, n, after = _sides(x, axis)
+    batch = x.shape[0]
     if not dense:
-        xu, _ = _unfold(x * y, axis, ops)
-        return ops.sum(xu, axis=1)
+        return ops.sum(ops.reshape(x * y, (batch, before, n, after)), axis=(1, 3))
+    if before == 1:
+        xr, yr = ops.reshape(x, (batch, n, after)), ops.reshape(y, (batch, n, after))
+        return ops.matmul(xr, ops.mT(yr))
+    if after == 1:
+        xr, yr = ops.reshape(x, (batch, before, n)), ops.reshape(y, (batch, before, n))
+        return ops.matmul(ops.mT(xr), yr)
     xu, _ = _unfold(x, axis, ops)
     yu, _ = _unfold(y, axis, ops)
     return ops.matmul(ops.mT(xu), yu)

@@ -101,6 +101,27 @@ def update_momentum(
     return momentum, momentum / ops.astype(1.0 - beta ** (count + 1.0), dtype)
 
 
+def select_state(
+    ok: Any, new: TensorState, old: TensorState, num_blocks: int, ops: Any
+) -> TensorState:
+    """``new`` where ``ok`` (``(S,)`` booleans, one per stacked parameter) holds, else ``old``: how
+    front ends leave a parameter's state untouched when its gradient was not finite. ``old`` must
+    have a cache whenever ``new`` has one."""
+
+    def pick(flags: Any, a: Any, b: Any) -> Any:
+        return ops.where(ops.reshape(flags, (-1,) + (1,) * (len(a.shape) - 1)), a, b)
+
+    per_block = ops.reshape(ops.reshape(ok, (-1, 1)) & (ops.ones((1, num_blocks), ok) > 0), (-1,))
+    return TensorState(
+        tuple(pick(per_block, a, b) for a, b in zip(new.factors, old.factors)),
+        tuple(pick(per_block, a, b) for a, b in zip(new.lipschitz, old.lipschitz)),
+        pick(ok, new.momentum, old.momentum),
+        tuple(pick(per_block, a, b) for a, b in zip(new.cache, old.cache))
+        if old.cache
+        else new.cache,
+    )
+
+
 def clip_update(y: Any, options: StepOptions, ops: Any) -> Any:
     """The clips of ``options``: soft clip, RMS cap, elementwise cap. ``y`` is ``(B, ...)``."""
     if options.soft_clip:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-import numpy as np
 import torch
 
 from kron.core import cautious, clip_elementwise, clip_l2, clip_rms, get_ops, soft_clip
@@ -15,12 +14,28 @@ OPS = get_ops("torch")
 CLIPPING_NAMES = ("rms", "l2_norm", "value", "soft")
 
 
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
 def seed_for(*words: int) -> int:
-    """A 63-bit seed from integers (seed, step, group, parameter, stream), stable across runs."""
-    return int(
-        np.random.SeedSequence(list(words)).generate_state(2, np.uint32).view(np.uint64)[0]
-        >> np.uint64(1)
-    )
+    """A 63-bit seed from integers (seed, step, group, parameter, stream): a SplitMix64 chain,
+    identical in every process and run, and cheap enough to call per parameter per step."""
+    state = 0
+    for word in words:
+        state = _splitmix64(state ^ (word & _MASK64))
+    return state >> 1
+
+
+def uniform_for(*words: int) -> float:
+    """A uniform draw in ``[0, 1)`` from the same words (for host-side random decisions)."""
+    return seed_for(*words) / float(1 << 63)
 
 
 class Streams:

@@ -14,6 +14,7 @@ The class does bookkeeping only: options, param groups, state, when to fit, stac
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -40,6 +41,7 @@ from kron.core import (
     mars_correction,
     probability_at,
     scale_from_moments,
+    select_state,
 )
 from kron.torch.functional import (
     OPS,
@@ -50,6 +52,7 @@ from kron.torch.functional import (
     hessian_vector_products,
     stack,
     stochastic_round,
+    uniform_for,
 )
 
 PRECONDITIONER_TYPES = ("whitening", "newton")
@@ -59,6 +62,40 @@ DEFAULT_SCHEDULE = exponential_schedule()
 
 # Stream identifiers mixed into the counter-based seeds.
 _NOISE, _PROBE, _SUBSPACE, _ROUNDING, _BALANCE, _DECISION = range(6)
+
+
+# Group options that feed the core's option records; the others are read on every step.
+_RECORD_KEYS = (
+    "b1",
+    "preconditioner_update_probability",
+    "max_size_triangular",
+    "min_ndim_triangular",
+    "memory_save_mode",
+    "momentum_into_precond_update",
+    "precond_init_scale",
+    "mu_dtype",
+    "precond_dtype",
+    "merge_dims",
+    "split",
+    "delayed",
+    "exp_avg_input",
+    "gradient_clipping",
+    "gradient_clip_value",
+    "update_clipping",
+    "update_clip_value",
+    "preconditioner_mode",
+    "whiten_grad",
+    "max_skew",
+    "block_size",
+    "decision_rule",
+    "beta_lipschitz",
+    "damping",
+    "damping_rule",
+    "norm_bound",
+    "balance_probability",
+    "preconditioner_type",
+    "hvp_method",
+)
 
 
 def _dtype(value: Any, name: str) -> torch.dtype | None:
@@ -235,6 +272,7 @@ class Kron(torch.optim.Optimizer):
         self.stack_params = stack_params
         self._streams = Streams()
         self._masks: dict[Any, torch.Tensor] = {}
+        self._records: dict[tuple, tuple[LayoutOptions, StepOptions]] = {}
         super().__init__(params, defaults)
 
     # -- param groups and validation -----------------------------------------------------------
@@ -242,7 +280,10 @@ class Kron(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        self._options(group)  # validates every option of the group, eagerly
+        for key in ("lr", "weight_decay", "precond_lr", "warmup_steps", "mars_gamma"):
+            if not group[key] >= 0:
+                raise ValueError(f"Invalid {key}: {group[key]!r} (must be >= 0).")
+        self._options(group)  # validates every other option of the group, eagerly
         for p in group["params"]:
             if p.is_sparse:
                 raise ValueError("Kron does not support sparse parameters.")
@@ -250,10 +291,17 @@ class Kron(torch.optim.Optimizer):
         group.setdefault("decision_total", 0.0)
 
     def _options(self, group: dict[str, Any]) -> tuple[LayoutOptions, StepOptions]:
-        """The core's option records for ``group``; raises ``ValueError`` on a bad value."""
-        for key in ("lr", "weight_decay", "precond_lr", "warmup_steps", "mars_gamma"):
-            if not group[key] >= 0:
-                raise ValueError(f"Invalid {key}: {group[key]!r} (must be >= 0).")
+        """The core's option records for ``group`` (built once per distinct set of values);
+        raises ``ValueError`` on a bad value."""
+        key = tuple(group[name] for name in _RECORD_KEYS)
+        records = self._records.get(key)
+        if records is None:
+            if len(self._records) > 64:  # options changed by hand many times; start afresh
+                self._records.clear()
+            records = self._records[key] = self._build_options(group)
+        return records
+
+    def _build_options(self, group: dict[str, Any]) -> tuple[LayoutOptions, StepOptions]:
         if group["preconditioner_type"] not in PRECONDITIONER_TYPES:
             raise ValueError(
                 f"Unknown preconditioner_type {group['preconditioner_type']!r}; accepted: "
@@ -356,7 +404,7 @@ class Kron(torch.optim.Optimizer):
         p = float(probability_at(DEFAULT_SCHEDULE if schedule is None else schedule, step))
         rule = "bernoulli" if group["stochastic_schedule"] else group["decision_rule"]
         if rule == "bernoulli":
-            draw = np.random.default_rng([self.seed, step, _DECISION]).random()
+            draw = uniform_for(self.seed, step, _DECISION)
             return bool(bernoulli_decision(draw, p))
         decide = counter_decision if rule == "counter" else accumulator_decision
         do_fit, total = decide(group["decision_total"], p, np)
@@ -410,8 +458,9 @@ class Kron(torch.optim.Optimizer):
             probability_at(DEFAULT_SCHEDULE if schedule is None else schedule, step)
         )
         use_cache = group["cached"] if group["cached"] is not None else probability < 0.5
-        options = options.__class__(**{**options.__dict__, "cache": bool(use_cache)})
-        balance_draw = np.random.default_rng([self.seed, step, gi, _BALANCE]).random()
+        if use_cache:
+            options = dataclasses.replace(options, cache=True)
+        balance_draw = uniform_for(self.seed, step, gi, _BALANCE)
         do_balance = do_fit and balance_draw < group["balance_probability"]
         for members in buckets.values():
             self._step_bucket(gi, group, members, layout, options, do_fit, do_balance, probes, hvps)
@@ -455,93 +504,41 @@ class Kron(torch.optim.Optimizer):
         return self._masks[key]
 
     def _step_bucket(self, gi, group, members, layout, options, do_fit, do_balance, probes, hvps):
+        """One ``kron_step`` for same-shape parameters ``members`` (``(index, param)`` pairs)."""
         plan = make_plan(tuple(members[0][1].shape), layout)
         params = [p for _, p in members]
-        states = [
-            self.state[p] if self.state[p] else self._init_state(group, p, plan, options)
-            for p in params
-        ]
-        first = states[0]["factors"][0]
-        compute_dtype, device, step = first.dtype, first.device, group["step"]
-        size = len(params)
-
-        grads = stack([p.grad for p in params]).to(compute_dtype)
-        finite = torch.isfinite(grads).reshape(size, -1).all(1)
-        if self.nonfinite == "raise" and not bool(finite.all()):
-            raise FloatingPointError(f"Non-finite gradient in param group {gi}.")
-        per_param = finite.view(-1, *[1] * len(plan.shape))
-        grads = torch.where(per_param, grads, torch.zeros((), dtype=compute_dtype, device=device))
-        clip_grad = clipper(group["gradient_clipping"], group["gradient_clip_value"])
-        if clip_grad is not None:
-            grads = clip_grad(grads)
+        states = [self.state[p] or self._init_state(group, p, plan, options) for p in params]
+        dtype = states[0]["factors"][0].dtype
+        step, size = group["step"], len(params)
+        grads, finite, all_finite = self._gather_gradients(gi, group, params, states, dtype)
+        raw_grads = grads
         if group["mars"]:
-            previous = stack([s["previous_grad"] for s in states]).to(compute_dtype)
-            raw_grads, grads = (
-                grads,
-                mars_correction(grads, previous, group["b1"], group["mars_gamma"], OPS),
-            )
-        params_stacked = stack([p.detach() for p in params]).to(compute_dtype)
+            previous = stack([s["previous_grad"] for s in states]).to(dtype)
+            grads = mars_correction(grads, previous, group["b1"], group["mars_gamma"], OPS)
+        params_stacked = stack([p.detach() for p in params]).to(dtype)
         if group["weight_decay"] and not group["decoupled_weight_decay"]:
             grads = grads + group["weight_decay"] * params_stacked
-
-        noise = concat(
-            [
-                self._streams.normal(
-                    (plan.num_blocks, *plan.block_shape),
-                    compute_dtype,
-                    device,
-                    (self.seed, step, gi, index, _NOISE),
-                )
-                for index, _ in members
-            ]
-        )
-        norm_probes = None
-        if options.fit.norm_bound == "subspace":
-            norm_probes = [
-                concat(
-                    [
-                        self._streams.normal(
-                            (plan.num_blocks, 32, n),
-                            compute_dtype,
-                            device,
-                            (self.seed, step, gi, index, _SUBSPACE, axis),
-                        )
-                        for index, _ in members
-                    ]
-                )
-                for axis, n in enumerate(plan.block_shape)
-            ]
-        probe = hvp = None
-        if do_fit and group["preconditioner_type"] == "newton":
-            probe = plan.to_blocks(
-                stack([probes[id(p)] for p in params]).to(compute_dtype), OPS, stacked=True
-            )
-            hvp = plan.to_blocks(
-                stack([hvps[id(p)] for p in params]).to(compute_dtype), OPS, stacked=True
-            )
         old = TensorState(
             tuple(concat([s["factors"][i] for s in states]) for i in range(plan.order)),
             tuple(concat([s["lipschitz"][i] for s in states]) for i in range(plan.order)),
-            stack([s["momentum"] for s in states]).to(compute_dtype),
+            stack([s["momentum"] for s in states]).to(dtype),
             tuple(concat([s["cache"][i] for s in states]) for i in range(plan.order))
             if all(s["cache"] for s in states)
             else (),
         )
-        count = stack([s["count"] for s in states]).view(per_param.shape)
+        count = stack([s["count"] for s in states]).view(-1, *[1] * len(plan.shape))
+        fit_inputs = self._fit_inputs(gi, group, members, plan, dtype, do_fit, probes, hvps)
         y, new = kron_step(
             old,
             grads,
             count,
-            noise,
             plan=plan,
             options=options,
+            ops=OPS,
             precond_lr=group["precond_lr"],
             do_fit=do_fit,
-            ops=OPS,
-            mask=self._mask(plan, size, compute_dtype, device),
-            probe=probe,
-            hvp=hvp,
-            norm_probes=norm_probes,
+            mask=self._mask(plan, size, dtype, grads.device),
+            **fit_inputs,
         )
         if do_balance:
             new = new._replace(factors=tuple(balance(new.factors, OPS)))
@@ -550,46 +547,91 @@ class Kron(torch.optim.Optimizer):
         clip_update = clipper(group["update_clipping"], group["update_clip_value"])
         if clip_update is not None:
             y = clip_update(y)
-
-        # Keep the old state wherever the gradient was not finite.
-        per_block = finite.repeat_interleave(plan.num_blocks)
-        factors = [
-            torch.where(per_block.view(-1, *[1] * (f.ndim - 1)), f, o)
-            for f, o in zip(new.factors, old.factors)
-        ]
-        lipschitz = [torch.where(per_block, f, o) for f, o in zip(new.lipschitz, old.lipschitz)]
-        momentum = torch.where(per_param, new.momentum, old.momentum)
-        cache = (
-            [
-                torch.where(per_block.view(-1, *[1] * (f.ndim - 1)), f, o)
-                for f, o in zip(new.cache, old.cache)
-            ]
-            if old.cache
-            else list(new.cache)
-        )
+        if not all_finite:
+            new = select_state(finite, new, old, plan.num_blocks, OPS)
+            y = y * finite.view(count.shape).to(dtype)
         lr = group["lr"]
         if group["warmup_steps"]:
             lr = lr * min(1.0, (step + 1) / group["warmup_steps"])
         decay = 1.0 - lr * group["weight_decay"] if group["decoupled_weight_decay"] else 1.0
-        updated = params_stacked * torch.where(per_param, decay, 1.0) - lr * torch.where(
-            per_param, y, torch.zeros((), dtype=compute_dtype, device=device)
+        if decay != 1.0 and not all_finite:
+            decay = torch.where(finite.view(count.shape), decay, 1.0)
+        updated = params_stacked * decay - lr * y
+        self._write_back(
+            gi, group, members, states, plan, new, updated, raw_grads, finite, all_finite
         )
-        nb = plan.num_blocks
-        for s, (index, p), state in zip(range(size), members, states):
-            p.copy_(updated[s].to(p.dtype))
-            state["factors"] = [f[s * nb : (s + 1) * nb] for f in factors]
-            state["lipschitz"] = [f[s * nb : (s + 1) * nb] for f in lipschitz]
-            state["cache"] = [f[s * nb : (s + 1) * nb] for f in cache]
-            mu_dtype = state["momentum"].dtype
-            state["momentum"] = stochastic_round(
-                momentum[s], mu_dtype, (self.seed, step, gi, index, _ROUNDING), self._streams
+
+    def _gather_gradients(self, gi, group, params, states, dtype):
+        """Stacked gradients in ``dtype``, clipped, with non-finite ones zeroed; the per-parameter
+        finiteness flags; and whether all are known to be finite. On the CPU that is known from a
+        free read; elsewhere it is left to the device (no synchronisation)."""
+        size = len(params)
+        grads = stack([p.grad for p in params]).to(dtype)
+        finite = torch.isfinite(grads).reshape(size, -1).all(1)
+        if self.nonfinite == "raise" and not bool(finite.all()):
+            raise FloatingPointError(f"Non-finite gradient in param group {gi}.")
+        all_finite = grads.device.type == "cpu" and bool(finite.all())
+        if not all_finite:
+            grads = torch.where(finite.view(-1, *[1] * (grads.ndim - 1)), grads, 0.0)
+        clip_grad = clipper(group["gradient_clipping"], group["gradient_clip_value"])
+        return (grads if clip_grad is None else clip_grad(grads)), finite, all_finite
+
+    def _fit_inputs(self, gi, group, members, plan, dtype, do_fit, probes, hvps):
+        """The random and Newton inputs of a fit (all None on steps that do not fit)."""
+        if not do_fit:
+            return dict(noise=None)
+        device, step = members[0][1].device, group["step"]
+
+        def draw(shape, *words):
+            return concat(
+                [
+                    self._streams.normal(shape, dtype, device, (self.seed, step, gi, index, *words))
+                    for index, _ in members
+                ]
             )
-            state["count"] = state["count"] + finite[s].to(state["count"].dtype)
-            state["skipped"] = state["skipped"] + (~finite[s]).to(torch.int64)
+
+        inputs = dict(noise=draw((plan.num_blocks, *plan.block_shape), _NOISE))
+        if group["norm_bound"] == "subspace":
+            inputs["norm_probes"] = [
+                draw((plan.num_blocks, 32, n), _SUBSPACE, axis)
+                for axis, n in enumerate(plan.block_shape)
+            ]
+        if group["preconditioner_type"] == "newton":
+            for key, source in (("probe", probes), ("hvp", hvps)):
+                stacked = stack([source[id(p)] for _, p in members]).to(dtype)
+                inputs[key] = plan.to_blocks(stacked, OPS, stacked=True)
+        return inputs
+
+    def _write_back(
+        self, gi, group, members, states, plan, new, updated, raw_grads, finite, all_finite
+    ):
+        """Store each parameter's slice of the stacked results."""
+        nb, step = plan.num_blocks, group["step"]
+        for s, ((index, p), state) in enumerate(zip(members, states)):
+            p.copy_(updated[s])
+            state["factors"] = [f[s * nb : (s + 1) * nb] for f in new.factors]
+            state["lipschitz"] = [f[s * nb : (s + 1) * nb] for f in new.lipschitz]
+            state["cache"] = [f[s * nb : (s + 1) * nb] for f in new.cache]
+            state["momentum"] = stochastic_round(
+                new.momentum[s],
+                state["momentum"].dtype,
+                (self.seed, step, gi, index, _ROUNDING),
+                self._streams,
+            )
+            if all_finite:
+                state["count"] += 1
+            else:
+                state["count"] = state["count"] + finite[s].to(state["count"].dtype)
+                state["skipped"] = state["skipped"] + (~finite[s]).to(torch.int64)
             if group["mars"]:
-                state["previous_grad"] = torch.where(
-                    finite[s], raw_grads[s], state["previous_grad"].to(compute_dtype)
-                ).to(mu_dtype)
+                kept = (
+                    raw_grads[s]
+                    if all_finite
+                    else torch.where(
+                        finite[s], raw_grads[s], state["previous_grad"].to(raw_grads.dtype)
+                    )
+                )
+                state["previous_grad"] = kept.to(state["previous_grad"].dtype)
 
     # -- checkpoints ---------------------------------------------------------------------------
 
