@@ -377,3 +377,18 @@ def test_device_path_without_host_reads_matches_the_cpu_fast_path(monkeypatch):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     counts = [opt.state[next(iter(opt.state))]["count"].item() for opt in (fast_opt, slow_opt)]
     assert counts == [6, 6]
+
+
+def test_compiled_math_equals_eager_math():
+    def run(compile_math):
+        model = make_model()
+        opt = Kron(model.parameters(), lr=1e-2, preconditioner_update_probability=0.5,
+                   compile=compile_math)
+        train(model, opt, 4)
+        return snapshot(model), opt
+
+    eager, _ = run(False)
+    compiled, opt = run(True)
+    assert opt._compiled  # the compiled path was taken
+    for a, b in zip(compiled, eager):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -1,5 +1,5 @@
-"""Clipping the preconditioned update (algorithm.md §6.4). Tensors are ``(B, ...)``; statistics are
-per leading index (one parameter, or one stacked parameter)."""
+"""Clipping the preconditioned update (algorithm.md §6.4). Tensors are ``(S, *shape)``, ``S``
+stacked parameters; statistics are per parameter (per leading index)."""
 
 from __future__ import annotations
 

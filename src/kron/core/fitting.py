@@ -247,14 +247,15 @@ def fit(
                 biggest = count if isinstance(count, float) else ops.max(count, axis=-1)
                 ell = _bound(t1, dense, options, ops, probes) + biggest
         lip = lipschitz_update(lip, ell, options.beta_lipschitz, ops)
-        step = _per_block(lr / ops.maximum(lip, floor), q, ops)
+        # L is kept in at least float32; the step is applied in the factor's own dtype.
+        step = ops.astype(_per_block(lr / ops.maximum(lip, floor), q, ops), ops.dtype(q))
         g = t1 - t2
         updated = (
             _update_dense(geometry, q, g, step, ops)
             if dense
             else _update_diagonal(geometry, q, g, step)
         )
-        # L is kept in at least float32, which would promote a bfloat16 factor; keep its dtype.
+        # Wider inputs (a float64 μ, a float32 x) must not change the factor's dtype.
         new_factors.append(ops.astype(updated, ops.dtype(q)))
         new_lipschitz.append(lip)
     return new_factors, new_lipschitz

@@ -24,6 +24,8 @@ def init_factors(
     if state_is_p:
         scale = scale * scale
     per_factor = scale ** (1.0 / plan.order)
+    if not isinstance(per_factor, (int, float)):
+        per_factor = ops.astype(per_factor, ops.dtype(like))  # factors take like's dtype
     per_block = not isinstance(per_factor, (int, float)) and len(per_factor.shape) == 1
     blocks = stack * plan.num_blocks
     factors = []

@@ -109,7 +109,7 @@ def solve_transpose(factors: Sequence[Any], v: Any, ops: Any) -> Any:
         # Q_iᵀ X = V_(i) with V_(i) the (n, N/n) unfolding; Q_iᵀ is lower triangular. Solves run
         # in at least float32: half-precision triangular solves are inaccurate or unsupported.
         dtype = ops.dtype(v)
-        lifted = ops.eps(dtype) > 1e-6
+        lifted = ops.eps(dtype) > 1e-6 or ops.eps(ops.dtype(q)) > 1e-6
         lower = ops.mT(ops.astype(q, "float32") if lifted else q)
         rhs = ops.mT(ops.astype(unfolded, "float32") if lifted else unfolded)
         solved = ops.mT(ops.solve_lower(lower, rhs))

@@ -30,6 +30,21 @@ def _generator(q: Any, ops: Any) -> tuple[Any, Any, Any]:
     return r, rq, ops.matmul(r, rq)
 
 
+def _in_float32(step: Any) -> Any:
+    """Run a step in at least float32 (its traces decide the step size, and half precision
+    cannot resolve them), returning the input dtype."""
+
+    def lifted(q: Any, ops: Any, *args: Any) -> Any:
+        dtype = ops.dtype(q)
+        if ops.eps(dtype) <= 1e-6:
+            return step(q, ops, *args)
+        return ops.astype(step(ops.astype(q, "float32"), ops, *args), dtype)
+
+    lifted.__doc__, lifted.__name__ = step.__doc__, step.__name__
+    return lifted
+
+
+@_in_float32
 def procrustes_step2(q: Any, ops: Any, max_step: float = 0.125) -> Any:
     """Second-order step ``Q ← (I + aR + (aR)²/2) Q`` with ``a ≤ max_step``."""
     _, rq, rrq = _generator(q, ops)
@@ -41,6 +56,7 @@ def procrustes_step2(q: Any, ops: Any, max_step: float = 0.125) -> Any:
     return q + a * rq + (a * a / 2) * rrq
 
 
+@_in_float32
 def procrustes_step3(q: Any, ops: Any, max_step: float = 1.0 / 3.0) -> Any:
     """Third-order step ``Q ← (I + aR + (aR)²/2 + (aR)³/8) Q``, taken only when ``t1 > 0`` and
     ``t3 < 0``; ``a`` is the larger root of ``t1 + a·t2 + (3/8)a²·t3 = 0``, at most ``max_step``."""

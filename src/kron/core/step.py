@@ -105,8 +105,8 @@ def select_state(
     ok: Any, new: TensorState, old: TensorState, num_blocks: int, ops: Any
 ) -> TensorState:
     """``new`` where ``ok`` (``(S,)`` booleans, one per stacked parameter) holds, else ``old``: how
-    front ends leave a parameter's state untouched when its gradient was not finite. ``old`` must
-    have a cache whenever ``new`` has one."""
+    front ends leave a parameter's state untouched when its gradient was not finite. When ``old``
+    has no cache the result has none either (``kron_step`` rebuilds it from the kept factors)."""
 
     def pick(flags: Any, a: Any, b: Any) -> Any:
         return ops.where(ops.reshape(flags, (-1,) + (1,) * (len(a.shape) - 1)), a, b)
@@ -116,14 +116,12 @@ def select_state(
         tuple(pick(per_block, a, b) for a, b in zip(new.factors, old.factors)),
         tuple(pick(per_block, a, b) for a, b in zip(new.lipschitz, old.lipschitz)),
         pick(ok, new.momentum, old.momentum),
-        tuple(pick(per_block, a, b) for a, b in zip(new.cache, old.cache))
-        if old.cache
-        else new.cache,
+        tuple(pick(per_block, a, b) for a, b in zip(new.cache, old.cache)) if old.cache else (),
     )
 
 
 def clip_update(y: Any, options: StepOptions, ops: Any) -> Any:
-    """The clips of ``options``: soft clip, RMS cap, elementwise cap. ``y`` is ``(B, ...)``."""
+    """The clips of ``options``: soft clip, RMS cap, elementwise cap. ``y`` is ``(S, *shape)``."""
     if options.soft_clip:
         y = soft_clip(y, ops)
     if options.clip_rms is not None:
@@ -151,7 +149,8 @@ def kron_step(
 ) -> tuple[Any, TensorState]:
     """One step for ``S ≥ 1`` stacked parameters of one plan; returns ``(y, new state)`` with ``y``
     the clipped preconditioned directions ``(S, *plan.shape)`` (the caller applies ``θ ← θ - η·y``).
-    Factors hold ``S·B`` blocks, parameter ``s`` owning blocks ``s·B … (s+1)·B - 1``.
+    With ``plan.num_blocks = b`` blocks per parameter, factors hold ``S·b`` blocks, parameter ``s``
+    owning blocks ``s·b … (s+1)·b - 1``.
 
     Args:
       grad: the gradients, ``(S, *plan.shape)``.

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import types
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -159,6 +160,8 @@ class Kron(torch.optim.Optimizer):
         untouched this step and counted in ``state[p]["skipped"]``; ``"raise"`` raises
         ``FloatingPointError`` (this one synchronises with the device).
       stack_params: step same-shape parameters in one batched call. Default True.
+      compile: compile the per-bucket math with ``torch.compile``; ``None`` (default) compiles
+        on accelerators and runs eagerly on the CPU, where compile time outweighs the gain.
     """
 
     def __init__(
@@ -209,6 +212,7 @@ class Kron(torch.optim.Optimizer):
         seed: int = 0,
         nonfinite: str = "skip",
         stack_params: bool = True,
+        compile: bool | None = None,
     ) -> None:
         if q_dtype is not None:
             if precond_dtype is not None and _dtype(q_dtype, "q_dtype") != _dtype(
@@ -270,6 +274,8 @@ class Kron(torch.optim.Optimizer):
         self.seed = int(seed)
         self.nonfinite = nonfinite
         self.stack_params = stack_params
+        self.compile = compile
+        self._compiled: dict[Any, Callable] = {}
         self._streams = Streams()
         self._masks: dict[Any, torch.Tensor] = {}
         self._records: dict[tuple, tuple[LayoutOptions, StepOptions]] = {}
@@ -528,14 +534,15 @@ class Kron(torch.optim.Optimizer):
         )
         count = stack([s["count"] for s in states]).view(-1, *[1] * len(plan.shape))
         fit_inputs = self._fit_inputs(gi, group, members, plan, dtype, do_fit, probes, hvps)
-        y, new = kron_step(
+        step_fn = self._compiled_step(plan, options, do_fit, grads.device)
+        y, new = step_fn(
             old,
             grads,
             count,
             plan=plan,
             options=options,
             ops=OPS,
-            precond_lr=group["precond_lr"],
+            precond_lr=torch.as_tensor(group["precond_lr"], dtype=dtype),
             do_fit=do_fit,
             mask=self._mask(plan, size, dtype, grads.device),
             **fit_inputs,
@@ -560,6 +567,28 @@ class Kron(torch.optim.Optimizer):
         self._write_back(
             gi, group, members, states, plan, new, updated, raw_grads, finite, all_finite
         )
+
+    def _compiled_step(self, plan, options, do_fit, device) -> Callable:
+        """``kron_step``, compiled once per (plan, options, fit or not) when ``compile`` is on
+        (by default on accelerators only: on the CPU the compile time outweighs the gain)."""
+        enabled = self.compile if self.compile is not None else device.type != "cpu"
+        if not enabled:
+            return kron_step
+        key = (plan, options, do_fit)
+        if key not in self._compiled:
+            # A fresh code object per key gives each its own compile cache, so models with many
+            # shapes never hit dynamo's per-function recompile limit (no global setting changes).
+            code = kron_step.__code__.replace()
+            fresh = types.FunctionType(
+                code,
+                kron_step.__globals__,
+                kron_step.__name__,
+                kron_step.__defaults__,
+                kron_step.__closure__,
+            )
+            fresh.__kwdefaults__ = kron_step.__kwdefaults__
+            self._compiled[key] = torch.compile(fresh, dynamic=False)
+        return self._compiled[key]
 
     def _gather_gradients(self, gi, group, params, states, dtype):
         """Stacked gradients in ``dtype``, clipped, with non-finite ones zeroed; the per-parameter

@@ -28,7 +28,7 @@ class NumpyOps:
         return self.xp.arange(n)
 
     def astype(self, x, dtype):
-        return self.xp.asarray(x).astype(dtype)
+        return self.xp.asarray(x, dtype=dtype)  # no copy when x already has that dtype
 
     def dtype(self, x):
         return x.dtype
