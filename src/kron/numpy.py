@@ -4,7 +4,7 @@ The six fields of the Rust struct (``lr``, ``precond_lr``, ``momentum``, ``weigh
 ``clip``) are plain mutable attributes, read afresh on every step. Everything else is a keyword
 option fixed at construction. Parameters are addressed by name::
 
-    opt = KronPsgd(lr=1e-3)
+    opt = KronPsgd(lr=3e-3)
     for batch in data:
         for name, param in params.items():
             opt.step(name, param, grads[name])   # updates `param` in place
@@ -17,6 +17,7 @@ uninterrupted run bit for bit, and the order in which names are stepped does not
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import zlib
 from collections.abc import Callable
@@ -67,8 +68,8 @@ class KronPsgd:
     """Kronecker-factored preconditioned SGD for NumPy arrays.
 
     Args:
-      lr: learning rate η. Default 1e-3: the update ``P·m`` is whitened to about unit RMS per
-        entry, like Adam's, so Adam's learning rates transfer (see ``docs/numpy.md``).
+      lr: learning rate η. Default 3e-3, chosen by the sweep in ``docs/numpy.md`` §6 (best or
+        near-best on 3 of 4 problems by worst seed; about a third of Adam's best there).
       precond_lr: μ, the preconditioner's learning rate. Default 0.1.
       momentum: momentum β (0 disables it). Default 0.9.
       weight_decay: L2 coefficient folded into the gradient (``g + wd·θ``). Default 0.0.
@@ -97,7 +98,7 @@ class KronPsgd:
 
     def __init__(
         self,
-        lr: float = 1e-3,
+        lr: float = 3e-3,
         precond_lr: float = 0.1,
         momentum: float = 0.9,
         weight_decay: float = 0.0,
@@ -323,10 +324,14 @@ class KronPsgd:
     # -- internals -----------------------------------------------------------------------------
 
     def _step_options(self) -> StepOptions:
+        """The core's options from the current field values (validated here, on every step)."""
+        for name in ("lr", "precond_lr", "weight_decay", "eps"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0; got {getattr(self, name)!r}.")
         clip = None if self.clip is None or math.isinf(self.clip) else self.clip
         return StepOptions(
             layout=self._layout,
-            fit=self._fit,
+            fit=dataclasses.replace(self._fit, normalizer_floor=self.eps),
             beta=self.momentum,
             momentum_rule="running_mean",
             whiten_momentum=not self.whiten_grad,

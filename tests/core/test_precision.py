@@ -25,8 +25,9 @@ OPS = get_ops("torch")
 def test_bfloat16_factors_stay_bfloat16_and_finite(geometry):
     plan = make_plan((6, 5), LayoutOptions(max_skew=float("inf")))
     options = FitOptions(geometry=geometry)
-    factors = init_factors(plan, 1.0, torch.zeros((), dtype=torch.bfloat16), OPS,
-                           options.state_is_p)
+    factors = init_factors(
+        plan, 1.0, torch.zeros((), dtype=torch.bfloat16), OPS, options.state_is_p
+    )
     lipschitz = init_lipschitz(plan, torch.zeros(()), OPS)
     gen = torch.Generator().manual_seed(0)
     for _ in range(20):

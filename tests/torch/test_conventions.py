@@ -382,8 +382,9 @@ def test_device_path_without_host_reads_matches_the_cpu_fast_path(monkeypatch):
 def test_compiled_math_equals_eager_math():
     def run(compile_math):
         model = make_model()
-        opt = Kron(model.parameters(), lr=1e-2, preconditioner_update_probability=0.5,
-                   compile=compile_math)
+        opt = Kron(
+            model.parameters(), lr=1e-2, preconditioner_update_probability=0.5, compile=compile_math
+        )
         train(model, opt, 4)
         return snapshot(model), opt
 
