@@ -100,17 +100,23 @@ def optimizers(probability: float) -> dict[str, Callable]:
             cached=p < 0.5,
         ),
         "ours (default)": lambda ps: Kron(ps, preconditioner_update_probability=p),
+        "ours (max_skew=1)": lambda ps: Kron(ps, preconditioner_update_probability=p, max_skew=1.0),
     }
 
 
 def state_bytes(opt: torch.optim.Optimizer) -> int:
-    total = 0
-    for state in opt.state.values():
-        for value in state.values():
-            for v in value if isinstance(value, list | tuple) else [value]:
-                if isinstance(v, torch.Tensor):
-                    total += v.numel() * v.element_size()
-    return total
+    """Bytes of every tensor reachable from ``opt.state`` (peers nest dicts and lists)."""
+
+    def walk(value) -> int:
+        if isinstance(value, torch.Tensor):
+            return value.numel() * value.element_size()
+        if isinstance(value, dict):
+            return sum(walk(v) for v in value.values())
+        if isinstance(value, list | tuple):
+            return sum(walk(v) for v in value)
+        return 0
+
+    return sum(walk(state) for state in opt.state.values())
 
 
 def time_steps(

@@ -65,6 +65,9 @@ DEFAULT_SCHEDULE = exponential_schedule()
 _NOISE, _PROBE, _SUBSPACE, _ROUNDING, _BALANCE, _DECISION = range(6)
 
 
+# Per-parameter state entries that are views into a bucket's stacked tensors.
+_STACKED_KEYS = ("factors", "lipschitz", "momentum", "cache")
+
 # Group options that feed the core's option records; the others are read on every step.
 _RECORD_KEYS = (
     "b1",
@@ -279,6 +282,7 @@ class Kron(torch.optim.Optimizer):
         self._streams = Streams()
         self._masks: dict[Any, torch.Tensor] = {}
         self._records: dict[tuple, tuple[LayoutOptions, StepOptions]] = {}
+        self._stacks: dict[tuple, tuple[list, TensorState]] = {}
         super().__init__(params, defaults)
 
     # -- param groups and validation -----------------------------------------------------------
@@ -524,14 +528,8 @@ class Kron(torch.optim.Optimizer):
         params_stacked = stack([p.detach() for p in params]).to(dtype)
         if group["weight_decay"] and not group["decoupled_weight_decay"]:
             grads = grads + group["weight_decay"] * params_stacked
-        old = TensorState(
-            tuple(concat([s["factors"][i] for s in states]) for i in range(plan.order)),
-            tuple(concat([s["lipschitz"][i] for s in states]) for i in range(plan.order)),
-            stack([s["momentum"] for s in states]).to(dtype),
-            tuple(concat([s["cache"][i] for s in states]) for i in range(plan.order))
-            if all(s["cache"] for s in states)
-            else (),
-        )
+        bucket = (gi, *(index for index, _ in members))
+        old = self._stacked_state(bucket, states, plan, dtype)
         count = stack([s["count"] for s in states]).view(-1, *[1] * len(plan.shape))
         fit_inputs = self._fit_inputs(gi, group, members, plan, dtype, do_fit, probes, hvps)
         step_fn = self._compiled_step(plan, options, do_fit, grads.device)
@@ -567,6 +565,7 @@ class Kron(torch.optim.Optimizer):
         self._write_back(
             gi, group, members, states, plan, new, updated, raw_grads, finite, all_finite
         )
+        self._remember_stack(bucket, states, new, dtype)
 
     def _compiled_step(self, plan, options, do_fit, device) -> Callable:
         """``kron_step``, compiled once per (plan, options, fit or not) when ``compile`` is on
@@ -631,13 +630,44 @@ class Kron(torch.optim.Optimizer):
                 inputs[key] = plan.to_blocks(stacked, OPS, stacked=True)
         return inputs
 
+    def _stacked_state(self, bucket, states, plan, dtype) -> TensorState:
+        """The bucket's state stacked along axis 0. Per-parameter state entries are views into the
+        previous step's stacked tensors; while they are untouched those tensors are reused, and
+        otherwise (a checkpoint was loaded, state was edited) they are stacked afresh."""
+        remembered = self._stacks.get(bucket)
+        if remembered is not None:
+            entries, stacked = remembered
+            if len(entries) == len(states) and all(
+                all(s[key] is entry[k] for k, key in enumerate(_STACKED_KEYS))
+                for s, entry in zip(states, entries)
+            ):
+                return stacked
+        order = plan.order
+        return TensorState(
+            tuple(concat([s["factors"][i] for s in states]) for i in range(order)),
+            tuple(concat([s["lipschitz"][i] for s in states]) for i in range(order)),
+            stack([s["momentum"] for s in states]).to(dtype),
+            tuple(concat([s["cache"][i] for s in states]) for i in range(order))
+            if all(s["cache"] for s in states)
+            else (),
+        )
+
+    def _remember_stack(self, bucket, states, new, dtype) -> None:
+        if states[0]["momentum"].dtype != dtype:  # stored rounded: restack from storage
+            self._stacks.pop(bucket, None)
+            return
+        entries = [tuple(s[key] for key in _STACKED_KEYS) for s in states]
+        self._stacks[bucket] = (entries, new)
+
     def _write_back(
         self, gi, group, members, states, plan, new, updated, raw_grads, finite, all_finite
     ):
         """Store each parameter's slice of the stacked results."""
         nb, step = plan.num_blocks, group["step"]
-        for s, ((index, p), state) in enumerate(zip(members, states)):
-            p.copy_(updated[s])
+        torch._foreach_copy_([p for _, p in members], list(updated.unbind(0)))
+        if all_finite:
+            torch._foreach_add_([state["count"] for state in states], 1.0)
+        for s, ((index, _), state) in enumerate(zip(members, states)):
             state["factors"] = [f[s * nb : (s + 1) * nb] for f in new.factors]
             state["lipschitz"] = [f[s * nb : (s + 1) * nb] for f in new.lipschitz]
             state["cache"] = [f[s * nb : (s + 1) * nb] for f in new.cache]
@@ -647,9 +677,7 @@ class Kron(torch.optim.Optimizer):
                 (self.seed, step, gi, index, _ROUNDING),
                 self._streams,
             )
-            if all_finite:
-                state["count"] += 1
-            else:
+            if not all_finite:
                 state["count"] = state["count"] + finite[s].to(state["count"].dtype)
                 state["skipped"] = state["skipped"] + (~finite[s]).to(torch.int64)
             if group["mars"]:
