@@ -141,6 +141,28 @@ def time_steps(
     return statistics.median(windows), state_bytes(opt)
 
 
+def markdown(rows: list[dict]) -> str:
+    """The results as a Markdown table, with each optimizer's time relative to the faster peer
+    (kron_torch or heavyball) and to AdamW in the same (model, probability) cell."""
+    lines = [
+        "| model | p | optimizer | ms/step | × faster peer | × AdamW | state MiB |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    cells: dict[tuple, dict[str, dict]] = {}
+    for row in rows:
+        cells.setdefault((row["model"], row["probability"]), {})[row["optimizer"]] = row
+    for (model, probability), by_name in cells.items():
+        peer = min(by_name[n]["ms_per_step"] for n in ("kron_torch Kron", "heavyball PSGDKron"))
+        adamw = by_name["AdamW"]["ms_per_step"]
+        for name, row in by_name.items():
+            ms = row["ms_per_step"]
+            lines.append(
+                f"| {model} | {probability:g} | {name} | {ms:.2f} | {ms / peer:.2f} | "
+                f"{ms / adamw:.1f} | {row['state_bytes'] / 2**20:.2f} |"
+            )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS))
@@ -150,7 +172,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=34)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", default=None)
+    parser.add_argument(
+        "--markdown-from", default=None, help="print the table of an earlier --json file and exit"
+    )
     args = parser.parse_args()
+    if args.markdown_from:
+        with open(args.markdown_from) as f:
+            print(markdown(json.load(f)["rows"]))
+        return
     torch.set_num_threads(torch.get_num_threads())
     rows = []
     for model_name in args.models:

@@ -23,6 +23,7 @@ from kron.core import (
     make_plan,
     norm_lower_bound,
     scale_from_moments,
+    shared_scale,
 )
 from kron.core.fitting import GEOMETRY_ALIASES
 
@@ -239,3 +240,14 @@ def test_fit_ignores_padding(backend):
         outs.append([backend.numpy(f) for f in factors])
     for a, b in zip(*outs):
         np.testing.assert_array_equal(a, b)
+
+
+def test_shared_scale_uses_the_largest_finite_moment(backend):
+    ops = backend.ops
+    small, large = backend.array(np.float64(1e-4)), backend.array(np.float64(16.0))
+    broken = backend.array(np.float64(np.nan))
+    shared = backend.numpy(shared_scale([small, large, broken], ops, damping=0.0))
+    assert shared == pytest.approx(16.0 ** (-1 / 8))
+    per_tensor = backend.numpy(scale_from_moments(small, ops, damping=0.0))
+    assert per_tensor > shared  # the shared rule is the conservative one
+    assert backend.numpy(shared_scale([broken], ops)) == 1.0

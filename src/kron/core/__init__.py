@@ -24,7 +24,13 @@ from kron.core.fitting import (
     fit,
     lipschitz_update,
 )
-from kron.core.init import fourth_moment, init_factors, init_lipschitz, scale_from_moments
+from kron.core.init import (
+    fourth_moment,
+    init_factors,
+    init_lipschitz,
+    scale_from_moments,
+    shared_scale,
+)
 from kron.core.kron_product import (
     apply_factors,
     cache_preconditioner,
@@ -102,6 +108,7 @@ __all__ = [
     "procrustes_step3",
     "scale_from_moments",
     "select_state",
+    "shared_scale",
     "soft_clip",
     "solve_transpose",
     "update_momentum",

@@ -65,3 +65,14 @@ def scale_from_moments(
     if probe_second is not None:
         scale = scale * probe_second**0.25
     return ops.where(usable, scale, ops.ones(scale.shape, scale))
+
+
+def shared_scale(fourth_moments: list[Any], ops: Any, damping: float = 1e-9) -> Any:
+    """One init scale for every tensor, from the largest 4th moment (psgd_torch's "more
+    conservative" rule since 2025-09): ``(max_t mean g_t⁴ + δ⁴)^(-1/8)``. Non-finite moments are
+    ignored; if none is usable the scale is 1.0."""
+    usable = [ops.where(ops.isfinite(m), m, ops.zeros(m.shape, m)) for m in fourth_moments]
+    largest = usable[0]
+    for m in usable[1:]:
+        largest = ops.maximum(largest, m)
+    return scale_from_moments(largest, ops, damping)
