@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 import pytest
 
 from kron.core import get_ops
 
-BACKENDS = ("numpy", "torch")
+# The core suite checks float64 invariants; JAX computes in float32 unless told otherwise.
+jax.config.update("jax_enable_x64", True)
+
+BACKENDS = ("numpy", "torch", "jax")
 
 
 class Backend:
@@ -23,6 +27,10 @@ class Backend:
             import torch
 
             return torch.as_tensor(x)
+        if self.name == "jax":
+            import jax.numpy as jnp
+
+            return jnp.asarray(x)
         return x
 
     def numpy(self, x) -> np.ndarray:

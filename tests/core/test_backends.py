@@ -28,7 +28,7 @@ from kron.core.norms import lb_rowcol
 
 from ._core_helpers import ALL_GEOMETRIES, apply_hessian, fit_trajectory, kron_hessian
 
-NUMPY, TORCH = Backend("numpy"), Backend("torch")
+NUMPY, TORCH, JAX = Backend("numpy"), Backend("torch"), Backend("jax")
 NP = get_ops("numpy")
 
 # --------------------------------------------------------------------------------------------
@@ -63,11 +63,12 @@ def _parity_inputs(plan, newton: bool, seed: int = 21):
     return xs, noises, (probes if newton else None), norm_probes, lrs, mask
 
 
+@pytest.mark.parametrize("other", ["torch", "jax"])
 @pytest.mark.parametrize("case", list(PARITY_CASES))
 @pytest.mark.parametrize("newton", [False, True], ids=["whitening", "newton"])
 @pytest.mark.parametrize("norm_bound", NORM_BOUNDS)
 @pytest.mark.parametrize("geometry", ALL_GEOMETRIES)
-def test_fit_parity(geometry, norm_bound, newton, case):
+def test_fit_parity(geometry, norm_bound, newton, case, other):
     shape, layout = PARITY_CASES[case]
     plan = make_plan(shape, layout)
     options = FitOptions(geometry=geometry, norm_bound=norm_bound)
@@ -75,7 +76,7 @@ def test_fit_parity(geometry, norm_bound, newton, case):
     start = init_factors(plan, 0.7, np.zeros(1), NP, options.state_is_p)
     lips = init_lipschitz(plan, np.zeros(1), NP)
     runs = []
-    for backend in (NUMPY, TORCH):
+    for backend in (NUMPY, Backend(other)):
         lip_history = []
         history, _ = fit_trajectory(
             backend,
@@ -157,7 +158,7 @@ def test_norm_bounds_on_general_matrices(example):
     m, seed = example
     true = np.linalg.norm(m, 2)
     for method in ("rowcol", "power", "subspace"):
-        for backend in (NUMPY, TORCH):
+        for backend in (NUMPY, TORCH, JAX):
             assert _bound(m, method, backend, seed) <= true * (1 + 1e-12)
     assert _bound(m, "rowcol", NUMPY, seed) >= 0.5 * true
 
@@ -230,10 +231,9 @@ def test_procrustes_changes_p_only_by_truncation_error(q):
     p = q.T @ q
     slack = 1e-12 * np.linalg.norm(p, 2)
     trace_slack = 1e-12 * np.abs(q).sum()
-    for backend in (NUMPY, TORCH):
+    for backend in (NUMPY, TORCH, JAX):
         # step2: UᵀU − I = (aR)⁴/4 with a ≤ 1/8. The bound is attained for some inputs, so the
-        # relative slack 1e-6 only absorbs round-off (and torch's float32-rounded cap, see
-        # test_procrustes_parity).
+        # relative slack 1e-6 only absorbs round-off.
         q2 = backend.numpy(procrustes_step2(backend.array(q[None]), backend.ops))[0]
         change = np.linalg.norm(q2.T @ q2 - p, 2)
         assert change <= _procrustes_budget(q, 1 / 8, 4, 4) * (1 + 1e-6) + slack
@@ -265,10 +265,8 @@ def test_procrustes_repeat3(backend, angle):
 @pytest.mark.parametrize("angle", [0.1, 1.0])
 @pytest.mark.parametrize("step", [procrustes_step2, procrustes_step3], ids=["step2", "step3"])
 def test_procrustes_parity(step, angle):
-    """Both backends take the same step. With a large rotation the step hits its cap (1/8 for
-    step2, 1/3 for step3). On torch the cap goes through ``TorchOps.minimum``, which builds the
-    Python float with ``torch.as_tensor`` (float32) before casting it to float64, so a capped
-    step3 uses a = float32(1/3) = 0.33333334 and differs from numpy by ~2e-8."""
+    """Both backends take the same step, also when a large rotation makes the step hit its cap
+    (1/8 for step2, 1/3 for step3): the cap must not be rounded through float32."""
     rng = np.random.default_rng(24)
     n = 5
     k = rng.standard_normal((n, n))

@@ -71,7 +71,8 @@ _CACHE: dict[str, Ops] = {}
 
 
 def get_ops(name: str) -> Ops:
-    """The backend called ``name`` (``"numpy"`` or ``"torch"``), imported on first use."""
+    """The backend called ``name`` (``"numpy"``, ``"torch"`` or ``"jax"``), imported on first
+    use."""
     if name not in _CACHE:
         if name == "numpy":
             from kron.core.ops.numpy import NumpyOps
@@ -81,8 +82,12 @@ def get_ops(name: str) -> Ops:
             from kron.core.ops.torch import TorchOps
 
             _CACHE[name] = TorchOps()
+        elif name == "jax":
+            from kron.core.ops.jax import JaxOps
+
+            _CACHE[name] = JaxOps()
         else:
-            raise ValueError(f"Unknown ops backend {name!r}; accepted: 'numpy', 'torch'.")
+            raise ValueError(f"Unknown ops backend {name!r}; accepted: 'numpy', 'torch', 'jax'.")
     return _CACHE[name]
 
 
