@@ -52,7 +52,7 @@ from ._core_helpers import ALL_GEOMETRIES
             "norm bound",
             NORM_BOUNDS,
         ),
-        (lambda: get_ops("jax"), "backend", ("numpy", "torch")),
+        (lambda: get_ops("mlx"), "backend", ("numpy", "torch", "jax")),
     ],
     ids=[
         "geometry",

@@ -224,7 +224,7 @@ def test_sparse_gradient_is_rejected_clearly():
         ("update_clipping", "cubic", "l2_norm"),
         ("decision_rule", "maybe", "accumulator"),
         ("lr", -1.0, "Invalid lr"),
-        ("b1", 1.5, "beta"),
+        ("b1", 1.5, r"Invalid b1: 1.5"),
         ("preconditioner_update_probability", 1.5, r"\(0, 1\]"),
         ("precond_dtype", "float99", "precond_dtype"),
         ("nonfinite", "ignore", "skip"),

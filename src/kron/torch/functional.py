@@ -4,6 +4,7 @@ that other front ends would also need."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 
 import torch
@@ -39,8 +40,9 @@ def uniform_for(*words: int) -> float:
 
 
 class Streams:
-    """Counter-based normal draws: the same words give the same numbers on every device type
-    and in every process, so replicas agree and resumed runs repeat."""
+    """Counter-based normal draws: the same words give the same numbers in every process on the
+    same device type, so replicas agree and resumed runs repeat (CPU and CUDA generators are
+    different algorithms, so a run moved between them draws different noise)."""
 
     def __init__(self) -> None:
         self._generators: dict[torch.device, torch.Generator] = {}
@@ -75,6 +77,8 @@ def clipper(
     callable of one parameter's tensor, or None."""
     if spec is None:
         return None
+    if not callable(spec) and not threshold > 0:
+        raise ValueError(f"A clipping threshold must be > 0; got {threshold!r} for {spec!r}.")
     if callable(spec):
         return lambda x: torch.stack([spec(item) for item in x.unbind(0)])
     if spec == "rms":
@@ -127,35 +131,86 @@ def hessian_vector_products(
     newton_params: Sequence[torch.Tensor],
     probes: Sequence[torch.Tensor],
     method: str,
-) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+) -> tuple[torch.Tensor, list[torch.Tensor | None], list[torch.Tensor]]:
     """Evaluate ``closure`` (which returns the loss and must not call ``backward``) and return
-    ``(loss, grads of params, H·v for newton_params)``.
+    ``(loss, grads of params, H·v for newton_params)``. A parameter the loss does not use gets a
+    ``None`` gradient and a zero product.
 
-    ``"double_backward"`` differentiates the gradient; where a model does not support double
-    backward it falls back to ``"finite_difference"``: ``(g(θ + εv) - g(θ)) / ε`` with
-    ``ε = √eps(dtype)``.
+    ``"double_backward"`` differentiates the gradient; where the model does not support double
+    backward it warns and falls back to ``"finite_difference"``: ``(g(θ + εv) - g(θ)) / ε`` with
+    ``ε = √eps(dtype)``, both gradients evaluated under the same RNG state (so dropout masks
+    match) and the parameters restored exactly afterwards.
     """
+    rng_devices = sorted({p.device.index for p in params if p.device.type == "cuda"})
+    rng_before = _rng_state(rng_devices)
     with torch.enable_grad():
         loss = closure()
         if method == "double_backward":
             try:
-                grads = torch.autograd.grad(loss, params, create_graph=True)
-                index = {id(p): i for i, p in enumerate(params)}
-                chosen = [grads[index[id(p)]] for p in newton_params]
-                hvps = torch.autograd.grad(chosen, newton_params, grad_outputs=probes)
-                return loss.detach(), [g.detach() for g in grads], [h.detach() for h in hvps]
-            except RuntimeError:
+                grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+                chosen = _select(grads, params, newton_params)
+                used = [
+                    (g, p, v) for g, p, v in zip(chosen, newton_params, probes) if g is not None
+                ]
+                products = torch.autograd.grad(
+                    [g for g, _, _ in used],
+                    [p for _, p, _ in used],
+                    grad_outputs=[v for _, _, v in used],
+                    allow_unused=True,
+                )
+                by_id = {id(p): h for (_, p, _), h in zip(used, products)}
+                hvps = [_zero_if_none(by_id.get(id(p)), p) for p in newton_params]
+                return loss.detach(), _detached(grads), hvps
+            except RuntimeError as error:
+                if "double backward" not in str(error) and "derivative" not in str(error):
+                    raise
+                warnings.warn(
+                    f"Double backward failed ({error}); using finite differences.", stacklevel=3
+                )
+                _set_rng_state(rng_devices, rng_before)
                 loss = closure()  # the graph was consumed by the failed attempt
-        grads = [g.detach() for g in torch.autograd.grad(loss, params)]
+        grads = _detached(torch.autograd.grad(loss, params, allow_unused=True))
+    saved = [p.detach().clone() for p in newton_params]
     steps = [float(torch.finfo(p.dtype).eps) ** 0.5 for p in newton_params]
+    # The shifted evaluation replays the first one's random draws (dropout masks) and then the
+    # generators continue as if it had not happened.
+    with torch.random.fork_rng(devices=rng_devices):
+        _set_rng_state(rng_devices, rng_before)
+        with torch.no_grad():
+            for p, v, eps in zip(newton_params, probes, steps):
+                p.add_(v.to(p.dtype), alpha=eps)
+        with torch.enable_grad():
+            shifted = torch.autograd.grad(closure(), newton_params, allow_unused=True)
     with torch.no_grad():
-        for p, v, eps in zip(newton_params, probes, steps):
-            p.add_(v.to(p.dtype), alpha=eps)
-    with torch.enable_grad():
-        shifted = torch.autograd.grad(closure(), newton_params)
-    with torch.no_grad():
-        for p, v, eps in zip(newton_params, probes, steps):
-            p.sub_(v.to(p.dtype), alpha=eps)
-    index = {id(p): i for i, p in enumerate(params)}
-    hvps = [(s - grads[index[id(p)]]) / eps for s, p, eps in zip(shifted, newton_params, steps)]
+        for p, original in zip(newton_params, saved):
+            p.copy_(original)
+    base = _select(grads, params, newton_params)
+    hvps = [
+        _zero_if_none(None if s is None or g is None else (s - g) / eps, p)
+        for s, g, p, eps in zip(shifted, base, newton_params, steps)
+    ]
     return loss.detach(), grads, hvps
+
+
+def _rng_state(cuda_devices):
+    return torch.random.get_rng_state(), [torch.cuda.get_rng_state(d) for d in cuda_devices]
+
+
+def _set_rng_state(cuda_devices, state):
+    cpu, cuda = state
+    torch.random.set_rng_state(cpu)
+    for device, device_state in zip(cuda_devices, cuda):
+        torch.cuda.set_rng_state(device_state, device)
+
+
+def _select(grads, params, chosen):
+    index = {id(p): i for i, p in enumerate(params)}
+    return [grads[index[id(p)]] for p in chosen]
+
+
+def _detached(grads):
+    return [None if g is None else g.detach() for g in grads]
+
+
+def _zero_if_none(value, like):
+    return torch.zeros_like(like) if value is None else value.detach()

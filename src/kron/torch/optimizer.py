@@ -18,7 +18,7 @@ import dataclasses
 import math
 import types
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -65,8 +65,24 @@ DEFAULT_SCHEDULE = exponential_schedule()
 _NOISE, _PROBE, _SUBSPACE, _ROUNDING, _BALANCE, _DECISION = range(6)
 
 
-# Per-parameter state entries that are views into a bucket's stacked tensors.
-_STACKED_KEYS = ("factors", "lipschitz", "momentum", "cache")
+class _Decision(NamedTuple):
+    """A group's fit decision for one step: whether to fit, the probability it came from, and
+    the decision rule's counter after this step."""
+
+    fit: bool
+    probability: float
+    total: float
+
+
+def _entries(state: dict[str, Any]) -> tuple:
+    """A parameter's stacked-state tensors, as objects (kept alive, so identity is reliable)."""
+    return (*state["factors"], *state["lipschitz"], *state["cache"], state["momentum"])
+
+
+def _same_entries(state: dict[str, Any], remembered: tuple) -> bool:
+    current = _entries(state)
+    return len(current) == len(remembered) and all(a is b for a, b in zip(current, remembered))
+
 
 # Group options that feed the core's option records; the others are read on every step.
 _RECORD_KEYS = (
@@ -288,17 +304,39 @@ class Kron(torch.optim.Optimizer):
     # -- param groups and validation -----------------------------------------------------------
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        # Validate the group as it will be (defaults filled in) before torch installs it, so a
+        # rejected group leaves the optimizer unchanged.
+        self._validate({**self.defaults, **param_group})
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        for key in ("lr", "weight_decay", "precond_lr", "warmup_steps", "mars_gamma"):
-            if not group[key] >= 0:
-                raise ValueError(f"Invalid {key}: {group[key]!r} (must be >= 0).")
-        self._options(group)  # validates every other option of the group, eagerly
         for p in group["params"]:
             if p.is_sparse:
                 raise ValueError("Kron does not support sparse parameters.")
         group.setdefault("step", 0)
         group.setdefault("decision_total", 0.0)
+
+    def _validate(self, group: dict[str, Any]) -> None:
+        """Raise ``ValueError`` naming the option and value for anything out of range."""
+        for key in ("lr", "weight_decay", "precond_lr", "warmup_steps", "mars_gamma"):
+            if not group[key] >= 0:
+                raise ValueError(f"Invalid {key}: {group[key]!r} (must be >= 0).")
+        if not 0 <= group["b1"] < 1:
+            raise ValueError(f"Invalid b1: {group['b1']!r} (must be in [0, 1)).")
+        if not group["max_size_triangular"] >= 1:
+            raise ValueError(
+                f"Invalid max_size_triangular: {group['max_size_triangular']!r} (must be >= 1)."
+            )
+        if not group["min_ndim_triangular"] >= 0:
+            raise ValueError(
+                f"Invalid min_ndim_triangular: {group['min_ndim_triangular']!r} (must be >= 0)."
+            )
+        if (
+            group["split"]
+            and group["block_size"] is None
+            and not math.isfinite(group["max_size_triangular"])
+        ):
+            raise ValueError("split=True needs a finite max_size_triangular or a block_size.")
+        self._options(group)  # builds the core's records, which check everything else
 
     def _options(self, group: dict[str, Any]) -> tuple[LayoutOptions, StepOptions]:
         """The core's option records for ``group`` (built once per distinct set of values);
@@ -387,7 +425,9 @@ class Kron(torch.optim.Optimizer):
         ``backward`` as usual; for Newton-type groups it must return the loss *without* calling
         ``backward`` (the optimizer differentiates it to get gradients and Hessian-vector
         products)."""
-        decisions = [self._decide(group) for group in self.param_groups]
+        decisions = [self._decide(gi, group) for gi, group in enumerate(self.param_groups)]
+        if self.nonfinite == "raise":
+            self._raise_on_nonfinite()
         probes: dict[int, torch.Tensor] = {}
         hvps: dict[int, torch.Tensor] = {}
         loss = None
@@ -407,25 +447,39 @@ class Kron(torch.optim.Optimizer):
             self._step_group(gi, group, decisions[gi], probes, hvps)
         return loss
 
-    def _decide(self, group: dict[str, Any]) -> bool:
-        """Whether ``group`` fits its preconditioner on this step (host-side, no sync)."""
+    def _decide(self, gi: int, group: dict[str, Any]) -> _Decision:
+        """Whether ``group`` fits its preconditioner on this step, decided on the host (no
+        device sync). Pure: ``_step_group`` commits the new counter once the group has stepped."""
         step = group["step"]
         schedule = group["preconditioner_update_probability"]
         p = float(probability_at(DEFAULT_SCHEDULE if schedule is None else schedule, step))
+        if not 0 < p <= 1:
+            raise ValueError(
+                f"preconditioner_update_probability gave {p!r} at step {step} of group {gi}; "
+                "it must be in (0, 1]."
+            )
         rule = "bernoulli" if group["stochastic_schedule"] else group["decision_rule"]
         if rule == "bernoulli":
-            draw = uniform_for(self.seed, step, _DECISION)
-            return bool(bernoulli_decision(draw, p))
+            draw = uniform_for(self.seed, step, gi, _DECISION)
+            return _Decision(bool(bernoulli_decision(draw, p)), p, group["decision_total"])
         decide = counter_decision if rule == "counter" else accumulator_decision
         do_fit, total = decide(group["decision_total"], p, np)
-        group["pending_decision_total"] = float(total)
-        return bool(do_fit)
+        return _Decision(bool(do_fit), p, float(total))
 
     def _newton_gradients(self, closure, newton, decisions, probes, hvps):
-        params = [p for group in self.param_groups for p in group["params"] if p.requires_grad]
+        methods = {group["hvp_method"] for _, group in newton}
+        if len(methods) > 1:
+            raise ValueError(
+                f"Newton-type groups must share one hvp_method; got {sorted(methods)}."
+            )
+        everything = [p for group in self.param_groups for p in group["params"]]
+        for p in everything:
+            if not p.requires_grad:
+                p.grad = None  # frozen parameters must not step on a stale gradient
+        params = [p for p in everything if p.requires_grad]
         newton_params = []
         for gi, group in newton:
-            if not decisions[gi]:
+            if not decisions[gi].fit:
                 continue
             for index, p in enumerate(group["params"]):
                 if p.requires_grad:
@@ -438,17 +492,30 @@ class Kron(torch.optim.Optimizer):
                 grads = torch.autograd.grad(loss, params, allow_unused=True)
             loss = loss.detach()
         else:
-            method = newton[0][1]["hvp_method"]
             loss, grads, products = hessian_vector_products(
-                closure, params, newton_params, [probes[id(p)] for p in newton_params], method
+                closure,
+                params,
+                newton_params,
+                [probes[id(p)] for p in newton_params],
+                methods.pop(),
             )
             hvps.update({id(p): h for p, h in zip(newton_params, products)})
         for p, g in zip(params, grads):
             p.grad = None if g is None else g
         return loss
 
-    def _step_group(self, gi, group, do_fit, probes, hvps) -> None:
+    def _raise_on_nonfinite(self) -> None:
+        for gi, group in enumerate(self.param_groups):
+            for index, p in enumerate(group["params"]):
+                if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
+                    raise FloatingPointError(
+                        f"Non-finite gradient in parameter {index} of group {gi} "
+                        f"(shape {tuple(p.shape)}); nothing was updated."
+                    )
+
+    def _step_group(self, gi, group, decision, probes, hvps) -> None:
         layout, options = self._options(group)
+        do_fit = decision.fit
         step = group["step"]
         buckets: dict[Any, list[tuple[int, torch.Tensor]]] = {}
         for index, p in enumerate(group["params"]):
@@ -463,27 +530,29 @@ class Kron(torch.optim.Optimizer):
             if not self.stack_params:
                 key = (*key, index)
             buckets.setdefault(key, []).append((index, p))
-        schedule = group["preconditioner_update_probability"]
-        probability = float(
-            probability_at(DEFAULT_SCHEDULE if schedule is None else schedule, step)
-        )
-        use_cache = group["cached"] if group["cached"] is not None else probability < 0.5
+        if not buckets:  # nothing to step: the group's clock and decision counter stand still
+            return
+        use_cache = group["cached"] if group["cached"] is not None else decision.probability < 0.5
         if use_cache:
             options = dataclasses.replace(options, cache=True)
         balance_draw = uniform_for(self.seed, step, gi, _BALANCE)
         do_balance = do_fit and balance_draw < group["balance_probability"]
         for members in buckets.values():
             self._step_bucket(gi, group, members, layout, options, do_fit, do_balance, probes, hvps)
-        if "pending_decision_total" in group:
-            group["decision_total"] = group.pop("pending_decision_total")
+        group["decision_total"] = decision.total
         group["step"] = step + 1
 
-    def _init_state(self, group, p, plan, options) -> dict[str, Any]:
+    def _init_state(self, group, p, plan, options, probes, hvps) -> dict[str, Any]:
         precond_dtype = _dtype(group["precond_dtype"], "precond_dtype") or torch.float32
         mu_dtype = _dtype(group["mu_dtype"], "mu_dtype") or p.dtype
         like = torch.zeros((), dtype=precond_dtype, device=p.device)
         scale = group["precond_init_scale"]
-        if scale is None:
+        if scale is None and id(p) in hvps:  # Newton: (E v²)^¼ (E h⁴)^(-1/8), algorithm.md §2.4
+            v, h = probes[id(p)].to(precond_dtype), hvps[id(p)].to(precond_dtype)
+            scale = scale_from_moments(
+                fourth_moment(h, OPS), OPS, group["damping"], probe_second=(v * v).mean()
+            )
+        elif scale is None:
             grad = p.grad.to(precond_dtype)
             scale = scale_from_moments(fourth_moment(grad, OPS), OPS, group["damping"])
         state = self.state[p]
@@ -517,22 +586,24 @@ class Kron(torch.optim.Optimizer):
         """One ``kron_step`` for same-shape parameters ``members`` (``(index, param)`` pairs)."""
         plan = make_plan(tuple(members[0][1].shape), layout)
         params = [p for _, p in members]
-        states = [self.state[p] or self._init_state(group, p, plan, options) for p in params]
+        states = [
+            self.state[p] or self._init_state(group, p, plan, options, probes, hvps) for p in params
+        ]
         dtype = states[0]["factors"][0].dtype
-        step, size = group["step"], len(params)
+        size = len(params)
         grads, finite, all_finite = self._gather_gradients(gi, group, params, states, dtype)
-        raw_grads = grads
+        clipped_grads = grads  # what MARS remembers as the previous gradient
         if group["mars"]:
             previous = stack([s["previous_grad"] for s in states]).to(dtype)
             grads = mars_correction(grads, previous, group["b1"], group["mars_gamma"], OPS)
-        params_stacked = stack([p.detach() for p in params]).to(dtype)
         if group["weight_decay"] and not group["decoupled_weight_decay"]:
-            grads = grads + group["weight_decay"] * params_stacked
-        bucket = (gi, *(index for index, _ in members))
-        old = self._stacked_state(bucket, states, plan, dtype)
+            grads = grads + group["weight_decay"] * stack([p.detach() for p in params]).to(dtype)
+        bucket = (gi, tuple(plan.shape), dtype, grads.device)
+        indices = tuple(index for index, _ in members)
+        old = self._stacked_state(bucket, indices, states, plan, dtype)
         count = stack([s["count"] for s in states]).view(-1, *[1] * len(plan.shape))
         fit_inputs = self._fit_inputs(gi, group, members, plan, dtype, do_fit, probes, hvps)
-        step_fn = self._compiled_step(plan, options, do_fit, grads.device)
+        step_fn = self._compiled_step(plan, options, do_fit, size, dtype, grads.device)
         y, new = step_fn(
             old,
             grads,
@@ -555,25 +626,33 @@ class Kron(torch.optim.Optimizer):
         if not all_finite:
             new = select_state(finite, new, old, plan.num_blocks, OPS)
             y = y * finite.view(count.shape).to(dtype)
+        self._update_params(group, params, y, finite, all_finite)
+        self._write_back(gi, group, members, states, plan, new, clipped_grads, finite, all_finite)
+        self._remember_stack(bucket, indices, states, new, dtype)
+
+    def _update_params(self, group, params, y, finite, all_finite) -> None:
+        """``θ ← θ·(1 - lr·wd) - lr·y`` in each parameter's own dtype (a float64 parameter is
+        never rounded through the float32 preconditioner)."""
         lr = group["lr"]
         if group["warmup_steps"]:
-            lr = lr * min(1.0, (step + 1) / group["warmup_steps"])
+            lr = lr * min(1.0, (group["step"] + 1) / group["warmup_steps"])
         decay = 1.0 - lr * group["weight_decay"] if group["decoupled_weight_decay"] else 1.0
-        if decay != 1.0 and not all_finite:
-            decay = torch.where(finite.view(count.shape), decay, 1.0)
-        updated = params_stacked * decay - lr * y
-        self._write_back(
-            gi, group, members, states, plan, new, updated, raw_grads, finite, all_finite
-        )
-        self._remember_stack(bucket, states, new, dtype)
+        if decay != 1.0:
+            if all_finite:
+                torch._foreach_mul_(params, decay)
+            else:
+                factors = torch.where(finite, decay, 1.0)
+                torch._foreach_mul_(params, [factors[s].to(p.dtype) for s, p in enumerate(params)])
+        torch._foreach_add_(params, [y[s].to(p.dtype) for s, p in enumerate(params)], alpha=-lr)
 
-    def _compiled_step(self, plan, options, do_fit, device) -> Callable:
-        """``kron_step``, compiled once per (plan, options, fit or not) when ``compile`` is on
-        (by default on accelerators only: on the CPU the compile time outweighs the gain)."""
+    def _compiled_step(self, plan, options, do_fit, size, dtype, device) -> Callable:
+        """``kron_step``, compiled once per (plan, options, fit or not, stack size, dtype) when
+        ``compile`` is on (by default on accelerators only: on the CPU the compile time outweighs
+        the gain)."""
         enabled = self.compile if self.compile is not None else device.type != "cpu"
         if not enabled:
             return kron_step
-        key = (plan, options, do_fit)
+        key = (plan, options, do_fit, size, dtype, device)
         if key not in self._compiled:
             # A fresh code object per key gives each its own compile cache, so models with many
             # shapes never hit dynamo's per-function recompile limit (no global setting changes).
@@ -596,8 +675,6 @@ class Kron(torch.optim.Optimizer):
         size = len(params)
         grads = stack([p.grad for p in params]).to(dtype)
         finite = torch.isfinite(grads).reshape(size, -1).all(1)
-        if self.nonfinite == "raise" and not bool(finite.all()):
-            raise FloatingPointError(f"Non-finite gradient in param group {gi}.")
         all_finite = grads.device.type == "cpu" and bool(finite.all())
         if not all_finite:
             grads = torch.where(finite.view(-1, *[1] * (grads.ndim - 1)), grads, 0.0)
@@ -630,17 +707,15 @@ class Kron(torch.optim.Optimizer):
                 inputs[key] = plan.to_blocks(stacked, OPS, stacked=True)
         return inputs
 
-    def _stacked_state(self, bucket, states, plan, dtype) -> TensorState:
+    def _stacked_state(self, bucket, indices, states, plan, dtype) -> TensorState:
         """The bucket's state stacked along axis 0. Per-parameter state entries are views into the
-        previous step's stacked tensors; while they are untouched those tensors are reused, and
-        otherwise (a checkpoint was loaded, state was edited) they are stacked afresh."""
+        previous step's stacked tensors; while the same parameters step and every entry is still
+        that view, those tensors are reused; otherwise (a checkpoint was loaded, state was
+        edited, a parameter had no gradient) they are stacked afresh."""
         remembered = self._stacks.get(bucket)
-        if remembered is not None:
-            entries, stacked = remembered
-            if len(entries) == len(states) and all(
-                all(s[key] is entry[k] for k, key in enumerate(_STACKED_KEYS))
-                for s, entry in zip(states, entries)
-            ):
+        if remembered is not None and remembered[0] == indices:
+            _, entries, stacked = remembered
+            if all(_same_entries(s, entry) for s, entry in zip(states, entries)):
                 return stacked
         order = plan.order
         return TensorState(
@@ -652,19 +727,17 @@ class Kron(torch.optim.Optimizer):
             else (),
         )
 
-    def _remember_stack(self, bucket, states, new, dtype) -> None:
-        if states[0]["momentum"].dtype != dtype:  # stored rounded: restack from storage
+    def _remember_stack(self, bucket, indices, states, new, dtype) -> None:
+        """One remembered stack per bucket; it is dropped when momentum is stored in another
+        dtype (the stored, rounded values must be restacked)."""
+        if states[0]["momentum"].dtype != dtype:
             self._stacks.pop(bucket, None)
             return
-        entries = [tuple(s[key] for key in _STACKED_KEYS) for s in states]
-        self._stacks[bucket] = (entries, new)
+        self._stacks[bucket] = (indices, [_entries(s) for s in states], new)
 
-    def _write_back(
-        self, gi, group, members, states, plan, new, updated, raw_grads, finite, all_finite
-    ):
-        """Store each parameter's slice of the stacked results."""
+    def _write_back(self, gi, group, members, states, plan, new, clipped_grads, finite, all_finite):
+        """Store each parameter's slice of the stacked state."""
         nb, step = plan.num_blocks, group["step"]
-        torch._foreach_copy_([p for _, p in members], list(updated.unbind(0)))
         if all_finite:
             torch._foreach_add_([state["count"] for state in states], 1.0)
         for s, ((index, _), state) in enumerate(zip(members, states)):
@@ -682,10 +755,10 @@ class Kron(torch.optim.Optimizer):
                 state["skipped"] = state["skipped"] + (~finite[s]).to(torch.int64)
             if group["mars"]:
                 kept = (
-                    raw_grads[s]
+                    clipped_grads[s]
                     if all_finite
                     else torch.where(
-                        finite[s], raw_grads[s], state["previous_grad"].to(raw_grads.dtype)
+                        finite[s], clipped_grads[s], state["previous_grad"].to(clipped_grads.dtype)
                     )
                 )
                 state["previous_grad"] = kept.to(state["previous_grad"].dtype)
@@ -702,6 +775,7 @@ class Kron(torch.optim.Optimizer):
         for saved, current in zip(groups, self.param_groups):
             merged.append({**{k: v for k, v in current.items() if k != "params"}, **saved})
         super().load_state_dict({**state_dict, "param_groups": merged})
+        self._stacks.clear()
         saved_ids = [i for g in groups for i in g["params"]]
         current = [p for g in self.param_groups for p in g["params"]]
         for saved_id, p in zip(saved_ids, current):

@@ -1,0 +1,149 @@
+"""Edge cases found in review: dtypes, Newton corner cases, partial steps, validation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from kron.torch import Kron
+from kron.torch.functional import hessian_vector_products
+
+
+def test_float64_parameters_are_not_rounded_through_float32():
+    p = nn.Parameter(torch.tensor([1.0 + 1e-12, 2.0], dtype=torch.float64))
+    before = p.detach().clone()
+    opt = Kron([p], lr=0.0)
+    p.grad = torch.ones(2, dtype=torch.float64)
+    opt.step()
+    assert torch.equal(p.detach(), before)
+
+
+def test_finite_differences_replay_dropout_and_restore_parameters():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 6), nn.Tanh(), nn.Dropout(0.3), nn.Linear(6, 1))
+    x = torch.randn(32, 6)
+    params = list(model.parameters())
+    probes = [torch.randn_like(p) for p in params]
+    before = [p.detach().clone() for p in params]
+
+    def closure():
+        return (model(x) ** 2).mean()
+
+    torch.manual_seed(1)
+    _, _, exact = hessian_vector_products(closure, params, params, probes, "double_backward")
+    torch.manual_seed(1)
+    _, _, approx = hessian_vector_products(closure, params, params, probes, "finite_difference")
+    for a, b in zip(exact, approx):
+        assert torch.linalg.norm(a - b) <= 0.05 * torch.linalg.norm(a) + 1e-4
+    for p, b in zip(params, before):
+        assert torch.equal(p.detach(), b)
+
+
+def test_newton_with_unused_and_frozen_parameters():
+    torch.manual_seed(0)
+    w, unused, frozen = (nn.Parameter(torch.randn(4, 3)) for _ in range(3))
+    opt = Kron(
+        [w, unused, frozen],
+        lr=0.01,
+        preconditioner_type="newton",
+        preconditioner_update_probability=1.0,
+    )
+    frozen.grad = torch.ones(4, 3)  # a stale gradient from before it was frozen
+    frozen.requires_grad_(False)
+    frozen_before, unused_before = frozen.detach().clone(), unused.detach().clone()
+    for _ in range(3):
+        opt.step(lambda: (w**2).sum() + (frozen * w).sum())
+    assert torch.equal(frozen.detach(), frozen_before)
+    assert torch.equal(unused.detach(), unused_before)
+    assert not torch.equal(w.detach(), torch.zeros(4, 3))
+
+
+def test_mixed_hvp_methods_are_rejected():
+    a, b = nn.Parameter(torch.ones(2, 2)), nn.Parameter(torch.ones(2, 2))
+    opt = Kron(
+        [
+            {"params": [a], "hvp_method": "double_backward"},
+            {"params": [b], "hvp_method": "finite_difference"},
+        ],
+        preconditioner_type="newton",
+    )
+    with pytest.raises(ValueError, match="one hvp_method"):
+        opt.step(lambda: (a * b).sum())
+
+
+def test_raise_mode_updates_nothing_when_any_gradient_is_bad():
+    a, b = nn.Parameter(torch.ones(3, 3)), nn.Parameter(torch.ones(3, 3))
+    opt = Kron([{"params": [a]}, {"params": [b]}], nonfinite="raise", lr=0.1)
+    a.grad, b.grad = torch.ones(3, 3), torch.full((3, 3), float("nan"))
+    with pytest.raises(FloatingPointError, match="parameter 0 of group 1"):
+        opt.step()
+    assert torch.equal(a.detach(), torch.ones(3, 3))
+    assert [g["step"] for g in opt.param_groups] == [0, 0]
+
+
+def test_a_group_without_gradients_keeps_its_clock():
+    a = nn.Parameter(torch.ones(3, 3))
+    opt = Kron([a], preconditioner_update_probability=0.25)
+    opt.step()  # no gradient
+    assert opt.param_groups[0]["step"] == 0 and opt.param_groups[0]["decision_total"] == 0.0
+
+
+def test_stacked_state_cache_stays_bounded_and_sees_replaced_entries():
+    params = [nn.Parameter(torch.randn(4, 4)) for _ in range(5)]
+    opt = Kron(params, lr=0.01, preconditioner_update_probability=1.0)
+    for step in range(12):
+        for i, p in enumerate(params):
+            p.grad = torch.randn(4, 4) if (step + i) % 3 else None
+        opt.step()
+    assert len(opt._stacks) == 1  # one bucket: one remembered stack, whatever the subset
+    for p in params:
+        p.grad = torch.zeros(4, 4)
+    target = opt.state[params[0]]
+    target["factors"][0] = 7 * torch.eye(4).expand(1, 4, 4).clone()
+    opt.param_groups[0]["lr"] = 0.0
+    opt.param_groups[0]["preconditioner_update_probability"] = 1e-6  # no fit: Q stays as set
+    opt.step()
+    torch.testing.assert_close(opt.state[params[0]]["factors"][0][0], 7 * torch.eye(4))
+
+
+def test_rejected_param_group_leaves_the_optimizer_unchanged():
+    a, b = nn.Parameter(torch.ones(2)), nn.Parameter(torch.ones(2))
+    opt = Kron([a])
+    with pytest.raises(ValueError, match="Invalid b1"):
+        opt.add_param_group({"params": [b], "b1": 2.0})
+    assert len(opt.param_groups) == 1
+    opt.add_param_group({"params": [b], "b1": 0.5})
+    assert len(opt.param_groups) == 2
+
+
+def test_non_positive_clip_thresholds_are_rejected():
+    with pytest.raises(ValueError, match="threshold must be > 0"):
+        Kron([nn.Parameter(torch.ones(2))], update_clip_value=-1.0)
+
+
+def test_schedule_values_are_checked_every_step():
+    p = nn.Parameter(torch.ones(2, 2))
+    opt = Kron([p], preconditioner_update_probability=lambda step: 0.0)
+    p.grad = torch.ones(2, 2)
+    with pytest.raises(ValueError, match=r"gave 0\.0 at step 0 of group 0"):
+        opt.step()
+
+
+def test_newton_automatic_init_scale_comes_from_the_hessian():
+    """With H = 4I and Gaussian v the rule (E v²)^¼ (E h⁴)^(-1/8) gives
+    Q₀ ≈ (3·4⁴)^(-1/8)·I ≈ 0.437·I whatever θ is (it once came from the gradient instead)."""
+    for start in (1e-3, 1.0):
+        w = nn.Parameter(torch.full((64,), start, dtype=torch.float64))
+        opt = Kron(
+            [w],
+            lr=0.0,
+            preconditioner_type="newton",
+            precond_init_scale=None,
+            precond_dtype=torch.float64,
+            preconditioner_update_probability=1.0,
+            precond_lr=1e-12,
+        )
+        opt.step(lambda w=w: 2.0 * (w**2).sum())
+        scale = opt.state[w]["factors"][0].mean().item()
+        assert scale == pytest.approx(0.5 * 3 ** (-1 / 8), rel=0.05), (start, scale)
