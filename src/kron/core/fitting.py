@@ -246,7 +246,8 @@ def fit(
                 t2 = _as_matrix(count, q, ops) if dense else count + 0.0 * t1
                 biggest = count if isinstance(count, float) else ops.max(count, axis=-1)
                 ell = _bound(t1, dense, options, ops, probes) + biggest
-        lip = lipschitz_update(lip, ell, options.beta_lipschitz, ops)
+        # The estimate keeps its stored dtype, so a state's dtypes never change in a step.
+        lip = ops.astype(lipschitz_update(lip, ell, options.beta_lipschitz, ops), ops.dtype(lip))
         # L is kept in at least float32; the step is applied in the factor's own dtype.
         step = ops.astype(_per_block(lr / ops.maximum(lip, floor), q, ops), ops.dtype(q))
         g = t1 - t2

@@ -1,0 +1,152 @@
+"""kron.optax: psgdax's contract on kron.core — parity, jit, state invariance, bad input."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from kron.core import (
+    FitOptions,
+    LayoutOptions,
+    StepOptions,
+    TensorState,
+    get_ops,
+    init_factors,
+    init_lipschitz,
+    kron_step,
+    make_plan,
+)
+from kron.optax import kron, scale_by_kron
+from kron.optax.transform import leaf_key
+
+OPS = get_ops("jax")
+STEPS = 20
+
+
+def grad_at(step: int, shape) -> jnp.ndarray:
+    return jnp.asarray(np.random.default_rng(step).standard_normal(shape))
+
+
+@pytest.mark.parametrize("mode", ["Q0.5EQ1.5", "EQ", "QUAD"])
+def test_reproduces_the_core_step_for_step(mode):
+    shape = (5, 3)
+    tx = scale_by_kron(
+        preconditioner_mode=mode,
+        preconditioner_update_probability=1.0,
+        decision_rule="counter",
+        norm_bound="power",
+        balance_probability=0.0,
+        precond_dtype=jnp.float64,
+        max_skew_triangular=float("inf"),
+    )
+    params = {"w": jnp.zeros(shape)}
+    state = tx.init(params)
+    layout = LayoutOptions(max_size=8192, max_skew=float("inf"), min_ndim_dense=2)
+    options = StepOptions(
+        layout=layout,
+        fit=FitOptions(geometry=mode, norm_bound="power"),
+        beta=0.9,
+        momentum_rule="running_mean",
+        clip_rms=1.0,
+        clip_max=None,
+    )
+    plan = make_plan(shape, layout)
+    like = jnp.zeros((), jnp.float64)
+    reference = TensorState(
+        tuple(init_factors(plan, 1.0, like, OPS)),
+        tuple(init_lipschitz(plan, like, OPS)),
+        jnp.zeros((1, *shape)),
+    )
+    update = jax.jit(tx.update)
+    for step in range(STEPS):
+        g = grad_at(step, shape)
+        updates, state = update({"w": g}, state)
+        noise = jax.random.normal(
+            leaf_key(state.key, jnp.int32(step), 0, 0), (1, *shape), jnp.float64
+        )
+        y, reference = kron_step(
+            reference,
+            g[None],
+            float(step),
+            noise,
+            plan=plan,
+            options=options,
+            precond_lr=0.1,
+            do_fit=True,
+            ops=OPS,
+        )
+        np.testing.assert_allclose(updates["w"], y[0], rtol=1e-9, atol=1e-12)
+    for a, b in zip(state.factors["w"], reference.factors):
+        np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_state_keeps_dtypes_and_shapes_and_update_jits():
+    params = {
+        "w": jnp.zeros((6, 4), jnp.float32),
+        "b": jnp.zeros(4, jnp.bfloat16),
+        "s": jnp.zeros((), jnp.float32),
+    }
+    tx = kron(learning_rate=1e-2, weight_decay=1e-3)
+    state = tx.init(params)
+    grads = jax.tree.map(lambda p: jnp.ones_like(p), params)
+    after = jax.eval_shape(lambda s: tx.update(grads, s, params)[1], state)
+    same = jax.tree.map(lambda a, b: a.shape == b.shape and a.dtype == b.dtype, state, after)
+    assert all(jax.tree.leaves(same))
+    updates, _ = jax.jit(tx.update)(grads, state, params)
+    assert updates["b"].dtype == jnp.bfloat16
+
+
+def test_non_finite_gradient_leaves_that_leaf_untouched():
+    tx = scale_by_kron(preconditioner_update_probability=1.0)
+    params = {"a": jnp.zeros((4, 4)), "b": jnp.zeros((4, 4))}
+    state = tx.init(params)
+    _, state = tx.update({"a": jnp.ones((4, 4)), "b": jnp.ones((4, 4))}, state)
+    bad = jnp.ones((4, 4)).at[1, 1].set(jnp.nan)
+    updates, after = tx.update({"a": bad, "b": jnp.ones((4, 4))}, state)
+    assert jnp.all(updates["a"] == 0)
+    for x, y in zip(
+        jax.tree.leaves((state.mu["a"], state.factors["a"], state.lipschitz["a"])),
+        jax.tree.leaves((after.mu["a"], after.factors["a"], after.lipschitz["a"])),
+    ):
+        np.testing.assert_array_equal(x, y)
+    assert int(after.skipped["a"]) == 1 and int(after.skipped["b"]) == 0
+    assert bool(jnp.all(jnp.isfinite(updates["b"])))
+
+
+def test_unknown_mode_raises_instead_of_falling_back():
+    with pytest.raises(ValueError, match=r"Q0\.5EQ1\.5"):
+        scale_by_kron(preconditioner_mode="Q1EQ1")
+    with pytest.raises(ValueError, match="b1 > 0"):
+        scale_by_kron(whiten_grad=False, b1=0.0)
+
+
+def test_trains_a_rotated_least_squares_problem():
+    """Least squares (256 samples, 8 rotated features scaled over 1.5 decades, 4 outputs),
+    300 full-batch steps. Measured loss/start: kron (lr 3e-2) 1.4e-6; optax.adam 2.9e-4 at its
+    best lr of {1e-2, 3e-2, 1e-1}. The test asks for 1e-4."""
+    rng = np.random.default_rng(0)
+    rotation, _ = np.linalg.qr(rng.standard_normal((8, 8)))
+    x = jnp.asarray(rng.standard_normal((256, 8)) * np.logspace(0, 1.5, 8) @ rotation)
+    w_true = jnp.asarray(rng.standard_normal((8, 4)))
+    y = x @ w_true
+
+    def loss(params):
+        return jnp.mean((x @ params["w"] - y) ** 2)
+
+    tx = kron(learning_rate=3e-2)
+    params = {"w": jnp.zeros((8, 4))}
+    state = tx.init(params)
+
+    @jax.jit
+    def step(params, state):
+        grads = jax.grad(loss)(params)
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    start = loss(params)
+    for _ in range(300):
+        params, state = step(params, state)
+    assert loss(params) < 1e-4 * start, float(loss(params) / start)
