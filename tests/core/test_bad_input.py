@@ -180,7 +180,8 @@ def _zero_fit(
 
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize(
-    ("damping_rule", "damping"), [("elementwise", 1e-9), ("elementwise", 0.0), ("mean_abs", 0.0)]
+    ("damping_rule", "damping"),
+    [("elementwise", 1e-9), ("elementwise", 0.0), ("mean_abs", 0.0), ("absolute", 1e-9)],
 )
 @pytest.mark.parametrize("geometry", ALL_GEOMETRIES)
 def test_whitening_on_zero_gradient_is_finite(backend, geometry, damping_rule, damping, case):

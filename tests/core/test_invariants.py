@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from kron.core import (
+    DAMPING_RULES,
     STATE_IS_P,
     FitOptions,
     LayoutOptions,
@@ -21,6 +22,7 @@ from kron.core import (
     balance,
     clip_rms,
     counter_decision,
+    damp,
     exponential_schedule,
     fit,
     get_ops,
@@ -611,3 +613,21 @@ def test_fit_is_pure(backend):
     for f, b in zip(factors, before):
         np.testing.assert_array_equal(backend.numpy(f), b)
     assert not np.allclose(backend.numpy(new[0]), before[0])
+
+
+@pytest.mark.parametrize("rule", DAMPING_RULES)
+def test_damping_rules(backend, rule):
+    """Each rule adds its own multiple of the noise; "absolute" ignores |x| (eformer's noise_scale),
+    "elementwise" grows with |x|, "mean_abs" uses one level per block."""
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((2, 3, 4)) * np.array([1.0, 100.0])[:, None, None]
+    noise = rng.standard_normal((2, 3, 4))
+    options = FitOptions(damping=1e-3, damping_rule=rule)
+    got = backend.numpy(damp(backend.array(x), backend.array(noise), options, backend.ops))
+    level = {
+        "absolute": 1e-3,
+        "elementwise": 1e-3 + np.finfo(np.float64).eps * np.abs(x),
+        "mean_abs": math.sqrt(float(np.finfo(np.float32).eps))
+        * np.abs(x).mean(axis=(1, 2), keepdims=True),
+    }[rule]
+    np.testing.assert_allclose(got, x + level * noise, rtol=1e-12, atol=0)

@@ -36,7 +36,7 @@ from kron.core.procrustes import procrustes_repeat3, procrustes_step2
 GEOMETRIES = ("EQ", "QEQ", "Q0.5EQ1.5", "QUAD", "QEP", "PRO4P", "QUAD4P")
 GEOMETRY_ALIASES = {"Q0p5EQ1p5": "Q0.5EQ1.5", "QE": "QEQ"}
 STATE_IS_P = frozenset({"PRO4P", "QUAD4P"})
-DAMPING_RULES = ("elementwise", "mean_abs")
+DAMPING_RULES = ("elementwise", "mean_abs", "absolute")
 
 
 def canonical_geometry(name: str) -> str:
@@ -59,7 +59,8 @@ class FitOptions:
         gives kron_torch's per-step normaliser. Default 0.9.
       damping: δ, the absolute damping of the ``"elementwise"`` rule. Default 1e-9.
       damping_rule: ``"elementwise"``: ``x + (δ + eps·|x|)·ξ`` (psgd_torch, heavyball);
-        ``"mean_abs"``: ``x + √eps_f32·mean|x|·ξ`` (kron_torch, psgd_jax). Default elementwise.
+        ``"mean_abs"``: ``x + √eps_f32·mean|x|·ξ`` (kron_torch, psgd_jax); ``"absolute"``:
+        ``x + δ·ξ`` (eformer's ``noise_scale``; δ = 0 fits on ``x`` itself). Default elementwise.
       norm_bound: spectral-norm lower bound for dense factors, one of
         :data:`kron.core.norms.NORM_BOUNDS`. Default ``"power"``.
       normalizer_floor: the step is ``μ / max(L, floor)``. Default 0 (the dtype's ``tiny``).
@@ -102,6 +103,8 @@ def damp(x: Any, noise: Any, options: FitOptions, ops: Any, mask: Any = None) ->
         total = ops.sum(ops.abs(x), axis=axes, keepdims=True)
         count = math.prod(x.shape[1:]) if mask is None else ops.sum(mask, axis=axes, keepdims=True)
         return x + math.sqrt(1.1920928955078125e-07) * (total / count) * noise
+    if options.damping_rule == "absolute":
+        return x + options.damping * noise
     return x + (options.damping + ops.eps(ops.dtype(x)) * ops.abs(x)) * noise
 
 
