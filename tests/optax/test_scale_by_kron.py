@@ -20,7 +20,7 @@ from kron.core import (
     make_plan,
 )
 from kron.optax import kron, scale_by_kron
-from kron.optax.transform import leaf_key
+from kron.optax import leaf_key
 
 OPS = get_ops("jax")
 STEPS = 20

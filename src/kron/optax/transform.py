@@ -1,72 +1,20 @@
-"""``scale_by_kron``: PSGD-Kron as an optax ``GradientTransformation`` over :mod:`kron.core`.
+"""``scale_by_kron``: PSGD-Kron as an optax ``GradientTransformation`` (psgdax's contract).
 
-The state is a pytree of arrays only (static layout is recomputed from leaf shapes), so ``init``
-and ``update`` jit, checkpoint with any pytree serialiser, and keep dtypes and shapes from step to
-step. Randomness is counter-based: every draw of step ``t`` for leaf ``i`` comes from
-``fold_in(fold_in(key, t), i)``, so a restored state repeats the run that never stopped. Whether
-to fit the preconditioner is decided inside the jitted update with ``lax.cond``.
+The arithmetic is :mod:`kron.core`'s; :mod:`kron.optax.engine` stacks the leaves, draws the
+randomness and decides when to fit. This module only maps psgdax's options onto them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from kron.core import (
-    FitOptions,
-    LayoutOptions,
-    StepOptions,
-    TensorState,
-    balance,
-    counter_decision,
-    exponential_schedule,
-    fourth_moment,
-    get_ops,
-    init_factors,
-    init_lipschitz,
-    kron_step,
-    make_plan,
-    select_state,
-    shared_scale,
-)
-
-OPS = get_ops("jax")
-# Stream identifiers folded into a leaf's key.
-_NOISE, _PROBES, _BALANCE, _DECISION = range(4)
-
-
-class KronState(NamedTuple):
-    """State of :func:`scale_by_kron`.
-
-    Attributes:
-      count: int32 scalar, steps taken.
-      mu: momentum, like the params, in ``mu_dtype``.
-      factors: per leaf, a tuple of ``Q_i`` (``(B, n, n)`` or ``(B, n)``) in ``precond_dtype``.
-      lipschitz: per leaf, a tuple of ``(B,)`` Lipschitz estimates (at least float32).
-      decision_total: float32 scalar, the counter of the deterministic decision rule.
-      needs_scale_init: bool scalar; with ``preconditioner_init_scale=None`` the first update
-        rescales Q from the first gradients.
-      skipped: int32 scalar per leaf, updates skipped for a non-finite gradient.
-      key: the PRNG key (``jax.random.PRNGKey(seed)``).
-    """
-
-    count: jax.Array
-    mu: Any
-    factors: Any
-    lipschitz: Any
-    decision_total: jax.Array
-    needs_scale_init: jax.Array
-    skipped: Any
-    key: jax.Array
-
-
-def leaf_key(key: jax.Array, count: jax.Array, index: int, stream: int) -> jax.Array:
-    """The key of one random stream of leaf ``index`` at step ``count``."""
-    return jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(key, count), index), stream)
+from kron.core import FitOptions, LayoutOptions, StepOptions, exponential_schedule, get_ops
+from kron.optax.engine import EngineConfig, build
 
 
 def scale_by_kron(
@@ -90,6 +38,10 @@ def scale_by_kron(
     norm_bound: str = "subspace",
     balance_probability: float = 0.01,
     decision_rule: str = "bernoulli",
+    scanned_layers: Any = None,
+    lax_map_scanned_layers: bool = False,
+    lax_map_batch_size: int = 8,
+    preconditioner_type: str = "whitening",
     seed: int = 42,
 ) -> optax.GradientTransformationExtraArgs:
     """PSGD-Kron preconditioning of the updates (psgdax's ``scale_by_kron`` contract).
@@ -114,25 +66,25 @@ def scale_by_kron(
       beta_lipschitz, damping, norm_bound: ``kron.core.FitOptions``.
       balance_probability: chance per fit of rebalancing factor norms. Default 0.01.
       decision_rule: ``"bernoulli"`` (default, psgdax) or ``"counter"`` (psgd_jax).
+      scanned_layers: a bool pytree like the params (or a function of the params returning one);
+        True marks a leaf whose leading axis stacks layers, each with its own factors and
+        statistics. Default None (no scanned leaves).
+      lax_map_scanned_layers, lax_map_batch_size: walk scanned stacks with ``lax.map``,
+        ``lax_map_batch_size`` layers at a time (less memory, same numbers). Defaults False, 8.
+      preconditioner_type: ``"whitening"`` (default) or ``"newton"``: fit P on Hessian-vector
+        products, which needs ``update(grads, state, params, value_fn=loss_of_params)``; the
+        update probability is then the Hessian interval.
       seed: seed of the PRNG key in the state. Default 42.
     """
-    if decision_rule not in ("bernoulli", "counter"):
-        raise ValueError(
-            f"Unknown decision_rule {decision_rule!r}; accepted: 'bernoulli', 'counter'."
-        )
     if not whiten_grad and b1 <= 0:
         raise ValueError(f"whiten_grad=False whitens the momentum and needs b1 > 0; got {b1!r}.")
-    if preconditioner_init_scale is not None and not preconditioner_init_scale > 0:
-        raise ValueError(
-            f"preconditioner_init_scale must be > 0 or None; got {preconditioner_init_scale!r}."
-        )
     layout = LayoutOptions(
         max_size=max_size_triangular,
         max_skew=max_skew_triangular,
         min_ndim_dense=min_ndim_triangular,
         memory_save_mode=memory_save_mode,
     )
-    options = StepOptions(
+    step = StepOptions(
         layout=layout,
         fit=FitOptions(
             geometry=preconditioner_mode,
@@ -146,150 +98,26 @@ def scale_by_kron(
         clip_rms=grad_clip_max_amp,
         clip_max=None,
     )
-    schedule = (
-        exponential_schedule(ops=OPS)
-        if preconditioner_update_probability is None
-        else preconditioner_update_probability
+    if preconditioner_update_probability is None:
+        preconditioner_update_probability = exponential_schedule(ops=get_ops("jax"))
+    config = EngineConfig(
+        step=step,
+        precond_lr=preconditioner_lr,
+        update_probability=preconditioner_update_probability,
+        decision_rule=decision_rule,
+        balance_probability=balance_probability,
+        q_dtype=jnp.dtype(precond_dtype or jnp.float32),
+        mu_dtype=mu_dtype,
+        init_scale=preconditioner_init_scale,
+        fit_precision=precond_update_precision,
+        apply_precision=precond_grads_precision,
+        scanned_layers=scanned_layers,
+        lax_map_scanned_layers=lax_map_scanned_layers,
+        lax_map_batch_size=lax_map_batch_size,
+        preconditioner_type=preconditioner_type,
+        seed=seed,
     )
-    q_dtype = jnp.dtype(precond_dtype or jnp.float32)
-
-    def init_fn(params: Any) -> KronState:
-        leaves, treedef = jax.tree.flatten(params)
-        plans = [make_plan(tuple(leaf.shape), layout) for leaf in leaves]
-        like = jnp.zeros((), q_dtype)
-        scale = 1.0 if preconditioner_init_scale is None else preconditioner_init_scale
-        factors = [
-            tuple(init_factors(plan, scale, like, OPS, options.fit.state_is_p)) for plan in plans
-        ]
-        lip_like = jnp.zeros((), jnp.promote_types(q_dtype, jnp.float32))
-        lipschitz = [tuple(init_lipschitz(plan, lip_like, OPS)) for plan in plans]
-        mu = [jnp.zeros(leaf.shape, mu_dtype or leaf.dtype) for leaf in leaves]
-        return KronState(
-            count=jnp.zeros((), jnp.int32),
-            mu=treedef.unflatten(mu),
-            factors=treedef.unflatten(factors),
-            lipschitz=treedef.unflatten(lipschitz),
-            decision_total=jnp.zeros((), jnp.float32),
-            needs_scale_init=jnp.asarray(preconditioner_init_scale is None),
-            skipped=treedef.unflatten([jnp.zeros((), jnp.int32) for _ in leaves]),
-            key=jax.random.PRNGKey(seed),
-        )
-
-    def update_fn(updates: Any, state: KronState, params: Any = None, **extra_args: Any):
-        del params, extra_args
-        grads, treedef = jax.tree.flatten(updates)
-        plans = [make_plan(tuple(g.shape), layout) for g in grads]
-        count = state.count
-        factors = _maybe_init_scale(treedef.flatten_up_to(state.factors), grads, state, plans)
-        probability = jnp.asarray(schedule(count) if callable(schedule) else schedule, jnp.float32)
-        if decision_rule == "bernoulli":
-            draw = jax.random.uniform(leaf_key(state.key, count, 0, _DECISION))
-            do_fit, decision_total = draw < probability, state.decision_total
-        else:
-            do_fit, decision_total = counter_decision(state.decision_total, probability, OPS)
-        old = [
-            TensorState(f, lips, m[None].astype(q_dtype))
-            for f, lips, m in zip(
-                factors, treedef.flatten_up_to(state.lipschitz), treedef.flatten_up_to(state.mu)
-            )
-        ]
-        stacked = [g[None].astype(q_dtype) for g in grads]
-        finite = [jnp.all(jnp.isfinite(g)) for g in grads]
-        stacked = [jnp.where(ok, g, 0.0) for g, ok in zip(stacked, finite)]
-
-        def run(fit: bool):
-            def branch(_):
-                outs = []
-                for i, (plan, tensor_state, g) in enumerate(zip(plans, old, stacked)):
-                    fit_inputs = _fit_inputs(state.key, count, i, plan) if fit else {}
-                    with jax.default_matmul_precision(
-                        precond_update_precision if fit else precond_grads_precision
-                    ):
-                        y, new = kron_step(
-                            tensor_state,
-                            g,
-                            count.astype(q_dtype),
-                            fit_inputs.pop("noise", None),
-                            plan=plan,
-                            options=options,
-                            precond_lr=preconditioner_lr,
-                            do_fit=fit,
-                            ops=OPS,
-                            mask=_mask(plan),
-                            **fit_inputs,
-                        )
-                    if fit and balance_probability > 0:
-                        draw = jax.random.uniform(leaf_key(state.key, count, i, _BALANCE))
-                        new = new._replace(
-                            factors=jax.lax.cond(
-                                draw < balance_probability,
-                                lambda f: tuple(balance(f, OPS)),
-                                lambda f: tuple(f),
-                                new.factors,
-                            )
-                        )
-                    outs.append((y, new))
-                return outs
-
-            return branch
-
-        outs = jax.lax.cond(do_fit, run(True), run(False), None)
-        new_updates, new_mu, new_factors, new_lips, new_skipped = [], [], [], [], []
-        for (y, new), tensor_state, ok, plan, g, m, skipped in zip(
-            outs,
-            old,
-            finite,
-            plans,
-            grads,
-            treedef.flatten_up_to(state.mu),
-            treedef.flatten_up_to(state.skipped),
-        ):
-            new = select_state(ok[None], new, tensor_state, plan.num_blocks, OPS)
-            new_updates.append(jnp.where(ok, y[0], 0.0).astype(g.dtype))
-            new_mu.append(new.momentum[0].astype(m.dtype))
-            new_factors.append(new.factors)
-            new_lips.append(new.lipschitz)
-            new_skipped.append(skipped + (~ok).astype(jnp.int32))
-        new_state = KronState(
-            count=optax.safe_int32_increment(count),
-            mu=treedef.unflatten(new_mu),
-            factors=treedef.unflatten(new_factors),
-            lipschitz=treedef.unflatten(new_lips),
-            decision_total=jnp.asarray(decision_total, jnp.float32),
-            needs_scale_init=jnp.zeros((), bool),
-            skipped=treedef.unflatten(new_skipped),
-            key=state.key,
-        )
-        return treedef.unflatten(new_updates), new_state
-
-    def _maybe_init_scale(factors, grads, state, plans):
-        if preconditioner_init_scale is not None:
-            return factors
-        moments = [fourth_moment(g.astype(jnp.float32), OPS) for g in grads]
-        scale = jnp.where(state.needs_scale_init, shared_scale(moments, OPS, damping), 1.0)
-        if options.fit.state_is_p:
-            scale = scale * scale
-        return [
-            tuple(f * (scale ** (1.0 / plan.order)).astype(f.dtype) for f in leaf)
-            for leaf, plan in zip(factors, plans)
-        ]
-
-    def _fit_inputs(key, count, index, plan):
-        shape = (plan.num_blocks, *plan.block_shape)
-        inputs = {"noise": jax.random.normal(leaf_key(key, count, index, _NOISE), shape, q_dtype)}
-        if norm_bound == "subspace":
-            keys = jax.random.split(leaf_key(key, count, index, _PROBES), plan.order)
-            inputs["norm_probes"] = [
-                jax.random.normal(k, (plan.num_blocks, 32, n), q_dtype)
-                for k, n in zip(keys, plan.block_shape)
-            ]
-        return inputs
-
-    def _mask(plan):
-        mask = plan.mask()
-        return None if mask is None else jnp.asarray(mask, q_dtype)
-
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return build(config)
 
 
-__all__ = ["KronState", "leaf_key", "scale_by_kron"]
+__all__ = ["scale_by_kron"]

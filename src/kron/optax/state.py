@@ -1,0 +1,109 @@
+"""The optimizer state of :mod:`kron.optax`: a NamedTuple of arrays that also serialises itself.
+
+``to_dict``/``from_dict`` give nested Python containers of NumPy arrays (what ``np.savez`` or a
+pickle takes); ``to_json``/``from_json`` a text form that restores every array bit for bit,
+bfloat16 included; ``replace`` is ``_replace`` under the name eformer's state classes use.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+_ARRAY, _TUPLE = "__array__", "__tuple__"
+
+
+def leaf_key(key: jax.Array, count: jax.Array, index: int, stream: int) -> jax.Array:
+    """The key of random stream ``stream`` of leaf (or stack) ``index`` at step ``count``."""
+    return jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(key, count), index), stream)
+
+
+class KronState(NamedTuple):
+    """State of :func:`kron.optax.scale_by_kron`, :func:`~kron.optax.scale_by_quad` and
+    :func:`~kron.optax.scale_by_skew`.
+
+    Attributes:
+      count: int32 scalar, steps taken.
+      mu: momentum, shaped like the params, in ``mu_dtype``.
+      factors: per leaf, a tuple of ``Q_i``, each ``(S·B, n, n)`` (dense) or ``(S·B, n)``
+        (diagonal), where ``S`` is the number of scanned layers (1 for an unscanned leaf) and ``B``
+        the number of blocks per layer; layer ``s`` owns rows ``s·B … (s+1)·B - 1``.
+      lipschitz: per leaf, a tuple of ``(S·B,)`` Lipschitz estimates (at least float32).
+      decision_total: float32 scalar, the counter of the deterministic decision rule.
+      needs_scale_init: bool scalar; with an automatic init scale, Q is rescaled on the first
+        update (Newton type: on the first fit).
+      skipped: int32 scalar per leaf, layers whose update was skipped for a non-finite gradient.
+      key: the PRNG key every draw is folded from.
+    """
+
+    count: jax.Array
+    mu: Any
+    factors: Any
+    lipschitz: Any
+    decision_total: jax.Array
+    needs_scale_init: jax.Array
+    skipped: Any
+    key: jax.Array
+
+    def replace(self, **changes: Any) -> KronState:
+        """A copy with ``changes`` applied."""
+        return self._replace(**changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as nested dicts, lists and tuples of NumPy arrays."""
+        return {name: jax.tree.map(np.asarray, value) for name, value in self._asdict().items()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> KronState:
+        """Inverse of :meth:`to_dict`; arrays become JAX arrays of the same dtype."""
+        return cls(**{name: jax.tree.map(jnp.asarray, data[name]) for name in cls._fields})
+
+    def to_json(self, **kwargs: Any) -> str:
+        """The state as JSON; ``kwargs`` go to :func:`json.dumps`."""
+        return json.dumps(
+            {name: _encode(value) for name, value in self.to_dict().items()}, **kwargs
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> KronState:
+        """Inverse of :meth:`to_json`."""
+        return cls.from_dict({name: _decode(value) for name, value in json.loads(text).items()})
+
+
+def _encode(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return {_ARRAY: value.tolist(), "dtype": value.dtype.name, "shape": list(value.shape)}
+    if isinstance(value, tuple):
+        return {_TUPLE: [_encode(v) for v in value]}
+    if isinstance(value, list):
+        return [_encode(v) for v in value]
+    if isinstance(value, dict):
+        if not all(isinstance(k, str) for k in value):
+            raise TypeError(f"to_json needs string dict keys; got keys {list(value)!r}.")
+        return {k: _encode(v) for k, v in value.items()}
+    if value is None:
+        return None
+    raise TypeError(
+        f"to_json handles dicts, lists, tuples, None and arrays; got {type(value).__name__}. "
+        "Use to_dict with a pickle-based store for custom pytree nodes."
+    )
+
+
+def _decode(value: Any) -> Any:
+    if isinstance(value, dict) and _ARRAY in value:
+        dtype = jnp.dtype(value["dtype"])
+        return np.asarray(value[_ARRAY], dtype=dtype).reshape(value["shape"])
+    if isinstance(value, dict) and _TUPLE in value:
+        return tuple(_decode(v) for v in value[_TUPLE])
+    if isinstance(value, dict):
+        return {k: _decode(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_decode(v) for v in value]
+    return value
+
+
+__all__ = ["KronState", "leaf_key"]
