@@ -1,0 +1,140 @@
+"""The ``kron`` command: ``kron bench`` runs the benchmark suite (see ``kron bench --help``)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from . import plots, records, summary
+from .optimizers import OPTIMIZERS, get_optimizer
+from .suite import Entry, execute, learning_rates
+from .tasks import TASKS, get_task
+from .tiers import TIERS, Tier
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kron", description="PSGD-Kron tools.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    bench = commands.add_parser(
+        "bench",
+        help="run the benchmark suite",
+        description="Run tasks × optimizers × seeds; write one JSON record per run, "
+        "summary.md and PNG plots to --out. Finished runs found in --out are reused.",
+    )
+    tier = bench.add_mutually_exclusive_group()
+    for name, t in TIERS.items():
+        tier.add_argument(
+            f"--{name}", dest="tier", action="store_const", const=name, help=t.description
+        )
+    bench.add_argument("--list", action="store_true", help="list tasks, optimizers and tiers")
+    bench.add_argument("--task", nargs="+", metavar="NAME", help="only these tasks")
+    bench.add_argument("--optimizer", nargs="+", metavar="NAME", help="only these optimizers")
+    bench.add_argument("--seeds", help="a count N (seeds 0…N−1) or a comma list, e.g. 0,3")
+    bench.add_argument("--steps", type=int, help="step budget for every task (overrides tier)")
+    bench.add_argument("--out", type=Path, default=Path("bench-out"), help="output folder")
+    bench.add_argument(
+        "--framework",
+        default="torch",
+        choices=("torch",),
+        help="front end to benchmark (only PyTorch has a runner so far)",
+    )
+    bench.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads per run (default 1: deterministic and fair on a shared CPU)",
+    )
+    bench.add_argument(
+        "--no-sweep",
+        action="store_true",
+        help="run only the middle lr of each grid (the best measured for AdamW)",
+    )
+    return parser
+
+
+def _seeds(text: str | None, default: int) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    if "," in text:
+        return tuple(int(s) for s in text.split(",") if s)
+    return tuple(range(int(text)))
+
+
+def plan(args: argparse.Namespace, tier: Tier) -> tuple[list[Entry], bool]:
+    """The entries to run, from the tier narrowed or overridden by the command-line options."""
+    tasks = dict(tier.tasks)
+    if args.task:
+        tasks = {name: tier.tasks.get(name) for name in args.task}
+    seeds_override = _seeds(args.seeds, tier.seeds)
+    entries = []
+    for name, budget in tasks.items():
+        task = get_task(name)
+        names = args.optimizer or tier.optimizers_by_task.get(name, tier.optimizers)
+        specs = tuple(
+            spec
+            for spec in (get_optimizer(n) for n in names)
+            if spec.framework == args.framework and spec.available()
+        )
+        seeds = seeds_override or tuple(range(tier.seeds_by_task.get(name, tier.seeds)))
+        steps = args.steps or budget or task.steps
+        entries.append(Entry(task, steps, specs, seeds))
+    sweep = tier.sweep and not args.no_sweep
+    return entries, sweep
+
+
+def list_everything() -> str:
+    lines = ["Tasks (name, steps, success criterion):"]
+    lines += [f"  {t.name:22s} {t.steps:6d}  {t.criterion}" for t in TASKS.values()]
+    lines.append("Optimizers (name, lr grid, available):")
+    example = TASKS["deep_linear"]
+    for spec in OPTIMIZERS.values():
+        grid = ", ".join("default" if lr is None else f"{lr:g}" for lr in spec.grid(example))
+        lines.append(
+            f"  {spec.name:12s} [{grid}] (deep_linear's grid) "
+            f"{'yes' if spec.available() else 'not installed'}"
+        )
+    lines.append("Tiers:")
+    lines += [f"  --{t.name:9s} {t.description}" for t in TIERS.values()]
+    return "\n".join(lines)
+
+
+def bench(args: argparse.Namespace) -> int:
+    if args.list:
+        print(list_everything())
+        return 0
+    tier = TIERS[args.tier or ("quick" if not args.task else "standard")]
+    entries, sweep = plan(args, tier)
+    started = time.perf_counter()
+    execute(entries, args.out, sweep, args.threads)
+    # The summary and plots are made from every record in the folder, which is what lets a
+    # --standard run be assembled from several (resumed) invocations.
+    wanted = {e.task.name for e in entries}
+    all_records = [r for r in records.load_all(args.out) if r["config"]["task"] in wanted]
+    header = (
+        f"Command: `kron bench {' '.join(sys.argv[2:])}` (tier {tier.name}, "
+        f"{'lr swept' if sweep else 'no sweep'})."
+    )
+    text = summary.markdown(all_records, header)
+    (args.out / "summary.md").write_text(text)
+    written = plots.plot_all(all_records, args.out / "plots")
+    print(summary.table(all_records))
+    print()
+    print(summary.verdict_table(all_records))
+    print(
+        f"\n{len(all_records)} runs, {time.perf_counter() - started:.0f} s; wrote "
+        f"{args.out / 'summary.md'}, {len(written)} plots in {args.out / 'plots'}, "
+        f"records in {args.out / 'runs'}"
+    )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "bench":
+        return bench(args)
+    return 2
+
+
+__all__ = ["learning_rates", "main"]

@@ -1,0 +1,117 @@
+"""The optimizers the suite compares, how each is built and which learning rates it is swept over.
+
+Every optimizer is a :class:`OptimizerSpec`. A run uses one *config*: a spec plus one learning
+rate from its grid (``None`` = the optimizer's own default). Sweep protocol (``runner.plan``):
+every grid value runs on the first seed, the best one (fewest steps to target, then lowest final
+metric) runs on the remaining seeds. The grids:
+
+* ``kron``: ``kron.torch.Kron`` at its defaults (lr 3e-4, kron_torch's update-probability
+  schedule, Q0.5EQ1.5 geometry, ...) with ``seed`` = the run's seed. No sweep: the issue's
+  targets are about the defaults.
+* ``kron_lr``: the same with lr ∈ {3e-4, 1e-3, 3e-3} (full tier; shows what tuning adds).
+* ``adamw``: ``torch.optim.AdamW`` (β = (0.9, 0.999), ε = 1e-8, no weight decay), lr over the
+  task's ``adam_lrs`` (three values around the best lr measured in benchmarks.md).
+* ``sgd``: ``torch.optim.SGD`` with momentum 0.9 (heavy ball), lr over the task's ``sgd_lrs``.
+* ``kron_torch``: the peer ``kron_torch.Kron`` at its defaults but lr ∈ {3e-4, 1e-3, 3e-3}.
+* ``heavyball``: the peer ``heavyball.PSGDKron`` at its defaults but lr ∈ {3e-4, 1e-3, 3e-3};
+  its ``torch.compile`` is switched off (on this CPU compile time dominates short runs).
+
+Peers appear only when importable.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .tasks import Task
+
+Params = list[torch.Tensor]
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """One optimizer of the comparison.
+
+    Attributes:
+        name: identifier on the command line and in file names.
+        label: name in tables and plots.
+        framework: ``"torch"`` (the only runner so far).
+        make: ``(params, lr or None, seed) -> torch.optim.Optimizer``.
+        grid: ``task -> learning rates swept``; ``(None,)`` runs the defaults only.
+        package: import name whose presence (and version) the spec needs, or ``None``.
+    """
+
+    name: str
+    label: str
+    framework: str
+    make: Callable[[Params, float | None, int], torch.optim.Optimizer]
+    grid: Callable[[Task], tuple[float | None, ...]]
+    package: str | None = None
+
+    def available(self) -> bool:
+        return self.package is None or importlib.util.find_spec(self.package) is not None
+
+
+PSGD_GRID = (3e-4, 1e-3, 3e-3)
+
+
+def _kron(params: Params, lr: float | None, seed: int) -> torch.optim.Optimizer:
+    from kron.torch import Kron
+
+    return Kron(params, seed=seed) if lr is None else Kron(params, lr=lr, seed=seed)
+
+
+def _adamw(params: Params, lr: float | None, seed: int) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=lr or 1e-3, weight_decay=0.0)
+
+
+def _sgd(params: Params, lr: float | None, seed: int) -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, lr=lr or 1e-2, momentum=0.9)
+
+
+def _kron_torch(params: Params, lr: float | None, seed: int) -> torch.optim.Optimizer:
+    import kron_torch
+
+    return kron_torch.Kron(params) if lr is None else kron_torch.Kron(params, lr=lr)
+
+
+def _heavyball(params: Params, lr: float | None, seed: int) -> torch.optim.Optimizer:
+    import heavyball
+    import heavyball.utils
+
+    heavyball.utils.compile_mode = None
+    return heavyball.PSGDKron(params) if lr is None else heavyball.PSGDKron(params, lr=lr)
+
+
+OPTIMIZERS: dict[str, OptimizerSpec] = {
+    s.name: s
+    for s in (
+        OptimizerSpec("kron", "kron (defaults)", "torch", _kron, lambda t: (None,)),
+        OptimizerSpec("kron_lr", "kron (lr swept)", "torch", _kron, lambda t: PSGD_GRID),
+        OptimizerSpec("adamw", "AdamW", "torch", _adamw, lambda t: t.adam_lrs),
+        OptimizerSpec("sgd", "SGD momentum 0.9", "torch", _sgd, lambda t: t.sgd_lrs),
+        OptimizerSpec(
+            "kron_torch", "kron_torch.Kron", "torch", _kron_torch, lambda t: PSGD_GRID, "kron_torch"
+        ),
+        OptimizerSpec(
+            "heavyball", "heavyball.PSGDKron", "torch", _heavyball, lambda t: PSGD_GRID, "heavyball"
+        ),
+    )
+}
+
+
+def get_optimizer(name: str) -> OptimizerSpec:
+    """The spec called ``name``; ``KeyError`` lists the known names."""
+    try:
+        return OPTIMIZERS[name]
+    except KeyError:
+        raise KeyError(f"unknown optimizer {name!r}; known: {', '.join(OPTIMIZERS)}") from None
+
+
+def lr_label(lr: float | None) -> str:
+    """``"default"`` or the learning rate in short form (``3e-04`` → ``"0.0003"``)."""
+    return "default" if lr is None else f"{lr:g}"

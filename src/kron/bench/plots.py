@@ -1,0 +1,70 @@
+"""PNG figures from records alone: one figure per task, the task's metric against steps and
+against training seconds, for every optimizer at its chosen learning rate (one line per seed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .records import Record
+from .summary import best_rows
+
+COLORS = {
+    "kron": "#d62728",
+    "kron_lr": "#ff9896",
+    "adamw": "#1f77b4",
+    "sgd": "#7f7f7f",
+    "kron_torch": "#2ca02c",
+    "heavyball": "#9467bd",
+}
+
+
+def plot_task(task: str, rows, path: Path) -> Path:
+    """Draw one task's figure to ``path`` (PNG, 10×4 in at 80 dpi, a few tens of kB)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cfg = rows[0].runs[0]["config"]
+    metric = cfg["metric"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=80)
+    positive = True
+    for row in rows:
+        color = COLORS.get(row.optimizer, None)
+        lr = "default" if row.lr is None else f"{row.lr:g}"
+        for i, run in enumerate(row.runs):
+            hist = run["history"]
+            points = [
+                (s, t, v)
+                for s, t, v in zip(hist["step"], hist["seconds"], hist[metric])
+                if v is not None
+            ]
+            if not points:
+                continue
+            steps, seconds, values = zip(*points)
+            positive = positive and min(values) > 0
+            label = f"{row.label} (lr {lr}, {len(row.runs)} seeds)" if i == 0 else None
+            axes[0].plot(steps, values, color=color, alpha=0.8, lw=1, label=label)
+            axes[1].plot(seconds, values, color=color, alpha=0.8, lw=1)
+    for ax, xlabel in zip(axes, ("step", "training seconds")):
+        ax.axhline(cfg["target"], color="black", ls="--", lw=0.8)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(metric)
+        if positive:
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"{task}: {cfg['title']} (dashed: target)", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_all(records: list[Record], folder: Path) -> list[Path]:
+    """One PNG per task in ``folder`` (``<task>.png``); returns the paths written."""
+    return [
+        plot_task(task, rows, Path(folder) / f"{task}.png")
+        for task, rows in best_rows(records).items()
+    ]

@@ -1,0 +1,152 @@
+"""Running one (task, optimizer, lr, seed) to a record, and planning the runs of a sweep."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import records
+from .optimizers import OptimizerSpec
+from .tasks import Task
+
+WARMUP_STEPS = 50  # of the "warmup_cosine" schedule
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One run: ``task`` × ``optimizer`` at learning rate ``lr`` (``None``: default) × ``seed``,
+    for ``steps`` steps (the task's budget unless overridden)."""
+
+    task: Task
+    optimizer: OptimizerSpec
+    lr: float | None
+    seed: int
+    steps: int
+
+    def path(self, out: Path) -> Path:
+        return records.run_path(out, self.task.name, self.optimizer.name, self.lr, self.seed)
+
+    def describe(self) -> dict[str, Any]:
+        """The JSON-able config stored in (and compared against) the record."""
+        task_fields = {k: v for k, v in asdict(self.task).items() if k not in ("build", "tags")}
+        described = {
+            **task_fields,
+            "task": self.task.name,
+            "optimizer": self.optimizer.name,
+            "optimizer_label": self.optimizer.label,
+            "framework": self.optimizer.framework,
+            "lr": self.lr,
+            "seed": self.seed,
+            "steps": self.steps,
+        }
+        # Through JSON once, so that it compares equal to a config read back from a record.
+        return json.loads(json.dumps(described))
+
+
+def _schedule(task: Task, steps: int) -> Callable[[int], float]:
+    """Learning-rate multiplier per step (LambdaLR convention: step 0 is the first)."""
+    if task.schedule == "constant":
+        return lambda s: 1.0
+    if task.schedule == "warmup_cosine":
+        warm = WARMUP_STEPS
+        return lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * s / steps))
+    raise ValueError(f"unknown schedule {task.schedule!r}")
+
+
+def run(
+    config: RunConfig, threads: int = 1, on_progress: Callable[[int], None] | None = None
+) -> records.Record:
+    """Train once and return the record (see ``records``). Deterministic for a given config and
+    thread count: all randomness comes from the seed (``torch.manual_seed`` plus the task's own
+    generators). ``on_progress(step)`` is called at every evaluation point."""
+    task, steps = config.task, config.steps
+    torch.set_num_threads(threads)
+    torch.manual_seed(config.seed)
+    start = time.perf_counter()
+    problem = task.build(config.seed)
+    optimizer = config.optimizer.make(problem.parameters, config.lr, config.seed)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(task, steps))
+    history: dict[str, list] = {"step": [], "seconds": [], "loss": []}
+    train_seconds, loss_sum, loss_count, status = 0.0, 0.0, 0, "finished"
+    step = 0
+    for step in range(1, steps + 1):
+        t0 = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        loss = problem.loss(step)
+        loss.backward()
+        if task.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(problem.parameters, task.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        loss_value = loss.item()
+        train_seconds += time.perf_counter() - t0
+        loss_sum, loss_count = loss_sum + loss_value, loss_count + 1
+        if not math.isfinite(loss_value):
+            status = "diverged"
+        if step % task.eval_every and step != steps and status != "diverged":
+            continue
+        metrics = problem.evaluate() if status != "diverged" else {}
+        _append(history, step, train_seconds, loss_sum / loss_count, metrics)
+        loss_sum, loss_count = 0.0, 0
+        if on_progress is not None:
+            on_progress(step)
+        if status == "diverged" or any(not math.isfinite(v) for v in metrics.values()):
+            status = "diverged"
+            break
+        latest = history[task.metric][-1]
+        if task.stop_at_target and latest is not None and latest <= task.target:
+            status = "reached_target"
+            break
+    peers = (config.optimizer.package,) if config.optimizer.package else ()
+    record = {
+        "schema": records.SCHEMA,
+        "config": config.describe(),
+        "versions": records.versions(peers),
+        "machine": records.machine(threads),
+        "history": history,
+        "status": status,
+        "steps_done": step,
+        "wall_seconds": time.perf_counter() - start,
+    }
+    record["outcome"] = records.outcome(record)
+    return record
+
+
+def _append(history: dict[str, list], step: int, seconds: float, loss: float, metrics) -> None:
+    """One history row; columns missing from this row are padded with ``None``."""
+    row = {"step": step, "seconds": round(seconds, 4), "loss": loss, **metrics}
+    length = len(history["step"])
+    for key, value in row.items():
+        history.setdefault(key, [None] * length).append(value)
+    for column in history.values():
+        if len(column) == length:
+            column.append(None)
+
+
+def run_or_load(
+    config: RunConfig, out: Path, threads: int = 1, on_progress=None
+) -> tuple[records.Record, bool]:
+    """The record of ``config`` under ``out``: reused when a finished record with the identical
+    config exists (resume), otherwise run and saved. Returns ``(record, was_reused)``."""
+    path = config.path(out)
+    existing = records.load(path)
+    if existing is not None and existing.get("config") == config.describe():
+        return existing, True
+    record = run(config, threads, on_progress)
+    records.save(record, path)
+    return record, False
+
+
+def score(record: records.Record) -> tuple[float, float]:
+    """Sort key of a sweep (lower is better): steps to target (inf if missed), then final."""
+    result = record["outcome"]
+    steps = result["steps_to_target"] if result["success"] else math.inf
+    final = result["final"] if math.isfinite(result["final"]) else math.inf
+    return (steps, final)

@@ -1,0 +1,80 @@
+"""Executing a plan: tasks × optimizers × seeds with the sweep protocol, a rich progress bar per
+run, and resume (records already on disk with the same config are reused, not rerun)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from .optimizers import OptimizerSpec
+from .records import Record
+from .runner import RunConfig, run_or_load, score
+from .tasks import Task
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One task of a plan with its step budget, optimizers and seeds."""
+
+    task: Task
+    steps: int
+    optimizers: tuple[OptimizerSpec, ...]
+    seeds: tuple[int, ...]
+
+
+def learning_rates(spec: OptimizerSpec, task: Task, sweep: bool) -> tuple[float | None, ...]:
+    """The whole grid when sweeping, else its middle value (for AdamW, the best lr measured in
+    benchmarks.md)."""
+    grid = spec.grid(task)
+    return grid if sweep else (grid[len(grid) // 2],)
+
+
+def execute(
+    entries: Sequence[Entry],
+    out: Path,
+    sweep: bool,
+    threads: int = 1,
+    console: Console | None = None,
+) -> list[Record]:
+    """Run (or reuse) every run of the plan and return all their records.
+
+    Sweep protocol per (task, optimizer): every learning rate on the first seed, then the best
+    (``runner.score``) on the remaining seeds.
+    """
+    console = console or Console(stderr=True)
+    done: list[Record] = []
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console) as progress:
+
+        def one(config: RunConfig) -> Record:
+            lr = "default" if config.lr is None else f"{config.lr:g}"
+            name = f"{config.task.name} {config.optimizer.name} lr={lr} seed={config.seed}"
+            bar = progress.add_task(name, total=config.steps)
+            record, reused = run_or_load(
+                config, out, threads, lambda step: progress.update(bar, completed=step)
+            )
+            suffix = " (resumed)" if reused else f" ({record['status']})"
+            progress.update(bar, completed=config.steps, description=name + suffix)
+            done.append(record)
+            return record
+
+        for entry in entries:
+            for spec in entry.optimizers:
+                first, rest = entry.seeds[0], entry.seeds[1:]
+                sweep_runs = [
+                    one(RunConfig(entry.task, spec, lr, first, entry.steps))
+                    for lr in learning_rates(spec, entry.task, sweep)
+                ]
+                best = min(sweep_runs, key=lambda r: (score(r), str(r["config"]["lr"])))
+                for seed in rest:
+                    one(RunConfig(entry.task, spec, best["config"]["lr"], seed, entry.steps))
+    return done
