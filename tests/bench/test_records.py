@@ -1,0 +1,81 @@
+"""Records: complete, deterministic per seed, resumable, and their outcome rules."""
+
+from __future__ import annotations
+
+import json
+import math
+
+from kron.bench import records
+from kron.bench.optimizers import get_optimizer
+from kron.bench.runner import RunConfig, run, run_or_load
+from kron.bench.tasks import TASKS
+
+REQUIRED = {"schema", "config", "versions", "machine", "history", "status", "steps_done",
+            "wall_seconds", "outcome"}
+
+
+def _config(seed=0, steps=45, optimizer="kron", task="deep_linear"):
+    return RunConfig(TASKS[task], get_optimizer(optimizer), None, seed, steps)
+
+
+def test_record_is_complete_and_json_serialisable():
+    record = run(_config())
+    assert REQUIRED <= set(record)
+    assert record["config"]["seed"] == 0 and record["config"]["optimizer"] == "kron"
+    assert record["versions"]["torch"].startswith("2.")
+    assert record["steps_done"] == 45 and record["status"] == "finished"
+    assert json.loads(json.dumps(record))["history"] == record["history"]
+    seconds = record["history"]["seconds"]
+    assert seconds == sorted(seconds) and seconds[0] > 0
+
+
+def test_same_seed_same_metrics_other_seed_differs():
+    a, b, c = run(_config(0)), run(_config(0)), run(_config(1))
+    for key in ("loss", "rel_mse"):
+        assert a["history"][key] == b["history"][key]
+    assert a["history"]["rel_mse"] != c["history"]["rel_mse"]
+
+
+def test_resume_reuses_finished_runs_and_reruns_changed_configs(tmp_path):
+    first, reused = run_or_load(_config(), tmp_path)
+    assert not reused and _config().path(tmp_path).exists()
+    again, reused = run_or_load(_config(), tmp_path)
+    assert reused and again == json.loads(json.dumps(first))
+    _, reused = run_or_load(_config(steps=40), tmp_path)
+    assert not reused
+
+
+def test_half_written_record_is_not_trusted(tmp_path):
+    path = _config().path(tmp_path)
+    path.parent.mkdir(parents=True)
+    path.write_text('{"schema": 1, "config": ')
+    _, reused = run_or_load(_config(), tmp_path)
+    assert not reused and records.load(path) is not None
+
+
+def _fake(values, rule="reach", window=0.0, status="finished"):
+    steps = [10 * (i + 1) for i in range(len(values))]
+    return {
+        "config": {"metric": "m", "target": 1.0, "rule": rule, "final_window": window},
+        "history": {"step": steps, "seconds": [s / 10 for s in steps], "m": values},
+        "status": status,
+    }
+
+
+def test_outcome_reach_rule_takes_the_first_point_under_target():
+    result = records.outcome(_fake([5.0, 0.9, 2.0, 0.5]))
+    assert result == {"final": 0.5, "success": True, "steps_to_target": 20,
+                      "seconds_to_target": 2.0}
+    assert not records.outcome(_fake([5.0, 3.0]))["success"]
+
+
+def test_outcome_final_rule_averages_the_window_and_needs_to_stay_under():
+    result = records.outcome(_fake([5.0, 0.5, 2.0, 0.8, 0.6], rule="final", window=0.4))
+    assert math.isclose(result["final"], 0.7) and result["success"]
+    assert result["steps_to_target"] == 40
+    assert not records.outcome(_fake([0.5, 0.5, 3.0], rule="final", window=0.4))["success"]
+
+
+def test_diverged_run_fails_with_infinite_final():
+    result = records.outcome(_fake([5.0, 0.5], status="diverged"))
+    assert result["final"] == math.inf

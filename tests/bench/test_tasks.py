@@ -1,0 +1,79 @@
+"""Every task builds from a seed, trains a few steps with kron and AdamW, and reports its metric."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from kron.bench.optimizers import get_optimizer
+from kron.bench.runner import RunConfig, run
+from kron.bench.tasks import TASKS
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+@pytest.mark.parametrize("name", list(TASKS))
+def test_task_builds_and_trains(name):
+    task = TASKS[name]
+    problem = task.build(0)
+    assert problem.parameters and all(p.requires_grad for p in problem.parameters)
+    before = [p.detach().clone() for p in problem.parameters]
+    opt = get_optimizer("kron").make(problem.parameters, None, 0)
+    for step in range(1, 3):
+        opt.zero_grad()
+        loss = problem.loss(step)
+        assert loss.ndim == 0 and math.isfinite(loss.item())
+        loss.backward()
+        opt.step()
+    assert any(not torch.equal(b, p) for b, p in zip(before, problem.parameters))
+    metrics = problem.evaluate()
+    if task.metric != "loss":
+        assert math.isfinite(metrics[task.metric])
+    assert task.criterion and task.target > 0 and task.rule in ("reach", "final")
+
+
+@pytest.mark.parametrize("name", ["kron_quadratic", "xor16", "logistic"])
+def test_run_has_one_history_row_per_evaluation(name):
+    task = TASKS[name]
+    steps = 2 * task.eval_every + 3
+    record = run(RunConfig(task, get_optimizer("adamw"), task.adam_lrs[1], 0, steps))
+    hist = record["history"]
+    assert hist["step"] == [task.eval_every, 2 * task.eval_every, steps]
+    assert all(len(column) == 3 for column in hist.values())
+    assert all(math.isfinite(v) for v in hist[task.metric])
+
+
+def test_logistic_optimum_is_below_every_run():
+    """f* comes from Newton's method: no optimizer may end below it (up to rounding)."""
+    task = TASKS["logistic"]
+    record = run(RunConfig(task, get_optimizer("adamw"), 1e-2, 0, 200))
+    assert min(record["history"]["excess_loss"]) > -1e-9
+    assert record["history"]["excess_loss"][0] > 1e-4
+
+
+def test_problem_depends_on_seed_only():
+    a, b, c = (TASKS["deep_linear"].build(s) for s in (0, 0, 1))
+    assert torch.equal(a.loss(1), b.loss(1))
+    assert not torch.equal(a.teacher, c.teacher)
+
+
+def test_xor_batches_have_two_markers_and_balanced_labels():
+    problem = TASKS["xor32"].build(0)
+    x, y = problem.sample()
+    assert x.shape == (128, 32, 2)
+    assert torch.all(x[..., 1].sum(dim=1) == 2)
+    assert set(y.tolist()) == {-1.0, 1.0}
+    # The first marker lies in the first tenth, the second before the middle.
+    first = x[..., 1].argmax(dim=1)
+    assert torch.all(first < 32 // 10)
+    assert torch.all(x[:, 32 // 2 :, 1] == 0)
+
+
+def test_add_targets_are_the_mean_of_the_marked_values():
+    problem = TASKS["add50"].build(0)
+    x, y = problem.sample()
+    marked = (x[..., 0] * x[..., 1]).sum(dim=1) / 2
+    torch.testing.assert_close(marked, y)
+    assert torch.all(x[..., 1].sum(dim=1) == 2)
