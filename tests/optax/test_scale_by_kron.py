@@ -19,8 +19,7 @@ from kron.core import (
     kron_step,
     make_plan,
 )
-from kron.optax import kron, scale_by_kron
-from kron.optax import leaf_key
+from kron.optax import kron, leaf_key, scale_by_kron
 
 OPS = get_ops("jax")
 STEPS = 20
