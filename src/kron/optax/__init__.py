@@ -1,7 +1,29 @@
-"""kron.optax: PSGD-Kron for JAX as optax transformations (psgdax's and eformer's contracts)."""
+"""kron.optax: PSGD-Kron for JAX as optax transformations.
+
+psgdax's contract: :func:`kron`, :func:`scale_by_kron`. eformer's: :func:`quad`, :func:`skew`,
+:func:`scale_by_quad`, :func:`scale_by_skew`, :func:`get_opt_state_partition_specs`. All share
+one state type, :class:`KronState`. Importing this module creates no device arrays.
+"""
 
 from kron.optax.alias import kron
+from kron.optax.quad_skew import (
+    get_opt_state_partition_specs,
+    quad,
+    scale_by_quad,
+    scale_by_skew,
+    skew,
+)
 from kron.optax.state import KronState, leaf_key
 from kron.optax.transform import scale_by_kron
 
-__all__ = ["KronState", "kron", "leaf_key", "scale_by_kron"]
+__all__ = [
+    "KronState",
+    "get_opt_state_partition_specs",
+    "kron",
+    "leaf_key",
+    "quad",
+    "scale_by_kron",
+    "scale_by_quad",
+    "scale_by_skew",
+    "skew",
+]

@@ -40,6 +40,7 @@ from kron.core import (
     select_state,
     shared_scale,
 )
+from kron.optax.sharding import check_mesh, constrain, constrain_like_params
 from kron.optax.state import KronState, leaf_key
 
 OPS = get_ops("jax")
@@ -74,6 +75,9 @@ class EngineConfig:
       output_scale: multiplies the clipped update (eformer's ``lr_style="adam"`` uses 1/5).
       preconditioner_type: ``"whitening"`` or ``"newton"`` (fit on ``(v, H v)`` pairs computed
         with ``jax.jvp`` of the gradient of the ``value_fn`` extra argument).
+      block_axis_name, block_axis_size: the mesh axis (and its size) that the block stacks of
+        the factors are split over when a mesh is active (:mod:`kron.optax.sharding`).
+      params_partition_specs: specs of the params; the momentum and the updates follow them.
       seed: seed of the state's PRNG key.
     """
 
@@ -94,6 +98,9 @@ class EngineConfig:
     normalize_grads: bool = False
     output_scale: float = 1.0
     preconditioner_type: str = "whitening"
+    block_axis_name: str | None = None
+    block_axis_size: int = 1
+    params_partition_specs: Any = None
     seed: int = 42
 
     def __post_init__(self) -> None:
@@ -224,7 +231,7 @@ def build(config: EngineConfig) -> optax.GradientTransformationExtraArgs:
         lipschitz = [
             tuple(init_lipschitz(lay.plan, lip_like, OPS, stack=lay.layers)) for lay in layouts
         ]
-        return KronState(
+        state = KronState(
             count=jnp.zeros((), jnp.int32),
             mu=treedef.unflatten([jnp.zeros(x.shape, config.mu_dtype or x.dtype) for x in leaves]),
             factors=treedef.unflatten(factors),
@@ -234,11 +241,13 @@ def build(config: EngineConfig) -> optax.GradientTransformationExtraArgs:
             skipped=treedef.unflatten([jnp.zeros((), jnp.int32) for _ in leaves]),
             key=jax.random.PRNGKey(config.seed),
         )
+        return _constrain(state)
 
     def update_fn(
         updates: Any, state: KronState, params: Any = None, value_fn: Any = None, **extra: Any
     ) -> tuple[Any, KronState]:
         del extra
+        check_mesh()
         if config.newton and (params is None or value_fn is None):
             raise ValueError(
                 "preconditioner_type='newton' needs update(grads, state, params, "
@@ -321,7 +330,15 @@ def build(config: EngineConfig) -> optax.GradientTransformationExtraArgs:
             skipped=treedef.unflatten(new_skipped),
             key=state.key,
         )
-        return treedef.unflatten(new_updates), new_state
+        new_updates = constrain_like_params(
+            treedef.unflatten(new_updates), config.params_partition_specs
+        )
+        return new_updates, _constrain(new_state)
+
+    def _constrain(state: KronState) -> KronState:
+        return constrain(
+            state, config.block_axis_name, config.block_axis_size, config.params_partition_specs
+        )
 
     def _decide(state: KronState, count: jax.Array) -> tuple[Any, Any]:
         if always_fit:

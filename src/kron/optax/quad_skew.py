@@ -1,0 +1,229 @@
+"""eformer's "white kron" contract: ``quad``, ``skew``, ``scale_by_quad``, ``scale_by_skew`` and
+``get_opt_state_partition_specs``.
+
+Both fit the preconditioner on every step on the bias-corrected momentum, with merged 2-D views
+tiled into ``block_size`` blocks (padding masked out of every statistic), a precond learning rate
+that anneals as ``max(μ·(1 + t/10⁴)^(-½), min(μ, 0.4))``, Lipschitz β = 0.95, factor balancing
+every 100 steps, absolute damping ``noise_scale`` and an output RMS cap of 1.1 (then ÷5 with
+``lr_style="adam"``). ``quad`` uses the QUAD geometry, ``skew`` Q0.5EQ1.5 (the Procrustes-kept
+SPD factor). Q, the momentum and the arithmetic run in ``dtype``; Lipschitz estimates in float32.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from kron.core import FitOptions, LayoutOptions, StepOptions
+from kron.optax.engine import EngineConfig, build
+from kron.optax.sharding import chain_state_specs, param_specs
+
+LR_STYLES = ("adam", None)
+# ÷5 brings the RMS-1.1-capped update to Adam's typical update RMS (about 0.2).
+ADAM_STYLE_SCALE = 0.2
+PRECOND_LR_FLOOR = 0.4
+PRECOND_LR_HALF_LIFE_STEPS = 10_000
+BALANCE_EVERY = 100
+BETA_LIPSCHITZ = 0.95
+MAX_UPDATE_RMS = 1.1
+
+
+def annealed_precond_lr(initial: float) -> Callable[[jax.Array], jax.Array]:
+    """``μ_t = max(μ·(1 + t/10⁴)^(-½), min(μ, 0.4))`` for step count ``t``."""
+    floor = min(initial, PRECOND_LR_FLOOR)
+
+    def schedule(count: jax.Array) -> jax.Array:
+        t = jnp.asarray(count, jnp.float32)
+        return jnp.maximum(initial * jax.lax.rsqrt(1.0 + t / PRECOND_LR_HALF_LIFE_STEPS), floor)
+
+    return schedule
+
+
+def _scale_by_white_kron(
+    geometry: str,
+    lr_style: str | None,
+    b1: float,
+    normalize_grads: bool,
+    max_size_dense: int,
+    preconditioner_lr: float,
+    preconditioner_init_scale: float | None,
+    dtype: Any,
+    scanned_layers: Any,
+    block_size: int,
+    pipeline_axis_name: str | None,
+    pipeline_axis_size: int,
+    params_partition_specs: Any,
+    noise_scale: float,
+) -> optax.GradientTransformationExtraArgs:
+    if lr_style not in LR_STYLES:
+        raise ValueError(f"Unknown lr_style {lr_style!r}; accepted: 'adam', None.")
+    dtype = jnp.dtype(dtype)
+    if dtype not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32), jnp.dtype(jnp.float64)):
+        raise ValueError(f"dtype must be bfloat16, float32 or float64; got {dtype.name}.")
+    if not isinstance(pipeline_axis_size, int) or pipeline_axis_size < 1:
+        raise ValueError(f"pipeline_axis_size must be a positive int; got {pipeline_axis_size!r}.")
+    step = StepOptions(
+        layout=LayoutOptions(
+            max_size=max_size_dense,
+            max_skew=math.inf,
+            min_ndim_dense=2,
+            merge_dims=True,
+            block_size=block_size,
+        ),
+        fit=FitOptions(
+            geometry=geometry,
+            beta_lipschitz=BETA_LIPSCHITZ,
+            damping=noise_scale,
+            damping_rule="absolute",
+            norm_bound="power",
+        ),
+        beta=b1,
+        momentum_rule="debiased_ema",
+        whiten_momentum=True,
+        clip_rms=MAX_UPDATE_RMS,
+        clip_max=None,
+    )
+    config = EngineConfig(
+        step=step,
+        precond_lr=annealed_precond_lr(preconditioner_lr),
+        update_probability=1.0,
+        balance_every=BALANCE_EVERY,
+        q_dtype=dtype,
+        mu_dtype=dtype,
+        init_scale=preconditioner_init_scale,
+        scanned_layers=scanned_layers,
+        normalize_grads=normalize_grads,
+        output_scale=ADAM_STYLE_SCALE if lr_style == "adam" else 1.0,
+        block_axis_name=pipeline_axis_name,
+        block_axis_size=pipeline_axis_size,
+        params_partition_specs=params_partition_specs,
+    )
+    return build(config)
+
+
+def scale_by_quad(
+    lr_style: str | None = "adam",
+    b1: float = 0.95,
+    normalize_grads: bool = False,
+    max_size_dense: int = 16384,
+    preconditioner_lr: float = 0.7,
+    preconditioner_init_scale: float | None = 1.0,
+    dtype: Any = jnp.bfloat16,
+    scanned_layers: Any = None,
+    block_size: int = 256,
+    pipeline_axis_name: str | None = None,
+    pipeline_axis_size: int = 1,
+    params_partition_specs: Any = None,
+    noise_scale: float = 1e-9,
+) -> optax.GradientTransformationExtraArgs:
+    """PSGD-Kron with the QUAD geometry, fitted every step (eformer's ``scale_by_quad``).
+
+    Args:
+      lr_style: ``"adam"`` (default) divides the RMS-capped update by 5; None leaves it.
+      b1: momentum β (bias-corrected EMA). Default 0.95.
+      normalize_grads: divide each layer's gradient by its L2 norm first. Default False.
+      max_size_dense: an axis longer than this gets a diagonal factor. Default 16384.
+      preconditioner_lr: μ at step 0, annealed as in the module docstring. Default 0.7.
+      preconditioner_init_scale: initial ``Q = scale·I`` (None: from the first gradients).
+        Default 1.0.
+      dtype: dtype of Q, the momentum and the arithmetic. Default bfloat16.
+      scanned_layers: bool pytree like the params (or a function of them); True marks a leaf
+        whose leading axis stacks layers. Default None.
+      block_size: tile size of the merged 2-D view; padding is masked. Default 256.
+      pipeline_axis_name, pipeline_axis_size: the mesh axis the block stacks are split over
+        (when the block count divides by its size) while a mesh is active. Defaults None, 1.
+      params_partition_specs: pytree of ``PartitionSpec`` for the params; the momentum and the
+        updates follow it. Default None.
+      noise_scale: absolute damping δ (``x + δ·ξ``); 0 fits on the momentum itself. Default 1e-9.
+    """
+    return _scale_by_white_kron("QUAD", **locals())
+
+
+def scale_by_skew(
+    lr_style: str | None = "adam",
+    b1: float = 0.95,
+    normalize_grads: bool = False,
+    max_size_dense: int = 16384,
+    preconditioner_lr: float = 0.7,
+    preconditioner_init_scale: float | None = 1.0,
+    dtype: Any = jnp.bfloat16,
+    scanned_layers: Any = None,
+    block_size: int = 256,
+    pipeline_axis_name: str | None = None,
+    pipeline_axis_size: int = 1,
+    params_partition_specs: Any = None,
+    noise_scale: float = 1e-9,
+) -> optax.GradientTransformationExtraArgs:
+    """PSGD-Kron with the Q0.5EQ1.5 ("skew") geometry: the factor step is followed by an online
+    Procrustes rotation that keeps Q symmetric positive definite (eformer's ``scale_by_skew``).
+    Arguments as :func:`scale_by_quad`."""
+    return _scale_by_white_kron("Q0.5EQ1.5", **locals())
+
+
+def _full_optimizer(
+    scale_by: Callable[..., optax.GradientTransformation],
+    learning_rate: float | optax.Schedule,
+    weight_decay: float,
+    weight_decay_mask: Any,
+    kwargs: dict[str, Any],
+) -> optax.GradientTransformationExtraArgs:
+    parts = [scale_by(**kwargs)]
+    if weight_decay > 0:
+        parts.append(optax.add_decayed_weights(weight_decay, weight_decay_mask))
+    parts.append(optax.scale_by_learning_rate(learning_rate))
+    return optax.chain(*parts)
+
+
+def quad(
+    learning_rate: float | optax.Schedule = 0.001,
+    weight_decay: float = 0.1,
+    weight_decay_mask: Any = None,
+    **kwargs: Any,
+) -> optax.GradientTransformationExtraArgs:
+    """``chain(scale_by_quad(**kwargs), add_decayed_weights(weight_decay, mask) if weight_decay
+    > 0, scale_by_learning_rate(learning_rate))``. Defaults: lr 1e-3, weight decay 0.1; every
+    other option and default as :func:`scale_by_quad`."""
+    return _full_optimizer(scale_by_quad, learning_rate, weight_decay, weight_decay_mask, kwargs)
+
+
+def skew(
+    learning_rate: float | optax.Schedule = 0.001,
+    weight_decay: float = 0.1,
+    weight_decay_mask: Any = None,
+    **kwargs: Any,
+) -> optax.GradientTransformationExtraArgs:
+    """As :func:`quad` with :func:`scale_by_skew`."""
+    return _full_optimizer(scale_by_skew, learning_rate, weight_decay, weight_decay_mask, kwargs)
+
+
+def get_opt_state_partition_specs(params: Any, **quad_kwargs: Any) -> Any:
+    """The ``PartitionSpec`` tree of ``quad(**quad_kwargs).init(params)``'s state.
+
+    The tree is built from the real state (through ``jax.eval_shape``), so it matches it for
+    every ``weight_decay``, including the default 0.1 (eformer's helper assumes 0 unless told).
+    Block stacks are split over ``pipeline_axis_name`` where their length divides by
+    ``pipeline_axis_size``; the momentum takes ``params_partition_specs`` (or the params' own
+    shardings); everything else is replicated. ``skew`` has the same state layout.
+    """
+    state = jax.eval_shape(quad(**quad_kwargs).init, params)
+    return chain_state_specs(
+        state,
+        quad_kwargs.get("pipeline_axis_name"),
+        quad_kwargs.get("pipeline_axis_size", 1),
+        param_specs(params, quad_kwargs.get("params_partition_specs")),
+    )
+
+
+__all__ = [
+    "annealed_precond_lr",
+    "get_opt_state_partition_specs",
+    "quad",
+    "scale_by_quad",
+    "scale_by_skew",
+    "skew",
+]
