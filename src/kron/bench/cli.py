@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import plots, records, summary
+from . import plots, summary
 from .optimizers import OPTIMIZERS, get_optimizer
 from .suite import Entry, execute, learning_rates
 from .tasks import TASKS, get_task
@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--optimizer", nargs="+", metavar="NAME", help="only these optimizers")
     bench.add_argument("--seeds", help="a count N (seeds 0…N−1) or a comma list, e.g. 0,3")
     bench.add_argument("--steps", type=int, help="step budget for every task (overrides tier)")
-    bench.add_argument("--out", type=Path, default=Path("bench-out"), help="output folder")
+    bench.add_argument("--out", type=Path, default=Path("out/bench"), help="output folder")
     bench.add_argument(
         "--framework",
         default="torch",
@@ -62,7 +62,7 @@ def _seeds(text: str | None, default: int) -> tuple[int, ...] | None:
     return tuple(range(int(text)))
 
 
-def plan(args: argparse.Namespace, tier: Tier) -> tuple[list[Entry], bool]:
+def plan(args: argparse.Namespace, tier: Tier) -> list[Entry]:
     """The entries to run, from the tier narrowed or overridden by the command-line options."""
     tasks = dict(tier.tasks)
     if args.task:
@@ -79,9 +79,9 @@ def plan(args: argparse.Namespace, tier: Tier) -> tuple[list[Entry], bool]:
         )
         seeds = seeds_override or tuple(range(tier.seeds_by_task.get(name, tier.seeds)))
         steps = args.steps or budget or task.steps
-        entries.append(Entry(task, steps, specs, seeds))
-    sweep = tier.sweep and not args.no_sweep
-    return entries, sweep
+        sweep = tier.sweep and not args.no_sweep and name not in tier.unswept_tasks
+        entries.append(Entry(task, steps, specs, seeds, sweep))
+    return entries
 
 
 def list_everything() -> str:
@@ -105,17 +105,12 @@ def bench(args: argparse.Namespace) -> int:
         print(list_everything())
         return 0
     tier = TIERS[args.tier or ("quick" if not args.task else "standard")]
-    entries, sweep = plan(args, tier)
+    entries = plan(args, tier)
     started = time.perf_counter()
-    execute(entries, args.out, sweep, args.threads)
-    # The summary and plots are made from every record in the folder, which is what lets a
-    # --standard run be assembled from several (resumed) invocations.
-    wanted = {e.task.name for e in entries}
-    all_records = [r for r in records.load_all(args.out) if r["config"]["task"] in wanted]
-    header = (
-        f"Command: `kron bench {' '.join(sys.argv[2:])}` (tier {tier.name}, "
-        f"{'lr swept' if sweep else 'no sweep'})."
-    )
+    # Exactly this plan's records (run now or resumed), so other tiers' records in the same
+    # folder never mix in; a plan can be assembled from several interrupted invocations.
+    all_records = execute(entries, args.out, args.threads)
+    header = f"Command: `kron bench {' '.join(sys.argv[2:])}` (tier {tier.name})."
     text = summary.markdown(all_records, header)
     (args.out / "summary.md").write_text(text)
     written = plots.plot_all(all_records, args.out / "plots")

@@ -1,6 +1,6 @@
 """Run records: one JSON file per (task, optimizer, lr, seed), and the outcome computed from it.
 
-Layout: ``<out>/runs/<task>/<optimizer>__lr-<lr>__seed-<seed>.json``. A record holds
+Layout: ``<out>/runs/<task>/<optimizer>__lr-<lr>__seed-<seed>__steps-<steps>.json``. A record holds
 
 * ``config``: everything that determines the run (task definition fields, optimizer, lr, seed,
   step budget, threads); a record is reused by ``--resume`` only if its config is identical;
@@ -27,10 +27,11 @@ Record = dict[str, Any]
 SCHEMA = 1
 
 
-def run_path(out: Path, task: str, optimizer: str, lr: float | None, seed: int) -> Path:
+def run_path(out: Path, task: str, optimizer: str, lr: float | None, seed: int, steps: int) -> Path:
     """Where the record of one run lives under the output folder ``out``."""
     lr_part = "default" if lr is None else f"{lr:g}"
-    return Path(out) / "runs" / task / f"{optimizer}__lr-{lr_part}__seed-{seed}.json"
+    name = f"{optimizer}__lr-{lr_part}__seed-{seed}__steps-{steps}.json"
+    return Path(out) / "runs" / task / name
 
 
 def save(record: Record, path: Path) -> None:

@@ -31,7 +31,9 @@ class RunConfig:
     steps: int
 
     def path(self, out: Path) -> Path:
-        return records.run_path(out, self.task.name, self.optimizer.name, self.lr, self.seed)
+        return records.run_path(
+            out, self.task.name, self.optimizer.name, self.lr, self.seed, self.steps
+        )
 
     def describe(self) -> dict[str, Any]:
         """The JSON-able config stored in (and compared against) the record."""
@@ -48,6 +50,15 @@ class RunConfig:
         }
         # Through JSON once, so that it compares equal to a config read back from a record.
         return json.loads(json.dumps(described))
+
+
+DESCRIPTIVE = ("title", "criterion", "note", "optimizer_label")
+
+
+def identity(described: dict[str, Any]) -> dict[str, Any]:
+    """The part of a described config that determines the run (wording is left out, so that
+    editing a task's title or note does not invalidate finished records)."""
+    return {k: v for k, v in described.items() if k not in DESCRIPTIVE}
 
 
 def _schedule(task: Task, steps: int) -> Callable[[int], float]:
@@ -137,7 +148,7 @@ def run_or_load(
     config exists (resume), otherwise run and saved. Returns ``(record, was_reused)``."""
     path = config.path(out)
     existing = records.load(path)
-    if existing is not None and existing.get("config") == config.describe():
+    if existing is not None and identity(existing.get("config", {})) == identity(config.describe()):
         return existing, True
     record = run(config, threads, on_progress)
     records.save(record, path)

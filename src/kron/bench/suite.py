@@ -24,6 +24,7 @@ class Entry:
     steps: int
     optimizers: tuple[OptimizerSpec, ...]
     seeds: tuple[int, ...]
+    sweep: bool = True
 
 
 def learning_rates(spec: OptimizerSpec, task: Task, sweep: bool) -> tuple[float | None, ...]:
@@ -36,14 +37,13 @@ def learning_rates(spec: OptimizerSpec, task: Task, sweep: bool) -> tuple[float 
 def execute(
     entries: Sequence[Entry],
     out: Path,
-    sweep: bool,
     threads: int = 1,
     console: Console | None = None,
 ) -> list[Record]:
     """Run (or reuse) every run of the plan and return all their records.
 
     Sweep protocol per (task, optimizer): every learning rate on the first seed, then the best
-    (``runner.score``) on the remaining seeds.
+    (``runner.score``) on the remaining seeds; entries with ``sweep`` off use the grid's middle.
     """
     console = console or Console(stderr=True)
     done: list[Record] = []
@@ -72,7 +72,7 @@ def execute(
                 first, rest = entry.seeds[0], entry.seeds[1:]
                 sweep_runs = [
                     one(RunConfig(entry.task, spec, lr, first, entry.steps))
-                    for lr in learning_rates(spec, entry.task, sweep)
+                    for lr in learning_rates(spec, entry.task, entry.sweep)
                 ]
                 best = min(sweep_runs, key=lambda r: (score(r), str(r["config"]["lr"])))
                 for seed in rest:
