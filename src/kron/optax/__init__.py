@@ -5,7 +5,7 @@ psgdax's contract: :func:`kron`, :func:`scale_by_kron`. eformer's: :func:`quad`,
 one state type, :class:`KronState`. Importing this module creates no device arrays.
 """
 
-from kron.optax.alias import kron
+from kron.optax.alias import kron, static_args
 from kron.optax.quad_skew import (
     get_opt_state_partition_specs,
     quad,
@@ -26,4 +26,5 @@ __all__ = [
     "scale_by_quad",
     "scale_by_skew",
     "skew",
+    "static_args",
 ]

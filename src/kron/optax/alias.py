@@ -2,11 +2,25 @@
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
 from typing import Any
 
+import jax
 import optax
 
 from kron.optax.transform import scale_by_kron
+
+# Options that may be traced values (optax.inject_hyperparams); the rest shape the computation.
+# weight_decay is static: whether it is 0 decides the chain's structure (and so the state's).
+INJECTABLE = ("learning_rate", "preconditioner_lr")
+
+
+def static_args(factory: Callable[..., Any]) -> tuple[str, ...]:
+    """The ``static_args`` of ``optax.inject_hyperparams(factory, static_args=...)`` for
+    :func:`kron`, :func:`~kron.optax.quad` or :func:`~kron.optax.skew`: every option except
+    the learning rate and the preconditioner learning rate."""
+    return tuple(name for name in inspect.signature(factory).parameters if name not in INJECTABLE)
 
 
 def kron(
@@ -15,9 +29,34 @@ def kron(
     weight_decay: float = 0.0,
     weight_decay_mask: Any = None,
     preconditioner_init_scale: float | None = None,
-    **kwargs: Any,
+    preconditioner_lr: float = 0.1,
+    preconditioner_mode: str = "Q0.5EQ1.5",
+    whiten_grad: bool = True,
+    preconditioner_update_probability: float | Callable[[jax.Array], jax.Array] | None = None,
+    max_size_triangular: int = 8192,
+    max_skew_triangular: float = 1.0,
+    min_ndim_triangular: int = 2,
+    memory_save_mode: str | None = None,
+    mu_dtype: Any = None,
+    precond_dtype: Any = None,
+    precond_update_precision: str | None = "tensorfloat32",
+    precond_grads_precision: str | None = None,
+    grad_clip_max_amp: float | None = 1.0,
+    beta_lipschitz: float = 0.9,
+    damping: float = 1e-9,
+    norm_bound: str = "subspace",
+    balance_probability: float = 0.01,
+    decision_rule: str = "bernoulli",
+    scanned_layers: Any = None,
+    lax_map_scanned_layers: bool = False,
+    lax_map_batch_size: int = 8,
+    preconditioner_type: str = "whitening",
+    seed: int = 42,
 ) -> optax.GradientTransformationExtraArgs:
     """PSGD-Kron: ``chain(scale_by_kron, add_decayed_weights, scale_by_learning_rate)``.
+
+    The parameters are spelled out (rather than ``**kwargs``) so that ``optax.inject_hyperparams``
+    can bind them.
 
     Args:
       learning_rate: a float or an optax schedule. Default 1e-3.
@@ -28,9 +67,13 @@ def kron(
         that decay.
       preconditioner_init_scale: ``None`` (default) sets the initial scale from the first
         gradients; a float fixes it.
-      **kwargs: every other option of :func:`scale_by_kron`.
+      others: as :func:`scale_by_kron`, with the same defaults.
     """
-    parts = [scale_by_kron(b1=b1, preconditioner_init_scale=preconditioner_init_scale, **kwargs)]
+    options = dict(locals())
+    learning_rate = options.pop("learning_rate")
+    weight_decay = options.pop("weight_decay")
+    weight_decay_mask = options.pop("weight_decay_mask")
+    parts = [scale_by_kron(**options)]
     if weight_decay:
         parts.append(optax.add_decayed_weights(weight_decay, weight_decay_mask))
     parts.append(optax.scale_by_learning_rate(learning_rate))

@@ -35,7 +35,7 @@ MAX_UPDATE_RMS = 1.1
 
 def annealed_precond_lr(initial: float) -> Callable[[jax.Array], jax.Array]:
     """``μ_t = max(μ·(1 + t/10⁴)^(-½), min(μ, 0.4))`` for step count ``t``."""
-    floor = min(initial, PRECOND_LR_FLOOR)
+    floor = jnp.minimum(initial, PRECOND_LR_FLOOR)  # initial may be traced (inject_hyperparams)
 
     def schedule(count: jax.Array) -> jax.Array:
         t = jnp.asarray(count, jnp.float32)
@@ -166,13 +166,12 @@ def scale_by_skew(
 
 
 def _full_optimizer(
-    scale_by: Callable[..., optax.GradientTransformation],
-    learning_rate: float | optax.Schedule,
-    weight_decay: float,
-    weight_decay_mask: Any,
-    kwargs: dict[str, Any],
+    scale_by: Callable[..., optax.GradientTransformation], options: dict[str, Any]
 ) -> optax.GradientTransformationExtraArgs:
-    parts = [scale_by(**kwargs)]
+    learning_rate = options.pop("learning_rate")
+    weight_decay = options.pop("weight_decay")
+    weight_decay_mask = options.pop("weight_decay_mask")
+    parts = [scale_by(**options)]
     if weight_decay > 0:
         parts.append(optax.add_decayed_weights(weight_decay, weight_decay_mask))
     parts.append(optax.scale_by_learning_rate(learning_rate))
@@ -181,24 +180,48 @@ def _full_optimizer(
 
 def quad(
     learning_rate: float | optax.Schedule = 0.001,
+    lr_style: str | None = "adam",
+    b1: float = 0.95,
     weight_decay: float = 0.1,
     weight_decay_mask: Any = None,
-    **kwargs: Any,
+    normalize_grads: bool = False,
+    max_size_dense: int = 16384,
+    preconditioner_lr: float = 0.7,
+    preconditioner_init_scale: float | None = 1.0,
+    dtype: Any = jnp.bfloat16,
+    scanned_layers: Any = None,
+    block_size: int = 256,
+    pipeline_axis_name: str | None = None,
+    pipeline_axis_size: int = 1,
+    params_partition_specs: Any = None,
+    noise_scale: float = 1e-9,
 ) -> optax.GradientTransformationExtraArgs:
-    """``chain(scale_by_quad(**kwargs), add_decayed_weights(weight_decay, mask) if weight_decay
-    > 0, scale_by_learning_rate(learning_rate))``. Defaults: lr 1e-3, weight decay 0.1; every
-    other option and default as :func:`scale_by_quad`."""
-    return _full_optimizer(scale_by_quad, learning_rate, weight_decay, weight_decay_mask, kwargs)
+    """``chain(scale_by_quad(...), add_decayed_weights(weight_decay, weight_decay_mask) if
+    weight_decay > 0, scale_by_learning_rate(learning_rate))``. ``learning_rate`` is a float or
+    an optax schedule; the other options are :func:`scale_by_quad`'s."""
+    return _full_optimizer(scale_by_quad, dict(locals()))
 
 
 def skew(
     learning_rate: float | optax.Schedule = 0.001,
+    lr_style: str | None = "adam",
+    b1: float = 0.95,
     weight_decay: float = 0.1,
     weight_decay_mask: Any = None,
-    **kwargs: Any,
+    normalize_grads: bool = False,
+    max_size_dense: int = 16384,
+    preconditioner_lr: float = 0.7,
+    preconditioner_init_scale: float | None = 1.0,
+    dtype: Any = jnp.bfloat16,
+    scanned_layers: Any = None,
+    block_size: int = 256,
+    pipeline_axis_name: str | None = None,
+    pipeline_axis_size: int = 1,
+    params_partition_specs: Any = None,
+    noise_scale: float = 1e-9,
 ) -> optax.GradientTransformationExtraArgs:
     """As :func:`quad` with :func:`scale_by_skew`."""
-    return _full_optimizer(scale_by_skew, learning_rate, weight_decay, weight_decay_mask, kwargs)
+    return _full_optimizer(scale_by_skew, dict(locals()))
 
 
 def get_opt_state_partition_specs(params: Any, **quad_kwargs: Any) -> Any:
