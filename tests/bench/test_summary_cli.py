@@ -93,6 +93,14 @@ def test_cli_end_to_end_and_resume(tmp_path, capsys):
     stamps = [p.stat().st_mtime_ns for p in runs]
     assert main(args) == 0
     assert [p.stat().st_mtime_ns for p in runs] == stamps
+    # --report rebuilds the summary and plots from the records alone, running nothing.
+    (tmp_path / "summary.md").unlink()
+    for png in (tmp_path / "plots").iterdir():
+        png.unlink()
+    assert main([*args, "--report"]) == 0
+    assert "| deep_linear |" in (tmp_path / "summary.md").read_text()
+    assert len(list((tmp_path / "plots").iterdir())) == 2
+    assert [p.stat().st_mtime_ns for p in runs] == stamps
 
 
 def test_python_dash_m_lists_tasks():

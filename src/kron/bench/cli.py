@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import plots, summary
+from . import plots, records, summary
 from .optimizers import OPTIMIZERS, get_optimizer
 from .suite import Entry, execute, learning_rates
 from .tasks import TASKS, get_task
@@ -47,6 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="torch threads per run (default 1: deterministic and fair on a shared CPU)",
     )
     bench.add_argument(
+        "--report",
+        action="store_true",
+        help="run nothing: rebuild summary.md and the plots from the plan's records in --out",
+    )
+    bench.add_argument(
         "--no-sweep",
         action="store_true",
         help="run only the middle lr of each grid (the best measured for AdamW)",
@@ -84,6 +89,17 @@ def plan(args: argparse.Namespace, tier: Tier) -> list[Entry]:
     return entries
 
 
+def planned_records(entries: list[Entry], out: Path) -> list[dict]:
+    """The records under ``out`` that belong to the plan (task, optimizer and step budget match
+    one of its entries), whatever their learning rate and seed."""
+    wanted = {(e.task.name, s.name, e.steps) for e in entries for s in e.optimizers}
+    return [
+        r
+        for r in records.load_all(out)
+        if (r["config"]["task"], r["config"]["optimizer"], r["config"]["steps"]) in wanted
+    ]
+
+
 def list_everything() -> str:
     lines = ["Tasks (name, steps, success criterion):"]
     lines += [f"  {t.name:22s} {t.steps:6d}  {t.criterion}" for t in TASKS.values()]
@@ -109,7 +125,10 @@ def bench(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     # Exactly this plan's records (run now or resumed), so other tiers' records in the same
     # folder never mix in; a plan can be assembled from several interrupted invocations.
-    all_records = execute(entries, args.out, args.threads)
+    if args.report:
+        all_records = planned_records(entries, args.out)
+    else:
+        all_records = execute(entries, args.out, args.threads)
     header = f"Command: `kron bench {' '.join(sys.argv[2:])}` (tier {tier.name})."
     text = summary.markdown(all_records, header)
     (args.out / "summary.md").write_text(text)

@@ -64,6 +64,13 @@ def execute(
             )
             suffix = " (resumed)" if reused else f" ({record['status']})"
             progress.update(bar, completed=config.steps, description=name + suffix)
+            if not console.is_terminal:
+                # A live bar is not drawn into a log file; leave one line per finished run.
+                result = record["outcome"]
+                console.print(
+                    f"{name}{suffix}: final {result['final']:.4g}, "
+                    f"success {result['success']}, {record['wall_seconds']:.1f} s"
+                )
             done.append(record)
             return record
 
