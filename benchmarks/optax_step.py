@@ -1,0 +1,230 @@
+"""Whole jitted train-step time and compile time: kron.optax against psgdax and optax.adamw.
+
+Every optimizer runs in this one process on the same model and batches. For each (model, update
+probability, optimizer) cell the script compiles ``step(params, state, x, y)`` (forward, backward,
+optimizer update, apply) and reports the compile time, then the mean time per step over
+``--steps`` steps, as the median of ``--repeats`` windows taken in turn across optimizers (so
+load from other processes hits every optimizer alike). Results go to stdout as a Markdown table
+and to ``--json``.
+
+    python benchmarks/optax_step.py --json benchmarks/results/optax_step_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import kron.optax
+
+BATCH = 128
+
+
+def mlp_params(key: jax.Array, sizes: list[int]) -> dict:
+    keys = jax.random.split(key, len(sizes) - 1)
+    return {
+        f"layer{i}": {
+            "w": jax.random.normal(k, (m, n)) / np.sqrt(m),
+            "b": jnp.zeros(n),
+        }
+        for i, (k, m, n) in enumerate(zip(keys, sizes[:-1], sizes[1:]))
+    }
+
+
+def mlp_loss(params: dict, x: jax.Array, y: jax.Array) -> jax.Array:
+    h = x
+    names = sorted(params, key=lambda name: int(name[5:]))
+    for name in names[:-1]:
+        h = jax.nn.relu(h @ params[name]["w"] + params[name]["b"])
+    logits = h @ params[names[-1]]["w"] + params[names[-1]]["b"]
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+
+def scanned_params(key: jax.Array, width: int, depth: int) -> dict:
+    keys = jax.random.split(key, 2)
+    return {
+        "body": {
+            "w": jax.random.normal(keys[0], (depth, width, width)) / np.sqrt(width),
+            "b": jnp.zeros((depth, width)),
+        },
+        "head": {"w": jax.random.normal(keys[1], (width, 10)) / np.sqrt(width), "b": jnp.zeros(10)},
+    }
+
+
+def scanned_loss(params: dict, x: jax.Array, y: jax.Array) -> jax.Array:
+    def layer(h, wb):
+        w, b = wb
+        return jax.nn.relu(h @ w + b), None
+
+    h, _ = jax.lax.scan(layer, x, (params["body"]["w"], params["body"]["b"]))
+    logits = h @ params["head"]["w"] + params["head"]["b"]
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+
+def models() -> dict[str, tuple[dict, Callable, int, object]]:
+    """name -> (params, loss, input width, scanned_layers tree or None)."""
+    key = jax.random.PRNGKey(0)
+    deep = scanned_params(key, 256, 12)
+    scanned = {"body": {"w": True, "b": True}, "head": {"w": False, "b": False}}
+    return {
+        "MLP 256-512-512-10": (mlp_params(key, [256, 512, 512, 10]), mlp_loss, 256, None),
+        "MLP 12x256 (unrolled)": (
+            mlp_params(key, [256] * 13 + [10]),
+            mlp_loss,
+            256,
+            None,
+        ),
+        "MLP 12x256 (scanned)": (deep, scanned_loss, 256, scanned),
+    }
+
+
+def optimizers(
+    probability: float, scanned: object
+) -> dict[str, Callable[[], optax.GradientTransformation]]:
+    made = {
+        "kron.optax": lambda: kron.optax.kron(
+            learning_rate=1e-3,
+            preconditioner_update_probability=probability,
+            scanned_layers=scanned,
+        ),
+        "optax.adamw": lambda: optax.adamw(1e-3),
+    }
+    try:
+        import psgdax
+
+        made["psgdax"] = lambda: psgdax.kron(
+            learning_rate=1e-3,
+            preconditioner_update_probability=probability,
+            scanned_layers=scanned,
+        )
+    except ImportError:
+        pass
+    return made
+
+
+def make_step(tx: optax.GradientTransformation, loss: Callable) -> Callable:
+    def step(params, state, x, y):
+        grads = jax.grad(loss)(params, x, y)
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    return jax.jit(step)
+
+
+def measure(args: argparse.Namespace) -> list[dict]:
+    rows = []
+    rng = np.random.default_rng(0)
+    for model_name, (params0, loss, width, scanned) in models().items():
+        x = jnp.asarray(rng.standard_normal((BATCH, width)), jnp.float32)
+        y = jnp.asarray(rng.integers(0, 10, BATCH))
+        for probability in (1.0, 0.03):
+            runs = {}
+            for name, make in optimizers(probability, scanned).items():
+                tx = make()
+                params = jax.tree.map(jnp.copy, params0)
+                state = tx.init(params)
+                step = make_step(tx, loss)
+                start = time.perf_counter()
+                compiled = step.lower(params, state, x, y).compile()
+                compile_s = time.perf_counter() - start
+                for _ in range(args.warmup):
+                    params, state = compiled(params, state, x, y)
+                jax.block_until_ready(params)
+                runs[name] = {
+                    "compiled": compiled,
+                    "params": params,
+                    "state": state,
+                    "compile_s": compile_s,
+                    "windows": [],
+                }
+            for _ in range(args.repeats):
+                for run in runs.values():
+                    params, state = run["params"], run["state"]
+                    start = time.perf_counter()
+                    for _ in range(args.steps):
+                        params, state = run["compiled"](params, state, x, y)
+                    jax.block_until_ready(params)
+                    run["windows"].append((time.perf_counter() - start) / args.steps * 1e3)
+                    run["params"], run["state"] = params, state
+            for name, run in runs.items():
+                rows.append(
+                    {
+                        "model": model_name,
+                        "probability": probability,
+                        "optimizer": name,
+                        "ms_per_step": statistics.median(run["windows"]),
+                        "compile_s": run["compile_s"],
+                    }
+                )
+                print(
+                    f"{model_name} p={probability} {name}: "
+                    f"{rows[-1]['ms_per_step']:.2f} ms, compile {run['compile_s']:.2f} s",
+                    flush=True,
+                )
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    lines = [
+        "| model | p | kron.optax ms | psgdax ms | adamw ms | ours / psgdax | ours / adamw "
+        "| compile ours s | compile psgdax s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    cells: dict[tuple, dict] = {}
+    for row in rows:
+        cells.setdefault((row["model"], row["probability"]), {})[row["optimizer"]] = row
+    for (model, p), cell in cells.items():
+        ours, peer, adam = cell["kron.optax"], cell.get("psgdax"), cell["optax.adamw"]
+        peer_ms = f"{peer['ms_per_step']:.2f}" if peer else "n/a"
+        ratio = f"{ours['ms_per_step'] / peer['ms_per_step']:.2f}" if peer else "n/a"
+        peer_compile = f"{peer['compile_s']:.1f}" if peer else "n/a"
+        lines.append(
+            f"| {model} | {p} | {ours['ms_per_step']:.2f} | {peer_ms} | {adam['ms_per_step']:.2f} "
+            f"| {ratio} | {ours['ms_per_step'] / adam['ms_per_step']:.2f} "
+            f"| {ours['compile_s']:.1f} | {peer_compile} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    rows = measure(args)
+    print(table(rows))
+    if args.json:
+        versions = {"jax": jax.__version__, "optax": optax.__version__}
+        try:
+            import importlib.metadata as metadata
+
+            versions["psgdax"] = metadata.version("psgdax")
+        except Exception:
+            versions["psgdax"] = None
+        with open(args.json, "w") as f:
+            json.dump(
+                {
+                    "machine": platform.processor() or platform.machine(),
+                    "devices": str(jax.devices()),
+                    "versions": versions,
+                    "args": vars(args),
+                    "rows": rows,
+                },
+                f,
+                indent=1,
+            )
+
+
+if __name__ == "__main__":
+    main()
