@@ -92,14 +92,15 @@ def test_inject_hyperparams_changes_the_learning_rate_in_the_state(factory):
 @pytest.mark.parametrize(
     ("make", "threshold"),
     [
-        (lambda: kron(learning_rate=3e-3), 0.12),
-        (lambda: quad(learning_rate=1e-2, weight_decay=0.0, dtype=jnp.float32), 0.12),
+        (lambda: kron(learning_rate=3e-3), 1e-2),
+        (lambda: quad(learning_rate=3e-2, weight_decay=0.0, dtype=jnp.float32), 1e-2),
     ],
     ids=["kron", "quad"],
 )
 def test_trains_digits(make, threshold):
     """An MLP 64-32-10 on scikit-learn's digits, 300 full-batch steps (float32). Measured
-    training cross-entropy: kron 0.02, quad 0.05, optax.adam(1e-2) 0.03; the test asks for 0.12."""
+    training cross-entropy: kron (lr 3e-3) 3.8e-4, quad (lr 3e-2) 9.9e-5; optax.adam at its best
+    lr of {3e-3, 1e-2, 3e-2, 1e-1} (1e-1) 1.1e-3. The test asks for 1e-2."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()
