@@ -10,8 +10,17 @@ from kron.bench.optimizers import get_optimizer
 from kron.bench.runner import RunConfig, run, run_or_load
 from kron.bench.tasks import TASKS
 
-REQUIRED = {"schema", "config", "versions", "machine", "history", "status", "steps_done",
-            "wall_seconds", "outcome"}
+REQUIRED = {
+    "schema",
+    "config",
+    "versions",
+    "machine",
+    "history",
+    "status",
+    "steps_done",
+    "wall_seconds",
+    "outcome",
+}
 
 
 def _config(seed=0, steps=45, optimizer="kron", task="deep_linear"):
@@ -64,8 +73,12 @@ def _fake(values, rule="reach", window=0.0, status="finished"):
 
 def test_outcome_reach_rule_takes_the_first_point_under_target():
     result = records.outcome(_fake([5.0, 0.9, 2.0, 0.5]))
-    assert result == {"final": 0.5, "success": True, "steps_to_target": 20,
-                      "seconds_to_target": 2.0}
+    assert result == {
+        "final": 0.5,
+        "success": True,
+        "steps_to_target": 20,
+        "seconds_to_target": 2.0,
+    }
     assert not records.outcome(_fake([5.0, 3.0]))["success"]
 
 
@@ -79,3 +92,18 @@ def test_outcome_final_rule_averages_the_window_and_needs_to_stay_under():
 def test_diverged_run_fails_with_infinite_final():
     result = records.outcome(_fake([5.0, 0.5], status="diverged"))
     assert result["final"] == math.inf
+    early = _fake([5.0], status="diverged")
+    del early["history"]["m"]  # diverged before its first evaluation
+    assert records.outcome(early) == {
+        "final": math.inf,
+        "success": False,
+        "steps_to_target": None,
+        "seconds_to_target": None,
+    }
+
+
+def test_a_diverging_run_is_recorded_as_diverged():
+    config = RunConfig(TASKS["deep_linear"], get_optimizer("sgd"), 1e6, 0, 60)
+    record = run(config)
+    assert record["status"] == "diverged" and record["steps_done"] < 60
+    assert not record["outcome"]["success"] and record["outcome"]["final"] == math.inf

@@ -40,15 +40,29 @@ def test_summary_and_plots_from_records_on_disk(tmp_path):
 
 def _synthetic(task, optimizer, seed, success, seconds=1.0, final=0.05, lr=None):
     return {
-        "config": {"task": task, "optimizer": optimizer, "optimizer_label": optimizer,
-                   "lr": lr, "seed": seed, "steps": 100, "metric": "m", "target": 0.1,
-                   "rule": "reach", "final_window": 0.0, "title": task},
+        "config": {
+            "task": task,
+            "optimizer": optimizer,
+            "optimizer_label": optimizer,
+            "lr": lr,
+            "seed": seed,
+            "steps": 100,
+            "metric": "m",
+            "target": 0.1,
+            "rule": "reach",
+            "final_window": 0.0,
+            "title": task,
+        },
         "history": {"step": [100], "seconds": [seconds], "m": [final], "val_loss": [final]},
         "status": "finished",
-        "outcome": {"final": final, "success": success,
-                    "steps_to_target": 100 if success else None,
-                    "seconds_to_target": seconds if success else None},
-        "versions": {}, "machine": {},
+        "outcome": {
+            "final": final,
+            "success": success,
+            "steps_to_target": 100 if success else None,
+            "seconds_to_target": seconds if success else None,
+        },
+        "versions": {},
+        "machine": {},
     }
 
 
@@ -56,10 +70,14 @@ def test_verdicts_count_seeds_and_ratios():
     recs = [_synthetic("xor32", "kron", s, s != 4) for s in range(5)]
     recs += [_synthetic("xor64", "kron", s, s < 2) for s in range(5)]
     recs += [_synthetic("xor32", "adamw", s, False, lr=1e-3) for s in range(5)]
-    recs += [_synthetic("kron_quadratic", "kron", 0, False, final=1e-6),
-             _synthetic("kron_quadratic", "adamw", 0, False, final=1e-4, lr=0.03)]
-    recs += [_synthetic("logistic", "kron", 0, False, final=1e-3),
-             _synthetic("logistic", "adamw", 0, False, final=2e-3, lr=0.01)]
+    recs += [
+        _synthetic("kron_quadratic", "kron", 0, False, final=1e-6),
+        _synthetic("kron_quadratic", "adamw", 0, False, final=1e-4, lr=0.03),
+    ]
+    recs += [
+        _synthetic("logistic", "kron", 0, False, final=1e-3),
+        _synthetic("logistic", "adamw", 0, False, final=2e-3, lr=0.01),
+    ]
     found = {v.target.split(":")[0]: v for v in summary.verdicts(recs)}
     assert found["xor32"].status == "met" and found["xor32"].measured == "4/5 seeds"
     assert found["xor64"].status == "missed"
@@ -71,23 +89,42 @@ def test_verdicts_count_seeds_and_ratios():
 
 
 def test_sweep_keeps_the_learning_rate_that_reaches_the_target_first():
-    recs = [_synthetic("t", "adamw", 0, True, lr=1e-3), _synthetic("t", "adamw", 0, False, lr=1e-2),
-            _synthetic("t", "adamw", 1, True, lr=1e-3)]
+    recs = [
+        _synthetic("t", "adamw", 0, True, lr=1e-3),
+        _synthetic("t", "adamw", 0, False, lr=1e-2),
+        _synthetic("t", "adamw", 1, True, lr=1e-3),
+    ]
     recs[0]["outcome"]["steps_to_target"] = 50
     (row,) = summary.best_rows(recs)["t"]
     assert row.lr == 1e-3 and len(row.runs) == 2
 
 
 def test_cli_end_to_end_and_resume(tmp_path, capsys):
-    args = ["bench", "--task", "deep_linear", "xor16", "--optimizer", "kron", "adamw",
-            "--steps", "30", "--seeds", "1", "--no-sweep", "--out", str(tmp_path)]
+    args = [
+        "bench",
+        "--task",
+        "deep_linear",
+        "xor16",
+        "--optimizer",
+        "kron",
+        "adamw",
+        "--steps",
+        "30",
+        "--seeds",
+        "1",
+        "--no-sweep",
+        "--out",
+        str(tmp_path),
+    ]
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "| deep_linear | rel_mse ≤ 1e-05 | kron (defaults) |" in printed
     assert "| xor16 | loss ≤ 0.1 | AdamW | 0.001 |" in printed
     assert (tmp_path / "summary.md").read_text().startswith("# kron bench summary")
-    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["deep_linear.png",
-                                                                      "xor16.png"]
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == [
+        "deep_linear.png",
+        "xor16.png",
+    ]
     runs = sorted((tmp_path / "runs").glob("*/*.json"))
     assert len(runs) == 4
     stamps = [p.stat().st_mtime_ns for p in runs]
@@ -104,7 +141,11 @@ def test_cli_end_to_end_and_resume(tmp_path, capsys):
 
 
 def test_python_dash_m_lists_tasks():
-    result = subprocess.run([sys.executable, "-m", "kron", "bench", "--list"],
-                            capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "kron", "bench", "--list"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     for name in ("xor64", "char_lm", "kron_quadratic_noisy"):
         assert name in result.stdout

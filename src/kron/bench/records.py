@@ -97,9 +97,8 @@ def outcome(record: Record) -> dict[str, Any]:
     """
     cfg, hist = record["config"], record["history"]
     metric, target = cfg["metric"], cfg["target"]
-    points = [
-        (s, t, v) for s, t, v in zip(hist["step"], hist["seconds"], hist[metric]) if v is not None
-    ]
+    column = hist.get(metric, [None] * len(hist["step"]))  # absent if it diverged at once
+    points = [(s, t, v) for s, t, v in zip(hist["step"], hist["seconds"], column) if v is not None]
     values = [v for _, _, v in points]
     diverged = record["status"] == "diverged"
     final = math.inf if diverged else final_value(values, cfg["final_window"])
