@@ -71,8 +71,8 @@ _CACHE: dict[str, Ops] = {}
 
 
 def get_ops(name: str) -> Ops:
-    """The backend called ``name`` (``"numpy"``, ``"torch"`` or ``"jax"``), imported on first
-    use."""
+    """The backend called ``name`` (``"numpy"``, ``"torch"``, ``"jax"`` or ``"keras"``, the last
+    over ``keras.ops`` for whichever Keras backend is active), imported on first use."""
     if name not in _CACHE:
         if name == "numpy":
             from kron.core.ops.numpy import NumpyOps
@@ -86,8 +86,14 @@ def get_ops(name: str) -> Ops:
             from kron.core.ops.jax import JaxOps
 
             _CACHE[name] = JaxOps()
+        elif name == "keras":
+            from kron.core.ops.keras import KerasOps
+
+            _CACHE[name] = KerasOps()
         else:
-            raise ValueError(f"Unknown ops backend {name!r}; accepted: 'numpy', 'torch', 'jax'.")
+            raise ValueError(
+                f"Unknown ops backend {name!r}; accepted: 'numpy', 'torch', 'jax', 'keras'."
+            )
     return _CACHE[name]
 
 

@@ -1,0 +1,147 @@
+"""Keras 3 backend: every primitive through ``keras.ops``, so one class serves TensorFlow, JAX and
+PyTorch. Arrays are the active Keras backend's native tensors (``tf.Tensor``, ``jax.Array``,
+``torch.Tensor``); under ``tf.function`` or ``jax.jit`` these methods only build the graph, so the
+Python cost of ``keras.ops``' dtype handling is paid at trace time.
+
+Where ``keras.ops`` differs from NumPy it is handled here: dtypes are Keras's standardised names
+(``"float32"``), a Python number stays a number until it meets an array (``maximum(0.5, 2)`` is
+``2``), and ``eps``/``tiny`` read ``ml_dtypes.finfo`` so ``bfloat16`` works.
+"""
+
+from __future__ import annotations
+
+import keras
+import ml_dtypes
+from keras import ops as kops
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+class KerasOps:
+    name = "keras"
+
+    def asarray(self, x, dtype=None):
+        return kops.convert_to_tensor(x, dtype=dtype)
+
+    def zeros(self, shape, like):
+        return kops.zeros(shape, dtype=self.dtype(like))
+
+    def ones(self, shape, like):
+        return kops.ones(shape, dtype=self.dtype(like))
+
+    def eye(self, n, like):
+        return kops.eye(n, dtype=self.dtype(like))
+
+    def arange(self, n, like):
+        return kops.arange(n)
+
+    def astype(self, x, dtype):
+        if _is_number(x):  # kept at full precision: converted straight to the target dtype
+            return kops.convert_to_tensor(x, dtype=dtype)
+        return kops.cast(x, dtype)
+
+    def dtype(self, x):
+        return keras.backend.standardize_dtype(x.dtype)
+
+    def eps(self, dtype):
+        return float(ml_dtypes.finfo(keras.backend.standardize_dtype(dtype)).eps)
+
+    def tiny(self, dtype):
+        return float(ml_dtypes.finfo(keras.backend.standardize_dtype(dtype)).tiny)
+
+    def reshape(self, x, shape):
+        return kops.reshape(x, shape)
+
+    def moveaxis(self, x, source, destination):
+        return kops.moveaxis(x, source, destination)
+
+    def permute(self, x, axes):
+        return kops.transpose(x, axes)
+
+    def pad_end(self, x, widths):
+        return kops.pad(x, [(0, w) for w in widths])
+
+    def slice_front(self, x, sizes):
+        return x[tuple(slice(0, s) for s in sizes)]
+
+    def matmul(self, a, b):
+        return kops.matmul(a, b)
+
+    def mT(self, x):
+        return kops.swapaxes(x, -1, -2)
+
+    def triu(self, x):
+        return kops.triu(x)
+
+    def diagonal(self, x):
+        return kops.diagonal(x, axis1=-2, axis2=-1)
+
+    def solve_lower(self, lower, rhs):
+        return kops.solve_triangular(lower, rhs, lower=True)
+
+    def where(self, cond, x, y):
+        return kops.where(cond, x, y)
+
+    def sqrt(self, x):
+        return kops.sqrt(x)
+
+    def exp(self, x):
+        return kops.exp(x)
+
+    def log(self, x):
+        return kops.log(x)
+
+    def log1p(self, x):
+        return kops.log1p(x)
+
+    def tanh(self, x):
+        return kops.tanh(x)
+
+    def sign(self, x):
+        return kops.sign(x)
+
+    def abs(self, x):
+        return kops.abs(x)
+
+    def maximum(self, x, y):
+        return _binary(kops.maximum, max, x, y)
+
+    def minimum(self, x, y):
+        return _binary(kops.minimum, min, x, y)
+
+    def clip(self, x, lo, hi):
+        return kops.clip(x, lo, hi)
+
+    def floor(self, x):
+        return kops.floor(x)
+
+    def isfinite(self, x):
+        return kops.isfinite(x)
+
+    def sum(self, x, axis=None, keepdims=False):
+        return kops.sum(x, axis=axis, keepdims=keepdims)
+
+    def mean(self, x, axis=None, keepdims=False):
+        return kops.mean(x, axis=axis, keepdims=keepdims)
+
+    def max(self, x, axis=None, keepdims=False):
+        return kops.max(x, axis=axis, keepdims=keepdims)
+
+    def argmax(self, x, axis):
+        return kops.argmax(x, axis=axis)
+
+
+def _binary(tensor_fn, scalar_fn, x, y):
+    """Elementwise max/min where either side may be a Python number. Two numbers stay a number;
+    a number meeting an array is converted to the array's dtype (not to ``floatx``), so a float64
+    array is compared with the full-precision number and a float32 one is not promoted."""
+    x_number, y_number = _is_number(x), _is_number(y)
+    if x_number and y_number:
+        return scalar_fn(x, y)
+    if y_number:
+        y = kops.convert_to_tensor(y, dtype=keras.backend.standardize_dtype(x.dtype))
+    elif x_number:
+        x = kops.convert_to_tensor(x, dtype=keras.backend.standardize_dtype(y.dtype))
+    return tensor_fn(x, y)

@@ -1,0 +1,173 @@
+"""What ``keras.ops`` cannot express, written once per Keras backend: counter-based random draws, an
+error raised from inside a compiled step, and a ``cond`` that stays cheap when run eagerly.
+
+Draws are pure functions of ``(seed, step, index, stream)``: ``seed`` and ``step`` may be traced
+integer tensors (read from optimizer variables), ``index`` (the variable's position) and ``stream``
+(what the numbers are for) are Python ints. Nothing is stateful, so a checkpoint that holds the
+seed and the step counter resumes with the very draws of the run that never stopped, and
+``stateless_apply`` needs no RNG state. ``keras.random`` is not used because it accepts only a
+Python int or a ``SeedGenerator`` (whose state is a separate, per-call variable) as the seed.
+
+* TensorFlow: ``tf.random.stateless_normal`` with the seed pair
+  ``(seed·2²⁴ + index·16 + stream, step)`` (Philox; traces under ``jit_compile``).
+* JAX: ``fold_in(fold_in(PRNGKey(seed), step), index·16 + stream)`` (threefry).
+* PyTorch: a ``torch.Generator`` seeded on the host with a SplitMix64 hash of the four integers.
+
+The streams are independent within a backend; the backends draw different numbers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import keras
+
+# Random streams of one variable; ``PROBES + axis`` for the norm-bound probes of each axis.
+NOISE, BALANCE, DECISION, PROBES = 0, 1, 2, 3
+STREAMS = 16  # streams per variable
+MAX_VARIABLES = 1 << 20  # index·16 + stream must stay below 2²⁴ (the TF seed word layout)
+MAX_SEED = (1 << 31) - 1
+
+
+def _check(index: int, stream: int) -> int:
+    if not (0 <= index < MAX_VARIABLES and 0 <= stream < STREAMS):
+        raise ValueError(
+            f"random stream out of range: index={index} (< {MAX_VARIABLES}), "
+            f"stream={stream} (< {STREAMS})."
+        )
+    return index * STREAMS + stream
+
+
+def normal(seed: Any, step: Any, index: int, stream: int, shape: tuple, dtype: str) -> Any:
+    """Standard normal draws of ``shape`` in ``dtype`` for ``(seed, step, index, stream)``."""
+    word = _check(index, stream)
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return tf.random.stateless_normal(shape, _tf_seed(seed, step, word), dtype=dtype)
+    if backend == "jax":
+        import jax
+
+        return jax.random.normal(_jax_key(seed, step, word), shape, dtype)
+    if backend == "torch":
+        import torch
+
+        generator = _torch_generator(seed, step, word)
+        values = torch.randn(shape, generator=generator, dtype=_torch_dtype(dtype))
+        return keras.ops.convert_to_tensor(values)  # onto Keras's device
+    raise ValueError(f"Unsupported Keras backend {backend!r}; accepted: tensorflow, jax, torch.")
+
+
+def uniform(seed: Any, step: Any, index: int, stream: int) -> Any:
+    """One float32 draw in ``[0, 1)`` for ``(seed, step, index, stream)``."""
+    word = _check(index, stream)
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return tf.random.stateless_uniform((), _tf_seed(seed, step, word), dtype=tf.float32)
+    if backend == "jax":
+        import jax
+
+        return jax.random.uniform(_jax_key(seed, step, word), (), "float32")
+    if backend == "torch":
+        import torch
+
+        value = torch.rand((), generator=_torch_generator(seed, step, word))
+        return keras.ops.convert_to_tensor(value)
+    raise ValueError(f"Unsupported Keras backend {backend!r}; accepted: tensorflow, jax, torch.")
+
+
+def _tf_seed(seed: Any, step: Any, word: int) -> Any:
+    import tensorflow as tf
+
+    first = tf.cast(seed, tf.int64) * (1 << 24) + word
+    return tf.stack([first, tf.cast(step, tf.int64)])
+
+
+def _jax_key(seed: Any, step: Any, word: int) -> Any:
+    import jax
+    import jax.numpy as jnp
+
+    key = jax.random.PRNGKey(jnp.asarray(seed, jnp.uint32))
+    return jax.random.fold_in(jax.random.fold_in(key, jnp.asarray(step, jnp.uint32)), word)
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return x ^ (x >> 31)
+
+
+def _torch_generator(seed: Any, step: Any, word: int) -> Any:
+    import torch
+
+    mixed = 0
+    for part in (int(seed), int(step), word):  # int() reads the counters on the host
+        mixed = _splitmix64(mixed ^ part)
+    generator = torch.Generator()
+    generator.manual_seed(mixed & 0x7FFFFFFFFFFFFFFF)
+    return generator
+
+
+def _torch_dtype(dtype: str) -> Any:
+    import torch
+
+    return getattr(torch, keras.backend.standardize_dtype(dtype))
+
+
+def cond(pred: Any, true_fn: Callable[[], Any], false_fn: Callable[[], Any]) -> Any:
+    """``keras.ops.cond``, except that a concrete JAX predicate picks its branch in Python: eager
+    JAX would otherwise trace and compile both branches again on every call (the branches are
+    fresh closures), while under ``jit`` the predicate is a tracer and ``lax.cond`` is used."""
+    if keras.backend.backend() == "jax":
+        import jax
+
+        if not isinstance(pred, jax.core.Tracer):
+            return true_fn() if bool(pred) else false_fn()
+    return keras.ops.cond(pred, true_fn, false_fn)
+
+
+def raise_if(bad: Any, message: str) -> None:
+    """Raise ``FloatingPointError(message)`` when the boolean scalar ``bad`` holds, from wherever
+    the step runs: eagerly (PyTorch, TensorFlow eager) at once; inside ``tf.function`` through
+    ``tf.debugging.Assert`` (``InvalidArgumentError``); inside ``jax.jit`` through a host
+    callback (``JaxRuntimeError`` wrapping the ``FloatingPointError``). XLA-compiled TensorFlow
+    drops assertions, so there it raises ``ValueError`` while tracing rather than never."""
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        if tf.executing_eagerly():
+            if bool(bad):
+                raise FloatingPointError(message)
+            return
+        if _in_xla_context():
+            raise ValueError(
+                "nonfinite='raise' cannot raise inside an XLA-compiled TensorFlow step (XLA drops "
+                "assertions); use nonfinite='skip' or compile the model with jit_compile=False."
+            )
+        tf.debugging.Assert(tf.logical_not(bad), [message])
+    elif backend == "jax":
+        import jax
+
+        def check(flag: Any) -> None:
+            if bool(flag):
+                raise FloatingPointError(message)
+
+        jax.debug.callback(check, bad)
+    elif bool(bad):
+        raise FloatingPointError(message)
+
+
+def _in_xla_context() -> bool:
+    import tensorflow as tf
+
+    try:
+        from tensorflow.python.ops import control_flow_util
+    except ImportError:  # pragma: no cover - layout of TF internals changed
+        return False
+    return bool(control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()))

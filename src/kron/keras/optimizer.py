@@ -1,0 +1,596 @@
+"""``kron.keras.Kron``: PSGD-Kron as a Keras 3 optimizer over :mod:`kron.core`.
+
+The class does Keras bookkeeping only: options, the optimizer variables made in ``build``, reading
+and writing them around :func:`kron.core.kron_step` (run on the ``keras`` ops backend) in
+``update_step``, and ``get_config``. Design choices (see ``docs/keras.md``):
+
+* every piece of state that changes the trajectory is an optimizer variable (factors, Lipschitz
+  estimates, momentum, the optional ``P`` cache, a per-variable update count, the decision
+  counter, the seed), so ``model.save`` / ``load_model`` and ``stateless_apply`` carry all of it;
+* whether to fit the preconditioner is decided from those variables with array ops, and both
+  branches are traced once and picked with ``keras.ops.cond``, so a compiled train step never
+  retraces; random draws are pure functions of ``(seed, step, variable index, stream)``
+  (:mod:`kron.keras.native`);
+* preconditioner state is ``precond_dtype`` (float32 by default) whatever the variable dtype;
+* weight decay is applied inside ``update_step`` (not by the base class), so that a variable whose
+  gradient is not finite is left entirely untouched.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import keras
+from keras import ops as kops
+
+from kron.core import (
+    DECISION_RULES,
+    FitOptions,
+    LayoutOptions,
+    Plan,
+    StepOptions,
+    TensorState,
+    accumulator_decision,
+    balance,
+    cache_preconditioner,
+    counter_decision,
+    fourth_moment,
+    get_ops,
+    init_factors,
+    kron_step,
+    make_plan,
+    scale_from_moments,
+)
+from kron.keras import native
+from kron.keras.schedules import UpdateProbability
+
+OPS = get_ops("keras")
+NONFINITE_POLICIES = ("skip", "raise")
+UPDATE_CLIPPINGS = ("rms", "value", None)
+FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+SUBSPACE_PROBES = 32  # rows of the norm-bound probes for norm_bound="subspace" (psgd_torch's)
+
+
+class _Slots(NamedTuple):
+    """The optimizer variables of one model variable (``B`` = blocks of its plan)."""
+
+    momentum: Any  # like the variable, in mu_dtype
+    factors: tuple  # Q_i (P_i for PRO4P/QUAD4P): (B, n, n) or (B, n), precond_dtype
+    lipschitz: tuple  # L_i: (B,), at least float32
+    cache: tuple  # P_i = Q_iᵀQ_i when cached (same shapes as factors), else ()
+    count: Any  # float32 scalar: momentum updates taken (steps with a finite gradient)
+
+
+def _dtype_name(value: Any, name: str, default: str | None) -> str | None:
+    """A Keras dtype name from any framework's dtype object or name; ValueError otherwise."""
+    if value is None:
+        return default
+    try:
+        dtype = keras.backend.standardize_dtype(value)
+    except (ValueError, TypeError, AttributeError) as error:
+        raise ValueError(
+            f"{name} must be a float dtype ({', '.join(FLOAT_DTYPES)}) or None; got {value!r}."
+        ) from error
+    if dtype not in FLOAT_DTYPES:
+        raise ValueError(
+            f"{name} must be a float dtype ({', '.join(FLOAT_DTYPES)}) or None; got {value!r}."
+        )
+    return dtype
+
+
+def _choice(value: Any, name: str, accepted: tuple) -> Any:
+    if value not in accepted:
+        raise ValueError(f"Unknown {name} {value!r}; accepted: {', '.join(map(repr, accepted))}.")
+    return value
+
+
+def _constant(value: Any) -> Callable[..., Any]:
+    """A Keras initializer returning ``value`` (already of the right shape and dtype)."""
+
+    def initializer(shape: Any, dtype: Any = None) -> Any:
+        return kops.cast(value, dtype) if dtype is not None else value
+
+    return initializer
+
+
+class Kron(keras.optimizers.Optimizer):
+    """PSGD-Kron: SGD preconditioned by a learned Kronecker-factored ``P = QᵀQ``.
+
+    Each variable gets one factor per axis (dense or diagonal, see the layout options), fitted so
+    that ``P·m`` is whitened, and the update is ``θ ← θ(1 − lr·wd) − lr·clip(P·m)``, with ``m``
+    the bias-corrected momentum. The options of seed 000 (Keras ``Kron``) come first with their
+    defaults, then Keras's shared ones, then kron's own (keyword-only). ``docs/keras.md`` lists
+    each one.
+
+    Args:
+      learning_rate: float, ``LearningRateSchedule`` or callable. Default 0.0003.
+      weight_decay: decoupled weight decay ``θ ← θ(1 − lr·wd)``; honours
+        ``exclude_from_weight_decay``. Default 0.0.
+      b1: momentum β in [0, 1) (an EMA with bias correction; 0 disables momentum). Default 0.9.
+      preconditioner_update_probability: float in [0, 1], a ``LearningRateSchedule`` or callable
+        of the step, or None for :class:`UpdateProbability` (1.0 for 500 steps, then decaying to
+        0.03).
+      max_size_triangular: axes longer than this get a diagonal factor. Default 8192.
+      min_ndim_triangular: variables with fewer axes get only diagonal factors. Default 2.
+      memory_save_mode: None, ``"one_diag"``, ``"smart_one_diag"``, ``"one_triu"`` or
+        ``"all_diag"``. Default None.
+      momentum_into_precond_update: fit P on the momentum (True) or on the gradient. Default
+        True.
+      precond_lr: preconditioner learning rate μ. Default 0.1.
+      precond_init_scale: initial ``Q = scale·I``; None sets it per variable from its first
+        finite gradient, ``(mean g⁴)^(-1/8)``. Default 1.0.
+      mu_dtype: momentum storage dtype (None: the variable's). Default None.
+      precond_dtype: dtype of Q and of the preconditioner math. Default ``"float32"``.
+      clipnorm, clipvalue, global_clipnorm, use_ema, ema_momentum, ema_overwrite_frequency,
+        loss_scale_factor, gradient_accumulation_steps: as in every Keras optimizer.
+      name: Default ``"kron"``.
+      preconditioner_mode: geometry, one of ``kron.core.GEOMETRIES``. Default ``"Q0.5EQ1.5"``.
+      whiten_grad: psgd's name for ``not momentum_into_precond_update``; overrides it when given.
+      max_skew_triangular: an axis whose square exceeds this times the variable size gets a
+        diagonal factor (``inf``, the default, disables the rule).
+      merge_dims: view variables of more than two axes as their squarest matrix. Default False.
+      block_size: cut axes longer than this into blocks with their own factors. Default None.
+      cached: keep ``P_i = Q_iᵀQ_i`` (one product per axis instead of two on steps that do not
+        fit; twice the factor memory). Default True.
+      update_clipping, update_clip_value: ``"rms"`` (default; RMS ≤ 1.1, kron_torch's),
+        ``"value"`` (each entry ≤ the value) or None.
+      decision_rule: ``"counter"`` (default, kron_torch), ``"accumulator"`` or ``"bernoulli"``.
+      beta_lipschitz, damping, damping_rule, norm_bound: ``kron.core.FitOptions``. Defaults 0.9,
+        1e-9, ``"elementwise"``, ``"power"``.
+      balance_probability: chance per fit of rebalancing the factors' norms. Default 0.01.
+      seed: seed of every random draw, in [0, 2³¹). Default 0.
+      nonfinite: ``"skip"`` (default): a variable whose gradient holds a NaN or Inf is left
+        untouched, with its optimizer state; ``"raise"``: ``FloatingPointError``.
+    """
+
+    def __init__(
+        self,
+        learning_rate: Any = 0.0003,
+        weight_decay: float = 0.0,
+        b1: float = 0.9,
+        preconditioner_update_probability: Any = None,
+        max_size_triangular: int = 8192,
+        min_ndim_triangular: int = 2,
+        memory_save_mode: str | None = None,
+        momentum_into_precond_update: bool = True,
+        precond_lr: float = 0.1,
+        precond_init_scale: float | None = 1.0,
+        mu_dtype: Any = None,
+        precond_dtype: Any = "float32",
+        clipnorm: float | None = None,
+        clipvalue: float | None = None,
+        global_clipnorm: float | None = None,
+        use_ema: bool = False,
+        ema_momentum: float = 0.99,
+        ema_overwrite_frequency: int | None = None,
+        loss_scale_factor: float | None = None,
+        gradient_accumulation_steps: int | None = None,
+        name: str = "kron",
+        *,
+        preconditioner_mode: str = "Q0.5EQ1.5",
+        whiten_grad: bool | None = None,
+        max_skew_triangular: float = math.inf,
+        merge_dims: bool = False,
+        block_size: int | None = None,
+        cached: bool = True,
+        update_clipping: str | None = "rms",
+        update_clip_value: float = 1.1,
+        decision_rule: str = "counter",
+        beta_lipschitz: float = 0.9,
+        damping: float = 1e-9,
+        damping_rule: str = "elementwise",
+        norm_bound: str = "power",
+        balance_probability: float = 0.01,
+        seed: int = 0,
+        nonfinite: str = "skip",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            learning_rate=learning_rate,
+            weight_decay=weight_decay,
+            clipnorm=clipnorm,
+            clipvalue=clipvalue,
+            global_clipnorm=global_clipnorm,
+            use_ema=use_ema,
+            ema_momentum=ema_momentum,
+            ema_overwrite_frequency=ema_overwrite_frequency,
+            loss_scale_factor=loss_scale_factor,
+            gradient_accumulation_steps=gradient_accumulation_steps,
+            name=name,
+            **kwargs,
+        )
+        _check_ranges(
+            b1=b1,
+            weight_decay=weight_decay,
+            precond_lr=precond_lr,
+            precond_init_scale=precond_init_scale,
+            balance_probability=balance_probability,
+            update_clip_value=update_clip_value,
+            seed=seed,
+            probability=preconditioner_update_probability,
+        )
+        self.b1 = b1
+        self.preconditioner_update_probability = preconditioner_update_probability
+        self.max_size_triangular = max_size_triangular
+        self.min_ndim_triangular = min_ndim_triangular
+        self.memory_save_mode = memory_save_mode
+        self.momentum_into_precond_update = momentum_into_precond_update
+        self.precond_lr = precond_lr
+        self.precond_init_scale = precond_init_scale
+        self.mu_dtype = _dtype_name(mu_dtype, "mu_dtype", None)
+        self.precond_dtype = _dtype_name(precond_dtype, "precond_dtype", "float32")
+        self.preconditioner_mode = preconditioner_mode
+        self.whiten_grad = whiten_grad
+        self.max_skew_triangular = max_skew_triangular
+        self.merge_dims = merge_dims
+        self.block_size = block_size
+        self.cached = cached
+        self.update_clipping = _choice(update_clipping, "update_clipping", UPDATE_CLIPPINGS)
+        self.update_clip_value = update_clip_value
+        self.decision_rule = _choice(decision_rule, "decision_rule", DECISION_RULES)
+        self.beta_lipschitz = beta_lipschitz
+        self.damping = damping
+        self.damping_rule = damping_rule
+        self.norm_bound = norm_bound
+        self.balance_probability = balance_probability
+        self.seed = int(seed)
+        self.nonfinite = _choice(nonfinite, "nonfinite", NONFINITE_POLICIES)
+        self._step_options = self._build_step_options()  # the core validates the rest
+        self._schedule = (
+            UpdateProbability()
+            if preconditioner_update_probability is None
+            else preconditioner_update_probability
+        )
+
+    # -- options -------------------------------------------------------------------------------
+
+    def _build_step_options(self) -> StepOptions:
+        layout = LayoutOptions(
+            max_size=self.max_size_triangular,
+            max_skew=self.max_skew_triangular,
+            min_ndim_dense=self.min_ndim_triangular,
+            memory_save_mode=self.memory_save_mode,
+            merge_dims=self.merge_dims,
+            block_size=self.block_size,
+        )
+        whiten_momentum = (
+            not self.whiten_grad
+            if self.whiten_grad is not None
+            else self.momentum_into_precond_update
+        )
+        if whiten_momentum and self.b1 == 0:
+            raise ValueError(
+                "Fitting P on the momentum (momentum_into_precond_update=True or "
+                "whiten_grad=False) needs b1 > 0; got b1=0."
+            )
+        return StepOptions(
+            layout=layout,
+            fit=FitOptions(
+                geometry=self.preconditioner_mode,
+                beta_lipschitz=self.beta_lipschitz,
+                damping=self.damping,
+                damping_rule=self.damping_rule,
+                norm_bound=self.norm_bound,
+            ),
+            beta=self.b1,
+            momentum_rule="debiased_ema",
+            whiten_momentum=whiten_momentum,
+            cache=self.cached,
+            clip_rms=self.update_clip_value if self.update_clipping == "rms" else None,
+            clip_max=self.update_clip_value if self.update_clipping == "value" else None,
+        )
+
+    @property
+    def step_options(self) -> StepOptions:
+        """The :class:`kron.core.StepOptions` every variable is stepped with."""
+        return self._step_options
+
+    def plan(self, variable: Any) -> Plan:
+        """The factor layout (:class:`kron.core.Plan`) of a variable of this shape."""
+        return make_plan(tuple(variable.shape), self._step_options.layout)
+
+    # -- state ---------------------------------------------------------------------------------
+
+    def build(self, var_list: list) -> None:
+        """Create the optimizer variables: ``seed`` and ``decision_counter``, then per model
+        variable ``momentum``, ``q{i}``, ``lipschitz{i}``, ``p{i}`` (when cached) and ``count``,
+        in that fixed order (Keras saves optimizer variables by position)."""
+        if self.built:
+            return
+        super().build(var_list)
+        if len(var_list) > native.MAX_VARIABLES:
+            raise ValueError(f"Kron supports at most {native.MAX_VARIABLES} variables.")
+        self._seed_state = self.add_variable(
+            (), initializer=keras.initializers.Constant(self.seed), dtype="int32", name="seed"
+        )
+        self._decision_counter = self.add_variable((), dtype="float32", name="decision_counter")
+        self._plans = tuple(self.plan(v) for v in var_list)
+        self._slots = tuple(self._add_slots(v, plan) for v, plan in zip(var_list, self._plans))
+
+    def _add_slots(self, variable: Any, plan: Plan) -> _Slots:
+        prefix = variable.path.replace("/", "_")
+        options = self._step_options
+        momentum = self.add_variable(
+            variable.shape,
+            dtype=self.mu_dtype or keras.backend.standardize_dtype(variable.dtype),
+            name=f"{prefix}_momentum",
+        )
+        like = kops.zeros((), self.precond_dtype)
+        start = init_factors(
+            plan, self.precond_init_scale or 1.0, like, OPS, options.fit.state_is_p
+        )
+        factors = tuple(
+            self.add_variable(
+                f.shape, _constant(f), dtype=self.precond_dtype, name=f"{prefix}_q{i}"
+            )
+            for i, f in enumerate(start)
+        )
+        lipschitz = tuple(
+            self.add_variable(
+                (f.shape[0],), dtype=self._lipschitz_dtype, name=f"{prefix}_lipschitz{i}"
+            )
+            for i, f in enumerate(start)
+        )
+        cache = ()
+        if self._uses_cache:
+            cache = tuple(
+                self.add_variable(
+                    p.shape, _constant(p), dtype=self.precond_dtype, name=f"{prefix}_p{i}"
+                )
+                for i, p in enumerate(cache_preconditioner(start, OPS))
+            )
+        count = self.add_variable((), dtype="float32", name=f"{prefix}_count")
+        return _Slots(momentum, factors, lipschitz, cache, count)
+
+    @property
+    def _uses_cache(self) -> bool:
+        return self._step_options.cache and not self._step_options.fit.state_is_p
+
+    @property
+    def _lipschitz_dtype(self) -> str:
+        return "float64" if self.precond_dtype == "float64" else "float32"
+
+    def _read(self, slots: _Slots) -> tuple[TensorState, Any]:
+        """The stored state as tensors (momentum stacked as ``(1, *shape)`` in precond_dtype)."""
+        read = kops.convert_to_tensor
+        momentum = kops.cast(read(slots.momentum), self.precond_dtype)
+        state = TensorState(
+            tuple(read(f) for f in slots.factors),
+            tuple(read(f) for f in slots.lipschitz),
+            kops.expand_dims(momentum, 0),
+            tuple(read(f) for f in slots.cache),
+        )
+        return state, read(slots.count)
+
+    def _write(self, slots: _Slots, state: TensorState, finite: Any) -> None:
+        for variables, values in (
+            (slots.factors, state.factors),
+            (slots.lipschitz, state.lipschitz),
+            (slots.cache, state.cache),
+        ):
+            for variable, value in zip(variables, values):
+                self.assign(variable, value)
+        self.assign(slots.momentum, kops.cast(state.momentum[0], slots.momentum.dtype))
+        self.assign_add(slots.count, kops.cast(finite, "float32"))
+
+    # -- the step ------------------------------------------------------------------------------
+
+    def _apply_weight_decay(self, variables: list) -> None:
+        """Weight decay is applied in :meth:`update_step`, gated on a finite gradient."""
+
+    def _backend_update_step(self, grads: list, trainable_variables: list, learning_rate) -> None:
+        super()._backend_update_step(grads, trainable_variables, learning_rate)
+        if self.decision_rule != "bernoulli":  # every update_step has read the old counter
+            _, counter = self._decide()
+            self.assign(self._decision_counter, counter)
+
+    def _decide(self) -> tuple[Any, Any]:
+        """``(fit?, new decision counter)`` for this step: a pure function of the iteration and
+        the stored counter, so every variable's ``update_step`` computes the same answer."""
+        step = self.iterations
+        probability = self._schedule
+        if callable(probability):
+            probability = kops.cast(probability(step), "float32")
+        counter = kops.convert_to_tensor(self._decision_counter)
+        if self.decision_rule == "bernoulli":
+            seed = kops.convert_to_tensor(self._seed_state)
+            return native.uniform(seed, step, 0, native.DECISION) < probability, counter
+        decide = counter_decision if self.decision_rule == "counter" else accumulator_decision
+        return decide(counter, probability, OPS)
+
+    def update_step(self, gradient: Any, variable: Any, learning_rate: Any) -> None:
+        index = self._get_variable_index(variable)
+        plan, slots = self._plans[index], self._slots[index]
+        grad = kops.cast(gradient, self.precond_dtype)
+        finite = kops.all(kops.isfinite(grad))
+        if self.nonfinite == "raise":
+            native.raise_if(
+                kops.logical_not(finite),
+                f"Kron: non-finite gradient for variable {index} of shape {plan.shape}.",
+            )
+        grad = kops.expand_dims(kops.where(finite, grad, kops.zeros_like(grad)), 0)
+        old, count = self._read(slots)
+        if self.precond_init_scale is None:
+            old = self._scale_at_first_step(old, grad, count, plan)
+        fit, _ = self._decide()
+        y, new = native.cond(
+            fit,
+            self._branch(index, plan, old, grad, count, True),
+            self._branch(index, plan, old, grad, count, False),
+        )
+        new = TensorState(*(_where_tree(finite, a, b) for a, b in zip(new, old)))
+        self._write(slots, new, finite)
+        self._apply_update(
+            variable, index, kops.where(finite, y, kops.zeros_like(y)), finite, learning_rate
+        )
+
+    def _branch(self, index, plan, old, grad, count, do_fit) -> Callable[[], Any]:
+        """One side of the fit decision: ``kron_step`` (with a random balance after a fit)."""
+
+        def run() -> tuple[Any, TensorState]:
+            inputs = self._fit_inputs(index, plan) if do_fit else {"noise": None}
+            y, new = kron_step(
+                old,
+                grad,
+                count,
+                inputs.pop("noise"),
+                plan=plan,
+                options=self._step_options,
+                precond_lr=self.precond_lr,
+                do_fit=do_fit,
+                ops=OPS,
+                mask=self._mask(plan),
+                **inputs,
+            )
+            if do_fit and self.balance_probability > 0 and plan.order > 1:
+                draw = native.uniform(self._seed(), self.iterations, index, native.BALANCE)
+                factors = native.cond(
+                    draw < self.balance_probability,
+                    lambda: tuple(balance(new.factors, OPS)),
+                    lambda: tuple(new.factors),
+                )
+                new = new._replace(factors=tuple(factors))
+            return y[0], new
+
+        return run
+
+    def _seed(self) -> Any:
+        return kops.convert_to_tensor(self._seed_state)
+
+    def _fit_inputs(self, index: int, plan: Plan) -> dict[str, Any]:
+        seed, step, dtype = self._seed(), self.iterations, self.precond_dtype
+        shape = (plan.num_blocks, *plan.block_shape)
+        inputs = {"noise": native.normal(seed, step, index, native.NOISE, shape, dtype)}
+        if self.norm_bound == "subspace":
+            inputs["norm_probes"] = [
+                native.normal(
+                    seed,
+                    step,
+                    index,
+                    native.PROBES + axis,
+                    (plan.num_blocks, SUBSPACE_PROBES, n),
+                    dtype,
+                )
+                for axis, n in enumerate(plan.block_shape)
+            ]
+        return inputs
+
+    def _mask(self, plan: Plan) -> Any:
+        mask = plan.mask()
+        return None if mask is None else kops.convert_to_tensor(mask, self.precond_dtype)
+
+    def _scale_at_first_step(self, state, grad, count, plan) -> TensorState:
+        """``precond_init_scale=None``: on a variable's first step, rescale Q (and the cache)
+        from that gradient, ``(mean g⁴ + δ⁴)^(-1/8)`` (1.0 for a zero gradient)."""
+        scale = scale_from_moments(fourth_moment(grad, OPS), OPS, self.damping)
+        if self._step_options.fit.state_is_p:
+            scale = scale * scale
+        per_factor = kops.where(count == 0, scale ** (1.0 / plan.order), 1.0)
+        return state._replace(
+            factors=tuple(f * kops.cast(per_factor, f.dtype) for f in state.factors),
+            cache=tuple(p * kops.cast(per_factor * per_factor, p.dtype) for p in state.cache),
+        )
+
+    def _apply_update(self, variable, index, y, finite, learning_rate) -> None:
+        """``θ ← θ − lr·(y + wd·θ)``; the decay term is dropped for a non-finite gradient."""
+        dtype = keras.backend.standardize_dtype(variable.dtype)
+        lr = kops.cast(learning_rate, dtype)
+        step = kops.cast(y, dtype)
+        if self.weight_decay and self._use_weight_decay(self._trainable_variables[index]):
+            decay = kops.cast(self.weight_decay, dtype) * kops.cast(finite, dtype)
+            step = step + decay * kops.convert_to_tensor(variable)
+        self.assign_sub(variable, lr * step)
+
+    # -- serialisation -------------------------------------------------------------------------
+
+    def get_config(self) -> dict[str, Any]:
+        config = super().get_config()
+        probability = self.preconditioner_update_probability
+        if callable(probability):
+            probability = keras.saving.serialize_keras_object(probability)
+        config.update(
+            b1=self.b1,
+            preconditioner_update_probability=probability,
+            max_size_triangular=self.max_size_triangular,
+            min_ndim_triangular=self.min_ndim_triangular,
+            memory_save_mode=self.memory_save_mode,
+            momentum_into_precond_update=self.momentum_into_precond_update,
+            precond_lr=self.precond_lr,
+            precond_init_scale=self.precond_init_scale,
+            mu_dtype=self.mu_dtype,
+            precond_dtype=self.precond_dtype,
+            preconditioner_mode=self.preconditioner_mode,
+            whiten_grad=self.whiten_grad,
+            max_skew_triangular=self.max_skew_triangular,
+            merge_dims=self.merge_dims,
+            block_size=self.block_size,
+            cached=self.cached,
+            update_clipping=self.update_clipping,
+            update_clip_value=self.update_clip_value,
+            decision_rule=self.decision_rule,
+            beta_lipschitz=self.beta_lipschitz,
+            damping=self.damping,
+            damping_rule=self.damping_rule,
+            norm_bound=self.norm_bound,
+            balance_probability=self.balance_probability,
+            seed=self.seed,
+            nonfinite=self.nonfinite,
+        )
+        return config
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], custom_objects: Any = None) -> Kron:
+        config = dict(config)
+        probability = config.get("preconditioner_update_probability")
+        if isinstance(probability, dict):
+            config["preconditioner_update_probability"] = keras.saving.deserialize_keras_object(
+                probability, custom_objects=custom_objects
+            )
+        return super().from_config(config, custom_objects=custom_objects)
+
+
+def _where_tree(flag: Any, new: Any, old: Any) -> Any:
+    """``new`` where the scalar ``flag`` holds, else ``old``, over a tensor or tuple of them."""
+    if isinstance(new, tuple):
+        return tuple(kops.where(flag, a, b) for a, b in zip(new, old))
+    return kops.where(flag, new, old)
+
+
+def _check_ranges(
+    *,
+    b1,
+    weight_decay,
+    precond_lr,
+    precond_init_scale,
+    balance_probability,
+    update_clip_value,
+    seed,
+    probability,
+) -> None:
+    """ValueError naming the option and the value for anything out of range."""
+    if not 0 <= b1 < 1:
+        raise ValueError(f"b1 must be in [0, 1); got {b1!r}.")
+    if weight_decay is not None and not weight_decay >= 0:
+        raise ValueError(f"weight_decay must be >= 0; got {weight_decay!r}.")
+    if not precond_lr >= 0:
+        raise ValueError(f"precond_lr must be >= 0; got {precond_lr!r}.")
+    if precond_init_scale is not None and not precond_init_scale > 0:
+        raise ValueError(f"precond_init_scale must be > 0 or None; got {precond_init_scale!r}.")
+    if not 0 <= balance_probability <= 1:
+        raise ValueError(f"balance_probability must be in [0, 1]; got {balance_probability!r}.")
+    if not update_clip_value > 0:
+        raise ValueError(f"update_clip_value must be > 0; got {update_clip_value!r}.")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= native.MAX_SEED:
+        raise ValueError(f"seed must be an int in [0, {native.MAX_SEED}]; got {seed!r}.")
+    if not (probability is None or callable(probability)):
+        if isinstance(probability, bool) or not isinstance(probability, (int, float)):
+            raise ValueError(
+                "preconditioner_update_probability must be a float in [0, 1], a schedule or "
+                f"None; got {probability!r}."
+            )
+        if not 0 <= probability <= 1:
+            raise ValueError(
+                f"preconditioner_update_probability must be in [0, 1]; got {probability!r}."
+            )
