@@ -43,7 +43,8 @@ def plot_task(task: str, rows, path: Path) -> Path:
                 continue
             steps, seconds, values = zip(*points)
             positive = positive and min(values) > 0
-            label = f"{row.label} (lr {lr}, {len(row.runs)} seeds)" if i == 0 else None
+            seeds = f"{len(row.runs)} seed" + ("s" if len(row.runs) > 1 else "")
+            label = f"{row.label} (lr {lr}, {seeds})" if i == 0 else None
             axes[0].plot(steps, values, color=color, alpha=0.8, lw=1, label=label)
             axes[1].plot(seconds, values, color=color, alpha=0.8, lw=1)
     for ax, xlabel in zip(axes, ("step", "training seconds")):
