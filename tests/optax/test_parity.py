@@ -230,3 +230,29 @@ def test_newton_needs_value_fn():
         tx.update(params, state, params)
     with pytest.raises(ValueError, match="preconditioner_type"):
         scale_by_kron(preconditioner_type="hessian")
+
+
+@pytest.mark.parametrize("geometry", ["Q0.5EQ1.5", "EQ", "PRO4P"])
+def test_cached_preconditioner_gives_the_uncached_run(geometry):
+    """With ``cached``, steps apply the stored ``P_i = Q_iᵀQ_i`` (refreshed on every fit); the
+    run equals the uncached one to rounding and the cache always equals ``Q_iᵀQ_i`` of the
+    factors (PRO4P stores P itself and keeps no cache)."""
+    params = {"w": jnp.zeros((6, 5)), "v": jnp.zeros(7)}
+    common = dict(
+        preconditioner_mode=geometry,
+        preconditioner_update_probability=0.3,
+        precond_dtype=jnp.float64,
+        max_skew_triangular=float("inf"),
+        decision_rule="counter",
+    )
+    plain, plain_state = _run(scale_by_kron(cached=False, **common), params, steps=12)
+    cached, cached_state = _run(scale_by_kron(cached=True, **common), params, steps=12)
+    for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(cached)):
+        np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-13)
+    assert plain_state.cache == {"v": (), "w": ()}
+    if geometry == "PRO4P":
+        assert cached_state.cache == {"v": (), "w": ()}
+        return
+    q, p = cached_state.factors["w"][0], cached_state.cache["w"][0]
+    np.testing.assert_allclose(p, jnp.swapaxes(q, -1, -2) @ q, rtol=1e-12)
+    np.testing.assert_allclose(cached_state.cache["v"][0], cached_state.factors["v"][0] ** 2)

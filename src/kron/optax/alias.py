@@ -51,6 +51,7 @@ def kron(
     lax_map_scanned_layers: bool = False,
     lax_map_batch_size: int = 8,
     preconditioner_type: str = "whitening",
+    cached: bool | None = None,
     seed: int = 42,
 ) -> optax.GradientTransformationExtraArgs:
     """PSGD-Kron: ``chain(scale_by_kron, add_decayed_weights, scale_by_learning_rate)``.

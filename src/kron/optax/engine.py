@@ -29,17 +29,21 @@ from kron.core import (
     StepOptions,
     TensorState,
     balance,
+    cache_preconditioner,
     counter_decision,
+    fit,
     fourth_moment,
     get_ops,
     init_factors,
     init_lipschitz,
-    kron_step,
     make_plan,
+    precondition,
     scale_from_moments,
     select_state,
     shared_scale,
+    update_momentum,
 )
+from kron.core.step import clip_update
 from kron.optax.sharding import check_mesh, constrain, constrain_like_params
 from kron.optax.state import KronState, leaf_key
 
@@ -75,6 +79,9 @@ class EngineConfig:
       output_scale: multiplies the clipped update (eformer's ``lr_style="adam"`` uses 1/5).
       preconditioner_type: ``"whitening"`` or ``"newton"`` (fit on ``(v, H v)`` pairs computed
         with ``jax.jvp`` of the gradient of the ``value_fn`` extra argument).
+      cache: keep ``P_i = Q_iᵀQ_i`` in the state, refreshed on every fit, so that steps without
+        a fit apply P with one product per axis instead of two (not for PRO4P/QUAD4P, whose
+        state is P already).
       block_axis_name, block_axis_size: the mesh axis (and its size) that the block stacks of
         the factors are split over when a mesh is active (:mod:`kron.optax.sharding`).
       params_partition_specs: specs of the params; the momentum and the updates follow them.
@@ -98,6 +105,7 @@ class EngineConfig:
     normalize_grads: bool = False
     output_scale: float = 1.0
     preconditioner_type: str = "whitening"
+    cache: bool = False
     block_axis_name: str | None = None
     block_axis_size: int = 1
     params_partition_specs: Any = None
@@ -217,6 +225,9 @@ def build(config: EngineConfig) -> optax.GradientTransformationExtraArgs:
     lip_dtype = jnp.promote_types(q_dtype, jnp.float32)
     state_is_p = options.fit.state_is_p
     always_fit = not callable(config.update_probability) and config.update_probability >= 1.0
+    caching = config.cache and not state_is_p
+    if not options.fit_before_apply:
+        raise ValueError("kron.optax fits P before applying it; fit_before_apply must be True.")
 
     def init_fn(params: Any) -> KronState:
         leaves, treedef = jax.tree.flatten(params)
@@ -240,6 +251,7 @@ def build(config: EngineConfig) -> optax.GradientTransformationExtraArgs:
             needs_scale_init=jnp.asarray(config.init_scale is None),
             skipped=treedef.unflatten([jnp.zeros((), jnp.int32) for _ in leaves]),
             key=jax.random.PRNGKey(config.seed),
+            cache=treedef.unflatten([_cached(f) for f in factors]),
         )
         return _constrain(state)
 
@@ -268,67 +280,97 @@ def build(config: EngineConfig) -> optax.GradientTransformationExtraArgs:
         layered = [jnp.where(_expand(ok, g), g, 0.0) for g, ok in zip(layered, finite)]
         if config.normalize_grads:
             layered = [_normalize(g) for g in layered]
-        factors = treedef.flatten_up_to(state.factors)
-        if config.init_scale is None and not config.newton:
-            moments = [fourth_moment(g.astype(jnp.float32), OPS) for g in layered]
-            scale = jnp.where(
-                state.needs_scale_init, shared_scale(moments, OPS, options.fit.damping), 1.0
-            )
-            factors = _rescale(factors, scale, layouts, state_is_p)
-        old = [
-            TensorState(tuple(f), tuple(lips), jnp.reshape(m.astype(q_dtype), g.shape))
-            for f, lips, m, g in zip(
-                factors,
-                treedef.flatten_up_to(state.lipschitz),
-                treedef.flatten_up_to(state.mu),
-                layered,
-            )
+        mu = [
+            jnp.reshape(m.astype(q_dtype), g.shape)
+            for m, g in zip(treedef.flatten_up_to(state.mu), layered)
         ]
+        momenta, debiased = mu, layered
+        if options.beta > 0:
+            pairs = [
+                update_momentum(
+                    m, g, count.astype(lip_dtype), options.beta, options.momentum_rule, OPS
+                )
+                for m, g in zip(mu, layered)
+            ]
+            momenta, debiased = [p[0] for p in pairs], [p[1] for p in pairs]
+        targets = debiased if options.whiten_momentum else layered
+        applied = debiased if options.precondition_momentum else layered
+
+        factors = [tuple(f) for f in treedef.flatten_up_to(state.factors)]
+        lipschitz = [tuple(lip) for lip in treedef.flatten_up_to(state.lipschitz)]
+        cache = [tuple(c) for c in treedef.flatten_up_to(state.cache)]
+        if config.init_scale is None and not config.newton:
+            factors, cache = jax.lax.cond(
+                state.needs_scale_init,
+                lambda: _whitening_init(factors, layered, layouts),
+                lambda: (factors, cache),
+            )
         do_fit, decision_total = _decide(state, count)
         precond_lr = config.precond_lr(count) if callable(config.precond_lr) else config.precond_lr
 
-        def run(fit: bool) -> Callable[[Any], Any]:
-            def branch(_: Any) -> Any:
-                with _precision(config.fit_precision if fit else config.apply_precision):
-                    return _step_all(
-                        fit, state, old, layered, layouts, stacks, precond_lr, params, value_fn
-                    )
+        def fit_branch(_: Any) -> Any:
+            with _precision(config.fit_precision):
+                return _fit_all(
+                    state,
+                    factors,
+                    lipschitz,
+                    targets,
+                    layouts,
+                    stacks,
+                    precond_lr,
+                    params,
+                    value_fn,
+                )
 
-            return branch
+        def keep_branch(_: Any) -> Any:
+            unchanged = [jnp.ones((lay.layers,), bool) for lay in layouts]
+            return factors, lipschitz, cache, unchanged, jnp.asarray(False)
 
         if always_fit:
-            outs, newton_ok, scaled = run(True)(None)
+            fitted = fit_branch(None)
         else:
-            outs, newton_ok, scaled = jax.lax.cond(do_fit, run(True), run(False), None)
+            fitted = jax.lax.cond(do_fit, fit_branch, keep_branch, None)
+        new_factors, new_lips, new_cache, fit_ok, newton_scaled = fitted
+        with _precision(config.apply_precision):
+            directions = _apply_all(new_factors, new_cache, applied, layouts, stacks)
 
-        new_updates, new_mu, new_factors, new_lips, new_skipped = [], [], [], [], []
-        for (y, new), before, ok, lay, g, m, skipped, fit_ok in zip(
-            outs,
-            old,
-            finite,
-            layouts,
-            grads,
-            treedef.flatten_up_to(state.mu),
-            treedef.flatten_up_to(state.skipped),
-            newton_ok,
+        new_updates, new_mu, kept_factors, kept_lips, kept_cache, new_skipped = (
+            [] for _ in range(6)
+        )
+        for i, (lay, g, m, skipped) in enumerate(
+            zip(
+                layouts,
+                grads,
+                treedef.flatten_up_to(state.mu),
+                treedef.flatten_up_to(state.skipped),
+            )
         ):
-            keep = ok & fit_ok
-            new = select_state(keep, new, before, lay.plan.num_blocks, OPS)
-            y = jnp.where(_expand(keep, y), y, 0.0) * config.output_scale
+            keep = finite[i] & fit_ok[i]
+            new = select_state(
+                keep,
+                TensorState(new_factors[i], new_lips[i], momenta[i], new_cache[i]),
+                TensorState(factors[i], lipschitz[i], mu[i], cache[i]),
+                lay.plan.num_blocks,
+                OPS,
+            )
+            y = jnp.where(_expand(keep, directions[i]), directions[i], 0.0) * config.output_scale
             new_updates.append(jnp.reshape(y, g.shape).astype(g.dtype))
             new_mu.append(jnp.reshape(new.momentum, m.shape).astype(m.dtype))
-            new_factors.append(new.factors)
-            new_lips.append(new.lipschitz)
+            kept_factors.append(new.factors)
+            kept_lips.append(new.lipschitz)
+            kept_cache.append(new.cache)
             new_skipped.append(skipped + jnp.sum(~keep).astype(jnp.int32))
+        scaled = newton_scaled if config.newton else jnp.asarray(config.init_scale is None)
         new_state = KronState(
             count=optax.safe_int32_increment(count),
             mu=treedef.unflatten(new_mu),
-            factors=treedef.unflatten(new_factors),
-            lipschitz=treedef.unflatten(new_lips),
+            factors=treedef.unflatten(kept_factors),
+            lipschitz=treedef.unflatten(kept_lips),
             decision_total=jnp.asarray(decision_total, jnp.float32),
             needs_scale_init=state.needs_scale_init & ~scaled,
             skipped=treedef.unflatten(new_skipped),
             key=state.key,
+            cache=treedef.unflatten(kept_cache),
         )
         new_updates = constrain_like_params(
             treedef.unflatten(new_updates), config.params_partition_specs
@@ -350,122 +392,121 @@ def build(config: EngineConfig) -> optax.GradientTransformationExtraArgs:
             return draw < probability, state.decision_total
         return counter_decision(state.decision_total, probability, OPS)
 
-    def _step_all(fit, state, old, layered, layouts, stacks, precond_lr, params, value_fn):
-        """Every stack's ``kron_step``; returns per-leaf ``(y, new state)``, per-leaf finiteness
-        of the Newton pair and whether the automatic init scale was applied."""
+    def _cached(factors: tuple[Any, ...]) -> tuple[Any, ...]:
+        return tuple(cache_preconditioner(factors, OPS)) if caching else ()
+
+    def _whitening_init(factors, layered, layouts):
+        """The automatic scale from the first gradients, ``(max mean g⁴ + δ⁴)^(-1/8)``."""
+        moments = [fourth_moment(g.astype(jnp.float32), OPS) for g in layered]
+        scale = shared_scale(moments, OPS, options.fit.damping)
+        factors = _rescale(factors, scale, layouts, state_is_p)
+        return factors, [_cached(f) for f in factors]
+
+    def _fit_all(state, factors, lipschitz, targets, layouts, stacks, precond_lr, params, value_fn):
+        """One fit of every stack. Returns per-leaf factors, Lipschitz estimates and caches, the
+        per-layer finiteness of the Newton pairs, and whether Newton's init scale was applied."""
         count = state.count
-        probes = hvps = None
-        newton_ok = [jnp.ones((lay.layers,), bool) for lay in layouts]
-        scaled = jnp.asarray(not config.newton and config.init_scale is None)
-        if fit and config.newton:
-            probes, hvps = _newton_pairs(state.key, count, params, value_fn, layouts)
-            newton_ok = [
-                jnp.all(jnp.isfinite(jnp.reshape(h, (h.shape[0], -1))), axis=1) for h in hvps
+        fit_ok = [jnp.ones((lay.layers,), bool) for lay in layouts]
+        scaled = jnp.asarray(False)
+        probes = None
+        if config.newton:
+            probes, targets = _newton_pairs(state.key, count, params, value_fn, layouts)
+            fit_ok = [
+                jnp.all(jnp.isfinite(jnp.reshape(h, (h.shape[0], -1))), axis=1) for h in targets
             ]
-            hvps = [jnp.where(_expand(ok, h), h, 0.0) for h, ok in zip(hvps, newton_ok)]
+            targets = [jnp.where(_expand(ok, h), h, 0.0) for h, ok in zip(targets, fit_ok)]
             if config.init_scale is None:
-                old = _newton_init(state, old, probes, hvps, layouts)
-                scaled = jnp.asarray(True)
-        outs: list[Any] = [None] * len(layouts)
+                factors = _newton_init(state, factors, probes, targets, layouts)
+                scaled = state.needs_scale_init
+        new_factors: list[Any] = [None] * len(layouts)
+        new_lips: list[Any] = [None] * len(layouts)
         for index, members in enumerate(stacks):
             plan = layouts[members[0]].plan
             sizes = [layouts[i].layers for i in members]
             block_sizes = [layouts[i].blocks for i in members]
-            layers = sum(sizes)
-            stacked = TensorState(
-                tuple(_concat([old[i].factors[k] for i in members]) for k in range(plan.order)),
-                tuple(_concat([old[i].lipschitz[k] for i in members]) for k in range(plan.order)),
-                _concat([old[i].momentum for i in members]),
+            inputs = _fit_inputs(state.key, count, index, plan, sum(sizes))
+            inputs["x"] = plan.to_blocks(_concat([targets[i] for i in members]), OPS, stacked=True)
+            if probes is not None:
+                inputs["probe"] = plan.to_blocks(
+                    _concat([probes[i] for i in members]), OPS, stacked=True
+                )
+            stack_factors = [_concat([factors[i][k] for i in members]) for k in range(plan.order)]
+            stack_lips = [_concat([lipschitz[i][k] for i in members]) for k in range(plan.order)]
+            scanned = any(size > 1 for size in sizes)
+            fit_stack = _mapped_fit if (config.lax_map_scanned_layers and scanned) else _batched_fit
+            stack_factors, stack_lips = fit_stack(
+                stack_factors, stack_lips, plan, precond_lr, inputs
             )
-            grad = _concat([layered[i] for i in members])
-            fit_inputs: dict[str, Any] = {}
-            if fit:
-                fit_inputs = _fit_inputs(state.key, count, index, plan, layers)
-                if config.newton:
-                    fit_inputs["probe"] = plan.to_blocks(
-                        _concat([probes[i] for i in members]), OPS, stacked=True
-                    )
-                    fit_inputs["hvp"] = plan.to_blocks(
-                        _concat([hvps[i] for i in members]), OPS, stacked=True
-                    )
-            scanned = any(layouts[i].layers > 1 for i in members)
-            step = _mapped_step if (config.lax_map_scanned_layers and scanned) else _batched_step
-            y, new = step(stacked, grad, count, plan, fit, precond_lr, fit_inputs)
-            if fit:
-                new = new._replace(factors=_maybe_balance(new.factors, state.key, count, index))
-            for i, y_i, m_i, *parts in zip(
-                members,
-                _split(y, sizes),
-                _split(new.momentum, sizes),
-                *[_split(f, block_sizes) for f in new.factors],
-                *[_split(lip, block_sizes) for lip in new.lipschitz],
-            ):
-                order = plan.order
-                outs[i] = (y_i, TensorState(tuple(parts[:order]), tuple(parts[order:]), m_i))
-        return outs, newton_ok, scaled
+            stack_factors = _maybe_balance(tuple(stack_factors), state.key, count, index)
+            split_factors = [_split(f, block_sizes) for f in stack_factors]
+            split_lips = [_split(lip, block_sizes) for lip in stack_lips]
+            for position, i in enumerate(members):
+                new_factors[i] = tuple(f[position] for f in split_factors)
+                new_lips[i] = tuple(lip[position] for lip in split_lips)
+        return new_factors, new_lips, [_cached(f) for f in new_factors], fit_ok, scaled
 
-    def _batched_step(stacked, grad, count, plan, fit, precond_lr, fit_inputs):
-        return kron_step(
-            stacked,
-            grad,
-            count.astype(lip_dtype),
-            fit_inputs.pop("noise", None),
-            plan=plan,
-            options=options,
-            precond_lr=precond_lr,
-            do_fit=fit,
+    def _batched_fit(factors, lipschitz, plan, precond_lr, inputs):
+        inputs = dict(inputs)
+        x, noise = inputs.pop("x"), inputs.pop("noise")
+        return fit(
+            factors,
+            lipschitz,
+            x,
+            noise,
+            lr=precond_lr,
+            options=options.fit,
             ops=OPS,
-            mask=_mask(plan, grad.shape[0]),
-            **fit_inputs,
+            mask=_mask(plan, x.shape[0] // plan.num_blocks),
+            **inputs,
         )
 
-    def _mapped_step(stacked, grad, count, plan, fit, precond_lr, fit_inputs):
-        """``lax.map`` over layers, ``lax_map_batch_size`` at a time; each call sees one layer."""
-        layers, blocks = grad.shape[0], plan.num_blocks
+    def _mapped_fit(factors, lipschitz, plan, precond_lr, inputs):
+        """``lax.map`` over layers, ``lax_map_batch_size`` at a time; each call fits one layer."""
+        blocks = plan.num_blocks
+        layers = factors[0].shape[0] // blocks
 
         def per_layer(x: Any) -> Any:
             return jnp.reshape(x, (layers, blocks, *x.shape[1:]))
 
-        block_inputs = {
-            name: ([per_layer(p) for p in value] if name == "norm_probes" else per_layer(value))
-            for name, value in fit_inputs.items()
-        }
-        xs = (
-            [per_layer(f) for f in stacked.factors],
-            [per_layer(lip) for lip in stacked.lipschitz],
-            stacked.momentum[:, None],
-            grad[:, None],
-            block_inputs,
-        )
+        per_layer_inputs = jax.tree.map(per_layer, inputs)
 
-        def one_layer(x: Any) -> Any:
-            factors, lipschitz, momentum, g, inputs = x
-            inputs = dict(inputs)
-            y, new = kron_step(
-                TensorState(tuple(factors), tuple(lipschitz), momentum),
-                g,
-                count.astype(lip_dtype),
-                inputs.pop("noise", None),
-                plan=plan,
-                options=options,
-                precond_lr=precond_lr,
-                do_fit=fit,
-                ops=OPS,
-                mask=_mask(plan, 1),
-                **inputs,
-            )
-            return y[0], list(new.factors), list(new.lipschitz), new.momentum[0]
+        def one_layer(xs: Any) -> Any:
+            layer_factors, layer_lips, layer_inputs = xs
+            return _batched_fit(layer_factors, layer_lips, plan, precond_lr, layer_inputs)
 
-        y, factors, lipschitz, momentum = jax.lax.map(
-            one_layer, xs, batch_size=min(config.lax_map_batch_size, layers)
+        new_factors, new_lips = jax.lax.map(
+            one_layer,
+            (
+                [per_layer(f) for f in factors],
+                [per_layer(lip) for lip in lipschitz],
+                per_layer_inputs,
+            ),
+            batch_size=min(config.lax_map_batch_size, layers),
         )
 
         def flat(x: Any) -> Any:
             return jnp.reshape(x, (layers * blocks, *x.shape[2:]))
 
-        return y, TensorState(
-            tuple(flat(f) for f in factors), tuple(flat(lip) for lip in lipschitz), momentum
-        )
+        return [flat(f) for f in new_factors], [flat(lip) for lip in new_lips]
+
+    def _apply_all(factors, cache, applied, layouts, stacks):
+        """``clip(P·m)`` per leaf, ``(S, *layer_shape)``, one batched product per stack."""
+        directions: list[Any] = [None] * len(layouts)
+        for members in stacks:
+            plan = layouts[members[0]].plan
+            blocks = plan.to_blocks(_concat([applied[i] for i in members]), OPS, stacked=True)
+            if caching:
+                stack_cache = [_concat([cache[i][k] for i in members]) for k in range(plan.order)]
+                y = precondition(stack_cache, blocks, OPS, state_is_p=True)
+            else:
+                stack_factors = [
+                    _concat([factors[i][k] for i in members]) for k in range(plan.order)
+                ]
+                y = precondition(stack_factors, blocks, OPS, state_is_p)
+            y = clip_update(plan.from_blocks(y, OPS, stacked=True), options, OPS)
+            for i, y_i in zip(members, _split(y, [layouts[i].layers for i in members])):
+                directions[i] = y_i
+        return directions
 
     def _fit_inputs(key, count, index, plan, layers):
         blocks = layers * plan.num_blocks
@@ -512,7 +553,7 @@ def build(config: EngineConfig) -> optax.GradientTransformationExtraArgs:
             [layered(h, lay) for h, lay in zip(hvps, layouts)],
         )
 
-    def _newton_init(state, old, probes, hvps, layouts):
+    def _newton_init(state, factors, probes, hvps, layouts):
         """Newton type's automatic scale, ``(E v²)^¼ (max E h⁴)^(-1/8)``, on the first fit."""
         largest = jnp.max(jnp.stack([fourth_moment(h.astype(jnp.float32), OPS) for h in hvps]))
         second = jnp.mean(jnp.stack([jnp.mean(jnp.square(v.astype(jnp.float32))) for v in probes]))
@@ -521,8 +562,7 @@ def build(config: EngineConfig) -> optax.GradientTransformationExtraArgs:
             scale_from_moments(largest, OPS, options.fit.damping, probe_second=second),
             1.0,
         )
-        factors = _rescale([t.factors for t in old], scale, layouts, state_is_p)
-        return [t._replace(factors=tuple(f)) for t, f in zip(old, factors)]
+        return _rescale(factors, scale, layouts, state_is_p)
 
     def _mask(plan: Plan, layers: int) -> Any:
         mask = plan.mask()

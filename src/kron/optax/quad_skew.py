@@ -35,9 +35,11 @@ MAX_UPDATE_RMS = 1.1
 
 def annealed_precond_lr(initial: float) -> Callable[[jax.Array], jax.Array]:
     """``μ_t = max(μ·(1 + t/10⁴)^(-½), min(μ, 0.4))`` for step count ``t``."""
-    floor = jnp.minimum(initial, PRECOND_LR_FLOOR)  # initial may be traced (inject_hyperparams)
 
     def schedule(count: jax.Array) -> jax.Array:
+        # Computed when called (inside the update), so building the optimizer makes no arrays;
+        # initial may be traced (inject_hyperparams).
+        floor = jnp.minimum(initial, PRECOND_LR_FLOOR)
         t = jnp.asarray(count, jnp.float32)
         return jnp.maximum(initial * jax.lax.rsqrt(1.0 + t / PRECOND_LR_HALF_LIFE_STEPS), floor)
 

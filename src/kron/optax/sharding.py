@@ -51,6 +51,7 @@ def kron_state_specs(
         needs_scale_init=replicated,
         skipped=jax.tree.map(lambda _: replicated, state.skipped),
         key=replicated,
+        cache=blocks(state.cache),
     )
 
 

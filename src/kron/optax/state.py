@@ -38,6 +38,7 @@ class KronState(NamedTuple):
         update (Newton type: on the first fit).
       skipped: int32 scalar per leaf, layers whose update was skipped for a non-finite gradient.
       key: the PRNG key every draw is folded from.
+      cache: per leaf, ``P_i = Q_iᵀQ_i`` shaped like ``factors`` when caching is on, else ``()``.
     """
 
     count: jax.Array
@@ -48,6 +49,7 @@ class KronState(NamedTuple):
     needs_scale_init: jax.Array
     skipped: Any
     key: jax.Array
+    cache: Any = ()
 
     def replace(self, **changes: Any) -> KronState:
         """A copy with ``changes`` applied."""

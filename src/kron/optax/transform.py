@@ -42,6 +42,7 @@ def scale_by_kron(
     lax_map_scanned_layers: bool = False,
     lax_map_batch_size: int = 8,
     preconditioner_type: str = "whitening",
+    cached: bool | None = None,
     seed: int = 42,
 ) -> optax.GradientTransformationExtraArgs:
     """PSGD-Kron preconditioning of the updates (psgdax's ``scale_by_kron`` contract).
@@ -74,6 +75,9 @@ def scale_by_kron(
       preconditioner_type: ``"whitening"`` (default) or ``"newton"``: fit P on Hessian-vector
         products, which needs ``update(grads, state, params, value_fn=loss_of_params)``; the
         update probability is then the Hessian interval.
+      cached: keep ``P_i = Q_iᵀQ_i`` in the state so that steps without a fit apply P with one
+        product per axis instead of two (more memory, fewer flops). None (default) caches when
+        the update probability is a schedule or below 0.5.
       seed: seed of the PRNG key in the state. Default 42.
     """
     if not whiten_grad and b1 <= 0:
@@ -100,6 +104,10 @@ def scale_by_kron(
     )
     if preconditioner_update_probability is None:
         preconditioner_update_probability = exponential_schedule(ops=get_ops("jax"))
+    if cached is None:
+        cached = (
+            callable(preconditioner_update_probability) or preconditioner_update_probability < 0.5
+        )
     config = EngineConfig(
         step=step,
         precond_lr=preconditioner_lr,
@@ -115,6 +123,7 @@ def scale_by_kron(
         lax_map_scanned_layers=lax_map_scanned_layers,
         lax_map_batch_size=lax_map_batch_size,
         preconditioner_type=preconditioner_type,
+        cache=cached,
         seed=seed,
     )
     return build(config)
