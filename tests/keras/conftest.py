@@ -9,6 +9,11 @@ import os
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow's start-up chatter
+# XLA (JAX, TensorFlow with jit_compile) spends most of this suite compiling small programs; its
+# LLVM optimisations only speed up the compiled code, which these tests run a few times each.
+os.environ.setdefault(
+    "XLA_FLAGS", "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+)
 
 import keras
 import pytest
@@ -19,6 +24,13 @@ if BACKEND != os.environ["KERAS_BACKEND"]:
         f"Keras was imported with backend {BACKEND!r} before tests/keras/conftest.py could select "
         f"{os.environ['KERAS_BACKEND']!r}; run the Keras suite in its own process."
     )
+
+if BACKEND == "torch":
+    import torch
+
+    # The suite's tensors are tiny: on a busy 2-core machine torch's intra-op threads only
+    # contend (a 32×32 matmul took 15 ms with 2 threads against 20 µs with 1).
+    torch.set_num_threads(1)
 
 
 def pytest_configure(config) -> None:

@@ -95,6 +95,7 @@ def _constant(value: Any) -> Callable[..., Any]:
     return initializer
 
 
+@keras.saving.register_keras_serializable(package="kron")
 class Kron(keras.optimizers.Optimizer):
     """PSGD-Kron: SGD preconditioned by a learned Kronecker-factored ``P = QᵀQ``.
 
