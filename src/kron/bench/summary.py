@@ -80,6 +80,13 @@ def _num(value: float | None, digits: int = 3) -> str:
     return f"{value:.{digits}g}"
 
 
+def _seconds(value: float | None) -> str:
+    """Seconds with two significant digits below 100, whole seconds above."""
+    if value is None:
+        return "–"
+    return f"{value:.0f}" if value >= 100 else f"{value:.2g}"
+
+
 def _steps(value: float | None) -> str:
     return "–" if value is None else f"{value:.0f}"
 
@@ -100,7 +107,7 @@ def table(records: list[Record]) -> str:
             lines.append(
                 f"| {task} | {target} | {row.label} | {_lr(row.lr)} "
                 f"| {row.successes}/{len(row.runs)} | {_steps(row.median('steps_to_target'))} "
-                f"| {_num(row.median('seconds_to_target'), 2)} | {_num(row.median('final'))} |"
+                f"| {_seconds(row.median('seconds_to_target'))} | {_num(row.median('final'))} |"
             )
     return "\n".join(lines)
 
