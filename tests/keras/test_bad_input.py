@@ -1,0 +1,135 @@
+"""Invalid options raise ValueError naming the accepted values; non-finite gradients leave the
+variable and its optimizer state untouched, or raise."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+
+from kron.keras import Kron
+
+from ._helpers import to_numpy
+
+BAD_OPTIONS = [
+    (dict(preconditioner_mode="QQ"), "EQ"),
+    (dict(memory_save_mode="half_diag"), "smart_one_diag"),
+    (dict(decision_rule="sometimes"), "counter"),
+    (dict(nonfinite="ignore"), "'skip', 'raise'"),
+    (dict(update_clipping="l2"), "'rms', 'value', None"),
+    (dict(norm_bound="frobenius"), "power"),
+    (dict(damping_rule="none"), "elementwise"),
+    (dict(b1=1.0), "b1 must be in [0, 1)"),
+    (dict(b1=0.0), "needs b1 > 0"),
+    (dict(precond_lr=-0.1), "precond_lr"),
+    (dict(precond_init_scale=0.0), "precond_init_scale"),
+    (dict(balance_probability=1.5), "balance_probability"),
+    (dict(update_clip_value=0.0), "update_clip_value"),
+    (dict(seed=-1), "seed"),
+    (dict(seed=2**31), "seed"),
+    (dict(preconditioner_update_probability=1.5), "[0, 1]"),
+    (dict(preconditioner_update_probability="often"), "a schedule or None"),
+    (dict(mu_dtype="int32"), "float16, bfloat16, float32, float64"),
+    (dict(precond_dtype="no_such_dtype"), "precond_dtype"),
+    (dict(max_size_triangular=0), "max_size"),
+    (dict(weight_decay=-1.0), "weight_decay"),
+    (dict(gradient_accumulation_steps=1), "gradient_accumulation_steps"),
+    (dict(momentum=0.9), "not recognized"),
+]
+
+
+@pytest.mark.parametrize("options, message", BAD_OPTIONS, ids=[str(o) for o, _ in BAD_OPTIONS])
+def test_invalid_options_raise(options: dict, message: str) -> None:
+    with pytest.raises(ValueError) as error:
+        Kron(**options)
+    assert message in str(error.value)
+
+
+def _setup(**options):
+    rng = np.random.default_rng(0)
+    variables = [keras.Variable(rng.standard_normal(s), dtype="float32") for s in [(4, 3), (3,)]]
+    optimizer = Kron(learning_rate=0.1, weight_decay=0.1, **options)
+    optimizer.build(variables)
+    return variables, optimizer
+
+
+def _snapshot(items) -> list[np.ndarray]:
+    return [to_numpy(v).copy() for v in items]
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_nonfinite_gradient_leaves_variable_and_state_untouched(bad: float) -> None:
+    variables, optimizer = _setup()
+    rng = np.random.default_rng(1)
+    finite = [rng.standard_normal(v.shape).astype(np.float32) for v in variables]
+    optimizer.apply([keras.ops.convert_to_tensor(g) for g in finite], variables)
+    kron_slots = optimizer._slots[0]
+    watched = [
+        variables[0],
+        kron_slots.momentum,
+        *kron_slots.factors,
+        *kron_slots.lipschitz,
+        *kron_slots.cache,
+        kron_slots.count,
+    ]
+    before, other_before = _snapshot(watched), to_numpy(variables[1]).copy()
+    broken = finite[0].copy()
+    broken[1, 2] = bad
+    optimizer.apply([keras.ops.convert_to_tensor(broken), finite[1]], variables)
+    for a, b in zip(before, _snapshot(watched)):
+        np.testing.assert_array_equal(a, b)  # weight decay included
+    assert not np.allclose(other_before, to_numpy(variables[1]))  # the other variable stepped
+    assert float(to_numpy(optimizer._slots[1].count)) == 2.0
+    # the next finite gradient steps normally
+    optimizer.apply([keras.ops.convert_to_tensor(g) for g in finite], variables)
+    assert np.isfinite(to_numpy(variables[0])).all()
+    assert not np.allclose(before[0], to_numpy(variables[0]))
+    assert float(to_numpy(kron_slots.count)) == 2.0
+
+
+def test_nonfinite_raise_policy_raises_eagerly() -> None:
+    variables, optimizer = _setup(nonfinite="raise")
+    before = _snapshot(variables)
+    grads = [np.full(v.shape, np.nan, np.float32) for v in variables]
+    with pytest.raises(FloatingPointError, match="non-finite gradient for variable 0"):
+        optimizer.apply([keras.ops.convert_to_tensor(g) for g in grads], variables)
+    for a, b in zip(before, _snapshot(variables)):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.skipif(keras.backend.backend() == "torch", reason="PyTorch steps run eagerly")
+def test_nonfinite_raise_policy_inside_a_compiled_step() -> None:
+    variables, optimizer = _setup(nonfinite="raise")
+    grads = [keras.ops.convert_to_tensor(np.full(v.shape, np.nan, np.float32)) for v in variables]
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        graph_step = tf.function(lambda gs: optimizer.apply(gs, variables))
+        with pytest.raises(tf.errors.InvalidArgumentError, match="non-finite gradient"):
+            graph_step(grads)
+        xla_step = tf.function(lambda gs: optimizer.apply(gs, variables), jit_compile=True)
+        with pytest.raises(ValueError, match="jit_compile=False"):
+            xla_step(grads)
+    else:
+        import jax
+
+        step = jax.jit(lambda o, v, g: optimizer.stateless_apply(o, g, v))
+        with pytest.raises(Exception, match="non-finite gradient for variable 0"):
+            jax.block_until_ready(
+                step([v.value for v in optimizer.variables], [v.value for v in variables], grads)
+            )
+
+
+def test_zero_first_gradient_with_automatic_scale_gives_no_nan() -> None:
+    variables, optimizer = _setup(precond_init_scale=None)
+    zeros = [keras.ops.zeros(v.shape) for v in variables]
+    optimizer.apply(zeros, variables)
+    rng = np.random.default_rng(3)
+    optimizer.apply(
+        [keras.ops.convert_to_tensor(rng.standard_normal(v.shape), "float32") for v in variables],
+        variables,
+    )
+    for slots in optimizer._slots:
+        for f in slots.factors:
+            assert np.isfinite(to_numpy(f)).all()
+    assert all(np.isfinite(to_numpy(v)).all() for v in variables)
