@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
-# The test command: installs everything the suite needs into .venv, lints, then runs pytest.
-# Extra arguments go to pytest.
+# The test command: installs everything the suite needs into .venv, lints, then runs pytest: the
+# main suite, then the Keras suite once per Keras backend, each in its own process.
+# Extra arguments go to every pytest run.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-bash "$root/scripts/setup-venv.sh" "test,torch,jax,bench"
+bash "$root/scripts/setup-venv.sh" "test,torch,jax,keras,tf"
 cd "$root"
 .venv/bin/ruff check src tests
-.venv/bin/python -m pytest "$@"
+.venv/bin/python -m pytest --ignore=tests/keras "$@"
+for backend in tensorflow jax torch; do
+    KERAS_BACKEND="$backend" .venv/bin/python -m pytest tests/keras "$@"
+done
