@@ -119,3 +119,19 @@ def test_learning_rate_schedule_is_followed() -> None:
     np.testing.assert_array_equal(values[3], values[1])
     (slots,) = optimizer._slots
     assert float(to_numpy(slots.count)) == 4.0
+
+
+def test_seed_import_gives_the_keras_optimizer_lazily() -> None:
+    """Seed 000 writes ``from kron import Kron``; that name is the Keras optimizer, and a plain
+    ``import kron`` (what the NumPy, PyTorch and JAX front ends do) imports no Keras."""
+    import subprocess
+    import sys
+
+    from kron import Kron as TopLevelKron
+
+    assert TopLevelKron is Kron
+    code = "import sys, kron, kron.numpy; print('keras' in sys.modules)"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert out.stdout.strip() == "False"
