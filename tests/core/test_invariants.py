@@ -631,3 +631,26 @@ def test_damping_rules(backend, rule):
         * np.abs(x).mean(axis=(1, 2), keepdims=True),
     }[rule]
     np.testing.assert_allclose(got, x + level * noise, rtol=1e-12, atol=0)
+
+
+def test_select_state_keeps_each_parameters_blocks(backend):
+    """Two stacked parameters of 3 blocks each: ``ok = (False, True)`` keeps the first
+    parameter's momentum, factors and estimates and takes the second's new ones."""
+    from kron.core import select_state
+
+    def state(value):
+        return TensorState(
+            (backend.array(np.full((6, 2, 2), value)), backend.array(np.full((6, 4), value))),
+            (backend.array(np.full(6, value)),) * 2,
+            backend.array(np.full((2, 5), value)),
+        )
+
+    ok = backend.array(np.array([False, True]))
+    picked = select_state(ok, state(1.0), state(0.0), 3, backend.ops)
+    per_block = np.repeat([0.0, 1.0], 3)
+    for factor in picked.factors + picked.lipschitz:
+        got = backend.numpy(factor)
+        np.testing.assert_array_equal(
+            got, per_block.reshape((6,) + (1,) * (got.ndim - 1)) + 0 * got
+        )
+    np.testing.assert_array_equal(backend.numpy(picked.momentum), [[0.0] * 5, [1.0] * 5])

@@ -111,7 +111,7 @@ def select_state(
     def pick(flags: Any, a: Any, b: Any) -> Any:
         return ops.where(ops.reshape(flags, (-1,) + (1,) * (len(a.shape) - 1)), a, b)
 
-    per_block = ops.reshape(ops.reshape(ok, (-1, 1)) & (ops.ones((1, num_blocks), ok) > 0), (-1,))
+    per_block = ops.reshape(ops.reshape(ok, (-1, 1)) & ops.ones((1, num_blocks), ok), (-1,))
     return TensorState(
         tuple(pick(per_block, a, b) for a, b in zip(new.factors, old.factors)),
         tuple(pick(per_block, a, b) for a, b in zip(new.lipschitz, old.lipschitz)),
