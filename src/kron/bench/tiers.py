@@ -68,7 +68,8 @@ STANDARD = Tier(
         "kron at its defaults; AdamW swept over 3 lrs on seed 0, best lr on the other seeds "
         "(not swept on XOR L=64 and the LM: lr 1e-3 and 3e-3, the best measured); SGD swept on "
         "the cheap tasks, the autoencoder and add T=50; kron with lr swept on the five cheap "
-        "tasks. About 90 minutes of CPU time: 45 minutes with two invocations in parallel"
+        "tasks. Estimated at 90 CPU-minutes on idle cores (45 minutes as two parallel "
+        "invocations); far longer on a shared machine"
     ),
     tasks=dict.fromkeys(
         (*CHEAP, "autoencoder", "cnn", "xor16", "xor32", "xor64", "add50", "add100", "char_lm")
