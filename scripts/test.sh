@@ -4,7 +4,7 @@
 # Extra arguments go to every pytest run.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-bash "$root/scripts/setup-venv.sh" "test,torch,jax,keras,tf"
+bash "$root/scripts/setup-venv.sh" "test,torch,jax,keras,tf,bench"
 cd "$root"
 .venv/bin/ruff check src tests
 .venv/bin/python -m pytest --ignore=tests/keras "$@"
