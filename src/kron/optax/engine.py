@@ -490,22 +490,18 @@ def build(config: EngineConfig) -> optax.GradientTransformationExtraArgs:
         return [flat(f) for f in new_factors], [flat(lip) for lip in new_lips]
 
     def _apply_all(factors, cache, applied, layouts, stacks):
-        """``clip(P·m)`` per leaf, ``(S, *layer_shape)``, one batched product per stack."""
-        directions: list[Any] = [None] * len(layouts)
-        for members in stacks:
-            plan = layouts[members[0]].plan
-            blocks = plan.to_blocks(_concat([applied[i] for i in members]), OPS, stacked=True)
+        """``clip(P·m)`` per leaf, ``(S, *layer_shape)``. Unlike the fit, the product runs leaf by
+        leaf: stacking would copy every factor into the stack on every step, which costs more
+        than the one product per axis it batches (measured in benchmarks/RESULTS.md)."""
+        del stacks
+        directions = []
+        for leaf_factors, leaf_cache, m, lay in zip(factors, cache, applied, layouts):
+            blocks = lay.plan.to_blocks(m, OPS, stacked=True)
             if caching:
-                stack_cache = [_concat([cache[i][k] for i in members]) for k in range(plan.order)]
-                y = precondition(stack_cache, blocks, OPS, state_is_p=True)
+                y = precondition(list(leaf_cache), blocks, OPS, state_is_p=True)
             else:
-                stack_factors = [
-                    _concat([factors[i][k] for i in members]) for k in range(plan.order)
-                ]
-                y = precondition(stack_factors, blocks, OPS, state_is_p)
-            y = clip_update(plan.from_blocks(y, OPS, stacked=True), options, OPS)
-            for i, y_i in zip(members, _split(y, [layouts[i].layers for i in members])):
-                directions[i] = y_i
+                y = precondition(list(leaf_factors), blocks, OPS, state_is_p)
+            directions.append(clip_update(lay.plan.from_blocks(y, OPS, stacked=True), options, OPS))
         return directions
 
     def _fit_inputs(key, count, index, plan, layers):
