@@ -2,11 +2,11 @@
 
 Leaves are laid out by :func:`kron.core.make_plan`; a leaf flagged as scanned contributes its
 leading axis as ``S`` stacked layers, each with its own factors and statistics. Leaves (and layers)
-that share a plan are concatenated into one stack, so a model with ten ``256×256`` weights runs one
-batched ``kron_step`` instead of ten: the traced graph, and so the compile time, grows with the
-number of distinct shapes, not of leaves. Scanned stacks may instead be walked with ``lax.map`` in
-chunks of ``lax_map_batch_size`` layers, which trades speed for peak memory; both paths compute the
-same numbers.
+that share a plan are fitted as one stack, so a model with ten ``256×256`` weights traces one
+batched fit instead of ten: the traced fit, and so the compile time, grows with the number of
+distinct shapes, not of leaves. Scanned stacks may instead be fitted with ``lax.map`` in chunks of
+``lax_map_batch_size`` layers, which trades speed for peak memory; both paths compute the same
+numbers. The momentum and ``P·m`` run leaf by leaf, outside the ``lax.cond`` of the fit.
 
 The state (:class:`~kron.optax.state.KronState`) keeps factors per leaf, so it mirrors the param
 tree; stacks are assembled inside the jitted update. Whether to fit P is decided inside the update
