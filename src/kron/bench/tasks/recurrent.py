@@ -96,15 +96,18 @@ class AddProblem:
         return {}
 
 
-def _xor(length: int, steps: int, adam_note: str) -> Task:
+def _recurrent(
+    name: str, title: str, criterion: str, build, target: float, steps: int, adam_note: str
+) -> Task:
+    """A long-memory RNN task: stops at ``target`` training loss, Adam and SGD swept alike."""
     return Task(
-        name=f"xor{length}",
-        title=f"Delayed XOR, tanh RNN 30 hidden, L = {length}",
-        criterion=f"training loss (mean over a logging interval) < 0.1 within {steps} steps",
-        build=lambda seed: DelayedXor(seed, length),
+        name=name,
+        title=title,
+        criterion=criterion,
+        build=build,
         steps=steps,
         metric="loss",
-        target=0.1,
+        target=target,
         eval_every=20,
         stop_at_target=True,
         adam_lrs=(3e-4, 1e-3, 3e-3),
@@ -114,21 +117,27 @@ def _xor(length: int, steps: int, adam_note: str) -> Task:
     )
 
 
+def _xor(length: int, steps: int, adam_note: str) -> Task:
+    return _recurrent(
+        f"xor{length}",
+        f"Delayed XOR, tanh RNN 30 hidden, L = {length}",
+        f"training loss (mean over a logging interval) < 0.1 within {steps} steps",
+        lambda seed: DelayedXor(seed, length),
+        0.1,
+        steps,
+        adam_note,
+    )
+
+
 def _add(length: int, steps: int, adam_note: str) -> Task:
-    return Task(
-        name=f"add{length}",
-        title=f"Add problem, tanh RNN 20 hidden, T = {length}",
-        criterion=f"training MSE (mean over a logging interval) < 0.01 within {steps} steps",
-        build=lambda seed: AddProblem(seed, length),
-        steps=steps,
-        metric="loss",
-        target=0.01,
-        eval_every=20,
-        stop_at_target=True,
-        adam_lrs=(3e-4, 1e-3, 3e-3),
-        sgd_lrs=(1e-2, 3e-2, 1e-1),
-        note=adam_note,
-        tags=("long_memory",),
+    return _recurrent(
+        f"add{length}",
+        f"Add problem, tanh RNN 20 hidden, T = {length}",
+        f"training MSE (mean over a logging interval) < 0.01 within {steps} steps",
+        lambda seed: AddProblem(seed, length),
+        0.01,
+        steps,
+        adam_note,
     )
 
 
