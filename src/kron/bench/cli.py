@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from . import plots, records, summary
-from .optimizers import OPTIMIZERS, get_optimizer
+from .optimizers import OPTIMIZERS, for_framework, get_optimizer
 from .suite import Entry, execute, learning_rates
 from .tasks import TASKS, get_task
 from .tiers import TIERS, Tier
@@ -37,8 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--framework",
         default="torch",
-        choices=("torch",),
-        help="front end to benchmark (only PyTorch has a runner so far)",
+        choices=("torch", "jax"),
+        help="front end to benchmark: torch (every task) or jax (kron.optax and optax.adamw on "
+        "the five cheap tasks; the others are skipped)",
     )
     bench.add_argument(
         "--threads",
@@ -72,16 +73,19 @@ def plan(args: argparse.Namespace, tier: Tier) -> list[Entry]:
     tasks = dict(tier.tasks)
     if args.task:
         tasks = {name: tier.tasks.get(name) for name in args.task}
+    if args.framework == "jax":
+        from .jax_problems import PORTS
+
+        tasks = {name: budget for name, budget in tasks.items() if name in PORTS}
     seeds_override = _seeds(args.seeds, tier.seeds)
     entries = []
     for name, budget in tasks.items():
         task = get_task(name)
         names = args.optimizer or tier.optimizers_by_task.get(name, tier.optimizers)
-        specs = tuple(
-            spec
-            for spec in (get_optimizer(n) for n in names)
-            if spec.framework == args.framework and spec.available()
-        )
+        for n in names:
+            get_optimizer(n)  # an unknown name raises, whatever the framework
+        found = (for_framework(n, args.framework) for n in names)
+        specs = tuple(dict.fromkeys(s for s in found if s is not None and s.available()))
         seeds = seeds_override or tuple(range(tier.seeds_by_task.get(name, tier.seeds)))
         steps = args.steps or budget or task.steps
         sweep = tier.sweep and not args.no_sweep and name not in tier.unswept_tasks

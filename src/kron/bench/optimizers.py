@@ -16,6 +16,11 @@ metric) runs on the remaining seeds. The grids:
 * ``heavyball``: the peer ``heavyball.PSGDKron`` at its defaults but lr ∈ {3e-4, 1e-3, 3e-3};
   its ``torch.compile`` is switched off (on this CPU compile time dominates short runs).
 
+The JAX runner (``--framework jax``) has the same roles under the same names with ``_jax``
+appended: ``kron_jax`` is ``kron.optax.kron`` at its defaults (the psgdax contract: lr 1e-3,
+the preconditioner fitted on the gradient, not the momentum), ``kron_lr_jax`` the same with the
+lr swept over the same grid as ``kron_lr``, ``adamw_jax`` ``optax.adamw`` with AdamW's grid.
+
 Peers appear only when importable.
 """
 
@@ -24,6 +29,7 @@ from __future__ import annotations
 import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -39,8 +45,9 @@ class OptimizerSpec:
     Attributes:
         name: identifier on the command line and in file names.
         label: name in tables and plots.
-        framework: ``"torch"`` (the only runner so far).
-        make: ``(params, lr or None, seed) -> torch.optim.Optimizer``.
+        framework: ``"torch"`` or ``"jax"``.
+        make: ``(params, lr or None, seed) ->`` a ``torch.optim.Optimizer`` (torch) or an
+            ``optax.GradientTransformation`` (jax; ``params`` is then the initial pytree).
         grid: ``task -> learning rates swept``; ``(None,)`` runs the defaults only.
         package: import name whose presence (and version) the spec needs, or ``None``.
     """
@@ -48,7 +55,7 @@ class OptimizerSpec:
     name: str
     label: str
     framework: str
-    make: Callable[[Params, float | None, int], torch.optim.Optimizer]
+    make: Callable[[Any, float | None, int], Any]
     grid: Callable[[Task], tuple[float | None, ...]]
     package: str | None = None
 
@@ -87,6 +94,18 @@ def _heavyball(params: Params, lr: float | None, seed: int) -> torch.optim.Optim
     return heavyball.PSGDKron(params) if lr is None else heavyball.PSGDKron(params, lr=lr)
 
 
+def _kron_jax(params: Any, lr: float | None, seed: int):
+    import kron.optax
+
+    return kron.optax.kron(seed=seed) if lr is None else kron.optax.kron(lr, seed=seed)
+
+
+def _adamw_jax(params: Any, lr: float | None, seed: int):
+    import optax
+
+    return optax.adamw(lr or 1e-3, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0)
+
+
 OPTIMIZERS: dict[str, OptimizerSpec] = {
     s.name: s
     for s in (
@@ -100,8 +119,25 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
         OptimizerSpec(
             "heavyball", "heavyball.PSGDKron", "torch", _heavyball, lambda t: PSGD_GRID, "heavyball"
         ),
+        OptimizerSpec("kron_jax", "kron.optax (defaults)", "jax", _kron_jax, lambda t: (None,)),
+        OptimizerSpec(
+            "kron_lr_jax", "kron.optax (lr swept)", "jax", _kron_jax, lambda t: PSGD_GRID
+        ),
+        OptimizerSpec("adamw_jax", "optax.adamw", "jax", _adamw_jax, lambda t: t.adam_lrs),
     )
 }
+
+
+def for_framework(name: str, framework: str) -> OptimizerSpec | None:
+    """The spec playing role ``name`` (``kron``, ``adamw``, ...) on ``framework``, or ``None``
+    when that framework has no such optimizer (SGD and the torch peers have no JAX twin)."""
+    # Torch names carry no suffix (``kron_torch`` is a peer, not kron's torch twin).
+    candidates = (name,) if framework == "torch" else (f"{name}_{framework}", name)
+    for candidate in candidates:
+        spec = OPTIMIZERS.get(candidate)
+        if spec is not None and spec.framework == framework:
+            return spec
+    return None
 
 
 def get_optimizer(name: str) -> OptimizerSpec:

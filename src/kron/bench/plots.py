@@ -15,6 +15,9 @@ COLORS = {
     "sgd": "#7f7f7f",
     "kron_torch": "#2ca02c",
     "heavyball": "#9467bd",
+    "kron_jax": "#8c564b",
+    "kron_lr_jax": "#c49c94",
+    "adamw_jax": "#17becf",
 }
 
 

@@ -71,6 +71,45 @@ def _schedule(task: Task, steps: int) -> Callable[[int], float]:
     raise ValueError(f"unknown schedule {task.schedule!r}")
 
 
+class TorchSession:
+    """A torch run in progress: the task's problem, the optimizer and the lr schedule."""
+
+    packages: tuple[str, ...] = ()
+
+    def __init__(self, config: RunConfig, threads: int) -> None:
+        torch.set_num_threads(threads)
+        torch.manual_seed(config.seed)
+        self.task = config.task
+        self.problem = config.task.build(config.seed)
+        self.optimizer = config.optimizer.make(self.problem.parameters, config.lr, config.seed)
+        multiplier = _schedule(config.task, config.steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, multiplier)
+
+    def train_step(self, step: int) -> float:
+        """One optimizer step on batch ``step``; the training loss (a host sync, on purpose:
+        the step's time then includes all of its work)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.problem.loss(step)
+        loss.backward()
+        if self.task.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.problem.parameters, self.task.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        return loss.item()
+
+    def evaluate(self) -> dict[str, float]:
+        return self.problem.evaluate()
+
+
+def open_session(config: RunConfig, threads: int):
+    """The session that runs ``config`` in its optimizer's framework."""
+    if config.optimizer.framework == "jax":
+        from .jax_session import JaxSession
+
+        return JaxSession(config)
+    return TorchSession(config, threads)
+
+
 def run(
     config: RunConfig, threads: int = 1, on_progress: Callable[[int], None] | None = None
 ) -> records.Record:
@@ -78,32 +117,21 @@ def run(
     thread count: all randomness comes from the seed (``torch.manual_seed`` plus the task's own
     generators). ``on_progress(step)`` is called at every evaluation point."""
     task, steps = config.task, config.steps
-    torch.set_num_threads(threads)
-    torch.manual_seed(config.seed)
     start = time.perf_counter()
-    problem = task.build(config.seed)
-    optimizer = config.optimizer.make(problem.parameters, config.lr, config.seed)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(task, steps))
+    session = open_session(config, threads)
     history: dict[str, list] = {"step": [], "seconds": [], "loss": []}
     train_seconds, loss_sum, loss_count, status = 0.0, 0.0, 0, "finished"
     step = 0
     for step in range(1, steps + 1):
         t0 = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        loss = problem.loss(step)
-        loss.backward()
-        if task.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(problem.parameters, task.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        loss_value = loss.item()
+        loss_value = session.train_step(step)
         train_seconds += time.perf_counter() - t0
         loss_sum, loss_count = loss_sum + loss_value, loss_count + 1
         if not math.isfinite(loss_value):
             status = "diverged"
         if step % task.eval_every and step != steps and status != "diverged":
             continue
-        metrics = problem.evaluate() if status != "diverged" else {}
+        metrics = session.evaluate() if status != "diverged" else {}
         _append(history, step, train_seconds, loss_sum / loss_count, metrics)
         loss_sum, loss_count = 0.0, 0
         if on_progress is not None:
@@ -119,7 +147,7 @@ def run(
     record = {
         "schema": records.SCHEMA,
         "config": config.describe(),
-        "versions": records.versions(peers),
+        "versions": records.versions((*session.packages, *peers)),
         "machine": records.machine(threads),
         "history": history,
         "status": status,

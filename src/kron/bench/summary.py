@@ -67,8 +67,13 @@ def best_rows(records: list[Record]) -> dict[str, list[Row]]:
         runs = sorted(by_lr[lr], key=lambda r: r["config"]["seed"])
         rows[task].append(Row(task, optimizer, runs[0]["config"]["optimizer_label"], lr, runs))
     order = {name: i for i, name in enumerate(("kron", "kron_lr", "adamw", "sgd"))}
+
+    def position(row: Row) -> tuple[int, str]:
+        # A JAX twin sorts with its torch role (kron_jax next to kron).
+        return order.get(row.optimizer.removesuffix("_jax"), 9), row.optimizer
+
     for task_rows in rows.values():
-        task_rows.sort(key=lambda row: (order.get(row.optimizer, 9), row.optimizer))
+        task_rows.sort(key=position)
     return dict(rows)
 
 

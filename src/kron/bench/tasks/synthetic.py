@@ -40,12 +40,16 @@ class KronQuadratic:
         d = w - self.w_star
         return 0.5 * torch.sum(d * (self.a @ d @ self.b))
 
+    def sample_noise(self) -> torch.Tensor | None:
+        """This step's gradient noise ``(n, n)``, or ``None`` on the clean problem."""
+        if not self.noise:
+            return None
+        return torch.randn(self.w.shape, generator=self.noise_gen) * self.noise
+
     def loss(self, step: int) -> torch.Tensor:
         f = self._f(self.w) / self.f0
-        if self.noise:
-            n = torch.randn(self.w.shape, generator=self.noise_gen) * self.noise
-            f = f + torch.sum(n * self.w)
-        return f
+        noise = self.sample_noise()
+        return f if noise is None else f + torch.sum(noise * self.w)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -102,8 +106,12 @@ class DeepLinear:
             x = layer(x)
         return x
 
+    def sample_indices(self) -> torch.Tensor:
+        """This step's batch: 128 row indices into the fixed inputs."""
+        return torch.randint(0, self.x.shape[0], (128,), generator=self.batch_gen)
+
     def loss(self, step: int) -> torch.Tensor:
-        idx = torch.randint(0, self.x.shape[0], (128,), generator=self.batch_gen)
+        idx = self.sample_indices()
         return (self._forward(self.x[idx]) - self.y[idx]).pow(2).mean() / self.y_power
 
     @torch.no_grad()

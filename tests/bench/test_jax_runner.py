@@ -1,0 +1,89 @@
+"""The JAX runner: each port computes the torch problem's loss on the same batches, optax runs
+reproduce torch ones where the math is the same, and the command line plans JAX runs."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+from kron.bench.cli import build_parser, plan
+from kron.bench.jax_problems import PORTS, port
+from kron.bench.optimizers import for_framework, get_optimizer
+from kron.bench.runner import RunConfig, run
+from kron.bench.tasks import TASKS
+from kron.bench.tiers import TIERS
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+@pytest.mark.parametrize("name", list(PORTS))
+def test_port_matches_the_torch_loss_gradient_and_metric(name):
+    """Two problems of one seed: the torch loss and gradients of steps 1-3 equal the port's on
+    the port's batches (each problem draws from its own generator, in the same order)."""
+    task = TASKS[name]
+    torch_problem = task.build(0)
+    jax_problem = port(name, task.build(0))
+    params = jax.tree.map(jax.numpy.asarray, jax_problem.params)
+    for step in range(1, 4):
+        for p in torch_problem.parameters:
+            p.grad = None
+        expected = torch_problem.loss(step)
+        expected.backward()
+        value, grads = jax.value_and_grad(jax_problem.loss)(params, jax_problem.batch(step))
+        np.testing.assert_allclose(float(value), expected.item(), rtol=1e-5)
+        torch_grads = [p.grad.numpy() for p in torch_problem.parameters]
+        for got, want in zip(jax.tree.leaves(grads), torch_grads):
+            np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-7)
+    (metric,) = jax_problem.evaluate(params).values()
+    (expected_metric,) = torch_problem.evaluate().values()
+    assert metric == pytest.approx(expected_metric, rel=1e-5, abs=1e-12)
+
+
+def test_optax_adamw_reproduces_torch_adamw():
+    """Same problem, same batches, same Adam math: the two runs' metrics agree, which checks the
+    JAX session end to end (batches, step order, evaluation points)."""
+    task = TASKS["deep_linear"]
+    jax_run = run(RunConfig(task, get_optimizer("adamw_jax"), 3e-3, 0, 100))
+    torch_run = run(RunConfig(task, get_optimizer("adamw"), 3e-3, 0, 100))
+    np.testing.assert_allclose(
+        jax_run["history"]["rel_mse"], torch_run["history"]["rel_mse"], rtol=1e-3
+    )
+    assert jax_run["versions"]["jax"] == jax.__version__
+
+
+def test_kron_jax_run_is_deterministic_and_learns():
+    task = TASKS["kron_quadratic"]
+    config = RunConfig(task, get_optimizer("kron_jax"), None, 0, 300)
+    first, second = run(config), run(config)
+    assert first["history"]["rel_loss"] == second["history"]["rel_loss"]
+    assert first["history"]["rel_loss"][-1] < 0.5 * first["history"]["rel_loss"][0]
+    assert first["config"]["framework"] == "jax" and math.isfinite(first["outcome"]["final"])
+
+
+def test_a_task_without_a_port_raises_naming_the_ported_ones():
+    with pytest.raises(ValueError, match=r"no JAX runner.*kron_quadratic"):
+        port("xor16", TASKS["xor16"].build(0))
+
+
+def test_framework_jax_plans_only_ported_tasks_and_jax_optimizers():
+    args = build_parser().parse_args(["bench", "--framework", "jax", "--standard"])
+    entries = plan(args, TIERS["standard"])
+    assert {e.task.name for e in entries} == set(PORTS)
+    quadratic = next(e for e in entries if e.task.name == "kron_quadratic")
+    # The tier's kron, kron_lr and adamw have JAX twins; SGD has none and is dropped.
+    assert [s.name for s in quadratic.optimizers] == ["kron_jax", "kron_lr_jax", "adamw_jax"]
+    assert for_framework("sgd", "jax") is None
+    assert for_framework("kron_jax", "torch") is None
+    assert for_framework("kron", "torch").name == "kron"
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
