@@ -88,6 +88,22 @@ def test_verdicts_count_seeds_and_ratios():
     assert found["wall-clock to target"].measured == "1 of 1 tasks"
 
 
+def test_targets_are_judged_for_every_kron_variant_that_ran():
+    """kron_jax against optax.adamw gets its own table; kron_lr, not run, gets none."""
+    recs = [
+        _synthetic("kron_quadratic", "kron_jax", 0, False, final=1e-7),
+        _synthetic("kron_quadratic", "adamw_jax", 0, False, final=1e-4, lr=0.03),
+        _synthetic("kron_quadratic", "adamw", 0, False, final=1e-4, lr=0.03),
+    ]
+    found = {v.target.split(":")[0]: v for v in summary.verdicts(recs, "kron_jax", "adamw_jax")}
+    assert found["kron_quadratic"].status == "met"
+    assert "1e+03×" in found["kron_quadratic"].measured
+    text = summary.verdict_sections(recs)
+    assert text.count("## Issue #7 targets") == 2  # kron (not run) and kron_jax
+    assert "## Issue #7 targets: kron_jax against adamw_jax" in text
+    assert "kron_lr" not in text
+
+
 def test_sweep_keeps_the_learning_rate_that_reaches_the_target_first():
     recs = [
         _synthetic("t", "adamw", 0, True, lr=1e-3),

@@ -139,7 +139,7 @@ def bench(args: argparse.Namespace) -> int:
     written = plots.plot_all(all_records, args.out / "plots")
     print(summary.table(all_records))
     print()
-    print(summary.verdict_table(all_records))
+    print(summary.verdict_sections(all_records))
     print(
         f"\n{len(all_records)} runs, {time.perf_counter() - started:.0f} s; wrote "
         f"{args.out / 'summary.md'}, {len(written)} plots in {args.out / 'plots'}, "

@@ -144,28 +144,39 @@ def _row(rows: dict[str, list[Row]], task: str, optimizer: str) -> Row | None:
     return next((r for r in rows.get(task, []) if r.optimizer == optimizer), None)
 
 
-def verdicts(records: list[Record]) -> list[Verdict]:
-    """The issue's targets for ``kron`` at its defaults, evaluated on ``records``."""
+# (ours, baseline) pairs the targets are judged for, when ``ours`` was run: kron at its
+# defaults (the issue's wording), kron with its lr swept like AdamW's, and the JAX twins.
+TARGET_PAIRS = (
+    ("kron", "adamw"),
+    ("kron_lr", "adamw"),
+    ("kron_jax", "adamw_jax"),
+    ("kron_lr_jax", "adamw_jax"),
+)
+
+
+def verdicts(records: list[Record], ours: str = OURS, baseline: str = BASELINE) -> list[Verdict]:
+    """The issue's targets for optimizer ``ours`` against ``baseline``, evaluated on
+    ``records`` (by default kron at its defaults against AdamW)."""
     rows = best_rows(records)
     out: list[Verdict] = []
     for task, needed in (("xor32", 4), ("xor64", 3)):
-        ours = _row(rows, task, OURS)
+        row = _row(rows, task, ours)
         text = f"{task}: kron succeeds on ≥ {needed} of 5 seeds"
-        if ours is None:
+        if row is None:
             out.append(Verdict(text, "not run", "not run"))
             continue
-        n, k = len(ours.runs), ours.successes
+        n, k = len(row.runs), row.successes
         status = "met" if k >= needed and n >= 5 else ("missed" if k + 5 - n < needed else "open")
         if n < 5 and status == "open":
             status = "not run"
         out.append(Verdict(text, f"{k}/{n} seeds", status))
     for task in ("kron_quadratic", "logistic"):
-        ours, adam = _row(rows, task, OURS), _row(rows, task, BASELINE)
+        mine, adam = _row(rows, task, ours), _row(rows, task, baseline)
         text = f"{task}: kron's final metric ≥ 10× below AdamW's best"
-        if ours is None or adam is None:
+        if mine is None or adam is None:
             out.append(Verdict(text, "not run", "not run"))
             continue
-        a, b = ours.median("final"), adam.median("final")
+        a, b = mine.median("final"), adam.median("final")
         ratio = b / a if a and a > 0 and b is not None else math.inf
         out.append(
             Verdict(
@@ -174,15 +185,15 @@ def verdicts(records: list[Record]) -> list[Verdict]:
                 "met" if ratio >= 10 else "missed",
             )
         )
-    out.append(_lm_verdict(rows))
-    out.append(_wallclock_verdict(rows))
+    out.append(_lm_verdict(rows, ours, baseline))
+    out.append(_wallclock_verdict(rows, ours, baseline))
     return out
 
 
-def _lm_verdict(rows: dict[str, list[Row]]) -> Verdict:
+def _lm_verdict(rows: dict[str, list[Row]], mine: str, baseline: str) -> Verdict:
     """Kron reaches AdamW's end-of-budget val loss in ≤ 80% of AdamW's steps (seed medians)."""
     text = "char_lm: kron reaches AdamW's final val loss in ≥ 20% fewer steps"
-    ours, adam = _row(rows, "char_lm", OURS), _row(rows, "char_lm", BASELINE)
+    ours, adam = _row(rows, "char_lm", mine), _row(rows, "char_lm", baseline)
     if ours is None or adam is None:
         return Verdict(text, "not run", "not run")
     reference = adam.median("final")
@@ -210,13 +221,13 @@ def _lm_verdict(rows: dict[str, list[Row]]) -> Verdict:
     )
 
 
-def _wallclock_verdict(rows: dict[str, list[Row]]) -> Verdict:
+def _wallclock_verdict(rows: dict[str, list[Row]], mine: str, baseline: str) -> Verdict:
     """Count tasks where kron reaches the target on most seeds and in less median training time
     than AdamW (or AdamW does not reach it on most seeds), among the tasks where at least one of
     the two reaches it (elsewhere there is no time-to-target to compare)."""
     wins, counted = 0, 0
     for task in rows:
-        ours, adam = _row(rows, task, OURS), _row(rows, task, BASELINE)
+        ours, adam = _row(rows, task, mine), _row(rows, task, baseline)
         if ours is None or adam is None:
             continue
         ours_ok = ours.successes * 2 > len(ours.runs)
@@ -233,10 +244,25 @@ def _wallclock_verdict(rows: dict[str, list[Row]]) -> Verdict:
     return Verdict(text, f"{wins} of {counted} tasks", "met" if 2 * wins >= counted else "missed")
 
 
-def verdict_table(records: list[Record]) -> str:
+def verdict_table(records: list[Record], ours: str = OURS, baseline: str = BASELINE) -> str:
     lines = ["| target | measured | status |", "|---|---|---|"]
-    lines += [f"| {v.target} | {v.measured} | {v.status} |" for v in verdicts(records)]
+    found = verdicts(records, ours, baseline)
+    lines += [f"| {v.target} | {v.measured} | {v.status} |" for v in found]
     return "\n".join(lines)
+
+
+def verdict_sections(records: list[Record]) -> str:
+    """One targets table per pair of :data:`TARGET_PAIRS` whose ``ours`` was run (the first
+    pair always, so a plan without kron still says "not run")."""
+    names = {r["config"]["optimizer"]: r["config"]["optimizer_label"] for r in records}
+    labels = {OURS: "kron (defaults)", BASELINE: "AdamW", **names}
+    sections = []
+    for i, (ours, baseline) in enumerate(TARGET_PAIRS):
+        if i and ours not in names:
+            continue
+        title = f"## Issue #7 targets: {labels.get(ours, ours)} against {labels.get(baseline)}"
+        sections.append(title + "\n\n" + verdict_table(records, ours, baseline))
+    return "\n\n".join(sections)
 
 
 def markdown(records: list[Record], header: str = "") -> str:
@@ -251,8 +277,7 @@ def markdown(records: list[Record], header: str = "") -> str:
         "medians over the successful seeds (seconds: training time only); `final` is the median "
         "final metric over all seeds.",
         table(records),
-        "## Issue #7 targets (kron at its defaults)",
-        verdict_table(records),
+        verdict_sections(records),
         "Versions: "
         + ", ".join(f"{k} {v}" for k, v in versions.items())
         + f". Machine: {machine.get('platform', '?')}, {machine.get('cpu_count', '?')} CPUs, "
