@@ -181,6 +181,10 @@ class Kron(torch.optim.Optimizer):
       stack_params: step same-shape parameters in one batched call. Default True.
       compile: compile the per-bucket math with ``torch.compile``; ``None`` (default) compiles
         on accelerators and runs eagerly on the CPU, where compile time outweighs the gain.
+      resync: with replicated training (DDP), every ``resync`` steps of a group broadcast its
+        parameters and their state (Q, L, cache, momentum, ...) from rank 0 of the default process
+        group, to cancel floating-point drift between replicas. ``None`` or 0 (default): never.
+        Needs an initialised ``torch.distributed`` process group. See ``docs/distributed.md``.
     """
 
     def __init__(
@@ -232,6 +236,7 @@ class Kron(torch.optim.Optimizer):
         nonfinite: str = "skip",
         stack_params: bool = True,
         compile: bool | None = None,
+        resync: int | None = None,
     ) -> None:
         if q_dtype is not None:
             if precond_dtype is not None and _dtype(q_dtype, "q_dtype") != _dtype(
@@ -249,6 +254,14 @@ class Kron(torch.optim.Optimizer):
             raise ValueError(
                 f"Unknown nonfinite {nonfinite!r}; accepted: {', '.join(NONFINITE_POLICIES)}."
             )
+        if resync is not None and (
+            isinstance(resync, bool) or not isinstance(resync, int) or resync < 0
+        ):
+            raise ValueError(f"resync must be a non-negative int or None; got {resync!r}.")
+        if resync:
+            from kron.torch.distributed.replicas import require_process_group
+
+            require_process_group(None, f"Kron(resync={resync})")
         defaults = dict(
             lr=lr,
             b1=b1,
@@ -294,6 +307,7 @@ class Kron(torch.optim.Optimizer):
         self.nonfinite = nonfinite
         self.stack_params = stack_params
         self.compile = compile
+        self.resync = resync or None
         self._compiled: dict[Any, Callable] = {}
         self._streams = Streams()
         self._masks: dict[Any, torch.Tensor] = {}
@@ -443,9 +457,30 @@ class Kron(torch.optim.Optimizer):
         elif closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        clocks = [group["step"] for group in self.param_groups]
+        self._step_all(decisions, probes, hvps)
+        if self.resync:
+            self._resync_if_due(clocks)
+        return loss
+
+    def _step_all(self, decisions, probes, hvps) -> None:
+        """Step every group. A hook: ``DistributedKron`` steps only what its rank owns."""
         for gi, group in enumerate(self.param_groups):
             self._step_group(gi, group, decisions[gi], probes, hvps)
-        return loss
+
+    def _resync_if_due(self, clocks: list[int]) -> None:
+        """Broadcast the parameters and state of every group whose clock just reached a multiple
+        of ``resync`` from rank 0 (replicas drift apart only by floating-point noise)."""
+        due = [
+            p
+            for group, before in zip(self.param_groups, clocks)
+            if group["step"] != before and group["step"] % self.resync == 0
+            for p in group["params"]
+        ]
+        if due:
+            from kron.torch.distributed.replicas import broadcast_state
+
+            broadcast_state(self, due)
 
     def _decide(self, gi: int, group: dict[str, Any]) -> _Decision:
         """Whether ``group`` fits its preconditioner on this step, decided on the host (no
@@ -514,33 +549,57 @@ class Kron(torch.optim.Optimizer):
                     )
 
     def _step_group(self, gi, group, decision, probes, hvps) -> None:
-        layout, options = self._options(group)
-        do_fit = decision.fit
-        step = group["step"]
-        buckets: dict[Any, list[tuple[int, torch.Tensor]]] = {}
+        members = []
         for index, p in enumerate(group["params"]):
-            if p.grad is None:
-                continue
-            if p.grad.is_sparse:
-                raise ValueError(
-                    f"Kron does not support sparse gradients (parameter {index} of group {gi}, "
-                    f"shape {tuple(p.shape)}); use a dense gradient."
-                )
+            if p.grad is not None:
+                self._check_dense(gi, index, p)
+                members.append((index, p))
+        if not members:  # nothing to step: the group's clock and decision counter stand still
+            return
+        context = self._group_context(gi, group, decision)
+        for bucket in self._buckets(members):
+            self._step_bucket(gi, group, bucket, *context, probes, hvps)
+        self._advance_clock(group, decision)
+
+    @staticmethod
+    def _check_dense(gi: int, index: int, p: torch.Tensor) -> None:
+        if p.grad.is_sparse:
+            raise ValueError(
+                f"Kron does not support sparse gradients (parameter {index} of group {gi}, "
+                f"shape {tuple(p.shape)}); use a dense gradient."
+            )
+
+    def _buckets(self, members: list[tuple[int, torch.Tensor]]) -> list[list]:
+        """``(index, param)`` pairs split into same-shape, dtype and device stacks (one per
+        parameter without ``stack_params``), in order of first appearance."""
+        buckets: dict[Any, list[tuple[int, torch.Tensor]]] = {}
+        for index, p in members:
             key = (tuple(p.shape), p.dtype, p.device)
             if not self.stack_params:
                 key = (*key, index)
             buckets.setdefault(key, []).append((index, p))
-        if not buckets:  # nothing to step: the group's clock and decision counter stand still
-            return
+        return list(buckets.values())
+
+    def _group_context(self, gi, group, decision) -> tuple[LayoutOptions, StepOptions, bool, bool]:
+        """``(layout, options, do_fit, do_balance)`` for this step of a group: the same on every
+        rank, since they derive from the group's counters and the seed only."""
+        layout, options = self._options(group)
         use_cache = group["cached"] if group["cached"] is not None else decision.probability < 0.5
         if use_cache:
             options = dataclasses.replace(options, cache=True)
-        balance_draw = uniform_for(self.seed, step, gi, _BALANCE)
-        do_balance = do_fit and balance_draw < group["balance_probability"]
-        for members in buckets.values():
-            self._step_bucket(gi, group, members, layout, options, do_fit, do_balance, probes, hvps)
+        balance_draw = uniform_for(self.seed, group["step"], gi, _BALANCE)
+        do_balance = decision.fit and balance_draw < group["balance_probability"]
+        return layout, options, decision.fit, do_balance
+
+    @staticmethod
+    def _advance_clock(group: dict[str, Any], decision: _Decision) -> None:
         group["decision_total"] = decision.total
-        group["step"] = step + 1
+        group["step"] = group["step"] + 1
+
+    def _state_for(self, p: torch.Tensor) -> dict[str, Any]:
+        """The state of the parameter that ``p`` stands for. A hook: ``DistributedKron`` steps
+        full-size stand-ins for sharded (DTensor) parameters and keeps state on the parameter."""
+        return self.state[p]
 
     def _init_state(self, group, p, plan, options, probes, hvps) -> dict[str, Any]:
         precond_dtype = _dtype(group["precond_dtype"], "precond_dtype") or torch.float32
@@ -555,7 +614,7 @@ class Kron(torch.optim.Optimizer):
         elif scale is None:
             grad = p.grad.to(precond_dtype)
             scale = scale_from_moments(fourth_moment(grad, OPS), OPS, group["damping"])
-        state = self.state[p]
+        state = self._state_for(p)
         state["momentum"] = torch.zeros(p.shape, dtype=mu_dtype, device=p.device)
         state["factors"] = init_factors(plan, scale, like, OPS, options.fit.state_is_p)
         lipschitz_like = torch.zeros(
@@ -587,7 +646,8 @@ class Kron(torch.optim.Optimizer):
         plan = make_plan(tuple(members[0][1].shape), layout)
         params = [p for _, p in members]
         states = [
-            self.state[p] or self._init_state(group, p, plan, options, probes, hvps) for p in params
+            self._state_for(p) or self._init_state(group, p, plan, options, probes, hvps)
+            for p in params
         ]
         dtype = states[0]["factors"][0].dtype
         size = len(params)
@@ -770,6 +830,14 @@ class Kron(torch.optim.Optimizer):
         state keep the dtype they were saved with (torch would cast them to the parameter dtype,
         turning a float32 Q into bfloat16 for bfloat16 parameters). Options missing from the saved
         groups (callables are not saved) keep their current values."""
+        # A torch.distributed.checkpoint round trip turns the integer state keys into strings.
+        state_dict = {
+            **state_dict,
+            "state": {
+                (int(k) if isinstance(k, str) and k.isdigit() else k): v
+                for k, v in state_dict["state"].items()
+            },
+        }
         groups = state_dict["param_groups"]
         merged = []
         for saved, current in zip(groups, self.param_groups):

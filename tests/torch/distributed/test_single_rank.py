@@ -1,0 +1,90 @@
+"""DistributedKron and the checkpoint helpers in a process group of one (in this process): bad
+input, non-finite gradients, and state dicts moving between Kron and DistributedKron."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import Replicate, distribute_tensor
+
+from kron.torch import Kron
+from kron.torch.distributed import DistributedKron, load_template
+
+from ._common import fp64_options, global_batch, loss, mlp, params_of, reference
+
+
+@pytest.fixture
+def world_of_one(tmp_path):
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
+    yield
+    dist.destroy_process_group()
+
+
+def test_unsupported_options_and_parameters_are_rejected(world_of_one):
+    params = [torch.nn.Parameter(torch.zeros(3, 3))]
+    with pytest.raises(ValueError, match="does not support preconditioner_type='newton'"):
+        DistributedKron(params, preconditioner_type="newton")
+    with pytest.raises(ValueError, match="reduce_grads must be True or False; got 'yes'"):
+        DistributedKron(params, reduce_grads="yes")
+    opt = DistributedKron(params)
+    with pytest.raises(ValueError, match="not a parameter of this optimizer"):
+        opt.owner(torch.zeros(1))
+    replicated = torch.nn.Parameter(
+        distribute_tensor(torch.zeros(4, 4), init_device_mesh("cpu", (1,)), [Replicate()])
+    )
+    with pytest.raises(ValueError, match=r"one Shard\(dim\) placement .* \(Replicate\(\),\)"):
+        DistributedKron([replicated])
+    with pytest.raises(ValueError, match="newton"):  # a rejected group leaves nothing behind
+        opt.add_param_group(
+            {"params": [torch.nn.Parameter(torch.ones(2))], "preconditioner_type": "newton"}
+        )
+    assert len(opt.param_groups) == 1 and len(opt.owners) == 1
+
+
+def test_nonfinite_gradients_are_skipped_or_raise(world_of_one):
+    model = mlp()
+    opt = DistributedKron(model.parameters(), **fp64_options())
+    loss(model, *global_batch(0)).backward()
+    opt.step()
+    before = params_of(model)
+    first = next(model.parameters())
+    first.grad[0, 0] = float("nan")
+    opt.step()
+    after = params_of(model)
+    assert torch.equal(before[0], after[0]) and not torch.equal(before[1], after[1])
+    assert int(opt.state[first]["skipped"]) == 1
+    strict = DistributedKron(model.parameters(), nonfinite="raise")
+    with pytest.raises(FloatingPointError, match="parameter 0 of group 0"):
+        strict.step()
+
+
+def test_kron_state_moves_to_distributed_kron_and_through_dcp(world_of_one, tmp_path):
+    uninterrupted, _ = reference(8, fp64_options())
+    # Kron for 4 steps, its state_dict into DistributedKron, 2 steps, DCP save ...
+    model, kron = reference(4, fp64_options())
+    opt = DistributedKron(model.parameters(), **fp64_options())
+    opt.load_state_dict(kron.state_dict())
+    reference(2, fp64_options(), first=4, model=model, opt=opt)
+    path = str(tmp_path / "checkpoint")
+    dcp.save({"model": model.state_dict(), "optim": opt.state_dict()}, checkpoint_id=path)
+    # ... loaded by a plain Kron, which takes the whole state, and 2 more steps.
+    fresh = mlp()
+    kron = Kron(fresh.parameters(), **fp64_options())
+    state = {"model": fresh.state_dict(), "optim": load_template(kron, path)}
+    dcp.load(state, checkpoint_id=path)
+    fresh.load_state_dict(state["model"])
+    kron.load_state_dict(state["optim"])
+    reference(2, fp64_options(), first=6, model=fresh, opt=kron)
+    assert all(torch.equal(a, b) for a, b in zip(params_of(fresh), params_of(uninterrupted)))
+
+    with pytest.raises(
+        ValueError, match=r"no optimizer state under key 'opt'.*\['model', 'optim'\]"
+    ):
+        load_template(kron, path, key="opt")
+    with pytest.raises(ValueError, match="needs a checkpoint_id or a storage_reader"):
+        load_template(kron)
