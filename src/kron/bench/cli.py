@@ -37,9 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--framework",
         default="torch",
-        choices=("torch", "jax"),
-        help="front end to benchmark: torch (every task) or jax (kron.optax and optax.adamw on "
-        "the five cheap tasks; the others are skipped)",
+        choices=("torch", "jax", "keras"),
+        help="front end to benchmark: torch (every task); jax (kron.optax, optax.adamw) or "
+        "keras (kron.keras.Kron, Keras AdamW, on Keras's JAX backend) on the five cheap tasks, "
+        "the others being skipped",
     )
     bench.add_argument(
         "--threads",
@@ -73,7 +74,7 @@ def plan(args: argparse.Namespace, tier: Tier) -> list[Entry]:
     tasks = dict(tier.tasks)
     if args.task:
         tasks = {name: tier.tasks.get(name) for name in args.task}
-    if args.framework == "jax":
+    if args.framework in ("jax", "keras"):
         from .jax_problems import PORTS
 
         tasks = {name: budget for name, budget in tasks.items() if name in PORTS}

@@ -20,6 +20,9 @@ The JAX runner (``--framework jax``) has the same roles under the same names wit
 appended: ``kron_jax`` is ``kron.optax.kron`` at its defaults (the psgdax contract: lr 1e-3,
 the preconditioner fitted on the gradient, not the momentum), ``kron_lr_jax`` the same with the
 lr swept over the same grid as ``kron_lr``, ``adamw_jax`` ``optax.adamw`` with AdamW's grid.
+The Keras runner (``--framework keras``, Keras on its JAX backend) likewise has ``kron_keras``
+(``kron.keras.Kron`` at its defaults, seed 000's: lr 3e-4, P fitted on the momentum),
+``kron_lr_keras`` and ``adamw_keras`` (``keras.optimizers.AdamW``, no weight decay).
 
 Peers appear only when importable.
 """
@@ -45,9 +48,10 @@ class OptimizerSpec:
     Attributes:
         name: identifier on the command line and in file names.
         label: name in tables and plots.
-        framework: ``"torch"`` or ``"jax"``.
-        make: ``(params, lr or None, seed) ->`` a ``torch.optim.Optimizer`` (torch) or an
-            ``optax.GradientTransformation`` (jax; ``params`` is then the initial pytree).
+        framework: ``"torch"``, ``"jax"`` or ``"keras"``.
+        make: ``(params, lr or None, seed) ->`` a ``torch.optim.Optimizer`` (torch), an
+            ``optax.GradientTransformation`` (jax; ``params`` is then the initial pytree) or a
+            ``keras.optimizers.Optimizer`` (keras; ``params`` is the list of variables).
         grid: ``task -> learning rates swept``; ``(None,)`` runs the defaults only.
         package: import name whose presence (and version) the spec needs, or ``None``.
     """
@@ -106,6 +110,18 @@ def _adamw_jax(params: Any, lr: float | None, seed: int):
     return optax.adamw(lr or 1e-3, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0)
 
 
+def _kron_keras(params: Any, lr: float | None, seed: int):
+    from kron.keras import Kron
+
+    return Kron(seed=seed) if lr is None else Kron(learning_rate=lr, seed=seed)
+
+
+def _adamw_keras(params: Any, lr: float | None, seed: int):
+    import keras
+
+    return keras.optimizers.AdamW(lr or 1e-3, weight_decay=0.0, epsilon=1e-8)
+
+
 OPTIMIZERS: dict[str, OptimizerSpec] = {
     s.name: s
     for s in (
@@ -124,6 +140,15 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
             "kron_lr_jax", "kron.optax (lr swept)", "jax", _kron_jax, lambda t: PSGD_GRID
         ),
         OptimizerSpec("adamw_jax", "optax.adamw", "jax", _adamw_jax, lambda t: t.adam_lrs),
+        OptimizerSpec(
+            "kron_keras", "kron.keras (defaults)", "keras", _kron_keras, lambda t: (None,)
+        ),
+        OptimizerSpec(
+            "kron_lr_keras", "kron.keras (lr swept)", "keras", _kron_keras, lambda t: PSGD_GRID
+        ),
+        OptimizerSpec(
+            "adamw_keras", "keras AdamW", "keras", _adamw_keras, lambda t: t.adam_lrs, "keras"
+        ),
     )
 }
 

@@ -18,6 +18,9 @@ COLORS = {
     "kron_jax": "#8c564b",
     "kron_lr_jax": "#c49c94",
     "adamw_jax": "#17becf",
+    "kron_keras": "#bcbd22",
+    "kron_lr_keras": "#dbdb8d",
+    "adamw_keras": "#9edae5",
 }
 
 

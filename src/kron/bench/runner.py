@@ -107,6 +107,10 @@ def open_session(config: RunConfig, threads: int):
         from .jax_session import JaxSession
 
         return JaxSession(config)
+    if config.optimizer.framework == "keras":
+        from .keras_session import KerasSession
+
+        return KerasSession(config)
     return TorchSession(config, threads)
 
 

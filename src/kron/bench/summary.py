@@ -69,8 +69,9 @@ def best_rows(records: list[Record]) -> dict[str, list[Row]]:
     order = {name: i for i, name in enumerate(("kron", "kron_lr", "adamw", "sgd"))}
 
     def position(row: Row) -> tuple[int, str]:
-        # A JAX twin sorts with its torch role (kron_jax next to kron).
-        return order.get(row.optimizer.removesuffix("_jax"), 9), row.optimizer
+        # A JAX or Keras twin sorts with its torch role (kron_jax next to kron).
+        role = row.optimizer.removesuffix("_jax").removesuffix("_keras")
+        return order.get(role, 9), row.optimizer
 
     for task_rows in rows.values():
         task_rows.sort(key=position)
@@ -151,6 +152,8 @@ TARGET_PAIRS = (
     ("kron_lr", "adamw"),
     ("kron_jax", "adamw_jax"),
     ("kron_lr_jax", "adamw_jax"),
+    ("kron_keras", "adamw_keras"),
+    ("kron_lr_keras", "adamw_keras"),
 )
 
 

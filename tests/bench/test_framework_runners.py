@@ -1,9 +1,14 @@
-"""The JAX runner: each port computes the torch problem's loss on the same batches, optax runs
-reproduce torch ones where the math is the same, and the command line plans JAX runs."""
+"""The JAX and Keras runners: each port computes the torch problem's loss on the same batches,
+optax and Keras runs reproduce torch ones where the math is the same, and the command line plans
+JAX runs."""
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -87,3 +92,56 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+KERAS_SCRIPT = """
+import json, sys
+import numpy as np
+from kron.bench.optimizers import get_optimizer
+from kron.bench.runner import RunConfig, run
+from kron.bench.tasks import TASKS
+
+deep_linear, quadratic = TASKS["deep_linear"], TASKS["kron_quadratic"]
+keras_adamw = run(RunConfig(deep_linear, get_optimizer("adamw_keras"), 3e-3, 0, 100))
+torch_adamw = run(RunConfig(deep_linear, get_optimizer("adamw"), 3e-3, 0, 100))
+kron = [run(RunConfig(quadratic, get_optimizer("kron_keras"), 3e-3, 0, 200)) for _ in range(2)]
+print(json.dumps({
+    "keras_adamw": keras_adamw["history"]["rel_mse"],
+    "torch_adamw": torch_adamw["history"]["rel_mse"],
+    "kron": [k["history"]["rel_loss"] for k in kron],
+    "versions": kron[0]["versions"],
+}))
+"""
+
+
+def _python(script: str, backend: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "KERAS_BACKEND": backend}
+    return subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600
+    )
+
+
+def test_keras_runner_reproduces_adamw_and_runs_kron_keras():
+    """In a fresh process (Keras's backend is fixed at import): Keras AdamW's curve equals torch
+    AdamW's on the same problem, and kron.keras.Kron's run is deterministic and learns."""
+    done = _python(KERAS_SCRIPT, "jax")
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    np.testing.assert_allclose(out["keras_adamw"], out["torch_adamw"], rtol=1e-3)
+    first, second = out["kron"]
+    assert first == second
+    assert first[-1] < 0.5 * first[0]
+    assert "keras" in out["versions"]
+
+
+def test_keras_runner_refuses_another_backend():
+    script = (
+        "import keras\n"
+        "from kron.bench.optimizers import get_optimizer\n"
+        "from kron.bench.runner import RunConfig, run\n"
+        "from kron.bench.tasks import TASKS\n"
+        "run(RunConfig(TASKS['rosenbrock'], get_optimizer('adamw_keras'), 1e-3, 0, 2))\n"
+    )
+    done = _python(script, "torch")
+    assert done.returncode != 0
+    assert "needs the jax backend" in done.stderr and "'torch'" in done.stderr
