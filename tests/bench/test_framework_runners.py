@@ -145,3 +145,15 @@ def test_keras_runner_refuses_another_backend():
     done = _python(script, "torch")
     assert done.returncode != 0
     assert "needs the jax backend" in done.stderr and "'torch'" in done.stderr
+
+
+def test_a_missing_framework_names_the_extras_to_install(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "keras" else real(name, *a)
+    )
+    args = build_parser().parse_args(["bench", "--framework", "keras", "--quick"])
+    with pytest.raises(SystemExit, match="needs keras.*setup-venv.sh bench,torch,jax,keras"):
+        plan(args, TIERS["quick"])

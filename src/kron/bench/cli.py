@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 import time
 from pathlib import Path
@@ -69,12 +70,23 @@ def _seeds(text: str | None, default: int) -> tuple[int, ...] | None:
     return tuple(range(int(text)))
 
 
+def _require(modules: tuple[str, ...], framework: str) -> None:
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise SystemExit(
+            f"--framework {framework} needs {', '.join(missing)}, which is not installed; "
+            "install kron's extras with: bash scripts/setup-venv.sh "
+            + ("bench,torch,jax" if framework == "jax" else "bench,torch,jax,keras")
+        )
+
+
 def plan(args: argparse.Namespace, tier: Tier) -> list[Entry]:
     """The entries to run, from the tier narrowed or overridden by the command-line options."""
     tasks = dict(tier.tasks)
     if args.task:
         tasks = {name: tier.tasks.get(name) for name in args.task}
     if args.framework in ("jax", "keras"):
+        _require(("jax", "optax") if args.framework == "jax" else ("jax", "keras"), args.framework)
         from .jax_problems import PORTS
 
         tasks = {name: budget for name, budget in tasks.items() if name in PORTS}
