@@ -155,5 +155,5 @@ def test_a_missing_framework_names_the_extras_to_install(monkeypatch):
         importlib.util, "find_spec", lambda name, *a: None if name == "keras" else real(name, *a)
     )
     args = build_parser().parse_args(["bench", "--framework", "keras", "--quick"])
-    with pytest.raises(SystemExit, match="needs keras.*setup-venv.sh bench,torch,jax,keras"):
+    with pytest.raises(SystemExit, match=r"needs keras.*setup-venv\.sh bench,torch,jax,keras"):
         plan(args, TIERS["quick"])
