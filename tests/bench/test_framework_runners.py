@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from kron.bench.cli import build_parser, plan
-from kron.bench.jax_problems import PORTS, port
+from kron.bench.jax_problems import PORTS, check_portable, port
 from kron.bench.optimizers import for_framework, get_optimizer
 from kron.bench.runner import RunConfig, run
 from kron.bench.tasks import TASKS
@@ -72,6 +72,10 @@ def test_kron_jax_run_is_deterministic_and_learns():
 def test_a_task_without_a_port_raises_naming_the_ported_ones():
     with pytest.raises(ValueError, match=r"no JAX runner.*kron_quadratic"):
         port("xor16", TASKS["xor16"].build(0))
+    # The LM's warm-up/cosine schedule and clipping are refused before anything is built.
+    with pytest.raises(ValueError, match=r"'warmup_cosine' and grad_clip 1.0; the Keras runner"):
+        check_portable(TASKS["char_lm"], "Keras")
+    check_portable(TASKS["logistic"], "JAX")  # a ported task passes
 
 
 def test_framework_jax_plans_only_ported_tasks_and_jax_optimizers():

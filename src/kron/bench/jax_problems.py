@@ -138,6 +138,17 @@ PORTS: dict[str, Callable[[Any], JaxProblem]] = {
 }
 
 
+def check_portable(task: Any, runner: str) -> None:
+    """Raise unless ``task`` trains at a constant lr without clipping (all the ported tasks do;
+    the JAX and Keras runners implement nothing else)."""
+    if task.schedule != "constant" or task.grad_clip is not None:
+        raise ValueError(
+            f"task {task.name!r} uses schedule {task.schedule!r} and grad_clip "
+            f"{task.grad_clip}; the {runner} runner supports only a constant learning rate "
+            "without clipping (the ported tasks)"
+        )
+
+
 def port(task_name: str, problem: Any) -> JaxProblem:
     """The JAX version of ``problem`` (an instance of task ``task_name``)."""
     try:

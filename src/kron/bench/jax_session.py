@@ -15,7 +15,7 @@ import jax
 import optax
 import torch
 
-from .jax_problems import port
+from .jax_problems import check_portable, port
 from .runner import RunConfig
 
 
@@ -25,12 +25,7 @@ class JaxSession:
     packages = ("jax", "optax")
 
     def __init__(self, config: RunConfig) -> None:
-        if config.task.schedule != "constant" or config.task.grad_clip is not None:
-            raise ValueError(
-                f"task {config.task.name!r} uses schedule {config.task.schedule!r} and "
-                f"grad_clip {config.task.grad_clip}; the JAX runner supports only a constant "
-                "learning rate without clipping (the ported tasks)"
-            )
+        check_portable(config.task, "JAX")
         jax.config.update("jax_enable_x64", True)
         torch.manual_seed(config.seed)
         self.problem = port(config.task.name, config.task.build(config.seed))

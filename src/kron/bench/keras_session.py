@@ -16,7 +16,7 @@ from typing import Any
 import jax
 import torch
 
-from .jax_problems import port
+from .jax_problems import check_portable, port
 from .runner import RunConfig
 
 
@@ -38,12 +38,7 @@ class KerasSession:
     packages = ("keras", "jax")
 
     def __init__(self, config: RunConfig) -> None:
-        if config.task.schedule != "constant" or config.task.grad_clip is not None:
-            raise ValueError(
-                f"task {config.task.name!r} uses schedule {config.task.schedule!r} and "
-                f"grad_clip {config.task.grad_clip}; the Keras runner supports only a constant "
-                "learning rate without clipping (the ported tasks)"
-            )
+        check_portable(config.task, "Keras")
         jax.config.update("jax_enable_x64", True)
         keras = _keras_on_jax()
         torch.manual_seed(config.seed)
