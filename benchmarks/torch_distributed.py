@@ -38,23 +38,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from kron.torch.functional import state_bytes
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from torch_step import TinyLM, lm_loss  # the model and batches of torch_step.py
 
 MODES = ("replicated", "sharded")
-
-
-def _state_bytes(opt: torch.optim.Optimizer) -> int:
-    def walk(value) -> int:
-        if isinstance(value, torch.Tensor):
-            return value.numel() * value.element_size()
-        if isinstance(value, dict):
-            return sum(walk(v) for v in value.values())
-        if isinstance(value, list | tuple):
-            return sum(walk(v) for v in value)
-        return 0
-
-    return sum(walk(s) for s in opt.state.values())
 
 
 def _worker(rank, world, tmp, mode, probability, warmup, steps) -> None:
@@ -106,7 +95,7 @@ def _worker(rank, world, tmp, mode, probability, warmup, steps) -> None:
         precond_cpu_ms=statistics.median(r[0] for r in records),
         step_cpu_ms=statistics.median(r[1] for r in records),
         step_wall_ms=statistics.median(r[2] for r in records),
-        state_bytes=_state_bytes(opt),
+        state_bytes=state_bytes(opt),
         cost_share=share,
     )
     torch.save(result, f"{tmp}/{rank}.pt")

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from kron.torch import Kron
+from kron.torch.functional import state_bytes
 
 
 def mlp() -> nn.Module:
@@ -102,21 +103,6 @@ def optimizers(probability: float) -> dict[str, Callable]:
         "ours (default)": lambda ps: Kron(ps, preconditioner_update_probability=p),
         "ours (max_skew=1)": lambda ps: Kron(ps, preconditioner_update_probability=p, max_skew=1.0),
     }
-
-
-def state_bytes(opt: torch.optim.Optimizer) -> int:
-    """Bytes of every tensor reachable from ``opt.state`` (peers nest dicts and lists)."""
-
-    def walk(value) -> int:
-        if isinstance(value, torch.Tensor):
-            return value.numel() * value.element_size()
-        if isinstance(value, dict):
-            return sum(walk(v) for v in value.values())
-        if isinstance(value, list | tuple):
-            return sum(walk(v) for v in value)
-        return 0
-
-    return sum(walk(state) for state in opt.state.values())
 
 
 def time_steps(

@@ -393,3 +393,22 @@ def test_compiled_math_equals_eager_math():
     assert opt._compiled  # the compiled path was taken
     for a, b in zip(compiled, eager):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_state_bytes_counts_every_tensor_of_the_state():
+    from kron.torch.functional import state_bytes
+
+    layer = torch.nn.Linear(6, 4)
+    opt = Kron(layer.parameters(), precond_dtype=torch.float64)
+    assert state_bytes(opt) == 0
+    layer(torch.randn(3, 6)).sum().backward()
+    opt.step()
+    expected = sum(
+        t.numel() * t.element_size()
+        for s in opt.state.values()
+        for v in s.values()
+        for t in (v if isinstance(v, list | tuple) else [v])
+        if isinstance(t, torch.Tensor)
+    )
+    # The weight alone has a 4×4 and a 6×6 float64 factor: at least 52·8 bytes.
+    assert state_bytes(opt) == expected >= 52 * 8

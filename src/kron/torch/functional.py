@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -214,3 +215,20 @@ def _detached(grads):
 
 def _zero_if_none(value, like):
     return torch.zeros_like(like) if value is None else value.detach()
+
+
+def state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of every tensor reachable from ``optimizer.state`` (dicts, lists and tuples are
+    walked, so peers' nested states count too); what a rank holds, for the benchmarks and the
+    distributed tests."""
+
+    def walk(value: Any) -> int:
+        if isinstance(value, torch.Tensor):
+            return value.numel() * value.element_size()
+        if isinstance(value, dict):
+            return sum(walk(v) for v in value.values())
+        if isinstance(value, list | tuple):
+            return sum(walk(v) for v in value)
+        return 0
+
+    return sum(walk(state) for state in optimizer.state.values())

@@ -69,21 +69,6 @@ def params_of(model: nn.Module) -> list[torch.Tensor]:
     return [p.detach().clone() for p in model.parameters()]
 
 
-def state_bytes(opt: torch.optim.Optimizer) -> int:
-    """Bytes of every tensor in ``opt.state``."""
-
-    def walk(value) -> int:
-        if isinstance(value, torch.Tensor):
-            return value.numel() * value.element_size()
-        if isinstance(value, dict):
-            return sum(walk(v) for v in value.values())
-        if isinstance(value, list | tuple):
-            return sum(walk(v) for v in value)
-        return 0
-
-    return sum(walk(s) for s in opt.state.values())
-
-
 def digest(tensors) -> str:
     """SHA-256 of the tensors' bytes, shapes and dtypes: equal digests mean bit-identical."""
     h = hashlib.sha256()

@@ -8,6 +8,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from kron.torch.distributed import DistributedKron
+from kron.torch.functional import state_bytes
 
 from . import _launch
 from ._common import (
@@ -19,7 +20,6 @@ from ._common import (
     mlp,
     params_of,
     reference,
-    state_bytes,
 )
 
 STEPS = 20
