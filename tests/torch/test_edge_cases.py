@@ -147,3 +147,21 @@ def test_newton_automatic_init_scale_comes_from_the_hessian():
         opt.step(lambda w=w: 2.0 * (w**2).sum())
         scale = opt.state[w]["factors"][0].mean().item()
         assert scale == pytest.approx(0.5 * 3 ** (-1 / 8), rel=0.05), (start, scale)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_finite_rows_equals_isfinite_all_including_overflowing_rows(dtype):
+    from kron.torch.functional import finite_rows
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 50, generator=gen).to(dtype)
+    big = torch.finfo(dtype).max
+    x[1] = big  # a row whose plain sum overflows but is finite
+    x[2, 3] = float("nan")
+    x[3, 0], x[3, 1] = float("inf"), float("-inf")  # inf - inf: NaN either way
+    x[4, 7] = float("-inf")
+    marks = torch.rand(64, 50, generator=gen) < 0.01
+    x[8:][marks[8:]] = float("inf")
+    expected = torch.isfinite(x).all(1)
+    assert torch.equal(finite_rows(x), expected)
+    assert expected[1] and not expected[2:5].any() and not expected[8:].all()

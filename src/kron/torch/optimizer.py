@@ -50,6 +50,7 @@ from kron.torch.functional import (
     apply_caution,
     clipper,
     concat,
+    finite_rows,
     hessian_vector_products,
     stack,
     stochastic_round,
@@ -734,7 +735,7 @@ class Kron(torch.optim.Optimizer):
         free read; elsewhere it is left to the device (no synchronisation)."""
         size = len(params)
         grads = stack([p.grad for p in params]).to(dtype)
-        finite = torch.isfinite(grads).reshape(size, -1).all(1)
+        finite = finite_rows(grads.reshape(size, -1))
         all_finite = grads.device.type == "cpu" and bool(finite.all())
         if not all_finite:
             grads = torch.where(finite.view(-1, *[1] * (grads.ndim - 1)), grads, 0.0)
