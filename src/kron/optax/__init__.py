@@ -1,11 +1,12 @@
 """kron.optax: PSGD-Kron for JAX as optax transformations.
 
-psgdax's contract: :func:`kron`, :func:`scale_by_kron`. eformer's: :func:`quad`, :func:`skew`,
-:func:`scale_by_quad`, :func:`scale_by_skew`, :func:`get_opt_state_partition_specs`. All share
-one state type, :class:`KronState`. Importing this module creates no device arrays.
+psgdax's contract: :func:`kron`, :func:`scale_by_kron` (and :func:`kron_partition_specs`, the
+specs of their state on a mesh). eformer's: :func:`quad`, :func:`skew`, :func:`scale_by_quad`,
+:func:`scale_by_skew`, :func:`get_opt_state_partition_specs`. All share one state type,
+:class:`KronState`. Importing this module creates no device arrays.
 """
 
-from kron.optax.alias import kron, static_args
+from kron.optax.alias import kron, kron_partition_specs, static_args
 from kron.optax.quad_skew import (
     get_opt_state_partition_specs,
     quad,
@@ -20,6 +21,7 @@ __all__ = [
     "KronState",
     "get_opt_state_partition_specs",
     "kron",
+    "kron_partition_specs",
     "leaf_key",
     "quad",
     "scale_by_kron",

@@ -9,8 +9,11 @@ from typing import Any
 import jax
 import optax
 
+from kron.optax.sharding import chain_state_specs, param_specs
 from kron.optax.transform import scale_by_kron
 
+# Options of kron that scale_by_kron does not take.
+CHAIN_ONLY = ("learning_rate", "weight_decay", "weight_decay_mask")
 # Options that may be traced values (optax.inject_hyperparams); the rest shape the computation.
 # weight_decay is static: whether it is 0 decides the chain's structure (and so the state's).
 INJECTABLE = ("learning_rate", "preconditioner_lr")
@@ -53,6 +56,9 @@ def kron(
     preconditioner_type: str = "whitening",
     cached: bool | None = None,
     seed: int = 42,
+    pipeline_axis_name: str | None = None,
+    pipeline_axis_size: int = 1,
+    params_partition_specs: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     """PSGD-Kron: ``chain(scale_by_kron, add_decayed_weights, scale_by_learning_rate)``.
 
@@ -68,7 +74,9 @@ def kron(
         that decay.
       preconditioner_init_scale: ``None`` (default) sets the initial scale from the first
         gradients; a float fixes it.
-      others: as :func:`scale_by_kron`, with the same defaults.
+      others: as :func:`scale_by_kron`, with the same defaults; ``pipeline_axis_name``,
+        ``pipeline_axis_size`` and ``params_partition_specs`` shard the state over a mesh axis
+        (:func:`kron_partition_specs` gives its specs).
     """
     options = dict(locals())
     learning_rate = options.pop("learning_rate")
@@ -79,3 +87,33 @@ def kron(
         parts.append(optax.add_decayed_weights(weight_decay, weight_decay_mask))
     parts.append(optax.scale_by_learning_rate(learning_rate))
     return optax.chain(*parts)
+
+
+def kron_partition_specs(params: Any, scale_by_kron_only: bool = False, **kron_kwargs: Any) -> Any:
+    """The ``PartitionSpec`` tree of ``kron(**kron_kwargs).init(params)``'s state, or of
+    ``scale_by_kron(**kron_kwargs)``'s with ``scale_by_kron_only=True`` (distributed_kron's flag;
+    the chain-only options are then ignored).
+
+    The tree is built from the real state through ``jax.eval_shape``, so it matches it for every
+    ``weight_decay`` and learning-rate schedule (nothing is computed). Factor stacks, Lipschitz
+    estimates and caches are split over ``pipeline_axis_name`` (``P(axis, None, ...)``; they are
+    padded to a multiple of ``pipeline_axis_size``); the momentum takes ``params_partition_specs``
+    (or each param's own ``.sharding.spec``); everything else is replicated (``P()``).
+
+    Args:
+      params: the params, or ``jax.ShapeDtypeStruct``s like them.
+      scale_by_kron_only: specs of ``scale_by_kron``'s state alone. Default False.
+      kron_kwargs: the options given to :func:`kron` (or :func:`scale_by_kron`).
+    """
+    if scale_by_kron_only:
+        options = {k: v for k, v in kron_kwargs.items() if k not in CHAIN_ONLY}
+        tx = scale_by_kron(**options)
+    else:
+        tx = kron(**kron_kwargs)
+    state = jax.eval_shape(tx.init, params)
+    return chain_state_specs(
+        state,
+        kron_kwargs.get("pipeline_axis_name"),
+        kron_kwargs.get("pipeline_axis_size", 1),
+        param_specs(params, kron_kwargs.get("params_partition_specs")),
+    )

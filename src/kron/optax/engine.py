@@ -8,10 +8,20 @@ distinct shapes, not of leaves. Scanned stacks may instead be fitted with ``lax.
 ``lax_map_batch_size`` layers, which trades speed for peak memory; both paths compute the same
 numbers. The momentum and ``P·m`` run leaf by leaf, outside the ``lax.cond`` of the fit.
 
-The state (:class:`~kron.optax.state.KronState`) keeps factors per leaf, so it mirrors the param
-tree; stacks are assembled inside the jitted update. Whether to fit P is decided inside the update
-(``lax.cond``), and every random draw is folded from the state's key with the step and the stack
-index, so a restored state repeats the run that never stopped.
+Where the factors live depends on ``EngineConfig.block_axis_name``:
+
+* ``None`` (the default): the state keeps factors per leaf, so it mirrors the param tree; stacks
+  are assembled inside the jitted update, for the fit only.
+* a mesh axis name: the state keeps one stack per plan, padded with inert rows (identity factors,
+  zero inputs, never kept) to a multiple of ``block_axis_size``, so the stack splits evenly over
+  the axis and every device stores, fits and applies only its own rows; the directions go back to
+  the leaves (and the params' sharding) after ``P·m``. This is the distributed-Shampoo pattern
+  that eformer calls ``pipeline_axis_name``.
+
+Whether to fit P is decided inside the update (``lax.cond``), and every random draw is folded from
+the state's key with the step, the stack index and a stream number (:func:`kron.optax.leaf_key`),
+so a restored state repeats the run that never stopped, every host of a multi-host run draws the
+same numbers, and a sharded run draws what the unsharded one does (padding rows get zeros).
 """
 
 from __future__ import annotations
@@ -44,7 +54,13 @@ from kron.core import (
     update_momentum,
 )
 from kron.core.step import clip_update
-from kron.optax.sharding import check_mesh, constrain, constrain_like_params
+from kron.optax.sharding import (
+    check_axis_options,
+    check_mesh,
+    constrain,
+    constrain_like_params,
+    constrain_rows,
+)
 from kron.optax.state import KronState, leaf_key
 
 OPS = get_ops("jax")
@@ -82,8 +98,10 @@ class EngineConfig:
       cache: keep ``P_i = Q_iᵀQ_i`` in the state, refreshed on every fit, so that steps without
         a fit apply P with one product per axis instead of two (not for PRO4P/QUAD4P, whose
         state is P already).
-      block_axis_name, block_axis_size: the mesh axis (and its size) that the block stacks of
-        the factors are split over when a mesh is active (:mod:`kron.optax.sharding`).
+      block_axis_name, block_axis_size: the mesh axis (and its size) that the factor stacks are
+        split over. With a name, the state keeps one stack per plan, padded with inert rows to a
+        multiple of ``block_axis_size``, and while a mesh with that axis is active each device
+        stores, fits and applies only its rows (:mod:`kron.optax.sharding`). Default None, 1.
       params_partition_specs: specs of the params; the momentum and the updates follow them.
       seed: seed of the state's PRNG key.
     """
@@ -129,6 +147,7 @@ class EngineConfig:
             raise ValueError(
                 f"lax_map_batch_size must be a positive int; got {self.lax_map_batch_size!r}."
             )
+        check_axis_options(self.block_axis_name, self.block_axis_size)
         if not 0.0 <= self.balance_probability <= 1.0:
             raise ValueError(
                 f"balance_probability must be in [0, 1]; got {self.balance_probability!r}."
@@ -142,6 +161,16 @@ class EngineConfig:
     @property
     def newton(self) -> bool:
         return self.preconditioner_type == "newton"
+
+    @property
+    def stacked_state(self) -> bool:
+        """Whether the state keeps factors per stack (sharded over a mesh axis) or per leaf."""
+        return self.block_axis_name is not None
+
+    @property
+    def row_multiple(self) -> int:
+        """Stored stacks are padded to a multiple of this many rows."""
+        return self.block_axis_size if self.stacked_state else 1
 
 
 class LeafLayout(NamedTuple):
@@ -183,16 +212,57 @@ def leaf_layouts(leaves: list[Any], flags: list[bool], config: EngineConfig) -> 
     return layouts
 
 
-def stacks_of(layouts: list[LeafLayout]) -> list[list[int]]:
-    """Leaf indices grouped by plan, in order of first appearance."""
+class Stack(NamedTuple):
+    """Leaves that share one plan, fitted as one stack of blocks.
+
+    ``members`` are leaf indices (flatten order) and ``layers`` their layer counts; member ``k``
+    owns the next ``layers[k]·B`` rows. The ``real_rows`` blocks are stored in ``rows`` rows: when
+    the state is sharded, the stack is padded to a multiple of the axis size with inert rows
+    (identity factors, zero inputs, outputs dropped, state never kept) so that it splits evenly.
+    """
+
+    plan: Plan
+    members: tuple[int, ...]
+    layers: tuple[int, ...]
+    rows: int
+
+    @property
+    def blocks(self) -> list[int]:
+        """Rows of each member."""
+        return [n * self.plan.num_blocks for n in self.layers]
+
+    @property
+    def real_rows(self) -> int:
+        return sum(self.blocks)
+
+    @property
+    def padding(self) -> int:
+        return self.rows - self.real_rows
+
+
+def stacks_of(layouts: list[LeafLayout], multiple: int = 1) -> list[Stack]:
+    """Leaves grouped by plan, in order of first appearance (a stack's index, folded into its
+    random keys, is its position here); rows padded up to a multiple of ``multiple``."""
     members: dict[Plan, list[int]] = {}
     for index, layout in enumerate(layouts):
         members.setdefault(layout.plan, []).append(index)
-    return list(members.values())
+    stacks = []
+    for plan, indices in members.items():
+        layers = tuple(layouts[i].layers for i in indices)
+        real = sum(layers) * plan.num_blocks
+        stacks.append(Stack(plan, tuple(indices), layers, -(-real // multiple) * multiple))
+    return stacks
 
 
 def _concat(arrays: list[Any]) -> Any:
     return arrays[0] if len(arrays) == 1 else jnp.concatenate(arrays)
+
+
+def _pad_rows(x: Any, padding: int, value: float = 0.0) -> Any:
+    """``x`` with ``padding`` more rows of ``value`` at the end of its leading axis."""
+    if not padding:
+        return x
+    return jnp.pad(x, [(0, padding)] + [(0, 0)] * (x.ndim - 1), constant_values=value)
 
 
 def _split(array: Any, sizes: list[int]) -> list[Any]:
@@ -219,39 +289,43 @@ class _NoContext:
 
 def build(config: EngineConfig) -> optax.GradientTransformationExtraArgs:
     """The ``init``/``update`` pair of ``config``. ``update(updates, state, params=None, *,
-    value_fn=None)``; Newton type needs ``params`` and ``value_fn(params) -> loss``."""
+    value_fn=None)``; Newton type needs ``params`` and ``value_fn(params) -> loss``.
+
+    Factors, Lipschitz estimates and caches travel through the update as *units*: a list of
+    per-factor tuples, one unit per leaf (per-leaf state) or per stack (stacked state)."""
     options = config.step
     q_dtype = jnp.dtype(config.q_dtype)
     lip_dtype = jnp.promote_types(q_dtype, jnp.float32)
     state_is_p = options.fit.state_is_p
     always_fit = not callable(config.update_probability) and config.update_probability >= 1.0
     caching = config.cache and not state_is_p
+    stacked = config.stacked_state
+    axis = config.block_axis_name
     if not options.fit_before_apply:
         raise ValueError("kron.optax fits P before applying it; fit_before_apply must be True.")
 
     def init_fn(params: Any) -> KronState:
+        check_mesh(axis, config.block_axis_size)
         leaves, treedef = jax.tree.flatten(params)
         layouts = leaf_layouts(leaves, scanned_flags(config.scanned_layers, params), config)
-        like = jnp.zeros((), q_dtype)
         scale = 1.0 if config.init_scale is None else config.init_scale
-        factors = [
-            tuple(init_factors(lay.plan, scale, like, OPS, state_is_p, stack=lay.layers))
-            for lay in layouts
-        ]
-        lip_like = jnp.zeros((), lip_dtype)
-        lipschitz = [
-            tuple(init_lipschitz(lay.plan, lip_like, OPS, stack=lay.layers)) for lay in layouts
-        ]
+        if stacked:
+            shapes = [(s.plan, s.rows) for s in stacks_of(layouts, config.row_multiple)]
+        else:
+            shapes = [(lay.plan, lay.blocks) for lay in layouts]
+        factors = [_initial_factors(plan, scale, rows) for plan, rows in shapes]
+        lipschitz = [_initial_lipschitz(plan, rows) for plan, rows in shapes]
+        pack = tuple if stacked else treedef.unflatten
         state = KronState(
             count=jnp.zeros((), jnp.int32),
             mu=treedef.unflatten([jnp.zeros(x.shape, config.mu_dtype or x.dtype) for x in leaves]),
-            factors=treedef.unflatten(factors),
-            lipschitz=treedef.unflatten(lipschitz),
+            factors=pack(factors),
+            lipschitz=pack(lipschitz),
             decision_total=jnp.zeros((), jnp.float32),
             needs_scale_init=jnp.asarray(config.init_scale is None),
             skipped=treedef.unflatten([jnp.zeros((), jnp.int32) for _ in leaves]),
             key=jax.random.PRNGKey(config.seed),
-            cache=treedef.unflatten([_cached(f) for f in factors]),
+            cache=pack([_cached(f) for f in factors]),
         )
         return _constrain(state)
 
@@ -259,7 +333,7 @@ def build(config: EngineConfig) -> optax.GradientTransformationExtraArgs:
         updates: Any, state: KronState, params: Any = None, value_fn: Any = None, **extra: Any
     ) -> tuple[Any, KronState]:
         del extra
-        check_mesh()
+        check_mesh(axis, config.block_axis_size)
         if config.newton and (params is None or value_fn is None):
             raise ValueError(
                 "preconditioner_type='newton' needs update(grads, state, params, "
@@ -269,7 +343,9 @@ def build(config: EngineConfig) -> optax.GradientTransformationExtraArgs:
             )
         grads, treedef = jax.tree.flatten(updates)
         layouts = leaf_layouts(grads, scanned_flags(config.scanned_layers, updates), config)
-        stacks = stacks_of(layouts)
+        stacks = stacks_of(layouts, config.row_multiple)
+        if stacked:
+            _check_stacked(state, stacks)
         count = state.count
 
         layered = [
@@ -296,15 +372,23 @@ def build(config: EngineConfig) -> optax.GradientTransformationExtraArgs:
         targets = debiased if options.whiten_momentum else layered
         applied = debiased if options.precondition_momentum else layered
 
-        factors = [tuple(f) for f in treedef.flatten_up_to(state.factors)]
-        lipschitz = [tuple(lip) for lip in treedef.flatten_up_to(state.lipschitz)]
-        cache = [tuple(c) for c in treedef.flatten_up_to(state.cache)]
+        def units(tree: Any) -> list[tuple[Any, ...]]:
+            return [tuple(u) for u in (tree if stacked else treedef.flatten_up_to(tree))]
+
+        factors, lipschitz, cache = units(state.factors), units(state.lipschitz), units(state.cache)
+        # Work that may need collectives (a reduction over sharded gradients, resharding them
+        # into rows) runs outside the lax.conds below: XLA:CPU may run a conditional at the same
+        # time as a collective outside it, and host devices then wait on each other forever.
         if config.init_scale is None and not config.newton:
+            scale = _whitening_scale(layered)
             factors, cache = jax.lax.cond(
                 state.needs_scale_init,
-                lambda: _whitening_init(factors, layered, layouts),
+                lambda: _rescaled(factors, scale),
                 lambda: (factors, cache),
             )
+        target_rows = None
+        if stacked and not config.newton:
+            target_rows = [_rows(stack, [targets[i] for i in stack.members]) for stack in stacks]
         do_fit, decision_total = _decide(state, count)
         precond_lr = config.precond_lr(count) if callable(config.precond_lr) else config.precond_lr
 
@@ -315,6 +399,7 @@ def build(config: EngineConfig) -> optax.GradientTransformationExtraArgs:
                     factors,
                     lipschitz,
                     targets,
+                    target_rows,
                     layouts,
                     stacks,
                     precond_lr,
@@ -331,56 +416,84 @@ def build(config: EngineConfig) -> optax.GradientTransformationExtraArgs:
         else:
             fitted = jax.lax.cond(do_fit, fit_branch, keep_branch, None)
         new_factors, new_lips, new_cache, fit_ok, newton_scaled = fitted
+        # A layer keeps its new state, and gets a nonzero update, only if its gradient (and
+        # Newton pair) was finite.
+        keep = [ok & pair_ok for ok, pair_ok in zip(finite, fit_ok)]
         with _precision(config.apply_precision):
-            directions = _apply_all(new_factors, new_cache, applied, layouts, stacks)
+            directions = _apply_all(new_factors, new_cache, applied, layouts, stacks, keep)
 
-        new_updates, new_mu, kept_factors, kept_lips, kept_cache, new_skipped = (
-            [] for _ in range(6)
-        )
-        for i, (lay, g, m, skipped) in enumerate(
-            zip(
-                layouts,
-                grads,
-                treedef.flatten_up_to(state.mu),
-                treedef.flatten_up_to(state.skipped),
-            )
+        if stacked:
+            kept_factors = _select_rows(keep, stacks, new_factors, factors)
+            kept_lips = _select_rows(keep, stacks, new_lips, lipschitz)
+            kept_cache = _select_rows(keep, stacks, new_cache, cache)
+            kept_mu = [
+                jnp.where(_expand(k, new), new, old) for k, new, old in zip(keep, momenta, mu)
+            ]
+        else:
+            kept = [
+                select_state(
+                    keep[i],
+                    TensorState(new_factors[i], new_lips[i], momenta[i], new_cache[i]),
+                    TensorState(factors[i], lipschitz[i], mu[i], cache[i]),
+                    lay.plan.num_blocks,
+                    OPS,
+                )
+                for i, lay in enumerate(layouts)
+            ]
+            kept_factors = treedef.unflatten([t.factors for t in kept])
+            kept_lips = treedef.unflatten([t.lipschitz for t in kept])
+            kept_cache = treedef.unflatten([t.cache for t in kept])
+            kept_mu = [t.momentum for t in kept]
+
+        new_updates, new_mu, new_skipped = [], [], []
+        for k, y, g, m, old_m, skipped in zip(
+            keep,
+            directions,
+            grads,
+            kept_mu,
+            treedef.flatten_up_to(state.mu),
+            treedef.flatten_up_to(state.skipped),
         ):
-            keep = finite[i] & fit_ok[i]
-            new = select_state(
-                keep,
-                TensorState(new_factors[i], new_lips[i], momenta[i], new_cache[i]),
-                TensorState(factors[i], lipschitz[i], mu[i], cache[i]),
-                lay.plan.num_blocks,
-                OPS,
-            )
-            y = jnp.where(_expand(keep, directions[i]), directions[i], 0.0) * config.output_scale
+            y = y * config.output_scale
             new_updates.append(jnp.reshape(y, g.shape).astype(g.dtype))
-            new_mu.append(jnp.reshape(new.momentum, m.shape).astype(m.dtype))
-            kept_factors.append(new.factors)
-            kept_lips.append(new.lipschitz)
-            kept_cache.append(new.cache)
-            new_skipped.append(skipped + jnp.sum(~keep).astype(jnp.int32))
+            new_mu.append(jnp.reshape(m, old_m.shape).astype(old_m.dtype))
+            new_skipped.append(skipped + jnp.sum(~k).astype(jnp.int32))
         scaled = newton_scaled if config.newton else jnp.asarray(config.init_scale is None)
         new_state = KronState(
             count=optax.safe_int32_increment(count),
             mu=treedef.unflatten(new_mu),
-            factors=treedef.unflatten(kept_factors),
-            lipschitz=treedef.unflatten(kept_lips),
+            factors=kept_factors,
+            lipschitz=kept_lips,
             decision_total=jnp.asarray(decision_total, jnp.float32),
             needs_scale_init=state.needs_scale_init & ~scaled,
             skipped=treedef.unflatten(new_skipped),
             key=state.key,
-            cache=treedef.unflatten(kept_cache),
+            cache=kept_cache,
         )
         new_updates = constrain_like_params(
             treedef.unflatten(new_updates), config.params_partition_specs
         )
         return new_updates, _constrain(new_state)
 
-    def _constrain(state: KronState) -> KronState:
-        return constrain(
-            state, config.block_axis_name, config.block_axis_size, config.params_partition_specs
+    def _check_stacked(state: KronState, stacks: list[Stack]) -> None:
+        """A stacked state must hold these stacks with these row counts: one made for another
+        ``pipeline_axis_size`` (or other params) fails here with a readable error instead of a
+        broadcasting error deep inside the update."""
+        found = (
+            [tuple(f.shape[0] for f in unit) for unit in state.factors]
+            if isinstance(state.factors, tuple)
+            else type(state.factors).__name__
         )
+        expected = [tuple(s.rows for _ in range(s.plan.order)) for s in stacks]
+        if found != expected:
+            raise ValueError(
+                f"the state's factor stacks have rows {found}, but these params with "
+                f"pipeline_axis_size={config.block_axis_size} need {expected}: the state was "
+                "built for other params or another pipeline_axis_size."
+            )
+
+    def _constrain(state: KronState) -> KronState:
+        return constrain(state, axis, config.block_axis_size, config.params_partition_specs)
 
     def _decide(state: KronState, count: jax.Array) -> tuple[Any, Any]:
         if always_fit:
@@ -392,19 +505,61 @@ def build(config: EngineConfig) -> optax.GradientTransformationExtraArgs:
             return draw < probability, state.decision_total
         return counter_decision(state.decision_total, probability, OPS)
 
+    def _initial_factors(plan: Plan, scale: float, rows: int) -> tuple[Any, ...]:
+        """``rows`` copies of a block's initial factors (every block of a plan starts alike)."""
+        block = init_factors(plan, scale, jnp.zeros((), q_dtype), OPS, state_is_p)
+        return tuple(jnp.broadcast_to(f[:1], (rows, *f.shape[1:])) for f in block)
+
+    def _initial_lipschitz(plan: Plan, rows: int) -> tuple[Any, ...]:
+        block = init_lipschitz(plan, jnp.zeros((), lip_dtype), OPS)
+        return tuple(jnp.broadcast_to(lip[:1], (rows,)) for lip in block)
+
     def _cached(factors: tuple[Any, ...]) -> tuple[Any, ...]:
         return tuple(cache_preconditioner(factors, OPS)) if caching else ()
 
-    def _whitening_init(factors, layered, layouts):
+    def _whitening_scale(layered):
         """The automatic scale from the first gradients, ``(max mean g⁴ + δ⁴)^(-1/8)``."""
         moments = [fourth_moment(g.astype(jnp.float32), OPS) for g in layered]
-        scale = shared_scale(moments, OPS, options.fit.damping)
-        factors = _rescale(factors, scale, layouts, state_is_p)
+        return shared_scale(moments, OPS, options.fit.damping)
+
+    def _rescaled(factors, scale):
+        factors = _rescale(factors, scale, state_is_p)
         return factors, [_cached(f) for f in factors]
 
-    def _fit_all(state, factors, lipschitz, targets, layouts, stacks, precond_lr, params, value_fn):
-        """One fit of every stack. Returns per-leaf factors, Lipschitz estimates and caches, the
-        per-layer finiteness of the Newton pairs, and whether Newton's init scale was applied."""
+    def _rows(stack: Stack, layered: list[Any]) -> Any:
+        """The members' ``(S, *shape)`` tensors as the stack's ``(rows, *block_shape)`` blocks:
+        concatenated, zero-padded and, when sharded, split over the mesh axis."""
+        blocks = stack.plan.to_blocks(_concat(layered), OPS, stacked=True)
+        return constrain_rows(_pad_rows(blocks, stack.padding), axis)
+
+    def _gather(factors, lipschitz, stack: Stack, index: int):
+        """The stack's factors and Lipschitz estimates: the state's own stack when stacked, else
+        the members' per-leaf rows concatenated (inside the fit only, so steps without a fit
+        never copy them)."""
+        if stacked:
+            return list(factors[index]), list(lipschitz[index])
+        members = stack.members
+        return (
+            [_concat([factors[i][k] for i in members]) for k in range(stack.plan.order)],
+            [_concat([lipschitz[i][k] for i in members]) for k in range(stack.plan.order)],
+        )
+
+    def _fit_all(
+        state,
+        factors,
+        lipschitz,
+        targets,
+        target_rows,
+        layouts,
+        stacks,
+        precond_lr,
+        params,
+        value_fn,
+    ):
+        """One fit of every stack, on ``target_rows`` (per stack, already in rows) when given,
+        else on the per-leaf ``targets``. Returns the fitted units (factors, Lipschitz estimates,
+        caches), the per-layer finiteness of the Newton pairs, and whether Newton's init scale
+        was applied."""
         count = state.count
         fit_ok = [jnp.ones((lay.layers,), bool) for lay in layouts]
         scaled = jnp.asarray(False)
@@ -416,106 +571,169 @@ def build(config: EngineConfig) -> optax.GradientTransformationExtraArgs:
             ]
             targets = [jnp.where(_expand(ok, h), h, 0.0) for h, ok in zip(targets, fit_ok)]
             if config.init_scale is None:
-                factors = _newton_init(state, factors, probes, targets, layouts)
+                factors = _newton_init(state, factors, probes, targets)
                 scaled = state.needs_scale_init
-        new_factors: list[Any] = [None] * len(layouts)
-        new_lips: list[Any] = [None] * len(layouts)
-        for index, members in enumerate(stacks):
-            plan = layouts[members[0]].plan
-            sizes = [layouts[i].layers for i in members]
-            block_sizes = [layouts[i].blocks for i in members]
-            inputs = _fit_inputs(state.key, count, index, plan, sum(sizes))
-            inputs["x"] = plan.to_blocks(_concat([targets[i] for i in members]), OPS, stacked=True)
+        new_factors: list[Any] = [None] * len(factors)
+        new_lips: list[Any] = [None] * len(factors)
+        for index, stack in enumerate(stacks):
+            inputs = _fit_inputs(state.key, count, index, stack)
+            if target_rows is not None:
+                inputs["x"] = target_rows[index]
+            else:
+                inputs["x"] = _rows(stack, [targets[i] for i in stack.members])
             if probes is not None:
-                inputs["probe"] = plan.to_blocks(
-                    _concat([probes[i] for i in members]), OPS, stacked=True
-                )
-            stack_factors = [_concat([factors[i][k] for i in members]) for k in range(plan.order)]
-            stack_lips = [_concat([lipschitz[i][k] for i in members]) for k in range(plan.order)]
-            scanned = any(size > 1 for size in sizes)
+                inputs["probe"] = _rows(stack, [probes[i] for i in stack.members])
+            stack_factors, stack_lips = _gather(factors, lipschitz, stack, index)
+            scanned = any(layers > 1 for layers in stack.layers)
             fit_stack = _mapped_fit if (config.lax_map_scanned_layers and scanned) else _batched_fit
             stack_factors, stack_lips = fit_stack(
-                stack_factors, stack_lips, plan, precond_lr, inputs
+                stack_factors, stack_lips, stack, precond_lr, inputs
             )
             stack_factors = _maybe_balance(tuple(stack_factors), state.key, count, index)
-            split_factors = [_split(f, block_sizes) for f in stack_factors]
-            split_lips = [_split(lip, block_sizes) for lip in stack_lips]
-            for position, i in enumerate(members):
+            if stacked:
+                new_factors[index], new_lips[index] = tuple(stack_factors), tuple(stack_lips)
+                continue
+            split_factors = [_split(f, stack.blocks) for f in stack_factors]
+            split_lips = [_split(lip, stack.blocks) for lip in stack_lips]
+            for position, i in enumerate(stack.members):
                 new_factors[i] = tuple(f[position] for f in split_factors)
                 new_lips[i] = tuple(lip[position] for lip in split_lips)
         return new_factors, new_lips, [_cached(f) for f in new_factors], fit_ok, scaled
 
-    def _batched_fit(factors, lipschitz, plan, precond_lr, inputs):
+    def _batched_fit(factors, lipschitz, stack, precond_lr, inputs):
+        del stack
         inputs = dict(inputs)
         x, noise = inputs.pop("x"), inputs.pop("noise")
         return fit(
-            factors,
-            lipschitz,
-            x,
-            noise,
-            lr=precond_lr,
-            options=options.fit,
-            ops=OPS,
-            mask=_mask(plan, x.shape[0] // plan.num_blocks),
-            **inputs,
+            factors, lipschitz, x, noise, lr=precond_lr, options=options.fit, ops=OPS, **inputs
         )
 
-    def _mapped_fit(factors, lipschitz, plan, precond_lr, inputs):
-        """``lax.map`` over layers, ``lax_map_batch_size`` at a time; each call fits one layer."""
-        blocks = plan.num_blocks
-        layers = factors[0].shape[0] // blocks
+    def _mapped_fit(factors, lipschitz, stack, precond_lr, inputs):
+        """``lax.map`` over the stack, ``lax_map_batch_size`` groups at a time. Per-leaf state: a
+        group is one layer's blocks. Stacked state: the rows are viewed device-major, ``(rows/D,
+        D, ...)`` for an axis of size D, and a group is one row per device, so every device walks
+        only the rows it owns (and all devices work at once)."""
+        if stacked:
+            group = config.row_multiple
 
-        def per_layer(x: Any) -> Any:
-            return jnp.reshape(x, (layers, blocks, *x.shape[1:]))
+            def grouped(x: Any) -> Any:
+                x = jnp.reshape(x, (group, stack.rows // group, *x.shape[1:]))
+                return constrain_rows(jnp.swapaxes(x, 0, 1), axis, dim=1)
 
-        per_layer_inputs = jax.tree.map(per_layer, inputs)
+            def flat(x: Any) -> Any:
+                return jnp.reshape(jnp.swapaxes(x, 0, 1), (stack.rows, *x.shape[2:]))
 
-        def one_layer(xs: Any) -> Any:
-            layer_factors, layer_lips, layer_inputs = xs
-            return _batched_fit(layer_factors, layer_lips, plan, precond_lr, layer_inputs)
+        else:
+            group = stack.plan.num_blocks
+
+            def grouped(x: Any) -> Any:
+                return jnp.reshape(x, (stack.rows // group, group, *x.shape[1:]))
+
+            def flat(x: Any) -> Any:
+                return jnp.reshape(x, (stack.rows, *x.shape[2:]))
+
+        def one_group(xs: Any) -> Any:
+            group_factors, group_lips, group_inputs = xs
+            return _batched_fit(group_factors, group_lips, stack, precond_lr, group_inputs)
 
         new_factors, new_lips = jax.lax.map(
-            one_layer,
+            one_group,
             (
-                [per_layer(f) for f in factors],
-                [per_layer(lip) for lip in lipschitz],
-                per_layer_inputs,
+                [grouped(f) for f in factors],
+                [grouped(lip) for lip in lipschitz],
+                jax.tree.map(grouped, inputs),
             ),
-            batch_size=min(config.lax_map_batch_size, layers),
+            batch_size=min(config.lax_map_batch_size, stack.rows // group),
         )
-
-        def flat(x: Any) -> Any:
-            return jnp.reshape(x, (layers * blocks, *x.shape[2:]))
-
         return [flat(f) for f in new_factors], [flat(lip) for lip in new_lips]
 
-    def _apply_all(factors, cache, applied, layouts, stacks):
-        """``clip(P·m)`` per leaf, ``(S, *layer_shape)``. Unlike the fit, the product runs leaf by
-        leaf: stacking would copy every factor into the stack on every step, which costs more
-        than the one product per axis it batches (measured in benchmarks/RESULTS.md)."""
-        del stacks
+    def _apply_all(factors, cache, applied, layouts, stacks, keep):
+        """``clip(P·m)`` per leaf, ``(S, *layer_shape)``, zero for layers whose ``keep`` flag
+        is off."""
+        if stacked:
+            return _apply_stacks(factors, cache, applied, stacks, keep)
+        return _apply_leaves(factors, cache, applied, layouts, keep)
+
+    def _apply_leaves(factors, cache, applied, layouts, keep):
+        """Per-leaf state: unlike the fit, the product runs leaf by leaf, since stacking would
+        copy every factor into the stack on every step, which costs more than the one product
+        per axis it batches (measured in benchmarks/RESULTS.md)."""
         directions = []
-        for leaf_factors, leaf_cache, m, lay in zip(factors, cache, applied, layouts):
+        for leaf_factors, leaf_cache, m, lay, k in zip(factors, cache, applied, layouts, keep):
             blocks = lay.plan.to_blocks(m, OPS, stacked=True)
-            if caching:
-                y = precondition(list(leaf_cache), blocks, OPS, state_is_p=True)
-            else:
-                y = precondition(list(leaf_factors), blocks, OPS, state_is_p)
-            directions.append(clip_update(lay.plan.from_blocks(y, OPS, stacked=True), options, OPS))
+            y = _clipped(lay.plan, _product(leaf_factors, leaf_cache, blocks))
+            directions.append(jnp.where(_expand(k, y), y, 0.0))
         return directions
 
-    def _fit_inputs(key, count, index, plan, layers):
-        blocks = layers * plan.num_blocks
+    def _apply_stacks(factors, cache, applied, stacks, keep):
+        """Stacked state: the factors are stacked already, so the momenta go to them. Each
+        stack's momenta become its rows (split over the mesh axis), every device multiplies
+        and masks the rows it owns, and the directions are cut back into leaves (padding rows
+        dropped; with replicated or FSDP params this is where the compiler gathers them)."""
+        directions: list[Any] = [None] * len(keep)
+        for index, stack in enumerate(stacks):
+            blocks = _rows(stack, [applied[i] for i in stack.members])
+            y = _product(factors[index], cache[index], blocks)
+            flags = _row_flags(stack, keep)
+            y = constrain_rows(jnp.where(_expand(flags, y), y, 0.0), axis)
+            for i, part in zip(stack.members, _split(y[: stack.real_rows], stack.blocks)):
+                directions[i] = _clipped(stack.plan, part)
+        return directions
+
+    def _product(unit_factors, unit_cache, blocks):
+        if caching:
+            return precondition(list(unit_cache), blocks, OPS, state_is_p=True)
+        return precondition(list(unit_factors), blocks, OPS, state_is_p)
+
+    def _clipped(plan: Plan, blocks: Any) -> Any:
+        return clip_update(plan.from_blocks(blocks, OPS, stacked=True), options, OPS)
+
+    def _row_flags(stack: Stack, keep: list[Any]) -> Any:
+        """The members' per-layer ``keep`` flags as per-row flags ``(rows,)``; False on padding
+        rows. Split like the rows, so every device selects among the rows it owns."""
+        per_layer = [jnp.repeat(keep[i], stack.plan.num_blocks) for i in stack.members]
+        return constrain_rows(_pad_rows(_concat(per_layer), stack.padding, False), axis)
+
+    def _select_rows(keep, stacks, new, old):
+        """Per stack, ``new`` rows (factors, estimates or caches) for the layers whose ``keep``
+        flag holds and ``old`` rows elsewhere; padding rows always keep ``old``, so they stay
+        inert."""
+        selected = []
+        for stack, new_unit, old_unit in zip(stacks, new, old):
+            flags = _row_flags(stack, keep)
+            selected.append(
+                tuple(
+                    constrain_rows(jnp.where(_expand(flags, a), a, b), axis)
+                    for a, b in zip(new_unit, old_unit)
+                )
+            )
+        return tuple(selected)
+
+    def _fit_inputs(key, count, index, stack: Stack):
+        """The stack's noise and norm probes, drawn for its real rows only (the unsharded run's
+        draws, whatever the padding), then zero-padded; and its padding mask."""
+        plan = stack.plan
+
+        def rows(x: Any) -> Any:
+            return constrain_rows(_pad_rows(x, stack.padding), axis)
+
         noise_key = leaf_key(key, count, index, NOISE)
         inputs: dict[str, Any] = {
-            "noise": jax.random.normal(noise_key, (blocks, *plan.block_shape), q_dtype)
+            "noise": rows(
+                jax.random.normal(noise_key, (stack.real_rows, *plan.block_shape), q_dtype)
+            )
         }
         if options.fit.norm_bound == "subspace":
             keys = jax.random.split(leaf_key(key, count, index, NORM_PROBES), plan.order)
             inputs["norm_probes"] = [
-                jax.random.normal(k, (blocks, SUBSPACE_PROBES, n), q_dtype)
+                rows(jax.random.normal(k, (stack.real_rows, SUBSPACE_PROBES, n), q_dtype))
                 for k, n in zip(keys, plan.block_shape)
             ]
+        mask = plan.mask()
+        if mask is not None:
+            tiled = jnp.tile(jnp.asarray(mask, q_dtype), (sum(stack.layers),) + (1,) * plan.order)
+            # Padding rows count as unpadded blocks, so their (discarded) statistics stay finite.
+            inputs["mask"] = constrain_rows(_pad_rows(tiled, stack.padding, 1.0), axis)
         return inputs
 
     def _maybe_balance(factors, key, count, index):
@@ -530,7 +748,9 @@ def build(config: EngineConfig) -> optax.GradientTransformationExtraArgs:
             )
         else:
             return factors
-        return tuple(jnp.where(now, b, f) for b, f in zip(balance(factors, OPS), factors))
+        # A branch, not a select: balancing is rare (1 % of fits, or every 100th step), so most
+        # fits skip its work.
+        return jax.lax.cond(now, lambda: tuple(balance(factors, OPS)), lambda: factors)
 
     def _newton_pairs(key, count, params, value_fn, layouts):
         leaves, treedef = jax.tree.flatten(params)
@@ -549,7 +769,7 @@ def build(config: EngineConfig) -> optax.GradientTransformationExtraArgs:
             [layered(h, lay) for h, lay in zip(hvps, layouts)],
         )
 
-    def _newton_init(state, factors, probes, hvps, layouts):
+    def _newton_init(state, factors, probes, hvps):
         """Newton type's automatic scale, ``(E v²)^¼ (max E h⁴)^(-1/8)``, on the first fit."""
         largest = jnp.max(jnp.stack([fourth_moment(h.astype(jnp.float32), OPS) for h in hvps]))
         second = jnp.mean(jnp.stack([jnp.mean(jnp.square(v.astype(jnp.float32))) for v in probes]))
@@ -558,13 +778,7 @@ def build(config: EngineConfig) -> optax.GradientTransformationExtraArgs:
             scale_from_moments(largest, OPS, options.fit.damping, probe_second=second),
             1.0,
         )
-        return _rescale(factors, scale, layouts, state_is_p)
-
-    def _mask(plan: Plan, layers: int) -> Any:
-        mask = plan.mask()
-        if mask is None:
-            return None
-        return jnp.tile(jnp.asarray(mask, q_dtype), (layers,) + (1,) * plan.order)
+        return _rescale(factors, scale, state_is_p)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -581,21 +795,19 @@ def _normalize(g: Any) -> Any:
     return g / _expand(norm, g).astype(g.dtype)
 
 
-def _rescale(factors: list[Any], scale: Any, layouts: list[LeafLayout], state_is_p: bool) -> list:
-    """Multiply the preconditioner of every leaf by ``scale`` (``Q``) or ``scale²`` (``P``),
-    spread evenly over its factors."""
+def _rescale(units: list[Any], scale: Any, state_is_p: bool) -> list:
+    """Multiply every preconditioner by ``scale`` (``Q``) or ``scale²`` (``P``), spread evenly
+    over its factors."""
     if state_is_p:
         scale = scale * scale
-    return [
-        tuple(f * (scale ** (1.0 / lay.plan.order)).astype(f.dtype) for f in leaf)
-        for leaf, lay in zip(factors, layouts)
-    ]
+    return [tuple(f * (scale ** (1.0 / len(unit))).astype(f.dtype) for f in unit) for unit in units]
 
 
 __all__ = [
     "PRECONDITIONER_TYPES",
     "EngineConfig",
     "LeafLayout",
+    "Stack",
     "build",
     "leaf_layouts",
     "scanned_flags",

@@ -67,8 +67,6 @@ def _scale_by_white_kron(
     dtype = jnp.dtype(dtype)
     if dtype not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32), jnp.dtype(jnp.float64)):
         raise ValueError(f"dtype must be bfloat16, float32 or float64; got {dtype.name}.")
-    if not isinstance(pipeline_axis_size, int) or pipeline_axis_size < 1:
-        raise ValueError(f"pipeline_axis_size must be a positive int; got {pipeline_axis_size!r}.")
     step = StepOptions(
         layout=LayoutOptions(
             max_size=max_size_dense,
@@ -137,8 +135,11 @@ def scale_by_quad(
       scanned_layers: bool pytree like the params (or a function of them); True marks a leaf
         whose leading axis stacks layers. Default None.
       block_size: tile size of the merged 2-D view; padding is masked. Default 256.
-      pipeline_axis_name, pipeline_axis_size: the mesh axis the block stacks are split over
-        (when the block count divides by its size) while a mesh is active. Defaults None, 1.
+      pipeline_axis_name, pipeline_axis_size: the mesh axis the block stacks are split over,
+        and its size. With a name, the state keeps one stack of blocks per layout (as eformer
+        does), padded with inert identity blocks to a multiple of ``pipeline_axis_size``; while
+        a mesh with that axis is active each device stores, fits and applies only its blocks.
+        Defaults None, 1.
       params_partition_specs: pytree of ``PartitionSpec`` for the params; the momentum and the
         updates follow it. Default None.
       noise_scale: absolute damping δ (``x + δ·ξ``); 0 fits on the momentum itself. Default 1e-9.
@@ -231,8 +232,8 @@ def get_opt_state_partition_specs(params: Any, **quad_kwargs: Any) -> Any:
 
     The tree is built from the real state (through ``jax.eval_shape``), so it matches it for
     every ``weight_decay``, including the default 0.1 (eformer's helper assumes 0 unless told).
-    Block stacks are split over ``pipeline_axis_name`` where their length divides by
-    ``pipeline_axis_size``; the momentum takes ``params_partition_specs`` (or the params' own
+    Block stacks (padded to a multiple of ``pipeline_axis_size``) are split over
+    ``pipeline_axis_name``; the momentum takes ``params_partition_specs`` (or the params' own
     shardings); everything else is replicated. ``skew`` has the same state layout.
     """
     state = jax.eval_shape(quad(**quad_kwargs).init, params)

@@ -1,9 +1,11 @@
 """Where the state of a :mod:`kron.optax` transformation lives on a device mesh.
 
-Factors and Lipschitz estimates are stacks of blocks, ``(S·B, ...)``; their leading axis is
-split over one mesh axis (eformer's ``pipeline_axis_name``, the distributed-Shampoo pattern: each
-device owns a slice of the blocks) when the block count divides evenly, and replicated otherwise.
-The momentum follows the parameters' specs. Scalars are replicated.
+With a mesh axis (``pipeline_axis_name``, the engine's ``block_axis_name``), the factors,
+Lipschitz estimates and cached preconditioners are kept as one stack of rows per plan, ``(R, ...)``
+with ``R`` padded to a multiple of the axis size, and their leading axis is split over the axis:
+each device owns ``R / axis_size`` rows (the distributed-Shampoo pattern). The momentum follows the
+parameters' specs. Scalars (count, key, counters) are replicated. Without an axis everything but
+the momentum is replicated.
 """
 
 from __future__ import annotations
@@ -16,11 +18,39 @@ from jax.sharding import PartitionSpec
 from kron.optax.state import KronState
 
 
+def check_axis_options(axis_name: Any, axis_size: Any) -> None:
+    """Validate the ``pipeline_axis_name``/``pipeline_axis_size`` pair of a constructor.
+
+    ``axis_name`` is ``None`` or a string; ``axis_size`` a positive int, and more than 1 only with
+    an axis name (a size without a name would silently shard nothing).
+    """
+    if axis_name is not None and not isinstance(axis_name, str):
+        raise ValueError(
+            f"pipeline_axis_name must be a mesh axis name (str) or None; got {axis_name!r}."
+        )
+    if isinstance(axis_size, bool) or not isinstance(axis_size, int) or axis_size < 1:
+        raise ValueError(f"pipeline_axis_size must be a positive int; got {axis_size!r}.")
+    if axis_name is None and axis_size > 1:
+        raise ValueError(
+            f"pipeline_axis_size={axis_size} needs a pipeline_axis_name (the mesh axis to split "
+            "the factor stacks over); got pipeline_axis_name=None."
+        )
+
+
 def block_spec(shape: tuple[int, ...], axis_name: str | None, axis_size: int) -> PartitionSpec:
-    """``P(axis_name, None, ...)`` for a block stack whose length divides by ``axis_size``,
-    else ``P()`` (replicated)."""
-    if axis_name is None or not shape or shape[0] % axis_size:
+    """``P(axis_name, None, ...)`` for a stack of rows, ``P()`` (replicated) without an axis.
+
+    Stacks are padded to a multiple of ``axis_size`` when they are built, so a length that does
+    not divide means the state was made with another axis size: that raises ``ValueError``.
+    """
+    if axis_name is None or not shape:
         return PartitionSpec()
+    if shape[0] % axis_size:
+        raise ValueError(
+            f"a factor stack of {shape[0]} rows cannot be split over pipeline_axis_size="
+            f"{axis_size}; the state was built with another pipeline_axis_size (stacks are "
+            "padded to a multiple of it)."
+        )
     return PartitionSpec(axis_name, *([None] * (len(shape) - 1)))
 
 
@@ -39,19 +69,19 @@ def kron_state_specs(
     """The spec of every leaf of ``state`` (arrays or ``ShapeDtypeStruct``s)."""
     replicated = PartitionSpec()
 
-    def blocks(tree: Any) -> Any:
+    def rows(tree: Any) -> Any:
         return jax.tree.map(lambda x: block_spec(tuple(x.shape), axis_name, axis_size), tree)
 
     return KronState(
         count=replicated,
         mu=mu_specs if mu_specs is not None else jax.tree.map(lambda _: replicated, state.mu),
-        factors=blocks(state.factors),
-        lipschitz=blocks(state.lipschitz),
+        factors=rows(state.factors),
+        lipschitz=rows(state.lipschitz),
         decision_total=replicated,
         needs_scale_init=replicated,
         skipped=jax.tree.map(lambda _: replicated, state.skipped),
         key=replicated,
-        cache=blocks(state.cache),
+        cache=rows(state.cache),
     )
 
 
@@ -68,20 +98,50 @@ def chain_state_specs(state: Any, axis_name: str | None, axis_size: int, mu_spec
     return jax.tree.map(spec, state, is_leaf=lambda node: isinstance(node, KronState))
 
 
-def check_mesh() -> None:
-    """Raise if the active mesh has explicit axes: the core reshapes blocks without naming output
-    shardings, which explicit sharding requires. Automatic (GSPMD) axes are supported."""
+def check_mesh(axis_name: str | None = None, axis_size: int = 1) -> None:
+    """Check the active mesh (``jax.set_mesh``) against the transformation's axis options.
+
+    No mesh: nothing to check (the transformation runs on one device, or the caller places the
+    state with ``jit`` shardings). A mesh with explicit axes raises ``NotImplementedError``: the
+    core reshapes blocks without naming output shardings, which explicit sharding requires. With
+    ``axis_name`` given, the mesh must have that axis, of size ``axis_size`` (``ValueError``).
+    """
     mesh = jax.sharding.get_abstract_mesh()
-    if not mesh.empty and mesh.explicit_axes:
+    if mesh.empty:
+        return
+    if mesh.explicit_axes:
         raise NotImplementedError(
             f"kron.optax runs under meshes with automatic axes; the active mesh has explicit axes "
             f"{mesh.explicit_axes}. Build it with axis_types=(jax.sharding.AxisType.Auto, ...)."
+        )
+    if axis_name is None:
+        return
+    if axis_name not in mesh.axis_names:
+        raise ValueError(
+            f"pipeline_axis_name={axis_name!r} is not an axis of the active mesh; its axes are "
+            f"{tuple(mesh.axis_names)}."
+        )
+    actual = mesh.shape[axis_name]
+    if actual != axis_size:
+        raise ValueError(
+            f"pipeline_axis_size={axis_size} but mesh axis {axis_name!r} has {actual} devices; "
+            f"pass pipeline_axis_size={actual}."
         )
 
 
 def _mesh_has(axis_name: str | None) -> bool:
     mesh = jax.sharding.get_abstract_mesh()
     return axis_name is not None and not mesh.empty and axis_name in mesh.axis_names
+
+
+def constrain_rows(x: Any, axis_name: str | None, dim: int = 0) -> Any:
+    """Split dimension ``dim`` of ``x`` (the leading row axis by default) over ``axis_name`` when a
+    mesh with that axis is active; otherwise return ``x`` unchanged."""
+    if not _mesh_has(axis_name):
+        return x
+    spec = [None] * x.ndim
+    spec[dim] = axis_name
+    return jax.lax.with_sharding_constraint(x, PartitionSpec(*spec))
 
 
 def constrain(state: KronState, axis_name: str | None, axis_size: int, mu_specs: Any) -> KronState:
@@ -104,9 +164,11 @@ def constrain_like_params(updates: Any, params_partition_specs: Any) -> Any:
 __all__ = [
     "block_spec",
     "chain_state_specs",
+    "check_axis_options",
     "check_mesh",
     "constrain",
     "constrain_like_params",
+    "constrain_rows",
     "kron_state_specs",
     "param_specs",
 ]

@@ -44,6 +44,9 @@ def scale_by_kron(
     preconditioner_type: str = "whitening",
     cached: bool | None = None,
     seed: int = 42,
+    pipeline_axis_name: str | None = None,
+    pipeline_axis_size: int = 1,
+    params_partition_specs: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     """PSGD-Kron preconditioning of the updates (psgdax's ``scale_by_kron`` contract).
 
@@ -79,6 +82,14 @@ def scale_by_kron(
         product per axis instead of two (more memory, fewer flops). None (default) caches when
         the update probability is a schedule or below 0.5.
       seed: seed of the PRNG key in the state. Default 42.
+      pipeline_axis_name, pipeline_axis_size: the mesh axis (eformer's names; any axis, typically
+        the data-parallel one) that the factor stacks are split over, and its size. With a name,
+        the state keeps one stack of factors per layout (``state.factors`` is a tuple of stacks,
+        not a tree like the params), padded with inert identity rows to a multiple of
+        ``pipeline_axis_size``; while a mesh with that axis is active (``jax.set_mesh``), each
+        device stores, fits and applies only its rows. Defaults None, 1 (per-leaf state).
+      params_partition_specs: ``PartitionSpec`` tree of the params; while a mesh is active the
+        momentum and the updates are pinned to it. Default None (left to the compiler).
     """
     if not whiten_grad and b1 <= 0:
         raise ValueError(f"whiten_grad=False whitens the momentum and needs b1 > 0; got {b1!r}.")
@@ -124,6 +135,9 @@ def scale_by_kron(
         lax_map_batch_size=lax_map_batch_size,
         preconditioner_type=preconditioner_type,
         cache=cached,
+        block_axis_name=pipeline_axis_name,
+        block_axis_size=pipeline_axis_size,
+        params_partition_specs=params_partition_specs,
         seed=seed,
     )
     return build(config)
