@@ -33,6 +33,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import PartitionSpec
 
 from kron.core import (
     Plan,
@@ -60,6 +61,7 @@ from kron.optax.sharding import (
     constrain,
     constrain_like_params,
     constrain_rows,
+    constrain_spec,
 )
 from kron.optax.state import KronState, leaf_key
 
@@ -371,6 +373,10 @@ def build(config: EngineConfig) -> optax.GradientTransformationExtraArgs:
             momenta, debiased = [p[0] for p in pairs], [p[1] for p in pairs]
         targets = debiased if options.whiten_momentum else layered
         applied = debiased if options.precondition_momentum else layered
+        if stacked and config.params_partition_specs is not None:
+            specs = treedef.flatten_up_to(config.params_partition_specs)
+            targets = _like_params(targets, specs, grads)
+            applied = _like_params(applied, specs, grads)
 
         def units(tree: Any) -> list[tuple[Any, ...]]:
             return [tuple(u) for u in (tree if stacked else treedef.flatten_up_to(tree))]
@@ -491,6 +497,19 @@ def build(config: EngineConfig) -> optax.GradientTransformationExtraArgs:
                 f"pipeline_axis_size={config.block_axis_size} need {expected}: the state was "
                 "built for other params or another pipeline_axis_size."
             )
+
+    def _like_params(tensors: list[Any], specs: list[Any], grads: list[Any]) -> list:
+        """Each leaf's ``(S, *layer_shape)`` tensor pinned to its param's sharding before it is
+        stacked into rows. Left unpinned, the rows' sharding propagates back into the per-leaf
+        arithmetic and the compiler reshards there: on 8 devices with replicated params that
+        took a step of the unrolled 12×256 MLP from 150 to 440 ms and its buffers from 7 to
+        50 MiB per device."""
+        # An unscanned leaf's tensor has a new leading axis of one layer; a scanned one's is the
+        # leaf's own layer axis.
+        return [
+            constrain_spec(x, spec if x.ndim == g.ndim else PartitionSpec(None, *spec))
+            for x, spec, g in zip(tensors, specs, grads)
+        ]
 
     def _constrain(state: KronState) -> KronState:
         return constrain(state, axis, config.block_axis_size, config.params_partition_specs)

@@ -144,6 +144,13 @@ def constrain_rows(x: Any, axis_name: str | None, dim: int = 0) -> Any:
     return jax.lax.with_sharding_constraint(x, PartitionSpec(*spec))
 
 
+def constrain_spec(x: Any, spec: PartitionSpec) -> Any:
+    """``x`` pinned to ``spec`` while a mesh is active; unchanged without one."""
+    if jax.sharding.get_abstract_mesh().empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, spec)
+
+
 def constrain(state: KronState, axis_name: str | None, axis_size: int, mu_specs: Any) -> KronState:
     """Pin ``state`` to its specs when a mesh with ``axis_name`` is active (``jax.set_mesh``);
     otherwise return it unchanged, so the same transformation runs on one device."""
@@ -169,6 +176,7 @@ __all__ = [
     "constrain",
     "constrain_like_params",
     "constrain_rows",
+    "constrain_spec",
     "kron_state_specs",
     "param_specs",
 ]
