@@ -98,23 +98,14 @@ def _optimizer(name: str, devices: int, scanned, specs, sharded: bool):
     return ko.quad(**options), ko.get_opt_state_partition_specs, options
 
 
-def _bytes_on(device, tree) -> int:
-    import jax
-
-    return sum(
-        shard.data.nbytes
-        for leaf in jax.tree.leaves(tree)
-        for shard in leaf.addressable_shards
-        if shard.device == device
-    )
-
-
 def _cell(model, placement, opt_name, sharded, devices, args) -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
     import optax
     from jax.sharding import NamedSharding, PartitionSpec
+
+    from kron.optax.sharding import bytes_on
 
     params, loss, width, scanned = model
     rng = np.random.default_rng(0)
@@ -150,8 +141,8 @@ def _cell(model, placement, opt_name, sharded, devices, args) -> dict:
         compile_s = time.perf_counter() - start
         memory = compiled.memory_analysis()
         device0 = mesh.devices.flat[0]
-        state_bytes = _bytes_on(device0, state)
-        param_bytes = _bytes_on(device0, params)
+        state_bytes = bytes_on(device0, state)
+        param_bytes = bytes_on(device0, params)
         for _ in range(args.warmup):
             params, state = compiled(params, state, x, y)
         jax.block_until_ready(params)

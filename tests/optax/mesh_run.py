@@ -24,6 +24,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from kron.optax import get_opt_state_partition_specs, kron, kron_partition_specs, quad
+from kron.optax.sharding import bytes_on
 
 AXIS = "dp"
 STEPS = 10
@@ -132,16 +133,6 @@ def max_relative_diff(a, b) -> float:
     return max(
         max_diff(u, v) / max(float(jnp.max(jnp.abs(jnp.asarray(v, jnp.float32)))), 1e-30)
         for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b))
-    )
-
-
-def bytes_on(device, tree) -> int:
-    """Bytes of the shards of ``tree``'s arrays that live on ``device``."""
-    return sum(
-        shard.data.nbytes
-        for leaf in jax.tree.leaves(tree)
-        for shard in leaf.addressable_shards
-        if shard.device == device
     )
 
 

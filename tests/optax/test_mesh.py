@@ -278,3 +278,12 @@ def test_state_bytes_per_device_fall_with_the_device_count(mesh_reports, optimiz
     four = mesh_reports[4][optimizer]["state_bytes_device0"]
     eight = mesh_reports[8][optimizer]["state_bytes_device0"]
     assert eight < four < unsharded / 2, (unsharded, four, eight)
+
+
+def test_bytes_on_counts_only_the_shards_on_that_device():
+    from kron.optax.sharding import bytes_on
+
+    tree = {"a": jnp.zeros((4, 3), jnp.float32), "b": [jnp.ones(5, jnp.float64)]}
+    device = jax.devices()[0]
+    assert bytes_on(device, tree) == 4 * 3 * 4 + 5 * 8
+    assert bytes_on(device, {"a": tree["a"]}) == 4 * 3 * 4

@@ -168,8 +168,20 @@ def constrain_like_params(updates: Any, params_partition_specs: Any) -> Any:
     return jax.tree.map(jax.lax.with_sharding_constraint, updates, params_partition_specs)
 
 
+def bytes_on(device: Any, tree: Any) -> int:
+    """Bytes of the shards of ``tree``'s arrays that live on ``device``: what one device of a
+    mesh holds of a params or optimizer-state tree (for the benchmarks and the mesh tests)."""
+    return sum(
+        shard.data.nbytes
+        for leaf in jax.tree.leaves(tree)
+        for shard in leaf.addressable_shards
+        if shard.device == device
+    )
+
+
 __all__ = [
     "block_spec",
+    "bytes_on",
     "chain_state_specs",
     "check_axis_options",
     "check_mesh",
