@@ -15,10 +15,13 @@ it records:
 * ``step_wall_ms``: wall time of ``optimizer.step()``, including waiting for collectives. With
   more processes than cores this is contended and not a speed figure.
 * ``state_bytes``: bytes of every tensor in the rank's ``optimizer.state``.
-* ``cost_share``: the rank's share of the cost model (``kron.torch.distributed.parameter_cost``).
+* ``cost_share``: the rank's share of the cost model (``kron.torch.distributed.parameter_cost``)
+  for the kind of step the median measures: fitting ones at p ≥ 0.5, applying ones below.
 
-Medians over the measured steps, after warm-up steps. Results go to stdout as a Markdown table and
-to ``--json``.
+Medians over the measured steps, after warm-up steps. Each cell is measured ``--repeats`` times,
+the two modes alternating, and every per-rank figure is the median over the repeats: other jobs
+on a shared machine slow whichever run they overlap, which moves a single run's ratio by up to
+±0.05. Results go to stdout as a Markdown table and to ``--json``.
 
     python benchmarks/torch_distributed.py --json benchmarks/results/torch_distributed_cpu.json
 """
@@ -26,6 +29,7 @@ to ``--json``.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -89,7 +93,9 @@ def _worker(rank, world, tmp, mode, probability, warmup, steps) -> None:
     layout, _ = opt._options(group)
     costs = [parameter_cost(tuple(p.shape), layout) for p in group["params"]]
     owners = opt.owners if mode == "sharded" else [rank] * len(costs)
-    share = sum(c for c, o in zip(costs, owners) if o == rank) / sum(costs)
+    kind = "fit" if probability >= 0.5 else "apply"  # the kind of step the median sees
+    parts = [getattr(c, kind) for c in costs]
+    share = sum(c for c, o in zip(parts, owners) if o == rank) / sum(parts)
     result = dict(
         rank=rank,
         precond_cpu_ms=statistics.median(r[0] for r in records),
@@ -111,15 +117,24 @@ def measure(world: int, mode: str, probability: float, warmup: int, steps: int) 
         return [torch.load(f"{tmp}/{r}.pt") for r in range(world)]
 
 
+def _median_over_repeats(repeats: list[list[dict]]) -> list[dict]:
+    """Per rank, the median of each figure over the repeated runs of one mode."""
+    return [
+        {key: statistics.median(run[rank][key] for run in repeats) for key in repeats[0][rank]}
+        for rank in range(len(repeats[0]))
+    ]
+
+
 def summarise(rows: list[dict]) -> list[dict]:
     """Per (world, probability): each mode's per-rank figures and sharded/replicated ratios
     (the sharded figure is the largest over ranks, the replicated one the median)."""
-    cells: dict[tuple, dict[str, list[dict]]] = {}
+    runs: dict[tuple, dict[str, list[list[dict]]]] = {}
     for row in rows:
-        cells.setdefault((row["world"], row["probability"]), {})[row["mode"]] = row["ranks"]
+        cell = runs.setdefault((row["world"], row["probability"]), {})
+        cell.setdefault(row["mode"], []).append(row["ranks"])
     out = []
-    for (world, probability), modes in sorted(cells.items()):
-        rep, sh = modes["replicated"], modes["sharded"]
+    for (world, probability), modes in sorted(runs.items()):
+        rep, sh = (_median_over_repeats(modes[mode]) for mode in MODES)
 
         def med(ranks, key):
             return statistics.median(r[key] for r in ranks)
@@ -179,6 +194,7 @@ def main() -> None:
     parser.add_argument("--probabilities", nargs="+", type=float, default=[1.0, 0.03])
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=3, help="runs per cell and mode")
     parser.add_argument("--json", default=None)
     parser.add_argument(
         "--markdown-from", default=None, help="print the table of an earlier --json file and exit"
@@ -191,11 +207,15 @@ def main() -> None:
     rows = []
     for world in args.worlds:
         for probability in args.probabilities:
-            for mode in MODES:
+            for repeat, mode in itertools.product(range(args.repeats), MODES):
                 ranks = measure(world, mode, probability, args.warmup, args.steps)
-                rows.append(dict(world=world, probability=probability, mode=mode, ranks=ranks))
+                rows.append(
+                    dict(
+                        world=world, probability=probability, mode=mode, repeat=repeat, ranks=ranks
+                    )
+                )
                 print(
-                    f"world {world} p {probability:g} {mode}: "
+                    f"world {world} p {probability:g} {mode} (run {repeat + 1}): "
                     + ", ".join(
                         f"rank {r['rank']} precond {r['precond_cpu_ms']:.1f} ms "
                         f"state {r['state_bytes'] / 2**20:.2f} MiB"

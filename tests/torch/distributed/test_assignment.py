@@ -1,4 +1,4 @@
-"""Owner assignment: the cost model and the greedy balancing (no processes needed)."""
+"""Owner assignment: the cost model and the balanced packing (no processes needed)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import random
 import pytest
 
 from kron.core import LayoutOptions
-from kron.torch.distributed import assign_owners, parameter_cost
+from kron.torch.distributed import Cost, assign_owners, parameter_cost
+from kron.torch.distributed.assignment import CALL_OVERHEAD, PARAM_OVERHEAD
 
 # kron.torch.Kron's default layout: dense factors up to 8192, only for tensors of 2+ axes.
 KRON_LAYOUT = LayoutOptions(max_size=8192, max_skew=math.inf, min_ndim_dense=2)
@@ -21,19 +22,30 @@ def _loads(costs, owners, world):
     return loads
 
 
-def test_cost_model_counts_fit_and_application_of_dense_factors_and_diagonals():
-    # Two dense factors: d³ per factor for the fit, numel·Σd for applying both.
-    assert parameter_cost((128, 512), KRON_LAYOUT) == 128**3 + 512**3 + 128 * 512 * (128 + 512)
-    # A vector gets a diagonal factor: one pass over its entries.
-    assert parameter_cost((512,), KRON_LAYOUT) == 512
-    # max_skew=1 makes the long side diagonal: 128³ + numel·128 for the dense side, numel for
-    # the diagonal one.
+def test_cost_model_counts_each_kind_of_step_for_dense_factors_and_diagonals():
+    numel = 128 * 512
+
+    def cost(fit, apply):  # every parameter also pays its share of a batched call
+        return Cost(fit + PARAM_OVERHEAD.fit, apply + PARAM_OVERHEAD.apply)
+
+    # Two dense factors: fitting costs d³ + 2·numel·d per factor, applying numel·d per factor.
+    assert parameter_cost((128, 512), KRON_LAYOUT) == cost(
+        128**3 + 512**3 + 2 * numel * (128 + 512), numel * (128 + 512)
+    )
+    # A vector gets a diagonal factor: one pass over its entries on either kind of step.
+    assert parameter_cost((512,), KRON_LAYOUT) == cost(512, 512)
+    # max_skew=1 makes the long side diagonal.
     skew = LayoutOptions(max_size=8192, max_skew=1.0, min_ndim_dense=2)
-    assert parameter_cost((128, 512), skew) == 128**3 + 65536 * 128 + 65536
+    assert parameter_cost((128, 512), skew) == cost(
+        128**3 + 2 * numel * 128 + numel, numel * 128 + numel
+    )
     # Blocks each cost their own: a 1000-long axis cut in blocks of 256 -> 4 blocks of 256×8.
     blocked = LayoutOptions(max_size=8192, max_skew=math.inf, min_ndim_dense=2, block_size=256)
-    assert parameter_cost((1000, 8), blocked) == 4 * (256**3 + 8**3 + 2048 * (256 + 8))
-    assert parameter_cost((1,), KRON_LAYOUT) >= 1  # nothing costs zero
+    block = 256 * 8
+    assert parameter_cost((1000, 8), blocked) == cost(
+        4 * (256**3 + 8**3 + 2 * block * (256 + 8)), 4 * block * (256 + 8)
+    )
+    assert min(parameter_cost((1,), KRON_LAYOUT)) > 0  # nothing costs zero
 
 
 def test_one_expensive_parameter_is_balanced_against_many_cheap_ones():
@@ -52,16 +64,30 @@ def test_call_overhead_keeps_cheap_same_shape_parameters_in_few_batched_calls():
     def calls(owners):  # batched calls of bias shapes, over all ranks
         return len({(k, o) for k, o in zip(buckets, owners) if k != "w"})
 
-    # Without the overhead every rank gets biases of every shape: 12 calls; with it, 4 (one
-    # shape is split so that the least-loaded rank takes a share), and the big ones still
-    # spread one per rank.
-    assert calls(assign_owners(costs, 4, buckets=buckets)) == 12
+    # Without an overhead the loads are split exactly evenly (106 each), which takes 6 bias
+    # calls; with one, each bias shape stays whole on one rank: 3 calls instead of up to 12.
+    # Either way the big ones spread one per rank.
+    even = assign_owners(costs, 4, buckets=buckets)
+    assert _loads(costs, even, 4) == [106.0] * 4 and calls(even) == 6
     clustered = assign_owners(costs, 4, buckets=buckets, overhead=10.0)
-    assert calls(clustered) == 4
-    assert sorted(clustered[:4]) == [0, 1, 2, 3]
+    assert calls(clustered) == 3
+    assert sorted(even[:4]) == sorted(clustered[:4]) == [0, 1, 2, 3]
 
 
-def test_greedy_balance_is_within_one_largest_cost_of_the_mean():
+def test_both_kinds_of_step_are_balanced():
+    # Per parameter (fit, apply): "f" is expensive to fit and cheap to apply, "a" the reverse.
+    # Balancing only the fit would put both "a" on the rank without an "f" ...
+    costs = [(90.0, 1.0)] * 2 + [(10.0, 50.0)] * 2
+    loads = [(0.0, 0.0), (0.0, 0.0)]
+    owners = assign_owners(costs, 2, loads)
+    # ... balancing both gives each rank one of each.
+    assert sorted(owners[:2]) == [0, 1] and sorted(owners[2:]) == [0, 1]
+    assert loads == [(100.0, 51.0), (100.0, 51.0)]
+    with pytest.raises(ValueError, match="a cost has 1 kinds of step; expected 2"):
+        assign_owners([(1.0, 2.0), (1.0,)], 2)
+
+
+def test_balance_is_within_one_largest_cost_of_the_mean():
     rng = random.Random(0)
     for world in (2, 3, 4, 8):
         for _ in range(50):
@@ -71,15 +97,22 @@ def test_greedy_balance_is_within_one_largest_cost_of_the_mean():
             assert math.isclose(sum(loads), sum(costs))
 
 
-def test_transformer_layers_split_into_near_equal_shares_over_4_ranks():
+def test_transformer_layers_split_into_near_equal_shares_of_both_kinds_over_4_ranks():
     # The 4-layer d=128 encoder LM of benchmarks/torch_step.py (per layer: attention in/out
     # projections, two feed-forward matrices, biases and norms), plus embeddings and head.
     layer = [(384, 128), (384,), (128, 128), (128,), (512, 128), (512,), (128, 512), (128,)]
     layer += [(128,)] * 4
     shapes = [(128, 128), (64, 128), *layer * 4, (128, 128), (128,)]
     costs = [parameter_cost(s, KRON_LAYOUT) for s in shapes]
-    loads = _loads(costs, assign_owners(costs, 4), 4)
-    assert max(loads) / sum(costs) < 0.27  # 0.25 is a perfect split
+    owners = assign_owners(costs, 4, buckets=shapes, overhead=CALL_OVERHEAD)
+    replicated = [sum(c[k] for c in costs) + CALL_OVERHEAD[k] * len(set(shapes)) for k in range(2)]
+    for k in range(2):  # fitting steps, then applying steps; 0.25 is a perfect split
+        loads = [0.0] * 4
+        for rank in range(4):
+            mine = [i for i, o in enumerate(owners) if o == rank]
+            calls = len({shapes[i] for i in mine})
+            loads[rank] = sum(costs[i][k] for i in mine) + CALL_OVERHEAD[k] * calls
+        assert max(loads) / replicated[k] < 0.29
 
 
 def test_assignment_is_deterministic_ties_go_to_the_lowest_rank_and_loads_carry_over():

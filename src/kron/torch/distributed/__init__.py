@@ -9,12 +9,13 @@
   any world size.
 """
 
-from kron.torch.distributed.assignment import assign_owners, parameter_cost
+from kron.torch.distributed.assignment import Cost, assign_owners, parameter_cost
 from kron.torch.distributed.checkpoint import load_template
 from kron.torch.distributed.optimizer import DistributedKron
 from kron.torch.distributed.replicas import broadcast_state
 
 __all__ = [
+    "Cost",
     "DistributedKron",
     "assign_owners",
     "broadcast_state",

@@ -69,7 +69,8 @@ class DistributedKron(Kron):
 
     A drop-in for :class:`kron.torch.Kron` in a data-parallel script: build it on every rank
     with the same parameters and options. Each parameter is owned by one rank, chosen by
-    :func:`~kron.torch.distributed.assignment.assign_owners` (greedy longest-processing-time on
+    :func:`~kron.torch.distributed.assignment.assign_owners` (same-shape parameters packed
+    together so that both fitting and applying steps are balanced, by
     :func:`~kron.torch.distributed.assignment.parameter_cost`); the owner alone holds the
     parameter's state (Q, L, cache, momentum) and computes its update, then every rank receives
     the new values. All ranks end each step with identical parameters.
@@ -117,7 +118,7 @@ class DistributedKron(Kron):
         self.rank = dist.get_rank(self.process_group)
         self.world_size = dist.get_world_size(self.process_group)
         self._ranks = group_ranks(self.process_group)
-        self._loads = [0.0] * self.world_size
+        self._loads = [(0.0, 0.0)] * self.world_size  # (fit, apply) per rank
         self._owner_of: dict[int, int] = {}
         self._specs: dict[int, ShardSpec | None] = {}
         self._chunks: list[list[list[_Entry]]] | None = None
