@@ -1,0 +1,77 @@
+"""Delayed XOR: which Kron settings leave the plateau?
+
+``kron bench`` (docs/benchmarks.md) solves the delayed XOR at L = 32 on 2 of 5 seeds with
+``kron.torch.Kron`` at its defaults (momentum 0.9; update probability 1 for 500 steps, then
+decaying to 0.03), while every failing seed sits at the chance loss for the whole budget. This
+script runs the suite's own task (``kron.bench.tasks``: the same model, batches and success rule,
+the mean training loss over 20 steps below 0.1) with the defaults and with the variants below, and
+prints the step each seed succeeds at.
+
+    python benchmarks/xor_settings.py --length 32 --seeds 5
+    python benchmarks/xor_settings.py --length 64 --variants b0 p1_b0
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from concurrent.futures import ProcessPoolExecutor
+
+import torch
+
+from kron.bench.tasks.recurrent import DelayedXor
+from kron.torch import Kron
+
+# name: (label, options given to Kron on top of its defaults)
+VARIANTS = {
+    "defaults": ("defaults", {}),
+    "p1": ("p = 1", dict(preconditioner_update_probability=1.0)),
+    "b0": ("no momentum", dict(b1=0.0)),
+    "p1_b0": ("p = 1, no momentum", dict(preconditioner_update_probability=1.0, b1=0.0)),
+}
+
+
+def steps_to_target(length: int, seed: int, variant: str, budget: int) -> int | None:
+    """The step at which the mean training loss over 20 steps first falls below 0.1."""
+    torch.set_num_threads(1)
+    problem = DelayedXor(seed, length)
+    opt = Kron(problem.parameters, seed=seed, **VARIANTS[variant][1])
+    window = []
+    for step in range(budget):
+        opt.zero_grad()
+        loss = problem.loss(step)
+        loss.backward()
+        opt.step()
+        window.append(loss.item())
+        if len(window) == 20:
+            if sum(window) / 20 < 0.1:
+                return step + 1
+            window = []
+    return None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--length", type=int, default=32)
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=10_000)
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    parser.add_argument("--jobs", type=int, default=2, help="processes (one torch thread each)")
+    args = parser.parse_args()
+    cells = [(v, s) for v in args.variants for s in range(args.seeds)]
+    with ProcessPoolExecutor(args.jobs) as pool:
+        jobs = [(args.length, s, v, args.steps) for v, s in cells]
+        solved = dict(zip(cells, pool.map(steps_to_target, *zip(*jobs))))
+    seeds = range(args.seeds)
+    print(f"| L = {args.length} | " + " | ".join(f"seed {s}" for s in seeds) + " | solved |")
+    print("|---" * (args.seeds + 2) + "|")
+    for variant in args.variants:
+        row = [solved[(variant, s)] for s in seeds]
+        steps = " | ".join("–" if r is None else str(r) for r in row)
+        count = sum(r is not None for r in row)
+        print(f"| {VARIANTS[variant][0]} | {steps} | {count}/{args.seeds} |")
+    print(json.dumps({f"{v}/seed {s}": r for (v, s), r in solved.items()}))
+
+
+if __name__ == "__main__":
+    main()
