@@ -29,8 +29,8 @@ total: a bucket goes whole to the fullest rank that can take all of it, otherwis
 parameters as fit go to the rank that takes most, and the rest continue; a parameter that fits
 nowhere goes to the least loaded rank. Packing is repeated for capacities from ``1/W`` up to
 ``2/W`` (steps of 5%, then of 0.5% around the best) and the assignment whose largest share is
-smallest is kept. Keeping buckets whole is what
-balances the steps that do not fit, where each call's fixed cost is a large part of the work.
+smallest is kept. Keeping buckets whole is what balances the steps that do not fit, where each
+call's fixed cost is a large part of the work.
 """
 
 from __future__ import annotations
@@ -149,21 +149,24 @@ def assign_owners(
     ]
     scale = [1.0 / t if t > 0 else 0.0 for t in totals]
     packing = _Packing(rows, extra, scale, start, list(members.values()))
-    best: tuple[float, float, list[int], list[list[float]]] | None = None
     coarse = [1.0 + j * _COARSE_STEP for j in range(round(1 / _COARSE_STEP) + 1)]
-    for multiples in (coarse, None):
-        if multiples is None:  # refine around the coarse pass's best
-            centre, half = best[1], round(_COARSE_STEP / _FINE_STEP)
-            multiples = [centre + j * _FINE_STEP for j in range(-half, half + 1)]
-        for multiple in multiples:
-            owners, final = packing.run(max(multiple, 1.0) / world_size)
-            peak = max(packing.share(load) for load in final)
-            if best is None or peak < best[0] - 1e-12:
-                best = (peak, multiple, owners, final)
-    _, _, owners, final = best
+    best = packing.best(coarse, world_size)
+    half = round(_COARSE_STEP / _FINE_STEP)
+    fine = [best.multiple + j * _FINE_STEP for j in range(-half, half + 1)]
+    best = packing.best(fine, world_size, best)
+    owners, final = best.owners, best.loads
     for rank, load in enumerate(final):
         loads[rank] = load[0] if scalar else tuple(load)
     return owners
+
+
+class _Attempt(NamedTuple):
+    """One packing: its largest share, the capacity (as a multiple of 1/W), owners, loads."""
+
+    peak: float
+    multiple: float
+    owners: list[int]
+    loads: list[list[float]]
 
 
 class _Packing:
@@ -182,6 +185,18 @@ class _Packing:
     def share(self, load: Sequence[float]) -> float:
         """The largest share of its kind's total that ``load`` represents."""
         return max(part * s for part, s in zip(load, self.scale))
+
+    def best(
+        self, multiples: Sequence[float], world_size: int, incumbent: _Attempt | None = None
+    ) -> _Attempt:
+        """The first packing with the smallest largest share among ``incumbent`` and capacities
+        ``multiple / world_size`` (multiples below 1 count as 1)."""
+        for multiple in multiples:
+            owners, loads = self.run(max(multiple, 1.0) / world_size)
+            peak = max(self.share(load) for load in loads)
+            if incumbent is None or peak < incumbent.peak - 1e-12:
+                incumbent = _Attempt(peak, multiple, owners, loads)
+        return incumbent
 
     def run(self, capacity: float) -> tuple[list[int], list[list[float]]]:
         ranks = range(len(self.start))
