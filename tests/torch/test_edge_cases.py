@@ -107,6 +107,50 @@ def test_stacked_state_cache_stays_bounded_and_sees_replaced_entries():
     torch.testing.assert_close(opt.state[params[0]]["factors"][0][0], 7 * torch.eye(4))
 
 
+def test_state_updated_in_place_matches_state_restacked_every_step():
+    """Steady-state steps copy into the remembered stack; forcing a fresh stack on every step
+    (each entry replaced by a copy) must give bit-identical parameters and state."""
+
+    def run(restack: bool) -> tuple[list[torch.Tensor], dict]:
+        torch.manual_seed(0)
+        params = [nn.Parameter(torch.randn(6, 5)) for _ in range(3)] + [
+            nn.Parameter(torch.randn(5))
+        ]
+        opt = Kron(params, lr=0.05, preconditioner_update_probability=0.3, seed=3)
+        for step in range(25):
+            gen = torch.Generator().manual_seed(step)
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+            if restack:
+                for state in opt.state.values():
+                    for key in ("factors", "lipschitz", "cache"):
+                        state[key] = [t.clone() for t in state[key]]
+                    state["momentum"] = state["momentum"].clone()
+        return [p.detach().clone() for p in params], opt.state_dict()["state"]
+
+    (fast, fast_state), (slow, slow_state) = run(False), run(True)
+    assert all(torch.equal(a, b) for a, b in zip(fast, slow))
+    for index, entry in fast_state.items():
+        for key in ("factors", "cache"):
+            assert all(torch.equal(a, b) for a, b in zip(entry[key], slow_state[index][key]))
+        assert torch.equal(entry["momentum"], slow_state[index]["momentum"])
+
+
+def test_in_place_edits_of_state_are_seen_by_the_next_step():
+    p = nn.Parameter(torch.ones(4, 4))
+    opt = Kron([p], lr=0.1, preconditioner_update_probability=1e-6, seed=0)
+    for _ in range(3):
+        p.grad = torch.ones(4, 4)
+        opt.step()
+    held = opt.state[p]["momentum"]
+    held.zero_()
+    p.grad = torch.zeros(4, 4)
+    opt.step()  # zero gradient into zeroed momentum: nothing moves
+    assert torch.equal(opt.state[p]["momentum"], torch.zeros(4, 4))
+    assert opt.state[p]["momentum"] is held  # the step wrote into the tensor the user holds
+
+
 def test_rejected_param_group_leaves_the_optimizer_unchanged():
     a, b = nn.Parameter(torch.ones(2)), nn.Parameter(torch.ones(2))
     opt = Kron([a])

@@ -80,6 +80,10 @@ def _entries(state: dict[str, Any]) -> tuple:
     return (*state["factors"], *state["lipschitz"], *state["cache"], state["momentum"])
 
 
+def _flat(state: TensorState) -> tuple:
+    return (*state.factors, *state.lipschitz, *state.cache, state.momentum)
+
+
 def _same_entries(state: dict[str, Any], remembered: tuple) -> bool:
     current = _entries(state)
     return len(current) == len(remembered) and all(a is b for a, b in zip(current, remembered))
@@ -688,6 +692,9 @@ class Kron(torch.optim.Optimizer):
             new = select_state(finite, new, old, plan.num_blocks, OPS)
             y = y * finite.view(count.shape).to(dtype)
         self._update_params(group, params, y, finite, all_finite)
+        if all_finite and not group["mars"] and self._store_in_place(bucket, old, new):
+            torch._foreach_add_([state["count"] for state in states], 1.0)
+            return
         self._write_back(gi, group, members, states, plan, new, clipped_grads, finite, all_finite)
         self._remember_stack(bucket, indices, states, new, dtype)
 
@@ -787,6 +794,21 @@ class Kron(torch.optim.Optimizer):
             if all(s["cache"] for s in states)
             else (),
         )
+
+    def _store_in_place(self, bucket: tuple, old: TensorState, new: TensorState) -> bool:
+        """Copy ``new`` into ``old`` when ``old`` is the bucket's remembered stack and has the same
+        tensors: every parameter's state entries are views into it, so they then hold the new
+        values with no per-parameter work (on the LM benchmark that per-parameter work is about a
+        tenth of a step that only applies P). False, storing nothing, when the views must be
+        rebuilt (the stack was made afresh, or the cache appeared)."""
+        remembered = self._stacks.get(bucket)
+        if remembered is None or remembered[2] is not old or len(new.cache) != len(old.cache):
+            return False
+        changed = [(o, n) for o, n in zip(_flat(old), _flat(new)) if o is not n]
+        if changed:
+            targets, values = zip(*changed)
+            torch._foreach_copy_(list(targets), list(values))
+        return True
 
     def _remember_stack(self, bucket, indices, states, new, dtype) -> None:
         """One remembered stack per bucket; it is dropped when momentum is stored in another
