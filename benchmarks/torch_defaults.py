@@ -46,7 +46,7 @@ def digits_loss(options: dict, lr: float, seed: int, steps: int = 300) -> float:
 
 
 def main() -> None:
-    from torch_step import time_steps
+    from torch_step import time_cell
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, default=3)
@@ -66,15 +66,17 @@ def main() -> None:
             }
             best_lr = min(by_lr, key=by_lr.get)
             speed = {
-                p: time_steps(
+                p: time_cell(
                     "mlp",
-                    lambda ps, p=p, options=options: Kron(
-                        ps, preconditioner_update_probability=p, **options
-                    ),
+                    {
+                        "kron": lambda ps, p=p, options=options: Kron(
+                            ps, preconditioner_update_probability=p, **options
+                        )
+                    },
                     10,
                     34,
                     3,
-                )[0]
+                )["kron"][0]
                 for p in (1.0, 0.03)
             }
             rows.append(

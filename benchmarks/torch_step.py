@@ -4,8 +4,8 @@ Every optimizer runs in this one process on the same model and the same batches.
 (model, update probability, optimizer) cell the script times ``optimizer.step()`` alone (forward
 and backward are identical across optimizers and are excluded) over ``--steps`` steps after
 ``--warmup`` steps (which absorb the peers' torch.compile), and reports the median over
-``--repeats`` such windows, plus the bytes of optimizer state. Results go to stdout as a Markdown
-table and to ``--json``.
+``--repeats`` such windows, taken in turn across the cell's optimizers, plus the bytes of
+optimizer state. Results go to stdout as a Markdown table and to ``--json``.
 
     python benchmarks/torch_step.py --json benchmarks/results/torch_step_cpu.json
 """
@@ -105,26 +105,45 @@ def optimizers(probability: float) -> dict[str, Callable]:
     }
 
 
-def time_steps(
-    model_name: str, make_opt: Callable, warmup: int, steps: int, repeats: int
-) -> tuple[float, int]:
-    build, loss_fn = MODELS[model_name]
-    torch.manual_seed(0)
-    model = build()
-    opt = make_opt(list(model.parameters()))
-    windows, step = [], 0
-    for window in range(repeats + 1):
+class _Run:
+    """One optimizer on its own copy of the model, stepping through the shared batches."""
+
+    def __init__(self, model_name: str, make_opt: Callable) -> None:
+        build, self.loss_fn = MODELS[model_name]
+        torch.manual_seed(0)
+        self.model = build()
+        self.opt = make_opt(list(self.model.parameters()))
+        self.step = 0
+
+    def steps(self, count: int) -> float:
+        """Take ``count`` steps; the milliseconds per ``optimizer.step()``."""
         elapsed = 0.0
-        for _ in range(warmup if window == 0 else steps):
-            opt.zero_grad()
-            loss_fn(model, step).backward()
+        for _ in range(count):
+            self.opt.zero_grad()
+            self.loss_fn(self.model, self.step).backward()
             started = time.perf_counter()
-            opt.step()
+            self.opt.step()
             elapsed += time.perf_counter() - started
-            step += 1
-        if window:
-            windows.append(1000 * elapsed / steps)
-    return statistics.median(windows), state_bytes(opt)
+            self.step += 1
+        return 1000 * elapsed / count
+
+
+def time_cell(
+    model_name: str, makers: dict[str, Callable], warmup: int, steps: int, repeats: int
+) -> dict[str, tuple[float, int]]:
+    """``{name: (median ms per step, state bytes)}`` for one (model, probability) cell. Windows
+    are taken in turn across the optimizers, so a change in the machine's load between windows
+    reaches every optimizer alike instead of skewing the ratios."""
+    runs = {name: _Run(model_name, make) for name, make in makers.items()}
+    for run in runs.values():
+        run.steps(warmup)
+    windows: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            windows[name].append(run.steps(steps))
+    return {
+        name: (statistics.median(windows[name]), state_bytes(run.opt)) for name, run in runs.items()
+    }
 
 
 def markdown(rows: list[dict]) -> str:
@@ -170,10 +189,13 @@ def main() -> None:
     rows = []
     for model_name in args.models:
         for probability in args.probabilities:
-            for name, make in optimizers(probability).items():
-                if args.only and name not in args.only:
-                    continue
-                ms, nbytes = time_steps(model_name, make, args.warmup, args.steps, args.repeats)
+            makers = {
+                name: make
+                for name, make in optimizers(probability).items()
+                if not args.only or name in args.only
+            }
+            cell = time_cell(model_name, makers, args.warmup, args.steps, args.repeats)
+            for name, (ms, nbytes) in cell.items():
                 rows.append(
                     dict(
                         model=model_name,
