@@ -28,7 +28,6 @@ from kron.core import (
     FitOptions,
     LayoutOptions,
     StepOptions,
-    TensorState,
     accumulator_decision,
     balance,
     bernoulli_decision,
@@ -56,6 +55,7 @@ from kron.torch.functional import (
     stochastic_round,
     uniform_for,
 )
+from kron.torch.stacks import StateStacks
 
 PRECONDITIONER_TYPES = ("whitening", "newton")
 HVP_METHODS = ("double_backward", "finite_difference")
@@ -73,20 +73,6 @@ class _Decision(NamedTuple):
     fit: bool
     probability: float
     total: float
-
-
-def _entries(state: dict[str, Any]) -> tuple:
-    """A parameter's stacked-state tensors, as objects (kept alive, so identity is reliable)."""
-    return (*state["factors"], *state["lipschitz"], *state["cache"], state["momentum"])
-
-
-def _flat(state: TensorState) -> tuple:
-    return (*state.factors, *state.lipschitz, *state.cache, state.momentum)
-
-
-def _same_entries(state: dict[str, Any], remembered: tuple) -> bool:
-    current = _entries(state)
-    return len(current) == len(remembered) and all(a is b for a, b in zip(current, remembered))
 
 
 # Group options that feed the core's option records; the others are read on every step.
@@ -317,7 +303,7 @@ class Kron(torch.optim.Optimizer):
         self._streams = Streams()
         self._masks: dict[Any, torch.Tensor] = {}
         self._records: dict[tuple, tuple[LayoutOptions, StepOptions]] = {}
-        self._stacks: dict[tuple, tuple[list, TensorState]] = {}
+        self._stacks = StateStacks()
         super().__init__(params, defaults)
 
     # -- param groups and validation -----------------------------------------------------------
@@ -665,7 +651,7 @@ class Kron(torch.optim.Optimizer):
             grads = grads + group["weight_decay"] * stack([p.detach() for p in params]).to(dtype)
         bucket = (gi, tuple(plan.shape), dtype, grads.device)
         indices = tuple(index for index, _ in members)
-        old = self._stacked_state(bucket, indices, states, plan, dtype)
+        old = self._stacks.gather(bucket, indices, states, plan.order, dtype)
         count = stack([s["count"] for s in states]).view(-1, *[1] * len(plan.shape))
         fit_inputs = self._fit_inputs(gi, group, members, plan, dtype, do_fit, probes, hvps)
         step_fn = self._compiled_step(plan, options, do_fit, size, dtype, grads.device)
@@ -692,11 +678,11 @@ class Kron(torch.optim.Optimizer):
             new = select_state(finite, new, old, plan.num_blocks, OPS)
             y = y * finite.view(count.shape).to(dtype)
         self._update_params(group, params, y, finite, all_finite)
-        if all_finite and not group["mars"] and self._store_in_place(bucket, old, new):
+        if all_finite and not group["mars"] and self._stacks.store_in_place(bucket, old, new):
             torch._foreach_add_([state["count"] for state in states], 1.0)
             return
         self._write_back(gi, group, members, states, plan, new, clipped_grads, finite, all_finite)
-        self._remember_stack(bucket, indices, states, new, dtype)
+        self._stacks.remember(bucket, indices, states, new, dtype)
 
     def _update_params(self, group, params, y, finite, all_finite) -> None:
         """``θ ← θ·(1 - lr·wd) - lr·y`` in each parameter's own dtype (a float64 parameter is
@@ -774,49 +760,6 @@ class Kron(torch.optim.Optimizer):
                 stacked = stack([source[id(p)] for _, p in members]).to(dtype)
                 inputs[key] = plan.to_blocks(stacked, OPS, stacked=True)
         return inputs
-
-    def _stacked_state(self, bucket, indices, states, plan, dtype) -> TensorState:
-        """The bucket's state stacked along axis 0. Per-parameter state entries are views into the
-        previous step's stacked tensors; while the same parameters step and every entry is still
-        that view, those tensors are reused; otherwise (a checkpoint was loaded, state was
-        edited, a parameter had no gradient) they are stacked afresh."""
-        remembered = self._stacks.get(bucket)
-        if remembered is not None and remembered[0] == indices:
-            _, entries, stacked = remembered
-            if all(_same_entries(s, entry) for s, entry in zip(states, entries)):
-                return stacked
-        order = plan.order
-        return TensorState(
-            tuple(concat([s["factors"][i] for s in states]) for i in range(order)),
-            tuple(concat([s["lipschitz"][i] for s in states]) for i in range(order)),
-            stack([s["momentum"] for s in states]).to(dtype),
-            tuple(concat([s["cache"][i] for s in states]) for i in range(order))
-            if all(s["cache"] for s in states)
-            else (),
-        )
-
-    def _store_in_place(self, bucket: tuple, old: TensorState, new: TensorState) -> bool:
-        """Copy ``new`` into ``old`` when ``old`` is the bucket's remembered stack and has the same
-        tensors: every parameter's state entries are views into it, so they then hold the new
-        values with no per-parameter work (on the LM benchmark that per-parameter work is about a
-        tenth of a step that only applies P). False, storing nothing, when the views must be
-        rebuilt (the stack was made afresh, or the cache appeared)."""
-        remembered = self._stacks.get(bucket)
-        if remembered is None or remembered[2] is not old or len(new.cache) != len(old.cache):
-            return False
-        changed = [(o, n) for o, n in zip(_flat(old), _flat(new)) if o is not n]
-        if changed:
-            targets, values = zip(*changed)
-            torch._foreach_copy_(list(targets), list(values))
-        return True
-
-    def _remember_stack(self, bucket, indices, states, new, dtype) -> None:
-        """One remembered stack per bucket; it is dropped when momentum is stored in another
-        dtype (the stored, rounded values must be restacked)."""
-        if states[0]["momentum"].dtype != dtype:
-            self._stacks.pop(bucket, None)
-            return
-        self._stacks[bucket] = (indices, [_entries(s) for s in states], new)
 
     def _write_back(self, gi, group, members, states, plan, new, clipped_grads, finite, all_finite):
         """Store each parameter's slice of the stacked state."""
