@@ -1,12 +1,13 @@
 """The machinery behind every :mod:`kron.optax` transformation.
 
-Leaves are laid out by :func:`kron.core.make_plan`; a leaf flagged as scanned contributes its
-leading axis as ``S`` stacked layers, each with its own factors and statistics. Leaves (and layers)
-that share a plan are fitted as one stack, so a model with ten ``256×256`` weights traces one
-batched fit instead of ten: the traced fit, and so the compile time, grows with the number of
-distinct shapes, not of leaves. Scanned stacks may instead be fitted with ``lax.map`` in chunks of
-``lax_map_batch_size`` layers, which trades speed for peak memory; both paths compute the same
-numbers. The momentum and ``P·m`` run leaf by leaf, outside the ``lax.cond`` of the fit.
+Leaves are grouped into stacks by :mod:`kron.optax.stacks`; a leaf flagged as scanned
+contributes its leading axis as ``S`` stacked layers, each with its own factors and statistics.
+Leaves (and layers) that share a plan are fitted as one stack, so a model with ten ``256×256``
+weights traces one batched fit instead of ten: the traced fit, and so the compile time, grows
+with the number of distinct shapes, not of leaves. Scanned stacks may instead be fitted with
+``lax.map`` in chunks of ``lax_map_batch_size`` layers, which trades speed for peak memory; both
+paths compute the same numbers. The momentum and ``P·m`` run leaf by leaf, outside the
+``lax.cond`` of the fit.
 
 Where the factors live depends on ``EngineConfig.block_axis_name``:
 
@@ -28,7 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -47,7 +48,6 @@ from kron.core import (
     get_ops,
     init_factors,
     init_lipschitz,
-    make_plan,
     precondition,
     scale_from_moments,
     select_state,
@@ -62,6 +62,16 @@ from kron.optax.sharding import (
     constrain_like_params,
     constrain_rows,
     constrain_spec,
+)
+from kron.optax.stacks import (
+    LeafLayout,
+    Stack,
+    concat_rows,
+    leaf_layouts,
+    pad_rows,
+    scanned_flags,
+    split_rows,
+    stacks_of,
 )
 from kron.optax.state import KronState, leaf_key
 
@@ -175,108 +185,6 @@ class EngineConfig:
         return self.block_axis_size if self.stacked_state else 1
 
 
-class LeafLayout(NamedTuple):
-    """How one leaf is preconditioned: ``layers`` stacked copies of ``plan``."""
-
-    plan: Plan
-    layers: int
-
-    @property
-    def blocks(self) -> int:
-        return self.layers * self.plan.num_blocks
-
-
-def scanned_flags(scanned_layers: Any, tree: Any) -> list[bool]:
-    """One bool per leaf of ``tree`` from a bool pytree or a function returning one."""
-    count = len(jax.tree.leaves(tree))
-    if scanned_layers is None:
-        return [False] * count
-    flags_tree = scanned_layers(tree) if callable(scanned_layers) else scanned_layers
-    try:
-        flags = jax.tree.leaves(jax.tree.map(lambda _, flag: bool(flag), tree, flags_tree))
-    except (ValueError, TypeError) as error:
-        raise ValueError(
-            "scanned_layers must be a pytree of bools with the structure of the params (or a "
-            f"function of the params returning one): {error}"
-        ) from None
-    return flags
-
-
-def leaf_layouts(leaves: list[Any], flags: list[bool], config: EngineConfig) -> list[LeafLayout]:
-    layouts = []
-    for leaf, scanned in zip(leaves, flags):
-        shape = tuple(leaf.shape)
-        if scanned and not shape:
-            raise ValueError("a scanned leaf needs a leading layer axis; got a scalar leaf.")
-        layer_shape = shape[1:] if scanned else shape
-        plan = make_plan(layer_shape, config.step.layout)
-        layouts.append(LeafLayout(plan, shape[0] if scanned else 1))
-    return layouts
-
-
-class Stack(NamedTuple):
-    """Leaves that share one plan, fitted as one stack of blocks.
-
-    ``members`` are leaf indices (flatten order) and ``layers`` their layer counts; member ``k``
-    owns the next ``layers[k]·B`` rows. The ``real_rows`` blocks are stored in ``rows`` rows: when
-    the state is sharded, the stack is padded to a multiple of the axis size with inert rows
-    (identity factors, zero inputs, outputs dropped, state never kept) so that it splits evenly.
-    """
-
-    plan: Plan
-    members: tuple[int, ...]
-    layers: tuple[int, ...]
-    rows: int
-
-    @property
-    def blocks(self) -> list[int]:
-        """Rows of each member."""
-        return [n * self.plan.num_blocks for n in self.layers]
-
-    @property
-    def real_rows(self) -> int:
-        return sum(self.blocks)
-
-    @property
-    def padding(self) -> int:
-        return self.rows - self.real_rows
-
-
-def stacks_of(layouts: list[LeafLayout], multiple: int = 1) -> list[Stack]:
-    """Leaves grouped by plan, in order of first appearance (a stack's index, folded into its
-    random keys, is its position here); rows padded up to a multiple of ``multiple``."""
-    members: dict[Plan, list[int]] = {}
-    for index, layout in enumerate(layouts):
-        members.setdefault(layout.plan, []).append(index)
-    stacks = []
-    for plan, indices in members.items():
-        layers = tuple(layouts[i].layers for i in indices)
-        real = sum(layers) * plan.num_blocks
-        stacks.append(Stack(plan, tuple(indices), layers, -(-real // multiple) * multiple))
-    return stacks
-
-
-def _concat(arrays: list[Any]) -> Any:
-    return arrays[0] if len(arrays) == 1 else jnp.concatenate(arrays)
-
-
-def _pad_rows(x: Any, padding: int, value: float = 0.0) -> Any:
-    """``x`` with ``padding`` more rows of ``value`` at the end of its leading axis."""
-    if not padding:
-        return x
-    return jnp.pad(x, [(0, padding)] + [(0, 0)] * (x.ndim - 1), constant_values=value)
-
-
-def _split(array: Any, sizes: list[int]) -> list[Any]:
-    if len(sizes) == 1:
-        return [array]
-    cuts, total = [], 0
-    for size in sizes[:-1]:
-        total += size
-        cuts.append(total)
-    return jnp.split(array, cuts)
-
-
 def _precision(name: str | None):
     return jax.default_matmul_precision(name) if name else _NoContext()
 
@@ -309,7 +217,9 @@ def build(config: EngineConfig) -> optax.GradientTransformationExtraArgs:
     def init_fn(params: Any) -> KronState:
         check_mesh(axis, config.block_axis_size)
         leaves, treedef = jax.tree.flatten(params)
-        layouts = leaf_layouts(leaves, scanned_flags(config.scanned_layers, params), config)
+        layouts = leaf_layouts(
+            leaves, scanned_flags(config.scanned_layers, params), config.step.layout
+        )
         scale = 1.0 if config.init_scale is None else config.init_scale
         if stacked:
             shapes = [(s.plan, s.rows) for s in stacks_of(layouts, config.row_multiple)]
@@ -344,7 +254,9 @@ def build(config: EngineConfig) -> optax.GradientTransformationExtraArgs:
                 f"value_fn={'None' if value_fn is None else 'given'}."
             )
         grads, treedef = jax.tree.flatten(updates)
-        layouts = leaf_layouts(grads, scanned_flags(config.scanned_layers, updates), config)
+        layouts = leaf_layouts(
+            grads, scanned_flags(config.scanned_layers, updates), config.step.layout
+        )
         stacks = stacks_of(layouts, config.row_multiple)
         if stacked:
             _check_stacked(state, stacks)
@@ -548,8 +460,8 @@ def build(config: EngineConfig) -> optax.GradientTransformationExtraArgs:
     def _rows(stack: Stack, layered: list[Any]) -> Any:
         """The members' ``(S, *shape)`` tensors as the stack's ``(rows, *block_shape)`` blocks:
         concatenated, zero-padded and, when sharded, split over the mesh axis."""
-        blocks = stack.plan.to_blocks(_concat(layered), OPS, stacked=True)
-        return constrain_rows(_pad_rows(blocks, stack.padding), axis)
+        blocks = stack.plan.to_blocks(concat_rows(layered), OPS, stacked=True)
+        return constrain_rows(pad_rows(blocks, stack.padding), axis)
 
     def _gather(factors, lipschitz, stack: Stack, index: int):
         """The stack's factors and Lipschitz estimates: the state's own stack when stacked, else
@@ -559,8 +471,8 @@ def build(config: EngineConfig) -> optax.GradientTransformationExtraArgs:
             return list(factors[index]), list(lipschitz[index])
         members = stack.members
         return (
-            [_concat([factors[i][k] for i in members]) for k in range(stack.plan.order)],
-            [_concat([lipschitz[i][k] for i in members]) for k in range(stack.plan.order)],
+            [concat_rows([factors[i][k] for i in members]) for k in range(stack.plan.order)],
+            [concat_rows([lipschitz[i][k] for i in members]) for k in range(stack.plan.order)],
         )
 
     def _fit_all(
@@ -612,8 +524,8 @@ def build(config: EngineConfig) -> optax.GradientTransformationExtraArgs:
             if stacked:
                 new_factors[index], new_lips[index] = tuple(stack_factors), tuple(stack_lips)
                 continue
-            split_factors = [_split(f, stack.blocks) for f in stack_factors]
-            split_lips = [_split(lip, stack.blocks) for lip in stack_lips]
+            split_factors = [split_rows(f, stack.blocks) for f in stack_factors]
+            split_lips = [split_rows(lip, stack.blocks) for lip in stack_lips]
             for position, i in enumerate(stack.members):
                 new_factors[i] = tuple(f[position] for f in split_factors)
                 new_lips[i] = tuple(lip[position] for lip in split_lips)
@@ -695,7 +607,7 @@ def build(config: EngineConfig) -> optax.GradientTransformationExtraArgs:
             y = _product(factors[index], cache[index], blocks)
             flags = _row_flags(stack, keep)
             y = constrain_rows(jnp.where(_expand(flags, y), y, 0.0), axis)
-            for i, part in zip(stack.members, _split(y[: stack.real_rows], stack.blocks)):
+            for i, part in zip(stack.members, split_rows(y[: stack.real_rows], stack.blocks)):
                 directions[i] = _clipped(stack.plan, part)
         return directions
 
@@ -711,7 +623,7 @@ def build(config: EngineConfig) -> optax.GradientTransformationExtraArgs:
         """The members' per-layer ``keep`` flags as per-row flags ``(rows,)``; False on padding
         rows. Split like the rows, so every device selects among the rows it owns."""
         per_layer = [jnp.repeat(keep[i], stack.plan.num_blocks) for i in stack.members]
-        return constrain_rows(_pad_rows(_concat(per_layer), stack.padding, False), axis)
+        return constrain_rows(pad_rows(concat_rows(per_layer), stack.padding, False), axis)
 
     def _select_rows(keep, stacks, new, old):
         """Per stack, ``new`` rows (factors, estimates or caches) for the layers whose ``keep``
@@ -734,7 +646,7 @@ def build(config: EngineConfig) -> optax.GradientTransformationExtraArgs:
         plan = stack.plan
 
         def rows(x: Any) -> Any:
-            return constrain_rows(_pad_rows(x, stack.padding), axis)
+            return constrain_rows(pad_rows(x, stack.padding), axis)
 
         noise_key = leaf_key(key, count, index, NOISE)
         inputs: dict[str, Any] = {
@@ -752,7 +664,7 @@ def build(config: EngineConfig) -> optax.GradientTransformationExtraArgs:
         if mask is not None:
             tiled = jnp.tile(jnp.asarray(mask, q_dtype), (sum(stack.layers),) + (1,) * plan.order)
             # Padding rows count as unpadded blocks, so their (discarded) statistics stay finite.
-            inputs["mask"] = constrain_rows(_pad_rows(tiled, stack.padding, 1.0), axis)
+            inputs["mask"] = constrain_rows(pad_rows(tiled, stack.padding, 1.0), axis)
         return inputs
 
     def _maybe_balance(factors, key, count, index):
@@ -822,13 +734,4 @@ def _rescale(units: list[Any], scale: Any, state_is_p: bool) -> list:
     return [tuple(f * (scale ** (1.0 / len(unit))).astype(f.dtype) for f in unit) for unit in units]
 
 
-__all__ = [
-    "PRECONDITIONER_TYPES",
-    "EngineConfig",
-    "LeafLayout",
-    "Stack",
-    "build",
-    "leaf_layouts",
-    "scanned_flags",
-    "stacks_of",
-]
+__all__ = ["PRECONDITIONER_TYPES", "EngineConfig", "build"]
