@@ -79,3 +79,34 @@ def test_trains_a_rotated_least_squares_problem():
     for _ in range(300):
         params, state = step(params, state)
     assert loss(params) < 1e-4 * start, float(loss(params) / start)
+
+
+def test_automatic_init_scale_applies_on_a_first_step_without_a_fit():
+    """The automatic scale is set from the first gradients whether or not that step fits P: with
+    a fit probability that never fires, the first update equals one from a run started at that
+    scale, and differs from one started at 1 (the scale is far from 1 here)."""
+    from kron.core import fourth_moment, get_ops, shared_scale
+
+    params = {"w": jnp.zeros((5, 3)), "b": jnp.zeros(3)}
+    grads = {"w": jnp.full((5, 3), 40.0).at[0, 0].set(-7.0), "b": jnp.arange(3.0) + 30.0}
+    ops = get_ops("jax")
+    scale = float(shared_scale([fourth_moment(g, ops) for g in jax.tree.leaves(grads)], ops))
+    assert not 0.5 < scale < 2.0
+
+    def first_update(init_scale):
+        tx = scale_by_kron(
+            preconditioner_update_probability=1e-9,
+            preconditioner_init_scale=init_scale,
+        )
+        updates, state = jax.jit(tx.update)(grads, tx.init(params), params)
+        return updates, state
+
+    auto, auto_state = first_update(None)
+    fixed, fixed_state = first_update(scale)
+    unit, _ = first_update(1.0)
+    for leaf in ("w", "b"):
+        np.testing.assert_allclose(auto[leaf], fixed[leaf], rtol=1e-5)
+        assert not np.allclose(auto[leaf], unit[leaf], rtol=1e-2)
+    for a, b in zip(jax.tree.leaves(auto_state.factors), jax.tree.leaves(fixed_state.factors)):
+        np.testing.assert_allclose(a, b, rtol=1e-5)
+    assert not bool(auto_state.needs_scale_init)

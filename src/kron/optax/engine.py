@@ -39,7 +39,6 @@ from jax.sharding import PartitionSpec
 from kron.core import (
     Plan,
     StepOptions,
-    TensorState,
     balance,
     cache_preconditioner,
     counter_decision,
@@ -50,7 +49,6 @@ from kron.core import (
     init_lipschitz,
     precondition,
     scale_from_moments,
-    select_state,
     shared_scale,
     update_momentum,
 )
@@ -297,24 +295,22 @@ def build(config: EngineConfig) -> optax.GradientTransformationExtraArgs:
         # Work that may need collectives (a reduction over sharded gradients, resharding them
         # into rows) runs outside the lax.conds below: XLA:CPU may run a conditional at the same
         # time as a collective outside it, and host devices then wait on each other forever.
-        if config.init_scale is None and not config.newton:
-            scale = _whitening_scale(layered)
-            factors, cache = jax.lax.cond(
-                state.needs_scale_init,
-                lambda: _rescaled(factors, scale),
-                lambda: (factors, cache),
-            )
+        auto_scale = config.init_scale is None and not config.newton
+        scale = _whitening_scale(layered) if auto_scale else None
         target_rows = None
         if stacked and not config.newton:
             target_rows = [_rows(stack, [targets[i] for i in stack.members]) for stack in stacks]
         do_fit, decision_total = _decide(state, count)
         precond_lr = config.precond_lr(count) if callable(config.precond_lr) else config.precond_lr
+        # Per-row flags of finite gradients, made here (resharding them may need collectives)
+        # and used by both the fit's selection and the product outside it.
+        finite_rows = _unit_flags(finite, layouts, stacks)
 
-        def fit_branch(_: Any) -> Any:
+        def fit_branch(f: list, c: list) -> Any:
             with _precision(config.fit_precision):
-                return _fit_all(
+                new_f, new_l, new_c, fit_ok, newton_scaled = _fit_all(
                     state,
-                    factors,
+                    f,
                     lipschitz,
                     targets,
                     target_rows,
@@ -324,44 +320,54 @@ def build(config: EngineConfig) -> optax.GradientTransformationExtraArgs:
                     params,
                     value_fn,
                 )
+            # A layer keeps its fitted factors only if its gradient (and Newton pair) was finite.
+            rows = finite_rows
+            if config.newton:
+                keep = [ok & pair_ok for ok, pair_ok in zip(finite, fit_ok)]
+                rows = _unit_flags(keep, layouts, stacks)
+            return (
+                _select_units(rows, new_f, f),
+                _select_units(rows, new_l, lipschitz),
+                _select_units(rows, new_c, c),
+                fit_ok,
+                newton_scaled,
+            )
 
-        def keep_branch(_: Any) -> Any:
+        def keep_branch(f: list, c: list) -> Any:
             unchanged = [jnp.ones((lay.layers,), bool) for lay in layouts]
-            return factors, lipschitz, cache, unchanged, jnp.asarray(False)
+            return f, lipschitz, c, unchanged, jnp.asarray(False)
+
+        def changed_branch() -> Any:
+            """The first update's automatic init scale, then this step's fit if any. Steps that
+            do neither skip this branch, so they neither copy nor select the factors."""
+            f, c = factors, cache
+            if auto_scale:
+                f, c = jax.lax.cond(
+                    state.needs_scale_init, lambda: _rescaled(f, scale), lambda: (f, c)
+                )
+            if always_fit:
+                return fit_branch(f, c)
+            return jax.lax.cond(do_fit, fit_branch, keep_branch, f, c)
 
         if always_fit:
-            fitted = fit_branch(None)
+            fitted = changed_branch()
         else:
-            fitted = jax.lax.cond(do_fit, fit_branch, keep_branch, None)
-        new_factors, new_lips, new_cache, fit_ok, newton_scaled = fitted
-        # A layer keeps its new state, and gets a nonzero update, only if its gradient (and
+            changes = do_fit | state.needs_scale_init if auto_scale else do_fit
+            fitted = jax.lax.cond(changes, changed_branch, lambda: keep_branch(factors, cache))
+        kept_factors, kept_lips, kept_cache, fit_ok, newton_scaled = fitted
+        # A layer keeps its new momentum, and gets a nonzero update, only if its gradient (and
         # Newton pair) was finite.
         keep = [ok & pair_ok for ok, pair_ok in zip(finite, fit_ok)]
+        rows = _unit_flags(keep, layouts, stacks) if config.newton else finite_rows
         with _precision(config.apply_precision):
-            directions = _apply_all(new_factors, new_cache, applied, layouts, stacks, keep)
-
+            directions = _apply_all(kept_factors, kept_cache, applied, layouts, stacks, keep, rows)
+        kept_mu = [jnp.where(_expand(k, new), new, old) for k, new, old in zip(keep, momenta, mu)]
         if stacked:
-            kept_factors = _select_rows(keep, stacks, new_factors, factors)
-            kept_lips = _select_rows(keep, stacks, new_lips, lipschitz)
-            kept_cache = _select_rows(keep, stacks, new_cache, cache)
-            kept_mu = [
-                jnp.where(_expand(k, new), new, old) for k, new, old in zip(keep, momenta, mu)
-            ]
+            kept_factors, kept_lips, kept_cache = map(tuple, (kept_factors, kept_lips, kept_cache))
         else:
-            kept = [
-                select_state(
-                    keep[i],
-                    TensorState(new_factors[i], new_lips[i], momenta[i], new_cache[i]),
-                    TensorState(factors[i], lipschitz[i], mu[i], cache[i]),
-                    lay.plan.num_blocks,
-                    OPS,
-                )
-                for i, lay in enumerate(layouts)
-            ]
-            kept_factors = treedef.unflatten([t.factors for t in kept])
-            kept_lips = treedef.unflatten([t.lipschitz for t in kept])
-            kept_cache = treedef.unflatten([t.cache for t in kept])
-            kept_mu = [t.momentum for t in kept]
+            kept_factors, kept_lips, kept_cache = map(
+                treedef.unflatten, (kept_factors, kept_lips, kept_cache)
+            )
 
         new_updates, new_mu, new_skipped = [], [], []
         for k, y, g, m, old_m, skipped in zip(
@@ -578,11 +584,11 @@ def build(config: EngineConfig) -> optax.GradientTransformationExtraArgs:
         )
         return [flat(f) for f in new_factors], [flat(lip) for lip in new_lips]
 
-    def _apply_all(factors, cache, applied, layouts, stacks, keep):
+    def _apply_all(factors, cache, applied, layouts, stacks, keep, rows):
         """``clip(P·m)`` per leaf, ``(S, *layer_shape)``, zero for layers whose ``keep`` flag
-        is off."""
+        is off (``rows``: the same flags per unit row, from :func:`_unit_flags`)."""
         if stacked:
-            return _apply_stacks(factors, cache, applied, stacks, keep)
+            return _apply_stacks(factors, cache, applied, stacks, rows)
         return _apply_leaves(factors, cache, applied, layouts, keep)
 
     def _apply_leaves(factors, cache, applied, layouts, keep):
@@ -596,17 +602,16 @@ def build(config: EngineConfig) -> optax.GradientTransformationExtraArgs:
             directions.append(jnp.where(_expand(k, y), y, 0.0))
         return directions
 
-    def _apply_stacks(factors, cache, applied, stacks, keep):
+    def _apply_stacks(factors, cache, applied, stacks, rows):
         """Stacked state: the factors are stacked already, so the momenta go to them. Each
         stack's momenta become its rows (split over the mesh axis), every device multiplies
         and masks the rows it owns, and the directions are cut back into leaves (padding rows
         dropped; with replicated or FSDP params this is where the compiler gathers them)."""
-        directions: list[Any] = [None] * len(keep)
+        directions: list[Any] = [None] * len(applied)
         for index, stack in enumerate(stacks):
             blocks = _rows(stack, [applied[i] for i in stack.members])
             y = _product(factors[index], cache[index], blocks)
-            flags = _row_flags(stack, keep)
-            y = constrain_rows(jnp.where(_expand(flags, y), y, 0.0), axis)
+            y = constrain_rows(jnp.where(_expand(rows[index], y), y, 0.0), axis)
             for i, part in zip(stack.members, split_rows(y[: stack.real_rows], stack.blocks)):
                 directions[i] = _clipped(stack.plan, part)
         return directions
@@ -625,20 +630,24 @@ def build(config: EngineConfig) -> optax.GradientTransformationExtraArgs:
         per_layer = [jnp.repeat(keep[i], stack.plan.num_blocks) for i in stack.members]
         return constrain_rows(pad_rows(concat_rows(per_layer), stack.padding, False), axis)
 
-    def _select_rows(keep, stacks, new, old):
-        """Per stack, ``new`` rows (factors, estimates or caches) for the layers whose ``keep``
-        flag holds and ``old`` rows elsewhere; padding rows always keep ``old``, so they stay
-        inert."""
-        selected = []
-        for stack, new_unit, old_unit in zip(stacks, new, old):
-            flags = _row_flags(stack, keep)
-            selected.append(
-                tuple(
-                    constrain_rows(jnp.where(_expand(flags, a), a, b), axis)
-                    for a, b in zip(new_unit, old_unit)
-                )
-            )
-        return tuple(selected)
+    def _unit_flags(keep, layouts, stacks):
+        """Per-layer ``keep`` flags as per-row flags of each unit: ``(rows,)`` per stack (False
+        on padding rows, split like the rows) when the state is stacked, else ``(S·B,)`` per
+        leaf."""
+        if stacked:
+            return [_row_flags(stack, keep) for stack in stacks]
+        return [jnp.repeat(k, lay.plan.num_blocks) for k, lay in zip(keep, layouts)]
+
+    def _select_units(rows, new, old):
+        """Per unit (a stack, or a leaf when the state is per leaf), ``new`` rows (factors,
+        estimates or caches) where ``rows`` holds and ``old`` rows elsewhere; padding rows
+        always keep ``old``, so they stay inert."""
+        return [
+            tuple(constrain_rows(jnp.where(_expand(flags, a), a, b), axis) for a, b in zip(n, o))
+            if stacked
+            else tuple(jnp.where(_expand(flags, a), a, b) for a, b in zip(n, o))
+            for flags, n, o in zip(rows, new, old)
+        ]
 
     def _fit_inputs(key, count, index, stack: Stack):
         """The stack's noise and norm probes, drawn for its real rows only (the unsharded run's
