@@ -418,17 +418,19 @@ class Kron(keras.optimizers.Optimizer):
         fit, _ = self._decide()
         y, new = native.cond(
             fit,
-            self._branch(index, plan, old, grad, count, True),
-            self._branch(index, plan, old, grad, count, False),
+            self._branch(index, plan, old, grad, count, finite, True),
+            self._branch(index, plan, old, grad, count, finite, False),
         )
-        new = TensorState(*(_where_tree(finite, a, b) for a, b in zip(new, old)))
+        new = new._replace(momentum=kops.where(finite, new.momentum, old.momentum))
         self._write(slots, new, finite)
         self._apply_update(
             variable, index, kops.where(finite, y, kops.zeros_like(y)), finite, learning_rate
         )
 
-    def _branch(self, index, plan, old, grad, count, do_fit) -> Callable[[], Any]:
-        """One side of the fit decision: ``kron_step`` (with a random balance after a fit)."""
+    def _branch(self, index, plan, old, grad, count, finite, do_fit) -> Callable[[], Any]:
+        """One side of the fit decision: ``kron_step`` (with a random balance after a fit). A
+        fit's factors, estimates and cache are kept only when the gradient was ``finite``; the
+        other side leaves them as they were, so it selects nothing."""
 
         def run() -> tuple[Any, TensorState]:
             inputs = self._fit_inputs(index, plan) if do_fit else {"noise": None}
@@ -453,6 +455,12 @@ class Kron(keras.optimizers.Optimizer):
                     lambda: tuple(new.factors),
                 )
                 new = new._replace(factors=tuple(factors))
+            if do_fit:
+                new = new._replace(
+                    factors=_where_tree(finite, tuple(new.factors), old.factors),
+                    lipschitz=_where_tree(finite, tuple(new.lipschitz), old.lipschitz),
+                    cache=_where_tree(finite, tuple(new.cache), old.cache),
+                )
             return y[0], new
 
         return run
