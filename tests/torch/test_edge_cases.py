@@ -109,7 +109,8 @@ def test_stacked_state_cache_stays_bounded_and_sees_replaced_entries():
 
 def test_state_updated_in_place_matches_state_restacked_every_step():
     """Steady-state steps copy into the remembered stack; forcing a fresh stack on every step
-    (each entry replaced by a copy) must give bit-identical parameters and state."""
+    (each entry replaced by a copy) must give bit-identical parameters and state, including on
+    steps where one parameter's gradient is not finite (steps 7 and 12, one a fit at p = 0.3)."""
 
     def run(restack: bool) -> tuple[list[torch.Tensor], dict]:
         torch.manual_seed(0)
@@ -121,6 +122,8 @@ def test_state_updated_in_place_matches_state_restacked_every_step():
             gen = torch.Generator().manual_seed(step)
             for p in params:
                 p.grad = torch.randn(p.shape, generator=gen)
+            if step in (7, 12):
+                params[1].grad[2, 3] = float("nan")
             opt.step()
             if restack:
                 for state in opt.state.values():
@@ -135,6 +138,10 @@ def test_state_updated_in_place_matches_state_restacked_every_step():
         for key in ("factors", "cache"):
             assert all(torch.equal(a, b) for a, b in zip(entry[key], slow_state[index][key]))
         assert torch.equal(entry["momentum"], slow_state[index]["momentum"])
+        for key in ("count", "skipped"):
+            assert torch.equal(entry[key], slow_state[index][key])
+    assert fast_state[1]["skipped"].item() == 2 and fast_state[0]["skipped"].item() == 0
+    assert fast_state[1]["count"].item() == 23 and fast_state[0]["count"].item() == 25
 
 
 def test_in_place_edits_of_state_are_seen_by_the_next_step():

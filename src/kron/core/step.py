@@ -106,9 +106,13 @@ def select_state(
 ) -> TensorState:
     """``new`` where ``ok`` (``(S,)`` booleans, one per stacked parameter) holds, else ``old``: how
     front ends leave a parameter's state untouched when its gradient was not finite. When ``old``
-    has no cache the result has none either (``kron_step`` rebuilds it from the kept factors)."""
+    has no cache the result has none either (``kron_step`` rebuilds it from the kept factors).
+    An entry the step left as it was (the same object, as factors are on a step without a fit)
+    is returned without a select."""
 
     def pick(flags: Any, a: Any, b: Any) -> Any:
+        if a is b:
+            return a
         return ops.where(ops.reshape(flags, (-1,) + (1,) * (len(a.shape) - 1)), a, b)
 
     per_block = ops.reshape(ops.reshape(ok, (-1, 1)) & ops.ones((1, num_blocks), ok), (-1,))

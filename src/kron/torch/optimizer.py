@@ -678,8 +678,8 @@ class Kron(torch.optim.Optimizer):
             new = select_state(finite, new, old, plan.num_blocks, OPS)
             y = y * finite.view(count.shape).to(dtype)
         self._update_params(group, params, y, finite, all_finite)
-        if all_finite and not group["mars"] and self._stacks.store_in_place(bucket, old, new):
-            torch._foreach_add_([state["count"] for state in states], 1.0)
+        if not group["mars"] and self._stacks.store_in_place(bucket, old, new):
+            self._count_steps(states, finite, all_finite)
             return
         self._write_back(gi, group, members, states, plan, new, clipped_grads, finite, all_finite)
         self._stacks.remember(bucket, indices, states, new, dtype)
@@ -761,11 +761,22 @@ class Kron(torch.optim.Optimizer):
                 inputs[key] = plan.to_blocks(stacked, OPS, stacked=True)
         return inputs
 
+    @staticmethod
+    def _count_steps(states, finite, all_finite) -> None:
+        """Add one to each parameter's ``count`` if its gradient was finite, else to ``skipped``,
+        in place (no host synchronisation: ``finite`` stays on the device)."""
+        counts = [state["count"] for state in states]
+        if all_finite:
+            torch._foreach_add_(counts, 1.0)
+            return
+        torch._foreach_add_(counts, list(finite.to(counts[0].dtype).unbind(0)))
+        skipped = [state["skipped"] for state in states]
+        torch._foreach_add_(skipped, list((~finite).to(skipped[0].dtype).unbind(0)))
+
     def _write_back(self, gi, group, members, states, plan, new, clipped_grads, finite, all_finite):
         """Store each parameter's slice of the stacked state."""
         nb, step = plan.num_blocks, group["step"]
-        if all_finite:
-            torch._foreach_add_([state["count"] for state in states], 1.0)
+        self._count_steps(states, finite, all_finite)
         for s, ((index, _), state) in enumerate(zip(members, states)):
             state["factors"] = [f[s * nb : (s + 1) * nb] for f in new.factors]
             state["lipschitz"] = [f[s * nb : (s + 1) * nb] for f in new.lipschitz]
@@ -776,9 +787,6 @@ class Kron(torch.optim.Optimizer):
                 (self.seed, step, gi, index, _ROUNDING),
                 self._streams,
             )
-            if not all_finite:
-                state["count"] = state["count"] + finite[s].to(state["count"].dtype)
-                state["skipped"] = state["skipped"] + (~finite[s]).to(torch.int64)
             if group["mars"]:
                 kept = (
                     clipped_grads[s]
