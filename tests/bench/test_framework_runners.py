@@ -4,6 +4,7 @@ JAX runs."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import math
 import os
@@ -17,6 +18,7 @@ import torch
 
 from kron.bench.cli import build_parser, plan
 from kron.bench.jax_problems import PORTS, check_portable, port
+from kron.bench.jax_session import JaxSession
 from kron.bench.optimizers import for_framework, get_optimizer
 from kron.bench.runner import RunConfig, run
 from kron.bench.tasks import TASKS
@@ -69,6 +71,36 @@ def test_kron_jax_run_is_deterministic_and_learns():
     assert first["config"]["framework"] == "jax" and math.isfinite(first["outcome"]["final"])
 
 
+def test_ports_keep_their_tasks_float64_flag():
+    for name in PORTS:
+        leaves = jax.tree.leaves(port(name, TASKS[name].build(0)).params)
+        assert {leaf.dtype.type for leaf in leaves} == {
+            np.float64 if TASKS[name].float64 else np.float32
+        }
+
+
+@pytest.mark.parametrize("name", ["kron_quadratic", "logistic"])
+def test_a_jax_run_computes_in_its_task_dtype_and_leaves_the_x64_setting(name):
+    """The tests run with x64 on (conftest); a float32 task's session computes in float32
+    under ``jax.enable_x64(False)``, a float64 task's in float64, and neither changes the
+    process's setting."""
+    session = JaxSession(RunConfig(TASKS[name], get_optimizer("kron_jax"), None, 0, 3))
+    loss = session.train_step(1)
+    (leaf, *_) = jax.tree.leaves(session.params)
+    assert leaf.dtype == (np.float64 if TASKS[name].float64 else np.float32)
+    assert math.isfinite(loss) and jax.config.jax_enable_x64
+
+
+@pytest.mark.parametrize("peer", ["psgdax", "heavyball"])
+def test_peer_run_is_deterministic_and_learns(peer):
+    """The peers CI installs (kron_torch needs triton, a 1 GB wheel, and is left out)."""
+    config = RunConfig(TASKS["kron_quadratic"], get_optimizer(peer), 3e-3, 0, 300)
+    first, second = run(config), run(config)
+    assert first["history"]["rel_loss"] == second["history"]["rel_loss"]
+    assert first["history"]["rel_loss"][-1] < 0.5 * first["history"]["rel_loss"][0]
+    assert first["versions"][peer] == importlib.metadata.version(peer)
+
+
 def test_a_task_without_a_port_raises_naming_the_ported_ones():
     with pytest.raises(ValueError, match=r"no JAX runner.*kron_quadratic"):
         port("xor16", TASKS["xor16"].build(0))
@@ -83,8 +115,17 @@ def test_framework_jax_plans_only_ported_tasks_and_jax_optimizers():
     entries = plan(args, TIERS["standard"])
     assert {e.task.name for e in entries} == set(PORTS)
     quadratic = next(e for e in entries if e.task.name == "kron_quadratic")
-    # The tier's kron, kron_lr and adamw have JAX twins; SGD has none and is dropped.
-    assert [s.name for s in quadratic.optimizers] == ["kron_jax", "kron_lr_jax", "adamw_jax"]
+    # The tier's kron, kron_lr and adamw have JAX twins and psgdax is a JAX peer; SGD and the
+    # torch peers have none and are dropped.
+    assert [s.name for s in quadratic.optimizers] == [
+        "kron_jax",
+        "kron_lr_jax",
+        "adamw_jax",
+        "psgdax",
+    ]
+    # psgdax cannot trace with x64 on, so the float64 tasks leave it out.
+    logistic = next(e for e in entries if e.task.name == "logistic")
+    assert [s.name for s in logistic.optimizers] == ["kron_jax", "kron_lr_jax", "adamw_jax"]
     assert for_framework("sgd", "jax") is None
     assert for_framework("kron_jax", "torch") is None
     assert for_framework("kron", "torch").name == "kron"

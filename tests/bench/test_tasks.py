@@ -19,6 +19,9 @@ def test_task_builds_and_trains(name):
     task = TASKS[name]
     problem = task.build(0)
     assert problem.parameters and all(p.requires_grad for p in problem.parameters)
+    assert {p.dtype for p in problem.parameters} == {
+        torch.float64 if task.float64 else torch.float32
+    }
     before = [p.detach().clone() for p in problem.parameters]
     opt = get_optimizer("kron").make(problem.parameters, None, 0)
     for step in range(1, 3):

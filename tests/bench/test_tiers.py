@@ -41,3 +41,10 @@ def test_quick_tier_shortens_costly_tasks_and_skips_the_lm():
     assert "char_lm" not in entries
     assert entries["cnn"].steps < TASKS["cnn"].steps
     assert all(not e.sweep and e.seeds == (0,) for e in entries.values())
+
+
+def test_optimizers_that_cannot_step_float64_are_left_out_of_float64_tasks():
+    args = build_parser().parse_args(["bench", "--standard", "--task", "logistic", "deep_linear"])
+    by_task = {e.task.name: [s.name for s in e.optimizers] for e in plan(args, TIERS["standard"])}
+    assert "heavyball" in by_task["deep_linear"] and "heavyball" not in by_task["logistic"]
+    assert not OPTIMIZERS["heavyball"].float64 and TASKS["logistic"].float64

@@ -98,7 +98,13 @@ def plan(args: argparse.Namespace, tier: Tier) -> list[Entry]:
         for n in names:
             get_optimizer(n)  # an unknown name raises, whatever the framework
         found = (for_framework(n, args.framework) for n in names)
-        specs = tuple(dict.fromkeys(s for s in found if s is not None and s.available()))
+        specs = tuple(
+            dict.fromkeys(
+                s
+                for s in found
+                if s is not None and s.available() and (s.float64 or not task.float64)
+            )
+        )
         seeds = seeds_override or tuple(range(tier.seeds_by_task.get(name, tier.seeds)))
         steps = args.steps or budget or task.steps
         sweep = tier.sweep and not args.no_sweep and name not in tier.unswept_tasks

@@ -19,7 +19,9 @@ metric) runs on the remaining seeds. The grids:
 The JAX runner (``--framework jax``) has the same roles under the same names with ``_jax``
 appended: ``kron_jax`` is ``kron.optax.kron`` at its defaults (the psgdax contract: lr 1e-3,
 the preconditioner fitted on the gradient, not the momentum), ``kron_lr_jax`` the same with the
-lr swept over the same grid as ``kron_lr``, ``adamw_jax`` ``optax.adamw`` with AdamW's grid.
+lr swept over the same grid as ``kron_lr``, ``adamw_jax`` ``optax.adamw`` with AdamW's grid,
+and the peer ``psgdax`` is ``psgdax.kron`` at its defaults but lr ∈ {3e-4, 1e-3, 3e-3} (its
+``key`` drawn from the run's seed, since its default key is one array shared by every instance).
 The Keras runner (``--framework keras``, Keras on its JAX backend) likewise has ``kron_keras``
 (``kron.keras.Kron`` at its defaults, seed 000's: lr 3e-4, P fitted on the momentum),
 ``kron_lr_keras`` and ``adamw_keras`` (``keras.optimizers.AdamW``, no weight decay).
@@ -54,6 +56,11 @@ class OptimizerSpec:
             ``keras.optimizers.Optimizer`` (keras; ``params`` is the list of variables).
         grid: ``task -> learning rates swept``; ``(None,)`` runs the defaults only.
         package: import name whose presence (and version) the spec needs, or ``None``.
+        float64: whether it can train float64 parameters; the plan leaves it out of the
+            float64 tasks otherwise. heavyball 3.2.1 cannot (its float32 factors meet the
+            float64 gradient in an einsum and torch raises), nor can psgdax 0.1.1 (with
+            ``jax_enable_x64`` on, its ``lax.cond`` branches return float32 and float64
+            Lipschitz estimates and tracing fails).
     """
 
     name: str
@@ -62,6 +69,7 @@ class OptimizerSpec:
     make: Callable[[Any, float | None, int], Any]
     grid: Callable[[Task], tuple[float | None, ...]]
     package: str | None = None
+    float64: bool = True
 
     def available(self) -> bool:
         return self.package is None or importlib.util.find_spec(self.package) is not None
@@ -110,6 +118,14 @@ def _adamw_jax(params: Any, lr: float | None, seed: int):
     return optax.adamw(lr or 1e-3, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0)
 
 
+def _psgdax(params: Any, lr: float | None, seed: int):
+    import jax
+    import psgdax
+
+    key = jax.random.PRNGKey(seed)
+    return psgdax.kron(key=key) if lr is None else psgdax.kron(lr, key=key)
+
+
 def _kron_keras(params: Any, lr: float | None, seed: int):
     from kron.keras import Kron
 
@@ -133,13 +149,22 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
             "kron_torch", "kron_torch.Kron", "torch", _kron_torch, lambda t: PSGD_GRID, "kron_torch"
         ),
         OptimizerSpec(
-            "heavyball", "heavyball.PSGDKron", "torch", _heavyball, lambda t: PSGD_GRID, "heavyball"
+            "heavyball",
+            "heavyball.PSGDKron",
+            "torch",
+            _heavyball,
+            lambda t: PSGD_GRID,
+            "heavyball",
+            float64=False,
         ),
         OptimizerSpec("kron_jax", "kron.optax (defaults)", "jax", _kron_jax, lambda t: (None,)),
         OptimizerSpec(
             "kron_lr_jax", "kron.optax (lr swept)", "jax", _kron_jax, lambda t: PSGD_GRID
         ),
         OptimizerSpec("adamw_jax", "optax.adamw", "jax", _adamw_jax, lambda t: t.adam_lrs),
+        OptimizerSpec(
+            "psgdax", "psgdax.kron", "jax", _psgdax, lambda t: PSGD_GRID, "psgdax", float64=False
+        ),
         OptimizerSpec(
             "kron_keras", "kron.keras (defaults)", "keras", _kron_keras, lambda t: (None,)
         ),

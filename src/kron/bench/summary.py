@@ -263,7 +263,8 @@ def verdict_sections(records: list[Record]) -> str:
     for i, (ours, baseline) in enumerate(TARGET_PAIRS):
         if i and ours not in names:
             continue
-        title = f"## Issue #7 targets: {labels.get(ours, ours)} against {labels.get(baseline)}"
+        pair = f"{labels.get(ours, ours)} against {labels.get(baseline, baseline)}"
+        title = f"## Issue #7 targets: {pair}"
         sections.append(title + "\n\n" + verdict_table(records, ours, baseline))
     return "\n\n".join(sections)
 

@@ -59,6 +59,9 @@ QUICK = Tier(
     sweep=False,
 )
 
+PEERS = ("kron_torch", "heavyball", "psgdax")
+"""The other PSGD-Kron implementations; each runs on the framework it is written for."""
+
 CHEAP = ("kron_quadratic", "kron_quadratic_noisy", "rosenbrock", "deep_linear", "logistic")
 
 STANDARD = Tier(
@@ -67,9 +70,10 @@ STANDARD = Tier(
         "all 13 tasks at full budgets, 3 seeds (5 for XOR L=32/64, 2 for the CNN, 1 for the LM); "
         "kron at its defaults; AdamW swept over 3 lrs on seed 0, best lr on the other seeds "
         "(not swept on XOR L=64 and the LM: lr 1e-3 and 3e-3, the best measured); SGD swept on "
-        "the cheap tasks, the autoencoder and add T=50; kron with lr swept on the five cheap "
-        "tasks. Estimated at 90 CPU-minutes on idle cores (45 minutes as two parallel "
-        "invocations); far longer on a shared machine"
+        "the cheap tasks, the autoencoder and add T=50; kron with lr swept and the peers "
+        "(kron_torch, heavyball, psgdax, when installed) swept on the five cheap tasks. "
+        "Estimated at 90 CPU-minutes on idle cores (45 minutes as two parallel invocations; "
+        "the peers add about 3); far longer on a shared machine"
     ),
     tasks=dict.fromkeys(
         (*CHEAP, "autoencoder", "cnn", "xor16", "xor32", "xor64", "add50", "add100", "char_lm")
@@ -79,7 +83,7 @@ STANDARD = Tier(
     sweep=True,
     seeds_by_task={"xor32": 5, "xor64": 5, "cnn": 2, "char_lm": 1},
     optimizers_by_task={
-        **{name: ("kron", "kron_lr", "adamw", "sgd") for name in CHEAP},
+        **{name: ("kron", "kron_lr", "adamw", "sgd", *PEERS) for name in CHEAP},
         "autoencoder": ("kron", "adamw", "sgd"),
         "add50": ("kron", "adamw", "sgd"),
     },
@@ -93,7 +97,7 @@ FULL = Tier(
         "its grid, 5 seeds (3 for the LM); several hours on 2 CPU cores"
     ),
     tasks=dict.fromkeys(STANDARD.tasks),
-    optimizers=("kron", "kron_lr", "adamw", "sgd", "kron_torch", "heavyball"),
+    optimizers=("kron", "kron_lr", "adamw", "sgd", *PEERS),
     seeds=5,
     sweep=True,
     seeds_by_task={"char_lm": 3},

@@ -51,6 +51,8 @@ class Task:
         schedule: ``"constant"`` or ``"warmup_cosine"`` (applied to every optimizer alike).
         grad_clip: global gradient-norm clip applied to every optimizer, or ``None``.
         note: anything a reader of the table needs (what Adam does here, caveats).
+        float64: the parameters are float64 (the target lies below float32 rounding). Optimizers
+            that cannot step float64 parameters are left out of such tasks.
     """
 
     name: str
@@ -69,6 +71,7 @@ class Task:
     schedule: str = "constant"
     grad_clip: float | None = None
     note: str = ""
+    float64: bool = False
     tags: tuple[str, ...] = field(default_factory=tuple)
 
 

@@ -191,6 +191,7 @@ TASKS = [
         adam_lrs=(3e-3, 1e-2, 3e-2),
         sgd_lrs=(1e-8, 1e-7, 1e-6),
         note="Adam (§3.6): 5.0e-3 at 2k steps (lr 3e-2), best 2.9e-3 at 5k (lr 1e-2).",
+        float64=True,
     ),
     Task(
         name="autoencoder",

@@ -161,6 +161,7 @@ TASKS = [
         adam_lrs=(1e-3, 3e-3, 1e-2),
         sgd_lrs=(1e-4, 3e-4, 1e-3),
         note="Adam (§3.2): best 1.3e-4 at 3k steps (lr 3e-3), never stably below 1e-4.",
+        float64=True,
     ),
     Task(
         name="deep_linear",
