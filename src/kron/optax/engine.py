@@ -27,12 +27,14 @@ same numbers, and a sharded run draws what the unsharded one does (padding rows 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import PartitionSpec
 
@@ -75,7 +77,7 @@ from kron.optax.state import KronState, leaf_key
 
 OPS = get_ops("jax")
 # Stream identifiers folded into a stack's key.
-NOISE, NORM_PROBES, BALANCE, DECISION, NEWTON_PROBE = range(5)
+NOISE, BALANCE, DECISION, NEWTON_PROBE = range(4)
 SUBSPACE_PROBES = 32
 PRECONDITIONER_TYPES = ("whitening", "newton")
 
@@ -512,6 +514,7 @@ def build(config: EngineConfig) -> optax.GradientTransformationExtraArgs:
                 scaled = state.needs_scale_init
         new_factors: list[Any] = [None] * len(factors)
         new_lips: list[Any] = [None] * len(factors)
+        balance_draws = _balance_draws(state.key, count, stacks)
         for index, stack in enumerate(stacks):
             inputs = _fit_inputs(state.key, count, index, stack)
             if target_rows is not None:
@@ -526,7 +529,11 @@ def build(config: EngineConfig) -> optax.GradientTransformationExtraArgs:
             stack_factors, stack_lips = fit_stack(
                 stack_factors, stack_lips, stack, precond_lr, inputs
             )
-            stack_factors = _maybe_balance(tuple(stack_factors), state.key, count, index)
+            stack_factors = _maybe_balance(
+                tuple(stack_factors),
+                count,
+                None if balance_draws is None else balance_draws[index],
+            )
             if stacked:
                 new_factors[index], new_lips[index] = tuple(stack_factors), tuple(stack_lips)
                 continue
@@ -657,18 +664,22 @@ def build(config: EngineConfig) -> optax.GradientTransformationExtraArgs:
         def rows(x: Any) -> Any:
             return constrain_rows(pad_rows(x, stack.padding), axis)
 
-        noise_key = leaf_key(key, count, index, NOISE)
-        inputs: dict[str, Any] = {
-            "noise": rows(
-                jax.random.normal(noise_key, (stack.real_rows, *plan.block_shape), q_dtype)
-            )
-        }
+        # One draw holds the noise and the norm probes: XLA compiles every threefry draw on
+        # its own, and separate draws were about 40 % of the update's compile time on the CPU.
+        shapes = [plan.block_shape]
         if options.fit.norm_bound == "subspace":
-            keys = jax.random.split(leaf_key(key, count, index, NORM_PROBES), plan.order)
-            inputs["norm_probes"] = [
-                rows(jax.random.normal(k, (stack.real_rows, SUBSPACE_PROBES, n), q_dtype))
-                for k, n in zip(keys, plan.block_shape)
-            ]
+            shapes += [(SUBSPACE_PROBES, n) for n in plan.block_shape]
+        sizes = [math.prod(shape) for shape in shapes]
+        draw = jax.random.normal(
+            leaf_key(key, count, index, NOISE), (stack.real_rows, sum(sizes)), q_dtype
+        )
+        parts = [
+            rows(jnp.reshape(part, (stack.real_rows, *shape)))
+            for part, shape in zip(jnp.split(draw, np.cumsum(sizes)[:-1], axis=1), shapes)
+        ]
+        inputs: dict[str, Any] = {"noise": parts[0]}
+        if len(parts) > 1:
+            inputs["norm_probes"] = parts[1:]
         mask = plan.mask()
         if mask is not None:
             tiled = jnp.tile(jnp.asarray(mask, q_dtype), (sum(stack.layers),) + (1,) * plan.order)
@@ -676,16 +687,20 @@ def build(config: EngineConfig) -> optax.GradientTransformationExtraArgs:
             inputs["mask"] = constrain_rows(pad_rows(tiled, stack.padding, 1.0), axis)
         return inputs
 
-    def _maybe_balance(factors, key, count, index):
+    def _balance_draws(key, count, stacks):
+        """One uniform per stack for the random balancing rule (one draw: see ``_fit_inputs``),
+        or ``None`` when balancing is not random."""
+        if config.balance_every is not None or config.balance_probability <= 0:
+            return None
+        return jax.random.uniform(leaf_key(key, count, 0, BALANCE), (len(stacks),))
+
+    def _maybe_balance(factors, count, draw):
         if len(factors) < 2:
             return factors
         if config.balance_every is not None:
             now = count % config.balance_every == 0
-        elif config.balance_probability > 0:
-            now = (
-                jax.random.uniform(leaf_key(key, count, index, BALANCE))
-                < config.balance_probability
-            )
+        elif draw is not None:
+            now = draw < config.balance_probability
         else:
             return factors
         # A branch, not a select: balancing is rare (1 % of fits, or every 100th step), so most
