@@ -134,25 +134,32 @@ def measure(args: argparse.Namespace) -> list[dict]:
         x = jnp.asarray(rng.standard_normal((BATCH, width)), jnp.float32)
         y = jnp.asarray(rng.integers(0, 10, BATCH))
         for probability in (1.0, 0.03):
-            runs = {}
-            for name, make in optimizers(probability, scanned).items():
-                tx = make()
-                params = jax.tree.map(jnp.copy, params0)
-                state = tx.init(params)
-                step = make_step(tx, loss)
-                start = time.perf_counter()
-                compiled = step.lower(params, state, x, y).compile()
-                compile_s = time.perf_counter() - start
+            runs: dict[str, dict] = {}
+            # Each optimizer's step is compiled afresh ``--compiles`` times, in turn across the
+            # optimizers, and the shortest time is kept: one compile varies by ±20 % with load.
+            for _ in range(args.compiles):
+                for name, make in optimizers(probability, scanned).items():
+                    tx = make()
+                    params = jax.tree.map(jnp.copy, params0)
+                    state = tx.init(params)
+                    step = make_step(tx, loss)
+                    start = time.perf_counter()
+                    compiled = step.lower(params, state, x, y).compile()
+                    compile_s = time.perf_counter() - start
+                    best = min(compile_s, runs.get(name, {}).get("compile_s", compile_s))
+                    runs[name] = {
+                        "compiled": compiled,
+                        "params": params,
+                        "state": state,
+                        "compile_s": best,
+                        "windows": [],
+                    }
+            for run in runs.values():
+                params, state = run["params"], run["state"]
                 for _ in range(args.warmup):
-                    params, state = compiled(params, state, x, y)
+                    params, state = run["compiled"](params, state, x, y)
                 jax.block_until_ready(params)
-                runs[name] = {
-                    "compiled": compiled,
-                    "params": params,
-                    "state": state,
-                    "compile_s": compile_s,
-                    "windows": [],
-                }
+                run["params"], run["state"] = params, state
             for _ in range(args.repeats):
                 for run in runs.values():
                     params, state = run["params"], run["state"]
@@ -207,6 +214,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--compiles", type=int, default=2)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     rows = measure(args)
