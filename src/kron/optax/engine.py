@@ -359,7 +359,7 @@ def build(config: EngineConfig) -> optax.GradientTransformationExtraArgs:
         kept_factors, kept_lips, kept_cache, fit_ok, newton_scaled = fitted
         # A layer keeps its new momentum, and gets a nonzero update, only if its gradient (and
         # Newton pair) was finite.
-        keep = [ok & pair_ok for ok, pair_ok in zip(finite, fit_ok)]
+        keep = [ok & pair_ok for ok, pair_ok in zip(finite, fit_ok)] if config.newton else finite
         rows = _unit_flags(keep, layouts, stacks) if config.newton else finite_rows
         with _precision(config.apply_precision):
             directions = _apply_all(kept_factors, kept_cache, applied, layouts, stacks, keep, rows)
