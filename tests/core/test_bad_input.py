@@ -15,6 +15,7 @@ from kron.core import (
     LayoutOptions,
     StepOptions,
     canonical_geometry,
+    finite_rows,
     fit,
     fourth_moment,
     get_ops,
@@ -252,3 +253,19 @@ def test_shared_scale_uses_the_largest_finite_moment(backend):
     per_tensor = backend.numpy(scale_from_moments(small, ops, damping=0.0))
     assert per_tensor > shared  # the shared rule is the conservative one
     assert backend.numpy(shared_scale([broken], ops)) == 1.0
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_finite_rows_equals_all_isfinite_even_where_a_sum_would_overflow(backend, dtype):
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((12, 4, 5)).astype(dtype)
+    x[1] = np.finfo(dtype).max  # finite, though its plain sum overflows
+    x[2, 0, 0] = np.nan
+    x[3, 1, 1], x[3, 2, 2] = np.inf, -np.inf
+    x[4, 3, 4] = -np.inf
+    expected = np.isfinite(x).all(axis=(1, 2))
+    flags = backend.numpy(finite_rows(backend.array(x), backend.ops))
+    np.testing.assert_array_equal(flags, expected)
+    assert expected[1] and not expected[2:5].any() and expected[5:].all()
+    flat = backend.numpy(finite_rows(backend.array(x[:, 0, 0]), backend.ops))
+    np.testing.assert_array_equal(flat, np.isfinite(x[:, 0, 0]))

@@ -167,7 +167,9 @@ def test_scanned_leaf_equals_separate_layers(geometry):
         g = jnp.asarray(rng.standard_normal((layers, 6, 4)))
         updates, state = update({f"w{i}": g[i] for i in range(layers)}, state, separate)
         for i in range(layers):
-            np.testing.assert_allclose(updates[f"w{i}"], scanned_out[step]["w"][i], rtol=2e-6)
+            np.testing.assert_allclose(
+                updates[f"w{i}"], scanned_out[step]["w"][i], rtol=2e-6, atol=1e-6
+            )
     # Per-layer Lipschitz estimates differ between layers: statistics are not shared.
     lips = np.asarray(scanned_state.lipschitz["w"][0])
     assert lips.shape == (layers,) and len(np.unique(lips)) == layers
@@ -218,8 +220,8 @@ def test_same_shape_leaves_share_one_stack():
     for step in range(len(out)):
         ga, gb = (jnp.asarray(rng.standard_normal((6, 4))) for _ in range(2))
         updates, state = jax.jit(tx.update)({"w": jnp.stack([ga, gb])}, state)
-        np.testing.assert_allclose(updates["w"][0], out[step]["a"], rtol=2e-6)
-        np.testing.assert_allclose(updates["w"][1], out[step]["b"], rtol=2e-6)
+        np.testing.assert_allclose(updates["w"][0], out[step]["a"], rtol=2e-6, atol=1e-6)
+        np.testing.assert_allclose(updates["w"][1], out[step]["b"], rtol=2e-6, atol=1e-6)
 
 
 def test_newton_needs_value_fn():

@@ -42,17 +42,23 @@ def _sides(x: Any, axis: int) -> tuple[int, int, int]:
     return math.prod(shape[:axis]), shape[axis], math.prod(shape[axis + 1 :])
 
 
-def mode_product(factor: Any, x: Any, axis: int, ops: Any, transpose: bool = False) -> Any:
-    """``factor ×_axis x`` (``factorᵀ ×_axis x`` with ``transpose``). Shape of ``x`` is kept."""
+def mode_product(
+    factor: Any, x: Any, axis: int, ops: Any, transpose: bool = False, symmetric: bool = False
+) -> Any:
+    """``factor ×_axis x`` (``factorᵀ ×_axis x`` with ``transpose``). Shape of ``x`` is kept.
+
+    With ``symmetric`` (``factor = factorᵀ``, as every ``P_i`` is) the orientation is chosen that
+    needs no transposed copy of ``factor``: XLA:CPU materialises one for every ``x·factorᵀ``,
+    while a strided BLAS call would not."""
     if not is_dense(factor):
         return x * along_axis(factor, axis, len(x.shape), ops)
     before, n, after = _sides(x, axis)
     batch = x.shape[0]
     # The first and last axes need no transposition: x is already (B, n, rest) or (B, rest, n).
     if before == 1:
-        matrix = ops.mT(factor) if transpose else factor
+        matrix = ops.mT(factor) if transpose and not symmetric else factor
         return ops.reshape(ops.matmul(matrix, ops.reshape(x, (batch, n, after))), x.shape)
-    matrix = factor if transpose else ops.mT(factor)
+    matrix = factor if transpose or symmetric else ops.mT(factor)
     if after == 1:
         return ops.reshape(ops.matmul(ops.reshape(x, (batch, before, n)), matrix), x.shape)
     unfolded, shape = _unfold(x, axis, ops)
@@ -60,18 +66,21 @@ def mode_product(factor: Any, x: Any, axis: int, ops: Any, transpose: bool = Fal
     return _fold(ops.matmul(unfolded, matrix), shape, axis, ops)
 
 
-def apply_factors(factors: Sequence[Any], x: Any, ops: Any, transpose: bool = False) -> Any:
+def apply_factors(
+    factors: Sequence[Any], x: Any, ops: Any, transpose: bool = False, symmetric: bool = False
+) -> Any:
     """``(⊗ F_i) x`` (or ``(⊗ F_iᵀ) x``): one mode product per axis."""
     for axis, factor in enumerate(factors):
-        x = mode_product(factor, x, axis, ops, transpose)
+        x = mode_product(factor, x, axis, ops, transpose, symmetric)
     return x
 
 
 def precondition(factors: Sequence[Any], x: Any, ops: Any, state_is_p: bool = False) -> Any:
     """``P x`` (§3.1). With Q factors, ``P x = Qᵀ(Q x)``; when the factors are P itself (PRO4P,
-    QUAD4P, or a cache from :func:`cache_preconditioner`), each is applied once."""
+    QUAD4P, or a cache from :func:`cache_preconditioner`), each is applied once, in whichever
+    orientation needs no transpose, since P is symmetric."""
     if state_is_p:
-        return apply_factors(factors, x, ops)
+        return apply_factors(factors, x, ops, symmetric=True)
     return apply_factors(factors, apply_factors(factors, x, ops), ops, transpose=True)
 
 

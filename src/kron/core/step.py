@@ -92,13 +92,32 @@ def update_momentum(
     number, or an array that broadcasts against ``grad``). Coefficients are computed in the
     precision of ``count`` and cast to ``grad``'s dtype, so a float32 counter never promotes
     bfloat16 momentum."""
-    dtype = ops.dtype(grad)
     if rule == "running_mean":
-        beta_t = ops.astype(ops.minimum(count / (count + 1.0), beta), dtype)
+        beta_t = ops.astype(ops.minimum(count / (count + 1.0), beta), ops.dtype(grad))
         momentum = beta_t * momentum + (1.0 - beta_t) * grad
-        return momentum, momentum
-    momentum = beta * momentum + (1.0 - beta) * grad
-    return momentum, momentum / ops.astype(1.0 - beta ** (count + 1.0), dtype)
+    else:
+        momentum = beta * momentum + (1.0 - beta) * grad
+    return momentum, debias_momentum(momentum, count, beta, rule, ops)
+
+
+def debias_momentum(momentum: Any, count: Any, beta: float, rule: str, ops: Any) -> Any:
+    """The momentum to use, from the stored one after ``count + 1`` updates: itself for the
+    running mean, ``m / (1 - β^(count+1))`` for the debiased EMA."""
+    if rule == "running_mean":
+        return momentum
+    return momentum / ops.astype(1.0 - beta ** (count + 1.0), ops.dtype(momentum))
+
+
+def finite_rows(x: Any, ops: Any) -> Any:
+    """``(S,)`` booleans: whether ``x[s]`` (``x`` is ``(S, ...)``) holds only finite numbers.
+
+    Computed as ``sum(x·0) == 0``: ``x·0`` is 0 for every finite entry and NaN for ±inf or NaN,
+    and a sum of zeros cannot overflow, so this equals ``all(isfinite(x[s]))`` exactly. It is one
+    vectorised reduction on every backend, where ``all(isfinite)`` is not: PyTorch's CPU
+    ``isfinite`` is scalar code, and XLA:CPU lowers a boolean ``all`` over 65 536 entries to five
+    kernels (a 256x256 gradient checked 4x faster in JAX, see benchmarks/RESULTS.md)."""
+    zeros, axes = x * 0, tuple(range(1, len(x.shape)))
+    return (ops.sum(zeros, axis=axes) if axes else zeros) == 0
 
 
 def select_state(

@@ -36,6 +36,7 @@ from kron.core import (
     balance,
     cache_preconditioner,
     counter_decision,
+    finite_rows,
     fourth_moment,
     get_ops,
     init_factors,
@@ -404,14 +405,14 @@ class Kron(keras.optimizers.Optimizer):
     def update_step(self, gradient: Any, variable: Any, learning_rate: Any) -> None:
         index = self._get_variable_index(variable)
         plan, slots = self._plans[index], self._slots[index]
-        grad = kops.cast(gradient, self.precond_dtype)
-        finite = kops.all(kops.isfinite(grad))
+        grad = kops.expand_dims(kops.cast(gradient, self.precond_dtype), 0)
+        finite = finite_rows(grad, OPS)[0]
         if self.nonfinite == "raise":
             native.raise_if(
                 kops.logical_not(finite),
                 f"Kron: non-finite gradient for variable {index} of shape {plan.shape}.",
             )
-        grad = kops.expand_dims(kops.where(finite, grad, kops.zeros_like(grad)), 0)
+        grad = kops.where(finite, grad, kops.zeros_like(grad))
         old, count = self._read(slots)
         if self.precond_init_scale is None:
             old = self._scale_at_first_step(old, grad, count, plan)

@@ -44,6 +44,8 @@ from kron.core import (
     balance,
     cache_preconditioner,
     counter_decision,
+    debias_momentum,
+    finite_rows,
     fit,
     fourth_moment,
     get_ops,
@@ -266,8 +268,9 @@ def build(config: EngineConfig) -> optax.GradientTransformationExtraArgs:
             jnp.reshape(g.astype(q_dtype), (lay.layers, *lay.plan.shape))
             for g, lay in zip(grads, layouts)
         ]
-        finite = [jnp.all(jnp.isfinite(jnp.reshape(g, (g.shape[0], -1))), axis=1) for g in layered]
-        layered = [jnp.where(_expand(ok, g), g, 0.0) for g, ok in zip(layered, finite)]
+        # Non-finite layers are not zeroed here: each use below selects on `finite` instead (the
+        # momentum, the fit's inputs, the product's output), which costs no pass of its own.
+        finite = [finite_rows(g, OPS) for g in layered]
         if config.normalize_grads:
             layered = [_normalize(g) for g in layered]
         mu = [
@@ -276,13 +279,22 @@ def build(config: EngineConfig) -> optax.GradientTransformationExtraArgs:
         ]
         momenta, debiased = mu, layered
         if options.beta > 0:
-            pairs = [
-                update_momentum(
-                    m, g, count.astype(lip_dtype), options.beta, options.momentum_rule, OPS
+            steps = count.astype(lip_dtype)
+            momenta = [
+                jnp.where(_expand(ok, new), new, old)
+                for ok, new, old in zip(
+                    finite,
+                    (
+                        update_momentum(m, g, steps, options.beta, options.momentum_rule, OPS)[0]
+                        for m, g in zip(mu, layered)
+                    ),
+                    mu,
                 )
-                for m, g in zip(mu, layered)
             ]
-            momenta, debiased = [p[0] for p in pairs], [p[1] for p in pairs]
+            # From the kept momentum, so the product reads the buffer the state is written from.
+            debiased = [
+                debias_momentum(m, steps, options.beta, options.momentum_rule, OPS) for m in momenta
+            ]
         targets = debiased if options.whiten_momentum else layered
         applied = debiased if options.precondition_momentum else layered
         if stacked and config.params_partition_specs is not None:
@@ -298,15 +310,20 @@ def build(config: EngineConfig) -> optax.GradientTransformationExtraArgs:
         # into rows) runs outside the lax.conds below: XLA:CPU may run a conditional at the same
         # time as a collective outside it, and host devices then wait on each other forever.
         auto_scale = config.init_scale is None and not config.newton
-        scale = _whitening_scale(layered) if auto_scale else None
+        # Only the first update uses the scale; a per-leaf state computes it inside that
+        # update's branch rather than reducing every gradient on every step.
+        scale = _whitening_scale(layered) if auto_scale and stacked else None
         target_rows = None
         if stacked and not config.newton:
-            target_rows = [_rows(stack, [targets[i] for i in stack.members]) for stack in stacks]
+            finite_targets = _zero_nonfinite(targets, finite)
+            target_rows = [
+                _rows(stack, [finite_targets[i] for i in stack.members]) for stack in stacks
+            ]
         do_fit, decision_total = _decide(state, count)
         precond_lr = config.precond_lr(count) if callable(config.precond_lr) else config.precond_lr
         # Per-row flags of finite gradients, made here (resharding them may need collectives)
         # and used by both the fit's selection and the product outside it.
-        finite_rows = _unit_flags(finite, layouts, stacks)
+        unit_finite = _unit_flags(finite, layouts, stacks)
 
         def fit_branch(f: list, c: list) -> Any:
             with _precision(config.fit_precision):
@@ -314,7 +331,7 @@ def build(config: EngineConfig) -> optax.GradientTransformationExtraArgs:
                     state,
                     f,
                     lipschitz,
-                    targets,
+                    _zero_nonfinite(targets, finite),
                     target_rows,
                     layouts,
                     stacks,
@@ -323,7 +340,7 @@ def build(config: EngineConfig) -> optax.GradientTransformationExtraArgs:
                     value_fn,
                 )
             # A layer keeps its fitted factors only if its gradient (and Newton pair) was finite.
-            rows = finite_rows
+            rows = unit_finite
             if config.newton:
                 keep = [ok & pair_ok for ok, pair_ok in zip(finite, fit_ok)]
                 rows = _unit_flags(keep, layouts, stacks)
@@ -345,7 +362,9 @@ def build(config: EngineConfig) -> optax.GradientTransformationExtraArgs:
             f, c = factors, cache
             if auto_scale:
                 f, c = jax.lax.cond(
-                    state.needs_scale_init, lambda: _rescaled(f, scale), lambda: (f, c)
+                    state.needs_scale_init,
+                    lambda: _rescaled(f, _whitening_scale(layered) if scale is None else scale),
+                    lambda: (f, c),
                 )
             if always_fit:
                 return fit_branch(f, c)
@@ -360,10 +379,12 @@ def build(config: EngineConfig) -> optax.GradientTransformationExtraArgs:
         # A layer keeps its new momentum, and gets a nonzero update, only if its gradient (and
         # Newton pair) was finite.
         keep = [ok & pair_ok for ok, pair_ok in zip(finite, fit_ok)] if config.newton else finite
-        rows = _unit_flags(keep, layouts, stacks) if config.newton else finite_rows
+        rows = _unit_flags(keep, layouts, stacks) if config.newton else unit_finite
         with _precision(config.apply_precision):
             directions = _apply_all(kept_factors, kept_cache, applied, layouts, stacks, keep, rows)
-        kept_mu = [jnp.where(_expand(k, new), new, old) for k, new, old in zip(keep, momenta, mu)]
+        kept_mu = momenta
+        if config.newton:
+            kept_mu = [jnp.where(_expand(k, m), m, old) for k, m, old in zip(keep, momenta, mu)]
         if stacked:
             kept_factors, kept_lips, kept_cache = map(tuple, (kept_factors, kept_lips, kept_cache))
         else:
@@ -456,6 +477,10 @@ def build(config: EngineConfig) -> optax.GradientTransformationExtraArgs:
     def _cached(factors: tuple[Any, ...]) -> tuple[Any, ...]:
         return tuple(cache_preconditioner(factors, OPS)) if caching else ()
 
+    def _zero_nonfinite(layered, finite):
+        """The layers whose ``finite`` flag is off set to zero, so that no NaN reaches a fit."""
+        return [jnp.where(_expand(ok, x), x, 0.0) for x, ok in zip(layered, finite)]
+
     def _whitening_scale(layered):
         """The automatic scale from the first gradients, ``(max mean g⁴ + δ⁴)^(-1/8)``."""
         moments = [fourth_moment(g.astype(jnp.float32), OPS) for g in layered]
@@ -505,9 +530,7 @@ def build(config: EngineConfig) -> optax.GradientTransformationExtraArgs:
         probes = None
         if config.newton:
             probes, targets = _newton_pairs(state.key, count, params, value_fn, layouts)
-            fit_ok = [
-                jnp.all(jnp.isfinite(jnp.reshape(h, (h.shape[0], -1))), axis=1) for h in targets
-            ]
+            fit_ok = [finite_rows(h, OPS) for h in targets]
             targets = [jnp.where(_expand(ok, h), h, 0.0) for h, ok in zip(targets, fit_ok)]
             if config.init_scale is None:
                 factors = _newton_init(state, factors, probes, targets)

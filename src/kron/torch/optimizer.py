@@ -33,6 +33,7 @@ from kron.core import (
     bernoulli_decision,
     counter_decision,
     exponential_schedule,
+    finite_rows,
     fourth_moment,
     init_factors,
     init_lipschitz,
@@ -49,7 +50,6 @@ from kron.torch.functional import (
     apply_caution,
     clipper,
     concat,
-    finite_rows,
     hessian_vector_products,
     stack,
     stochastic_round,
@@ -728,7 +728,7 @@ class Kron(torch.optim.Optimizer):
         free read; elsewhere it is left to the device (no synchronisation)."""
         size = len(params)
         grads = stack([p.grad for p in params]).to(dtype)
-        finite = finite_rows(grads.reshape(size, -1))
+        finite = finite_rows(grads.reshape(size, -1), OPS)
         all_finite = grads.device.type == "cpu" and bool(finite.all())
         if not all_finite:
             grads = torch.where(finite.view(-1, *[1] * (grads.ndim - 1)), grads, 0.0)
