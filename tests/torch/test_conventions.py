@@ -186,6 +186,21 @@ def test_nonfinite_gradient_leaves_state_untouched_and_is_counted(bad):
     assert not torch.equal(model[0].weight.detach(), other_before)  # the others still step
 
 
+def test_a_finite_gradient_whose_sum_overflows_is_stepped_not_skipped():
+    """The CPU's quick test sums each bucket; a sum of huge finite entries overflows to inf and
+    must fall through to the exact per-parameter test rather than skip the step. (Entries this
+    large overflow the fit's squares too; only the skip decision is checked here.)"""
+    huge = torch.finfo(torch.float32).max / 4
+    weights = [nn.Parameter(torch.zeros(3, 3)) for _ in range(2)]
+    opt = Kron(weights, lr=1e-2, preconditioner_update_probability=1.0)
+    for w in weights:
+        w.grad = torch.full((3, 3), huge)
+    opt.step()
+    for w in weights:
+        assert opt.state[w]["skipped"].item() == 0
+        assert opt.state[w]["count"].item() == 1
+
+
 def test_nonfinite_gradient_raises_when_asked():
     model = make_model()
     opt = Kron(model.parameters(), nonfinite="raise")

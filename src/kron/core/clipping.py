@@ -3,11 +3,18 @@ stacked parameters; statistics are per parameter (per leading index)."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 
+def _norm(y: Any, ops: Any) -> Any:
+    """The L2 norm of each ``y[s]``, shaped to broadcast against ``y``."""
+    axes = tuple(range(1, len(y.shape)))
+    return ops.norm(y, axis=axes, keepdims=True) if axes else ops.abs(y)
+
+
 def _rms(y: Any, ops: Any) -> Any:
-    return ops.sqrt(ops.mean(y * y, axis=tuple(range(1, len(y.shape))), keepdims=True))
+    return _norm(y, ops) / math.sqrt(math.prod(y.shape[1:]))
 
 
 def clip_rms(y: Any, max_rms: float, ops: Any) -> Any:
@@ -29,8 +36,7 @@ def soft_clip(y: Any, ops: Any, scale: float = 1.5, lerp: float = 0.9) -> Any:
 
 def clip_l2(y: Any, max_norm: float, ops: Any) -> Any:
     """``y · min(1, max_norm / ‖y‖₂)`` per leading index."""
-    norm = ops.sqrt(ops.sum(y * y, axis=tuple(range(1, len(y.shape))), keepdims=True))
-    return y * ops.minimum(max_norm / (norm + 1e-12), 1.0)
+    return y * ops.minimum(max_norm / (_norm(y, ops) + 1e-12), 1.0)
 
 
 def mars_correction(grad: Any, previous: Any, beta: float, gamma: float, ops: Any) -> Any:

@@ -94,9 +94,9 @@ def update_momentum(
     bfloat16 momentum."""
     if rule == "running_mean":
         beta_t = ops.astype(ops.minimum(count / (count + 1.0), beta), ops.dtype(grad))
-        momentum = beta_t * momentum + (1.0 - beta_t) * grad
+        momentum = ops.lerp(momentum, grad, 1.0 - beta_t)
     else:
-        momentum = beta * momentum + (1.0 - beta) * grad
+        momentum = ops.lerp(momentum, grad, 1.0 - beta)
     return momentum, debias_momentum(momentum, count, beta, rule, ops)
 
 

@@ -728,12 +728,21 @@ class Kron(torch.optim.Optimizer):
         free read; elsewhere it is left to the device (no synchronisation)."""
         size = len(params)
         grads = stack([p.grad for p in params]).to(dtype)
+        on_cpu = grads.device.type == "cpu"
+        # A finite sum proves every entry finite (NaN and ±inf survive addition), so on the CPU
+        # one reduction usually settles it; a non-finite or overflowing sum takes the exact test.
+        if on_cpu and bool(torch.isfinite(grads.sum())):
+            return self._clip_gradients(group, grads), torch.ones(size, dtype=torch.bool), True
         finite = finite_rows(grads.reshape(size, -1), OPS)
-        all_finite = grads.device.type == "cpu" and bool(finite.all())
+        all_finite = on_cpu and bool(finite.all())
         if not all_finite:
             grads = torch.where(finite.view(-1, *[1] * (grads.ndim - 1)), grads, 0.0)
+        return self._clip_gradients(group, grads), finite, all_finite
+
+    @staticmethod
+    def _clip_gradients(group, grads):
         clip_grad = clipper(group["gradient_clipping"], group["gradient_clip_value"])
-        return (grads if clip_grad is None else clip_grad(grads)), finite, all_finite
+        return grads if clip_grad is None else clip_grad(grads)
 
     def _fit_inputs(self, gi, group, members, plan, dtype, do_fit, probes, hvps):
         """The random and Newton inputs of a fit (all None on steps that do not fit)."""

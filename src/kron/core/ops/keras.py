@@ -126,6 +126,12 @@ class KerasOps:
     def mean(self, x, axis=None, keepdims=False):
         return kops.mean(x, axis=axis, keepdims=keepdims)
 
+    def norm(self, x, axis=None, keepdims=False):
+        return kops.sqrt(kops.sum(x * x, axis=axis, keepdims=keepdims))
+
+    def lerp(self, start, end, weight):
+        return start + weight * (end - start)
+
     def max(self, x, axis=None, keepdims=False):
         return kops.max(x, axis=axis, keepdims=keepdims)
 

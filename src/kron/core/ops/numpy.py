@@ -116,6 +116,12 @@ class NumpyOps:
     def mean(self, x, axis=None, keepdims=False):
         return self.xp.mean(x, axis=axis, keepdims=keepdims)
 
+    def norm(self, x, axis=None, keepdims=False):
+        return self.xp.sqrt(self.xp.sum(x * x, axis=axis, keepdims=keepdims))
+
+    def lerp(self, start, end, weight):
+        return start + weight * (end - start)
+
     def max(self, x, axis=None, keepdims=False):
         return self.xp.max(x, axis=axis, keepdims=keepdims)
 

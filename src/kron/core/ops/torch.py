@@ -117,6 +117,15 @@ class TorchOps:
     def mean(self, x, axis=None, keepdims=False):
         return x.mean() if axis is None else x.mean(dim=axis, keepdim=keepdims)
 
+    def norm(self, x, axis=None, keepdims=False):
+        # One pass and no temporary, where sqrt(sum(x·x)) writes x·x out first.
+        return torch.linalg.vector_norm(x, dim=axis, keepdim=keepdims)
+
+    def lerp(self, start, end, weight):
+        # torch.lerp is one pass; it needs one dtype throughout (momentum may be stored narrower).
+        same = start.dtype == end.dtype and getattr(weight, "dtype", start.dtype) == start.dtype
+        return torch.lerp(start, end, weight) if same else start + weight * (end - start)
+
     def max(self, x, axis=None, keepdims=False):
         return x.amax() if axis is None else x.amax(dim=axis, keepdim=keepdims)
 
