@@ -414,28 +414,51 @@ class Kron(keras.optimizers.Optimizer):
             )
         grad = kops.where(finite, grad, kops.zeros_like(grad))
         old, count = self._read(slots)
-        if self.precond_init_scale is None:
-            old = self._scale_at_first_step(old, grad, count, plan)
         fit, _ = self._decide()
-        y, new = native.cond(
-            fit,
-            self._branch(index, plan, old, grad, count, finite, True),
-            self._branch(index, plan, old, grad, count, finite, False),
+
+        def changed() -> tuple[Any, ...]:
+            """The first update's automatic init scale, then this step's fit if any."""
+            start = old
+            if self.precond_init_scale is None:
+                start = self._scale_at_first_step(old, grad, count, plan)
+            return native.cond(
+                fit,
+                self._fit(index, plan, start, grad, count, finite),
+                lambda: _preconditioner(start),
+            )
+
+        # Only the preconditioner's update sits under the conds; applying it runs outside, so a
+        # step that does not fit takes the cheap branch and XLA schedules the products freely.
+        first = count == 0 if self.precond_init_scale is None else False
+        factors, lipschitz, cache = native.cond(
+            kops.logical_or(fit, first), changed, lambda: _preconditioner(old)
+        )
+        state = old._replace(factors=factors, lipschitz=lipschitz, cache=cache)
+        y, new = kron_step(
+            state,
+            grad,
+            count,
+            None,
+            plan=plan,
+            options=self._step_options,
+            precond_lr=self.precond_lr,
+            do_fit=False,
+            ops=OPS,
         )
         new = new._replace(momentum=kops.where(finite, new.momentum, old.momentum))
         self._write(slots, new, finite)
         self._apply_update(
-            variable, index, kops.where(finite, y, kops.zeros_like(y)), finite, learning_rate
+            variable, index, kops.where(finite, y[0], kops.zeros_like(y[0])), finite, learning_rate
         )
 
-    def _branch(self, index, plan, old, grad, count, finite, do_fit) -> Callable[[], Any]:
-        """One side of the fit decision: ``kron_step`` (with a random balance after a fit). A
-        fit's factors, estimates and cache are kept only when the gradient was ``finite``; the
-        other side leaves them as they were, so it selects nothing."""
+    def _fit(self, index, plan, old, grad, count, finite) -> Callable[[], tuple[Any, ...]]:
+        """The fit branch: ``kron_step``'s preconditioner update (its direction is not used, so
+        the compiler drops it), with a random balance after it. The new factors, estimates and
+        cache are kept only when the gradient was ``finite``."""
 
-        def run() -> tuple[Any, TensorState]:
-            inputs = self._fit_inputs(index, plan) if do_fit else {"noise": None}
-            y, new = kron_step(
+        def run() -> tuple[Any, ...]:
+            inputs = self._fit_inputs(index, plan)
+            _, new = kron_step(
                 old,
                 grad,
                 count,
@@ -443,26 +466,24 @@ class Kron(keras.optimizers.Optimizer):
                 plan=plan,
                 options=self._step_options,
                 precond_lr=self.precond_lr,
-                do_fit=do_fit,
+                do_fit=True,
                 ops=OPS,
                 mask=self._mask(plan),
                 **inputs,
             )
-            if do_fit and self.balance_probability > 0 and plan.order > 1:
+            factors = tuple(new.factors)
+            if self.balance_probability > 0 and plan.order > 1:
                 draw = native.uniform(self._seed(), self.iterations, index, native.BALANCE)
                 factors = native.cond(
                     draw < self.balance_probability,
-                    lambda: tuple(balance(new.factors, OPS)),
-                    lambda: tuple(new.factors),
+                    lambda: tuple(balance(factors, OPS)),
+                    lambda: factors,
                 )
-                new = new._replace(factors=tuple(factors))
-            if do_fit:
-                new = new._replace(
-                    factors=_where_tree(finite, tuple(new.factors), old.factors),
-                    lipschitz=_where_tree(finite, tuple(new.lipschitz), old.lipschitz),
-                    cache=_where_tree(finite, tuple(new.cache), old.cache),
-                )
-            return y[0], new
+            return (
+                _where_tree(finite, tuple(factors), old.factors),
+                _where_tree(finite, tuple(new.lipschitz), old.lipschitz),
+                _where_tree(finite, tuple(new.cache), old.cache),
+            )
 
         return run
 
@@ -559,6 +580,11 @@ class Kron(keras.optimizers.Optimizer):
                 probability, custom_objects=custom_objects
             )
         return super().from_config(config, custom_objects=custom_objects)
+
+
+def _preconditioner(state: TensorState) -> tuple[Any, ...]:
+    """The parts of ``state`` a fit changes: factors, Lipschitz estimates and cache."""
+    return tuple(state.factors), tuple(state.lipschitz), tuple(state.cache)
 
 
 def _where_tree(flag: Any, new: Any, old: Any) -> Any:
