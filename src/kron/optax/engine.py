@@ -280,17 +280,13 @@ def build(config: EngineConfig) -> optax.GradientTransformationExtraArgs:
         momenta, debiased = mu, layered
         if options.beta > 0:
             steps = count.astype(lip_dtype)
-            momenta = [
-                jnp.where(_expand(ok, new), new, old)
-                for ok, new, old in zip(
-                    finite,
-                    (
-                        update_momentum(m, g, steps, options.beta, options.momentum_rule, OPS)[0]
-                        for m, g in zip(mu, layered)
-                    ),
-                    mu,
-                )
-            ]
+
+            def kept_momentum(m: Any, g: Any, ok: Any) -> Any:
+                """The new momentum, or the old one where the gradient was not finite."""
+                new, _ = update_momentum(m, g, steps, options.beta, options.momentum_rule, OPS)
+                return jnp.where(_expand(ok, new), new, m)
+
+            momenta = [kept_momentum(m, g, ok) for m, g, ok in zip(mu, layered, finite)]
             # From the kept momentum, so the product reads the buffer the state is written from.
             debiased = [
                 debias_momentum(m, steps, options.beta, options.momentum_rule, OPS) for m in momenta
@@ -531,7 +527,7 @@ def build(config: EngineConfig) -> optax.GradientTransformationExtraArgs:
         if config.newton:
             probes, targets = _newton_pairs(state.key, count, params, value_fn, layouts)
             fit_ok = [finite_rows(h, OPS) for h in targets]
-            targets = [jnp.where(_expand(ok, h), h, 0.0) for h, ok in zip(targets, fit_ok)]
+            targets = _zero_nonfinite(targets, fit_ok)
             if config.init_scale is None:
                 factors = _newton_init(state, factors, probes, targets)
                 scaled = state.needs_scale_init
