@@ -190,6 +190,7 @@ def fit(
     probe: Any = None,
     mask: Any = None,
     norm_probes: Sequence[Any] | None = None,
+    cache: Sequence[Any] | None = None,
 ) -> tuple[list[Any], list[Any]]:
     """One preconditioner update (§4.0). Returns ``(factors, lipschitz)``.
 
@@ -203,6 +204,8 @@ def fit(
       probe: Newton type only: the ``v`` of ``h = H v``.
       mask: 1 on real entries, 0 on padding, like ``x``; ``None`` when nothing is padded.
       norm_probes: per factor, ``(B, r, n_i)`` normals for the ``"subspace"`` norm bound.
+      cache: ``P_i = Q_iᵀQ_i`` of these factors, when the caller keeps it: ``P·x`` then takes one
+        product per axis instead of two. Ignored by EQ, which does not form ``P·x``.
     """
     geometry = options.geometry
     newton = probe is not None
@@ -215,6 +218,8 @@ def fit(
     if geometry == "EQ":
         left = apply_factors(factors, x, ops)
         right = solve_transpose(factors, probe if newton else noise, ops)
+    elif cache:
+        left = precondition(cache, x, ops, state_is_p=True)
     else:
         left = precondition(factors, x, ops, options.state_is_p)
     floor = max(options.normalizer_floor, ops.tiny(ops.dtype(x)))

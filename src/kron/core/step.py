@@ -215,6 +215,7 @@ def kron_step(
             probe=probe,
             mask=mask,
             norm_probes=norm_probes,
+            cache=cache if use_cache else None,
         )
         cache = cache_preconditioner(factors, ops) if use_cache else []
 
