@@ -13,6 +13,7 @@ import pytest
 
 from kron.core import (
     DAMPING_RULES,
+    MOMENTUM_RULES,
     STATE_IS_P,
     FitOptions,
     LayoutOptions,
@@ -522,10 +523,10 @@ def test_running_mean_first_two_steps(backend):
     g1, g2 = rng.standard_normal((2, 4, 3))
     ops = backend.ops
     m = backend.array(np.zeros((4, 3)))
-    m, used1 = update_momentum(m, backend.array(g1), 0, 0.9, "running_mean", ops)
-    np.testing.assert_allclose(backend.numpy(used1), g1, rtol=1e-15)
-    m, used2 = update_momentum(m, backend.array(g2), 1, 0.9, "running_mean", ops)
-    np.testing.assert_allclose(backend.numpy(used2), (g1 + g2) / 2, rtol=1e-15)
+    m = update_momentum(m, backend.array(g1), 0, 0.9, "running_mean", ops)
+    np.testing.assert_allclose(backend.numpy(m), g1, rtol=1e-15)
+    m = update_momentum(m, backend.array(g2), 1, 0.9, "running_mean", ops)
+    np.testing.assert_allclose(backend.numpy(m), (g1 + g2) / 2, rtol=1e-15)
 
 
 def test_running_mean_through_kron_step(backend):
@@ -571,24 +572,43 @@ def test_running_mean_matches_float64_recursion(backend, count_as):
     expected = np.zeros(5)
     for t, g in enumerate(grads):
         count = t if count_as == "int" else backend.array(np.float64(t))
-        m, _ = update_momentum(m, backend.array(g), count, 0.9, "running_mean", ops)
+        m = update_momentum(m, backend.array(g), count, 0.9, "running_mean", ops)
         beta_t = min(t / (t + 1.0), 0.9)
         expected = beta_t * expected + (1.0 - beta_t) * g
     np.testing.assert_allclose(backend.numpy(m), expected, rtol=1e-13)
 
 
-def test_debiased_ema_closed_form(backend):
+@pytest.mark.parametrize("count_as", ["int", "array"])
+def test_debiased_ema_closed_form(backend, count_as):
+    """The stored momentum is the bias-corrected EMA ``Σ (1-β) β^(t-k) g_k / (1-β^t)`` at every
+    step, whether ``count`` is a Python int or an array."""
     rng = np.random.default_rng(16)
     grads = rng.standard_normal((12, 2, 3))
     beta = 0.9
     ops = backend.ops
     m = backend.array(np.zeros((2, 3)))
     for t in range(1, len(grads) + 1):
-        m, used = update_momentum(m, backend.array(grads[t - 1]), t - 1, beta, "debiased_ema", ops)
+        count = t - 1 if count_as == "int" else backend.array(np.float64(t - 1))
+        m = update_momentum(m, backend.array(grads[t - 1]), count, beta, "debiased_ema", ops)
         weights = (1 - beta) * beta ** np.arange(t - 1, -1, -1)
         raw = np.tensordot(weights, grads[:t], axes=1)
-        np.testing.assert_allclose(backend.numpy(m), raw, rtol=1e-13)
-        np.testing.assert_allclose(backend.numpy(used), raw / (1 - beta**t), rtol=1e-13)
+        np.testing.assert_allclose(backend.numpy(m), raw / (1 - beta**t), rtol=1e-13)
+
+
+@pytest.mark.parametrize("rule", MOMENTUM_RULES)
+def test_update_momentum_in_place_writes_into_the_old_buffer(backend, rule):
+    """``in_place`` is a hint: PyTorch returns the old buffer holding the new values, the other
+    backends a new array; the values are the same either way and the out-of-place call never
+    touches its input."""
+    rng = np.random.default_rng(18)
+    m0, g = rng.standard_normal((2, 3, 4))
+    ops = backend.ops
+    old = backend.array(m0)
+    expected = backend.numpy(update_momentum(old, backend.array(g), 3, 0.9, rule, ops))
+    np.testing.assert_array_equal(backend.numpy(old), m0)
+    new = update_momentum(old, backend.array(g), 3, 0.9, rule, ops, in_place=True)
+    np.testing.assert_allclose(backend.numpy(new), expected, rtol=1e-15)
+    assert (new is old) == (backend.name == "torch")
 
 
 def test_fit_is_pure(backend):

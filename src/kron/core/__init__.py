@@ -1,7 +1,8 @@
 """The PSGD-Kron math, written once for every front end (see ``docs/core.md``).
 
 Pure functions over arrays: every function takes an ``ops`` backend (:mod:`kron.core.ops`), returns
-new arrays, takes its randomness as input arrays, and never branches on array values. Nothing here
+new arrays (the one exception: ``kron_step(donate_momentum=True)`` may update the momentum in
+place), takes its randomness as input arrays, and never branches on array values. Nothing here
 imports a framework.
 """
 
@@ -10,7 +11,9 @@ from kron.core.clipping import (
     clip_elementwise,
     clip_l2,
     clip_rms,
+    l2_clip_factor,
     mars_correction,
+    rms_clip_factor,
     soft_clip,
 )
 from kron.core.fitting import (
@@ -56,7 +59,6 @@ from kron.core.step import (
     MOMENTUM_RULES,
     StepOptions,
     TensorState,
-    debias_momentum,
     finite_rows,
     kron_step,
     select_state,
@@ -89,7 +91,6 @@ __all__ = [
     "clip_rms",
     "counter_decision",
     "damp",
-    "debias_momentum",
     "exponential_schedule",
     "finite_rows",
     "fit",
@@ -100,6 +101,7 @@ __all__ = [
     "init_factors",
     "init_lipschitz",
     "kron_step",
+    "l2_clip_factor",
     "lipschitz_update",
     "make_plan",
     "mars_correction",
@@ -110,6 +112,7 @@ __all__ = [
     "procrustes_repeat3",
     "procrustes_step2",
     "procrustes_step3",
+    "rms_clip_factor",
     "scale_from_moments",
     "select_state",
     "shared_scale",

@@ -17,9 +17,14 @@ def _rms(y: Any, ops: Any) -> Any:
     return _norm(y, ops) / math.sqrt(math.prod(y.shape[1:]))
 
 
+def rms_clip_factor(y: Any, max_rms: float, ops: Any) -> Any:
+    """``min(1, max_rms / RMS(y[s]))`` per leading index, shaped to broadcast against ``y``."""
+    return ops.minimum(max_rms / (_rms(y, ops) + 1e-12), 1.0)
+
+
 def clip_rms(y: Any, max_rms: float, ops: Any) -> Any:
     """``y · min(1, max_rms / RMS(y))``: kron_torch and psgd_jax use 1.1, psgd_torch 2.0."""
-    return y * ops.minimum(max_rms / (_rms(y, ops) + 1e-12), 1.0)
+    return y * rms_clip_factor(y, max_rms, ops)
 
 
 def clip_elementwise(y: Any, max_abs: float, ops: Any) -> Any:
@@ -34,9 +39,14 @@ def soft_clip(y: Any, ops: Any, scale: float = 1.5, lerp: float = 0.9) -> Any:
     return scale * ((1.0 - lerp) * ops.sign(x) * ops.log1p(ops.abs(x)) + lerp * ops.tanh(x))
 
 
+def l2_clip_factor(y: Any, max_norm: float, ops: Any) -> Any:
+    """``min(1, max_norm / ‖y[s]‖₂)`` per leading index, shaped to broadcast against ``y``."""
+    return ops.minimum(max_norm / (_norm(y, ops) + 1e-12), 1.0)
+
+
 def clip_l2(y: Any, max_norm: float, ops: Any) -> Any:
     """``y · min(1, max_norm / ‖y‖₂)`` per leading index."""
-    return y * ops.minimum(max_norm / (_norm(y, ops) + 1e-12), 1.0)
+    return y * l2_clip_factor(y, max_norm, ops)
 
 
 def mars_correction(grad: Any, previous: Any, beta: float, gamma: float, ops: Any) -> Any:

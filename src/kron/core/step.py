@@ -44,8 +44,9 @@ class StepOptions:
       layout, fit: :class:`LayoutOptions`, :class:`FitOptions`.
       beta: momentum β; 0 disables momentum (``y = P g``). Default 0.9.
       momentum_rule: ``"running_mean"``: ``β_t = min(t/(t+1), β)``, ``m ← β_t m + (1-β_t) g``
-        (psgd_torch); ``"debiased_ema"``: ``m ← β m + (1-β) g``, ``m̂ = m / (1-β^t)`` (kron_torch,
-        psgd_jax, heavyball). Default ``"running_mean"``.
+        (psgd_torch); ``"debiased_ema"``: the EMA ``β m + (1-β) g`` divided by ``1-β^t``
+        (kron_torch, psgd_jax, heavyball), kept already divided (see :func:`update_momentum`).
+        Default ``"running_mean"``.
       whiten_momentum: fit P on the momentum (kron_torch's ``momentum_into_precond_update``) rather
         than on the raw gradient. Default False.
       precondition_momentum: apply P to the momentum (True) or to the raw gradient (heavyball's
@@ -86,26 +87,32 @@ class StepOptions:
 
 
 def update_momentum(
-    momentum: Any, grad: Any, count: Any, beta: float, rule: str, ops: Any
-) -> tuple[Any, Any]:
-    """``(stored momentum, momentum to use)``; ``count`` is the number of earlier updates (a
-    number, or an array that broadcasts against ``grad``). Coefficients are computed in the
-    precision of ``count`` and cast to ``grad``'s dtype, so a float32 counter never promotes
-    bfloat16 momentum."""
+    momentum: Any,
+    grad: Any,
+    count: Any,
+    beta: float,
+    rule: str,
+    ops: Any,
+    in_place: bool = False,
+) -> Any:
+    """The new momentum, which is both stored and used; ``count`` is the number of earlier
+    updates (a number, or an array that broadcasts against ``grad``).
+
+    Both rules are one interpolation ``m ← m + w_t (g - m)``. The running mean has
+    ``w_t = 1 - min(t/(t+1), β)``. The debiased EMA keeps ``m̂_t = m_t / (1-β^t)`` rather than
+    the EMA ``m_t = β m_{t-1} + (1-β) g``: then ``m̂_t = m̂_{t-1} + w_t (g - m̂_{t-1})`` with
+    ``w_t = (1-β) / (1-β^t)``, so using it needs no division pass.
+
+    Weights are computed in the precision of ``count`` and cast to ``grad``'s dtype, so a float32
+    counter never promotes bfloat16 momentum. With ``in_place`` the old momentum may be
+    overwritten (see ``Ops.lerp``)."""
     if rule == "running_mean":
-        beta_t = ops.astype(ops.minimum(count / (count + 1.0), beta), ops.dtype(grad))
-        momentum = ops.lerp(momentum, grad, 1.0 - beta_t)
+        weight = 1.0 - ops.minimum(count / (count + 1.0), beta)
     else:
-        momentum = ops.lerp(momentum, grad, 1.0 - beta)
-    return momentum, debias_momentum(momentum, count, beta, rule, ops)
-
-
-def debias_momentum(momentum: Any, count: Any, beta: float, rule: str, ops: Any) -> Any:
-    """The momentum to use, from the stored one after ``count + 1`` updates: itself for the
-    running mean, ``m / (1 - β^(count+1))`` for the debiased EMA."""
-    if rule == "running_mean":
-        return momentum
-    return momentum / ops.astype(1.0 - beta ** (count + 1.0), ops.dtype(momentum))
+        weight = (1.0 - beta) / (1.0 - beta ** (count + 1.0))
+    if not isinstance(weight, float):
+        weight = ops.astype(weight, ops.dtype(grad))
+    return ops.lerp(momentum, grad, weight, in_place=in_place)
 
 
 def finite_rows(x: Any, ops: Any) -> Any:
@@ -169,6 +176,7 @@ def kron_step(
     probe: Any = None,
     hvp: Any = None,
     norm_probes: Sequence[Any] | None = None,
+    donate_momentum: bool = False,
 ) -> tuple[Any, TensorState]:
     """One step for ``S ≥ 1`` stacked parameters of one plan; returns ``(y, new state)`` with ``y``
     the clipped preconditioned directions ``(S, *plan.shape)`` (the caller applies ``θ ← θ - η·y``).
@@ -183,18 +191,20 @@ def kron_step(
       probe, hvp: Newton type: the probe ``v`` and ``H v`` in the blocked layout; when given, P is
         fitted on this pair instead of on the gradient.
       mask, norm_probes: see :func:`kron.core.fitting.fit`.
+      donate_momentum: the caller will not use ``state.momentum`` again (it will not restore it
+        for a non-finite gradient), so a backend that can may update it in place; the new
+        state's momentum is then the same object.
     """
     if (probe is None) != (hvp is None):
         raise ValueError("Newton-type steps need both probe and hvp; got only one of them.")
     factors, lipschitz, cache = list(state.factors), list(state.lipschitz), list(state.cache)
     momentum = state.momentum
     if options.beta > 0:
-        momentum, debiased = update_momentum(
-            momentum, grad, count, options.beta, options.momentum_rule, ops
+        momentum = update_momentum(
+            momentum, grad, count, options.beta, options.momentum_rule, ops, donate_momentum
         )
-    else:
-        debiased = grad
-    used = debiased if options.precondition_momentum else grad
+    averaged = momentum if options.beta > 0 else grad
+    used = averaged if options.precondition_momentum else grad
     use_cache = options.cache and not options.fit.state_is_p
 
     def refit() -> None:
@@ -202,7 +212,7 @@ def kron_step(
         if hvp is not None:
             target = hvp
         else:
-            source = debiased if options.whiten_momentum else grad
+            source = averaged if options.whiten_momentum else grad
             target = plan.to_blocks(source, ops, stacked=True)
         factors, lipschitz = fit(
             factors,

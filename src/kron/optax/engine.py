@@ -44,7 +44,6 @@ from kron.core import (
     balance,
     cache_preconditioner,
     counter_decision,
-    debias_momentum,
     finite_rows,
     fit,
     fourth_moment,
@@ -277,22 +276,20 @@ def build(config: EngineConfig) -> optax.GradientTransformationExtraArgs:
             jnp.reshape(m.astype(q_dtype), g.shape)
             for m, g in zip(treedef.flatten_up_to(state.mu), layered)
         ]
-        momenta, debiased = mu, layered
+        momenta = mu
         if options.beta > 0:
             steps = count.astype(lip_dtype)
 
             def kept_momentum(m: Any, g: Any, ok: Any) -> Any:
                 """The new momentum, or the old one where the gradient was not finite."""
-                new, _ = update_momentum(m, g, steps, options.beta, options.momentum_rule, OPS)
+                new = update_momentum(m, g, steps, options.beta, options.momentum_rule, OPS)
                 return jnp.where(_expand(ok, new), new, m)
 
             momenta = [kept_momentum(m, g, ok) for m, g, ok in zip(mu, layered, finite)]
-            # From the kept momentum, so the product reads the buffer the state is written from.
-            debiased = [
-                debias_momentum(m, steps, options.beta, options.momentum_rule, OPS) for m in momenta
-            ]
-        targets = debiased if options.whiten_momentum else layered
-        applied = debiased if options.precondition_momentum else layered
+        # The product reads the kept momentum, the buffer the state is written from.
+        averaged = momenta if options.beta > 0 else layered
+        targets = averaged if options.whiten_momentum else layered
+        applied = averaged if options.precondition_momentum else layered
         if stacked and config.params_partition_specs is not None:
             specs = treedef.flatten_up_to(config.params_partition_specs)
             targets = _like_params(targets, specs, grads)

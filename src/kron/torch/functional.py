@@ -10,7 +10,16 @@ from typing import Any
 
 import torch
 
-from kron.core import cautious, clip_elementwise, clip_l2, clip_rms, get_ops, soft_clip
+from kron.core import (
+    cautious,
+    clip_elementwise,
+    clip_l2,
+    clip_rms,
+    get_ops,
+    l2_clip_factor,
+    rms_clip_factor,
+    soft_clip,
+)
 
 OPS = get_ops("torch")
 CLIPPING_NAMES = ("rms", "l2_norm", "value", "soft")
@@ -72,10 +81,14 @@ class Streams:
 
 
 def clipper(
-    spec: str | Callable[[torch.Tensor], torch.Tensor] | None, threshold: float
+    spec: str | Callable[[torch.Tensor], torch.Tensor] | None,
+    threshold: float,
+    in_place: bool = False,
 ) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """A per-parameter clip for ``(S, ...)`` tensors from a name in :data:`CLIPPING_NAMES`, a
-    callable of one parameter's tensor, or None."""
+    callable of one parameter's tensor, or None. With ``in_place`` the named clips except
+    ``"soft"`` overwrite their input (for a temporary the caller owns; on the CPU each fresh
+    large temporary costs page faults)."""
     if spec is None:
         return None
     if not callable(spec) and not threshold > 0:
@@ -83,10 +96,16 @@ def clipper(
     if callable(spec):
         return lambda x: torch.stack([spec(item) for item in x.unbind(0)])
     if spec == "rms":
+        if in_place:
+            return lambda x: x.mul_(rms_clip_factor(x, threshold, OPS))
         return lambda x: clip_rms(x, threshold, OPS)
     if spec == "l2_norm":
+        if in_place:
+            return lambda x: x.mul_(l2_clip_factor(x, threshold, OPS))
         return lambda x: clip_l2(x, threshold, OPS)
     if spec == "value":
+        if in_place:
+            return lambda x: x.clamp_(-threshold, threshold)
         return lambda x: clip_elementwise(x, threshold, OPS)
     if spec == "soft":
         return lambda x: soft_clip(x, OPS, scale=threshold)

@@ -655,6 +655,10 @@ class Kron(torch.optim.Optimizer):
         count = stack([s["count"] for s in states]).view(-1, *[1] * len(plan.shape))
         fit_inputs = self._fit_inputs(gi, group, members, plan, dtype, do_fit, probes, hvps)
         step_fn = self._compiled_step(plan, options, do_fit, size, dtype, grads.device)
+        # With every gradient known finite the old momentum is never restored, so the eager step
+        # updates it in place: one large temporary and one copy fewer (compiled steps plan their
+        # own buffers).
+        extra = dict(donate_momentum=True) if all_finite and step_fn is kron_step else {}
         y, new = step_fn(
             old,
             grads,
@@ -666,12 +670,14 @@ class Kron(torch.optim.Optimizer):
             do_fit=do_fit,
             mask=self._mask(plan, size, dtype, grads.device),
             **fit_inputs,
+            **extra,
         )
         if do_balance:
             new = new._replace(factors=tuple(balance(new.factors, OPS)))
         if group["caution"]:
             y = apply_caution(y, grads)
-        clip_update = clipper(group["update_clipping"], group["update_clip_value"])
+        # y is a fresh temporary of the step's, so the named clips may overwrite it.
+        clip_update = clipper(group["update_clipping"], group["update_clip_value"], in_place=True)
         if clip_update is not None:
             y = clip_update(y)
         if not all_finite:

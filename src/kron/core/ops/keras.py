@@ -129,7 +129,7 @@ class KerasOps:
     def norm(self, x, axis=None, keepdims=False):
         return kops.sqrt(kops.sum(x * x, axis=axis, keepdims=keepdims))
 
-    def lerp(self, start, end, weight):
+    def lerp(self, start, end, weight, in_place=False):
         return start + weight * (end - start)
 
     def max(self, x, axis=None, keepdims=False):

@@ -119,7 +119,7 @@ class NumpyOps:
     def norm(self, x, axis=None, keepdims=False):
         return self.xp.sqrt(self.xp.sum(x * x, axis=axis, keepdims=keepdims))
 
-    def lerp(self, start, end, weight):
+    def lerp(self, start, end, weight, in_place=False):
         return start + weight * (end - start)
 
     def max(self, x, axis=None, keepdims=False):

@@ -121,9 +121,11 @@ class TorchOps:
         # One pass and no temporary, where sqrt(sum(x·x)) writes x·x out first.
         return torch.linalg.vector_norm(x, dim=axis, keepdim=keepdims)
 
-    def lerp(self, start, end, weight):
+    def lerp(self, start, end, weight, in_place=False):
         # torch.lerp is one pass; it needs one dtype throughout (momentum may be stored narrower).
         same = start.dtype == end.dtype and getattr(weight, "dtype", start.dtype) == start.dtype
+        if in_place:
+            return start.lerp_(end, weight) if same else start.add_(weight * (end - start))
         return torch.lerp(start, end, weight) if same else start + weight * (end - start)
 
     def max(self, x, axis=None, keepdims=False):
