@@ -1,0 +1,90 @@
+"""What the in-place momentum and the in-place update clip save on the PyTorch CPU.
+
+For each model this runs three copies of ``Kron(params, preconditioner_update_probability=p)``
+in one process, on the same batches: as shipped, with the momentum updated out of place, and with
+the update clip applied out of place. Windows of ``optimizer.step()`` are interleaved across the
+three, so load changes on a shared machine reach all of them alike; the script prints the median
+ms per step of each and whether its parameters are bit-identical to the first variant's.
+
+    python benchmarks/torch_temporaries.py --models mlp lm --probability 1e-4
+    python benchmarks/torch_temporaries.py --variants shipped "momentum out of place"
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from collections.abc import Callable
+
+import torch
+from torch_step import MODELS, _Run
+
+import kron.torch.optimizer as kron_optimizer
+from kron.torch import Kron
+
+
+class MomentumOutOfPlace(Kron):
+    """A wrapper instead of ``kron_step`` itself turns off ``donate_momentum``."""
+
+    def _compiled_step(self, *key):
+        return lambda *args, **kwargs: kron_optimizer.kron_step(*args, **kwargs)
+
+
+_shipped_clipper = kron_optimizer.clipper
+
+
+def _out_of_place_clipper(spec, threshold, in_place=False):
+    return _shipped_clipper(spec, threshold)
+
+
+def variants(p: float) -> dict[str, tuple[Callable, Callable]]:
+    """``{name: (optimizer factory, clipper to install while it steps)}``."""
+    return {
+        "shipped": (lambda ps: Kron(ps, preconditioner_update_probability=p), _shipped_clipper),
+        "momentum out of place": (
+            lambda ps: MomentumOutOfPlace(ps, preconditioner_update_probability=p),
+            _shipped_clipper,
+        ),
+        "clip out of place": (
+            lambda ps: Kron(ps, preconditioner_update_probability=p),
+            _out_of_place_clipper,
+        ),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=list(MODELS))
+    parser.add_argument("--probability", type=float, default=1e-4)
+    parser.add_argument("--warmup", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=34)
+    parser.add_argument("--repeats", type=int, default=8)
+    parser.add_argument(
+        "--variants", nargs="+", default=None, help="which of the three to run (default: all)"
+    )
+    args = parser.parse_args()
+    for model in args.models:
+        runs = {
+            name: (_Run(model, make), clip)
+            for name, (make, clip) in variants(args.probability).items()
+            if args.variants is None or name in args.variants
+        }
+        windows: dict[str, list[float]] = {name: [] for name in runs}
+        for repeat in range(args.repeats + 1):
+            for name, (run, clip) in runs.items():
+                kron_optimizer.clipper = clip
+                ms = run.steps(args.warmup if repeat == 0 else args.steps)
+                if repeat:
+                    windows[name].append(ms)
+        kron_optimizer.clipper = _shipped_clipper
+        reference = list(next(iter(runs.values()))[0].model.parameters())
+        for name, (run, _) in runs.items():
+            same = all(torch.equal(a, b) for a, b in zip(run.model.parameters(), reference))
+            print(
+                f"{model} p={args.probability:g} {name}: "
+                f"{statistics.median(windows[name]):.2f} ms/step, bit-identical: {same}"
+            )
+
+
+if __name__ == "__main__":
+    main()
