@@ -596,6 +596,17 @@ def test_debiased_ema_closed_form(backend, count_as):
 
 
 @pytest.mark.parametrize("rule", MOMENTUM_RULES)
+@pytest.mark.parametrize("count", [3, np.int64(3), np.float64(3.0)], ids=["int", "int64", "f64"])
+def test_update_momentum_keeps_float32_momentum_float32(backend, rule, count):
+    """A count given as a Python or NumPy number must not promote float32 momentum."""
+    ops = backend.ops
+    m = backend.array(np.zeros((2, 3), np.float32))
+    g = backend.array(np.ones((2, 3), np.float32))
+    new = update_momentum(m, g, count, 0.9, rule, ops)
+    assert backend.numpy(new).dtype == np.float32
+
+
+@pytest.mark.parametrize("rule", MOMENTUM_RULES)
 def test_update_momentum_in_place_writes_into_the_old_buffer(backend, rule):
     """``in_place`` is a hint: PyTorch returns the old buffer holding the new values, the other
     backends a new array; the values are the same either way and the out-of-place call never

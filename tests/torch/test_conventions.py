@@ -75,6 +75,27 @@ def test_resume_is_bit_for_bit_through_weights_only_load():
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def test_stepping_after_load_state_dict_leaves_the_loaded_dict_untouched():
+    """The optimizer updates its own state stacks in place, never tensors the caller handed it:
+    after ``load_state_dict(saved)`` every step leaves ``saved`` as it was."""
+    first = make_model()
+    opt1 = Kron(first.parameters(), lr=1e-2, preconditioner_update_probability=0.5)
+    train(first, opt1, 3)
+    saved = opt1.state_dict()
+    before = copy.deepcopy(saved)
+    second = make_model()
+    opt2 = Kron(second.parameters(), lr=1e-2, preconditioner_update_probability=0.5)
+    opt2.load_state_dict(saved)
+    train(second, opt2, 4, start=3)
+    for index, state in before["state"].items():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(saved["state"][index][key], value), (index, key)
+            elif isinstance(value, list):
+                for a, b in zip(saved["state"][index][key], value):
+                    assert torch.equal(a, b), (index, key)
+
+
 def test_callable_schedule_survives_state_dict_round_trip():
     model = make_model()
     schedule = lambda step: 0.5  # noqa: E731

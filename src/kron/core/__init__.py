@@ -1,9 +1,10 @@
 """The PSGD-Kron math, written once for every front end (see ``docs/core.md``).
 
 Pure functions over arrays: every function takes an ``ops`` backend (:mod:`kron.core.ops`), returns
-new arrays (the one exception: ``kron_step(donate_momentum=True)`` may update the momentum in
-place), takes its randomness as input arrays, and never branches on array values. Nothing here
-imports a framework.
+new arrays, takes its randomness as input arrays, and never branches on array values. The one
+exception to the first, on the caller's request: ``kron_step(donate_momentum=True)`` and
+``update_momentum(in_place=True)`` may update the momentum in place. Nothing here imports a
+framework.
 """
 
 from kron.core.clipping import (

@@ -110,7 +110,7 @@ def update_momentum(
         weight = 1.0 - ops.minimum(count / (count + 1.0), beta)
     else:
         weight = (1.0 - beta) / (1.0 - beta ** (count + 1.0))
-    if not isinstance(weight, float):
+    if type(weight) is not float:  # a NumPy scalar or an array would promote float32 momentum
         weight = ops.astype(weight, ops.dtype(grad))
     return ops.lerp(momentum, grad, weight, in_place=in_place)
 

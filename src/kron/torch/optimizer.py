@@ -656,9 +656,10 @@ class Kron(torch.optim.Optimizer):
         fit_inputs = self._fit_inputs(gi, group, members, plan, dtype, do_fit, probes, hvps)
         step_fn = self._compiled_step(plan, options, do_fit, size, dtype, grads.device)
         # With every gradient known finite the old momentum is never restored, so the eager step
-        # updates it in place: one large temporary and one copy fewer (compiled steps plan their
-        # own buffers).
-        extra = dict(donate_momentum=True) if all_finite and step_fn is kron_step else {}
+        # updates the optimizer's own stack in place: one large temporary and one copy fewer
+        # (compiled steps plan their own buffers).
+        donate = all_finite and step_fn is kron_step and self._stacks.owns(bucket, old)
+        extra = dict(donate_momentum=True) if donate else {}
         y, new = step_fn(
             old,
             grads,

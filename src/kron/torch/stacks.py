@@ -70,14 +70,20 @@ class StateStacks:
             else (),
         )
 
+    def owns(self, bucket: Any, stacked: TensorState) -> bool:
+        """Whether ``stacked`` is the bucket's remembered stack: tensors the optimizer made itself,
+        so it may write into them. A stack made afresh for one parameter is a view of that
+        parameter's stored state, which may also be held by the caller (a loaded state dict)."""
+        remembered = self._remembered.get(bucket)
+        return remembered is not None and remembered[2] is stacked
+
     def store_in_place(self, bucket: Any, old: TensorState, new: TensorState) -> bool:
         """Copy ``new`` into ``old`` when ``old`` is the bucket's remembered stack and has the same
         tensors: every parameter's entries are views into it, so they then hold the new values
         with no per-parameter work (on the LM benchmark that work was about 3% of a step that
         only applies P). False, storing nothing, when the views must be rebuilt (the stack was
         made afresh, or the cache appeared)."""
-        remembered = self._remembered.get(bucket)
-        if remembered is None or remembered[2] is not old or len(new.cache) != len(old.cache):
+        if not self.owns(bucket, old) or len(new.cache) != len(old.cache):
             return False
         changed = [(o, n) for o, n in zip(_flat(old), _flat(new)) if o is not n]
         if changed:

@@ -15,7 +15,8 @@ Conventions shared by every backend:
 * Python ``int``/``float`` scalars mix freely with arrays.
 * Primitives return new arrays. The one exception is ``lerp(..., in_place=True)``, a hint that
   the caller no longer needs ``start``: PyTorch then writes the result into ``start`` and returns
-  it (on the CPU a fresh large temporary costs page faults); the other backends ignore it.
+  it, in ``start``'s dtype (on the CPU a fresh large temporary costs page faults); the other
+  backends ignore it.
 """
 
 from __future__ import annotations

@@ -96,9 +96,13 @@ class NumpyOps:
         return self.xp.abs(x)
 
     def maximum(self, x, y):
+        if _is_number(x) and _is_number(y):  # a NumPy float64 scalar would promote float32 arrays
+            return max(x, y)
         return self.xp.maximum(x, y)
 
     def minimum(self, x, y):
+        if _is_number(x) and _is_number(y):
+            return min(x, y)
         return self.xp.minimum(x, y)
 
     def clip(self, x, lo, hi):
@@ -127,3 +131,7 @@ class NumpyOps:
 
     def argmax(self, x, axis):
         return self.xp.argmax(x, axis=axis)
+
+
+def _is_number(x) -> bool:
+    return type(x) in (int, float)
