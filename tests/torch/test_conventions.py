@@ -76,8 +76,9 @@ def test_resume_is_bit_for_bit_through_weights_only_load():
 
 
 def test_stepping_after_load_state_dict_leaves_the_loaded_dict_untouched():
-    """The optimizer updates its own state stacks in place, never tensors the caller handed it:
-    after ``load_state_dict(saved)`` every step leaves ``saved`` as it was."""
+    """The optimizer updates its state in place, so ``load_state_dict`` copies what it is given:
+    after ``load_state_dict(saved)`` every step leaves ``saved`` as it was (``torch.optim.Adam``
+    would update the loaded tensors)."""
     first = make_model()
     opt1 = Kron(first.parameters(), lr=1e-2, preconditioner_update_probability=0.5)
     train(first, opt1, 3)

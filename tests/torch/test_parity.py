@@ -95,7 +95,7 @@ def reference_run(geometry, newton, cached, delayed, block_size):
             y, new = kron_step(
                 states[i],
                 grads[i].detach()[None],
-                torch.tensor(float(step)),
+                float(step),  # as Kron passes it on an eager CPU step
                 noise,
                 plan=plan,
                 options=options,

@@ -652,9 +652,9 @@ class Kron(torch.optim.Optimizer):
         bucket = (gi, tuple(plan.shape), dtype, grads.device)
         indices = tuple(index for index, _ in members)
         old = self._stacks.gather(bucket, indices, states, plan.order, dtype)
-        count = stack([s["count"] for s in states]).view(-1, *[1] * len(plan.shape))
         fit_inputs = self._fit_inputs(gi, group, members, plan, dtype, do_fit, probes, hvps)
         step_fn = self._compiled_step(plan, options, do_fit, size, dtype, grads.device)
+        count = self._step_counts(states, len(plan.shape), step_fn is kron_step)
         # With every gradient known finite the old momentum is never restored, so the eager step
         # updates the optimizer's own stack in place: one large temporary and one copy fewer
         # (compiled steps plan their own buffers).
@@ -683,13 +683,26 @@ class Kron(torch.optim.Optimizer):
             y = clip_update(y)
         if not all_finite:
             new = select_state(finite, new, old, plan.num_blocks, OPS)
-            y = y * finite.view(count.shape).to(dtype)
+            y = y * finite.view(-1, *[1] * len(plan.shape)).to(dtype)
         self._update_params(group, params, y, finite, all_finite)
         if not group["mars"] and self._stacks.store_in_place(bucket, old, new):
             self._count_steps(states, finite, all_finite)
             return
         self._write_back(gi, group, members, states, plan, new, clipped_grads, finite, all_finite)
         self._stacks.remember(bucket, indices, states, new, dtype)
+
+    @staticmethod
+    def _step_counts(states, ndim: int, eager: bool) -> torch.Tensor | float:
+        """The parameters' step counts, ``(S, 1, …, 1)``, for the momentum's weights. An eager
+        CPU step whose parameters share one count gets it as a number: the weights are then
+        host arithmetic rather than five tiny tensor operations (a CPU tensor reads for free;
+        a compiled step would specialise on the number and recompile every step)."""
+        counts = [state["count"] for state in states]
+        if eager and counts[0].device.type == "cpu":
+            first = counts[0].item()
+            if all(c.item() == first for c in counts[1:]):
+                return first
+        return stack(counts).view(-1, *[1] * ndim)
 
     def _update_params(self, group, params, y, finite, all_finite) -> None:
         """``θ ← θ·(1 - lr·wd) - lr·y`` in each parameter's own dtype (a float64 parameter is
@@ -738,7 +751,7 @@ class Kron(torch.optim.Optimizer):
         on_cpu = grads.device.type == "cpu"
         # A finite sum proves every entry finite (NaN and ±inf survive addition), so on the CPU
         # one reduction usually settles it; a non-finite or overflowing sum takes the exact test.
-        if on_cpu and bool(torch.isfinite(grads.sum())):
+        if on_cpu and math.isfinite(grads.sum().item()):
             return self._clip_gradients(group, grads), torch.ones(size, dtype=torch.bool), True
         finite = finite_rows(grads.reshape(size, -1), OPS)
         all_finite = on_cpu and bool(finite.all())
@@ -818,7 +831,8 @@ class Kron(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """As ``torch.optim.Optimizer.load_state_dict``, except that preconditioner and momentum
         state keep the dtype they were saved with (torch would cast them to the parameter dtype,
-        turning a float32 Q into bfloat16 for bfloat16 parameters). Options missing from the saved
+        turning a float32 Q into bfloat16 for bfloat16 parameters), and the state is copied (torch
+        would alias the caller's tensors and update them in place). Options missing from the saved
         groups (callables are not saved) keep their current values."""
         # A torch.distributed.checkpoint round trip turns the integer state keys into strings.
         state_dict = {
@@ -853,8 +867,10 @@ class Kron(torch.optim.Optimizer):
 
 
 def _to_device(value: Any, device: torch.device) -> Any:
+    """A copy of ``value`` on ``device``: the optimizer updates its state in place, and the
+    caller's state dict must not change under it."""
     if isinstance(value, torch.Tensor):
-        return value.to(device=device)
+        return value.to(device=device, copy=True)
     if isinstance(value, list):
         return [_to_device(v, device) for v in value]
     return value
