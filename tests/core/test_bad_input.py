@@ -14,6 +14,7 @@ from kron.core import (
     FitOptions,
     LayoutOptions,
     StepOptions,
+    balance,
     canonical_geometry,
     finite_rows,
     fit,
@@ -215,6 +216,39 @@ def test_newton_on_all_zero_pair_is_finite(backend, geometry):
         np.testing.assert_array_equal(lip, 0.0)
     for f in factors:
         assert np.all(np.isfinite(f)), "NaN/inf factors after a zero Newton pair"
+
+
+@pytest.mark.filterwarnings("ignore:overflow:RuntimeWarning", "ignore:invalid:RuntimeWarning")
+@pytest.mark.parametrize("geometry", ALL_GEOMETRIES)
+def test_an_overflowing_fit_keeps_the_factors_and_estimates(backend, geometry):
+    """A finite float32 gradient of 1e25 squares past the float32 range inside the fit. The
+    block keeps its factors (QEP: as balanced at the start of the call, the same P) and
+    Lipschitz estimates exactly, and a normal fit afterwards still updates them (so the fallback
+    is per call, not a latch)."""
+    plan = make_plan((4, 6))
+    options = FitOptions(geometry=geometry)
+    ops = backend.ops
+    like = backend.array(np.zeros(1, np.float32))
+    rng = np.random.default_rng(31)
+    factors = init_factors(plan, 1.0, like, ops, options.state_is_p)
+    lips = init_lipschitz(plan, like, ops)
+    shape = (1, *plan.block_shape)
+
+    def step(factors, lips, scale):
+        x = backend.array((rng.standard_normal(shape) * scale).astype(np.float32))
+        noise = backend.array(rng.standard_normal(shape).astype(np.float32))
+        return fit(factors, lips, x, noise, lr=0.1, options=options, ops=ops)
+
+    factors, lips = step(factors, lips, 1.0)
+    kept_factors, kept_lips = step(factors, lips, 1e25)
+    expected = balance(factors, ops) if geometry == "QEP" else factors
+    for new, old in zip(kept_factors + kept_lips, expected + lips):
+        np.testing.assert_array_equal(backend.numpy(new), backend.numpy(old))
+    after_factors, _ = step(kept_factors, kept_lips, 1.0)
+    assert any(
+        not np.array_equal(backend.numpy(new), backend.numpy(old))
+        for new, old in zip(after_factors, kept_factors)
+    )
 
 
 def test_fit_ignores_padding(backend):

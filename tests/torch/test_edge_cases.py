@@ -82,6 +82,29 @@ def test_raise_mode_updates_nothing_when_any_gradient_is_bad():
     assert [g["step"] for g in opt.param_groups] == [0, 0]
 
 
+def test_a_huge_finite_gradient_leaves_parameters_and_preconditioner_finite():
+    """A gradient spike of 1e25 is finite, so it is stepped, but the fit's squares overflow
+    float32: the factors and Lipschitz estimates keep their values instead of turning inf or NaN,
+    and the parameters stay finite through the spike and the steps after it."""
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.randn(32, 16))
+    opt = Kron([w], lr=1e-3, preconditioner_update_probability=1.0)
+    for _ in range(5):
+        w.grad = torch.randn(32, 16)
+        opt.step()
+    before = [f.clone() for f in opt.state[w]["factors"] + opt.state[w]["lipschitz"]]
+    w.grad = torch.randn(32, 16) * 1e25
+    opt.step()
+    assert opt.state[w]["skipped"] == 0  # finite, so not skipped
+    for new, old in zip(opt.state[w]["factors"] + opt.state[w]["lipschitz"], before):
+        assert torch.equal(new, old)
+    for _ in range(3):
+        w.grad = torch.randn(32, 16)
+        opt.step()
+    assert torch.isfinite(w).all()
+    assert all(torch.isfinite(f).all() for f in opt.state[w]["factors"])
+
+
 def test_a_group_without_gradients_keeps_its_clock():
     a = nn.Parameter(torch.ones(3, 3))
     opt = Kron([a], preconditioner_update_probability=0.25)

@@ -17,6 +17,7 @@ from kron.core.clipping import (
     rms_clip_factor,
     soft_clip,
 )
+from kron.core.finite import finite_rows
 from kron.core.fitting import (
     DAMPING_RULES,
     GEOMETRIES,
@@ -60,7 +61,6 @@ from kron.core.step import (
     MOMENTUM_RULES,
     StepOptions,
     TensorState,
-    finite_rows,
     kron_step,
     select_state,
     update_momentum,

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from kron.core.finite import finite_rows
 from kron.core.kron_product import (
     apply_factors,
     gram,
@@ -224,7 +225,7 @@ def fit(
         left = precondition(factors, x, ops, options.state_is_p)
     floor = max(options.normalizer_floor, ops.tiny(ops.dtype(x)))
     new_factors, new_lipschitz = [], []
-    for i, (q, lip) in enumerate(zip(factors, lipschitz)):
+    for i, (q, old_lip) in enumerate(zip(factors, lipschitz)):
         dense = is_dense(q)
         probes = None if norm_probes is None else norm_probes[i]
         if geometry == "EQ":
@@ -255,7 +256,9 @@ def fit(
                 biggest = count if isinstance(count, float) else ops.max(count, axis=-1)
                 ell = _bound(t1, dense, options, ops, probes) + biggest
         # The estimate keeps its stored dtype, so a state's dtypes never change in a step.
-        lip = ops.astype(lipschitz_update(lip, ell, options.beta_lipschitz, ops), ops.dtype(lip))
+        lip = ops.astype(
+            lipschitz_update(old_lip, ell, options.beta_lipschitz, ops), ops.dtype(old_lip)
+        )
         # L is kept in at least float32; the step is applied in the factor's own dtype.
         step = ops.astype(_per_block(lr / ops.maximum(lip, floor), q, ops), ops.dtype(q))
         g = t1 - t2
@@ -265,8 +268,13 @@ def fit(
             else _update_diagonal(geometry, q, g, step)
         )
         # Wider inputs (a float64 μ, a float32 x) must not change the factor's dtype.
-        new_factors.append(ops.astype(updated, ops.dtype(q)))
-        new_lipschitz.append(lip)
+        updated = ops.astype(updated, ops.dtype(q))
+        # A block whose fit overflowed (a finite float32 gradient near 1e19 squares past the
+        # range) keeps its factor and estimate: an inf L would freeze the factor for good, and a
+        # NaN factor would reach the parameters.
+        ok = finite_rows(updated, ops) & ops.isfinite(lip)
+        new_factors.append(ops.where(_per_block(ok, q, ops), updated, q))
+        new_lipschitz.append(ops.where(ok, lip, old_lip))
     return new_factors, new_lipschitz
 
 
