@@ -72,8 +72,8 @@ class StateStacks:
 
     def owns(self, bucket: Any, stacked: TensorState) -> bool:
         """Whether ``stacked`` is the bucket's remembered stack: tensors the optimizer made itself,
-        so it may write into them. A stack made afresh for one parameter is a view of that
-        parameter's stored state, which may also be held by the caller (a loaded state dict)."""
+        so it may write into them. A stack made afresh for one parameter is a view of whatever
+        tensor sits in that parameter's state, which may be one the user put there."""
         remembered = self._remembered.get(bucket)
         return remembered is not None and remembered[2] is stacked
 
