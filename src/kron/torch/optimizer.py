@@ -24,8 +24,6 @@ import numpy as np
 import torch
 
 from kron.core import (
-    DECISION_RULES,
-    FitOptions,
     LayoutOptions,
     StepOptions,
     accumulator_decision,
@@ -55,11 +53,16 @@ from kron.torch.functional import (
     stochastic_round,
     uniform_for,
 )
+from kron.torch.options import (
+    NONFINITE_POLICIES,
+    RECORD_KEYS,
+    check_ranges,
+    core_records,
+    merge_alias,
+    torch_dtype,
+)
 from kron.torch.stacks import StateStacks
 
-PRECONDITIONER_TYPES = ("whitening", "newton")
-HVP_METHODS = ("double_backward", "finite_difference")
-NONFINITE_POLICIES = ("skip", "raise")
 DEFAULT_SCHEDULE = exponential_schedule()
 
 # Stream identifiers mixed into the counter-based seeds.
@@ -73,48 +76,6 @@ class _Decision(NamedTuple):
     fit: bool
     probability: float
     total: float
-
-
-# Group options that feed the core's option records; the others are read on every step.
-_RECORD_KEYS = (
-    "b1",
-    "preconditioner_update_probability",
-    "max_size_triangular",
-    "min_ndim_triangular",
-    "memory_save_mode",
-    "momentum_into_precond_update",
-    "precond_init_scale",
-    "mu_dtype",
-    "precond_dtype",
-    "merge_dims",
-    "split",
-    "delayed",
-    "exp_avg_input",
-    "gradient_clipping",
-    "gradient_clip_value",
-    "update_clipping",
-    "update_clip_value",
-    "preconditioner_mode",
-    "whiten_grad",
-    "max_skew",
-    "block_size",
-    "decision_rule",
-    "beta_lipschitz",
-    "damping",
-    "damping_rule",
-    "norm_bound",
-    "balance_probability",
-    "preconditioner_type",
-    "hvp_method",
-)
-
-
-def _dtype(value: Any, name: str) -> torch.dtype | None:
-    if value is None or isinstance(value, torch.dtype):
-        return value
-    if isinstance(value, str) and isinstance(getattr(torch, value, None), torch.dtype):
-        return getattr(torch, value)
-    raise ValueError(f"{name} must be a torch.dtype, a dtype name or None; got {value!r}.")
 
 
 class Kron(torch.optim.Optimizer):
@@ -229,18 +190,8 @@ class Kron(torch.optim.Optimizer):
         compile: bool | None = None,
         resync: int | None = None,
     ) -> None:
-        if q_dtype is not None:
-            if precond_dtype is not None and _dtype(q_dtype, "q_dtype") != _dtype(
-                precond_dtype, "precond_dtype"
-            ):
-                raise ValueError("q_dtype and precond_dtype name the same option; give one.")
-            precond_dtype = q_dtype
-        if storage_dtype is not None:
-            if mu_dtype is not None and _dtype(storage_dtype, "storage_dtype") != _dtype(
-                mu_dtype, "mu_dtype"
-            ):
-                raise ValueError("storage_dtype and mu_dtype name the same option; give one.")
-            mu_dtype = storage_dtype
+        precond_dtype = merge_alias(precond_dtype, "precond_dtype", q_dtype, "q_dtype")
+        mu_dtype = merge_alias(mu_dtype, "mu_dtype", storage_dtype, "storage_dtype")
         if nonfinite not in NONFINITE_POLICIES:
             raise ValueError(
                 f"Unknown nonfinite {nonfinite!r}; accepted: {', '.join(NONFINITE_POLICIES)}."
@@ -322,104 +273,19 @@ class Kron(torch.optim.Optimizer):
 
     def _validate(self, group: dict[str, Any]) -> None:
         """Raise ``ValueError`` naming the option and value for anything out of range."""
-        for key in ("lr", "weight_decay", "precond_lr", "warmup_steps", "mars_gamma"):
-            if not group[key] >= 0:
-                raise ValueError(f"Invalid {key}: {group[key]!r} (must be >= 0).")
-        if not 0 <= group["b1"] < 1:
-            raise ValueError(f"Invalid b1: {group['b1']!r} (must be in [0, 1)).")
-        if not group["max_size_triangular"] >= 1:
-            raise ValueError(
-                f"Invalid max_size_triangular: {group['max_size_triangular']!r} (must be >= 1)."
-            )
-        if not group["min_ndim_triangular"] >= 0:
-            raise ValueError(
-                f"Invalid min_ndim_triangular: {group['min_ndim_triangular']!r} (must be >= 0)."
-            )
-        if (
-            group["split"]
-            and group["block_size"] is None
-            and not math.isfinite(group["max_size_triangular"])
-        ):
-            raise ValueError("split=True needs a finite max_size_triangular or a block_size.")
+        check_ranges(group)
         self._options(group)  # builds the core's records, which check everything else
 
     def _options(self, group: dict[str, Any]) -> tuple[LayoutOptions, StepOptions]:
         """The core's option records for ``group`` (built once per distinct set of values);
         raises ``ValueError`` on a bad value."""
-        key = tuple(group[name] for name in _RECORD_KEYS)
+        key = tuple(group[name] for name in RECORD_KEYS)
         records = self._records.get(key)
         if records is None:
             if len(self._records) > 64:  # options changed by hand many times; start afresh
                 self._records.clear()
-            records = self._records[key] = self._build_options(group)
+            records = self._records[key] = core_records(group)
         return records
-
-    def _build_options(self, group: dict[str, Any]) -> tuple[LayoutOptions, StepOptions]:
-        if group["preconditioner_type"] not in PRECONDITIONER_TYPES:
-            raise ValueError(
-                f"Unknown preconditioner_type {group['preconditioner_type']!r}; accepted: "
-                f"{', '.join(PRECONDITIONER_TYPES)}."
-            )
-        if group["hvp_method"] not in HVP_METHODS:
-            raise ValueError(
-                f"Unknown hvp_method {group['hvp_method']!r}; accepted: {', '.join(HVP_METHODS)}."
-            )
-        if group["decision_rule"] not in DECISION_RULES:
-            raise ValueError(
-                f"Unknown decision_rule {group['decision_rule']!r}; accepted: "
-                f"{', '.join(DECISION_RULES)}."
-            )
-        probability = group["preconditioner_update_probability"]
-        if not (probability is None or callable(probability) or 0 < probability <= 1):
-            raise ValueError(
-                "preconditioner_update_probability must be in (0, 1], a callable or None; got "
-                f"{probability!r}."
-            )
-        scale = group["precond_init_scale"]
-        if scale is not None and not scale > 0:
-            raise ValueError(f"precond_init_scale must be > 0 or None; got {scale!r}.")
-        if not 0 <= group["balance_probability"] <= 1:
-            raise ValueError(
-                f"balance_probability must be in [0, 1]; got {group['balance_probability']!r}."
-            )
-        _dtype(group["mu_dtype"], "mu_dtype")
-        _dtype(group["precond_dtype"], "precond_dtype")
-        clipper(group["gradient_clipping"], group["gradient_clip_value"])
-        clipper(group["update_clipping"], group["update_clip_value"])
-        block = group["block_size"]
-        if group["split"] and block is None:
-            block = group["max_size_triangular"]
-        layout = LayoutOptions(
-            max_size=group["max_size_triangular"],
-            max_skew=group["max_skew"],
-            min_ndim_dense=group["min_ndim_triangular"],
-            memory_save_mode=group["memory_save_mode"],
-            merge_dims=group["merge_dims"],
-            block_size=block,
-        )
-        whiten = group["whiten_grad"]
-        whiten_momentum = (
-            (not whiten) if whiten is not None else group["momentum_into_precond_update"]
-        )
-        step = StepOptions(
-            layout=layout,
-            fit=FitOptions(
-                geometry=group["preconditioner_mode"],
-                beta_lipschitz=group["beta_lipschitz"],
-                damping=group["damping"],
-                damping_rule=group["damping_rule"],
-                norm_bound=group["norm_bound"],
-            ),
-            beta=group["b1"],
-            momentum_rule="debiased_ema",
-            whiten_momentum=whiten_momentum,
-            precondition_momentum=group["exp_avg_input"],
-            cache=False,  # decided per step, see _step_bucket
-            fit_before_apply=not group["delayed"],
-            clip_rms=None,
-            clip_max=None,
-        )
-        return layout, step
 
     # -- the step ------------------------------------------------------------------------------
 
@@ -593,8 +459,8 @@ class Kron(torch.optim.Optimizer):
         return self.state[p]
 
     def _init_state(self, group, p, plan, options, probes, hvps) -> dict[str, Any]:
-        precond_dtype = _dtype(group["precond_dtype"], "precond_dtype") or torch.float32
-        mu_dtype = _dtype(group["mu_dtype"], "mu_dtype") or p.dtype
+        precond_dtype = torch_dtype(group["precond_dtype"], "precond_dtype") or torch.float32
+        mu_dtype = torch_dtype(group["mu_dtype"], "mu_dtype") or p.dtype
         like = torch.zeros((), dtype=precond_dtype, device=p.device)
         scale = group["precond_init_scale"]
         if scale is None and id(p) in hvps:  # Newton: (E v²)^¼ (E h⁴)^(-1/8), algorithm.md §2.4

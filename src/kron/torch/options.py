@@ -1,0 +1,179 @@
+"""Param-group options of :class:`kron.torch.Kron`: validation and the core's option records.
+
+A group is the dict torch keeps per param group, with every option filled in from the
+optimizer's defaults. :func:`check_ranges` and :func:`core_records` raise ``ValueError`` naming
+the option and the value given; :func:`core_records` also builds the
+:class:`~kron.core.LayoutOptions` and :class:`~kron.core.StepOptions` that
+:func:`kron.core.kron_step` takes. The optimizer caches those records per distinct set of
+:data:`RECORD_KEYS` values.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from kron.core import DECISION_RULES, FitOptions, LayoutOptions, StepOptions
+from kron.torch.functional import clipper
+
+PRECONDITIONER_TYPES = ("whitening", "newton")
+HVP_METHODS = ("double_backward", "finite_difference")
+NONFINITE_POLICIES = ("skip", "raise")
+
+# Group options that feed the core's option records; the others are read on every step.
+RECORD_KEYS = (
+    "b1",
+    "preconditioner_update_probability",
+    "max_size_triangular",
+    "min_ndim_triangular",
+    "memory_save_mode",
+    "momentum_into_precond_update",
+    "precond_init_scale",
+    "mu_dtype",
+    "precond_dtype",
+    "merge_dims",
+    "split",
+    "delayed",
+    "exp_avg_input",
+    "gradient_clipping",
+    "gradient_clip_value",
+    "update_clipping",
+    "update_clip_value",
+    "preconditioner_mode",
+    "whiten_grad",
+    "max_skew",
+    "block_size",
+    "decision_rule",
+    "beta_lipschitz",
+    "damping",
+    "damping_rule",
+    "norm_bound",
+    "balance_probability",
+    "preconditioner_type",
+    "hvp_method",
+)
+
+
+def torch_dtype(value: Any, name: str) -> torch.dtype | None:
+    """``value`` (a ``torch.dtype``, its name such as ``"bfloat16"``, or None) as a ``torch.dtype``
+    or None; ``ValueError`` naming option ``name`` otherwise."""
+    if value is None or isinstance(value, torch.dtype):
+        return value
+    if isinstance(value, str) and isinstance(getattr(torch, value, None), torch.dtype):
+        return getattr(torch, value)
+    raise ValueError(f"{name} must be a torch.dtype, a dtype name or None; got {value!r}.")
+
+
+def merge_alias(value: Any, name: str, alias: Any, alias_name: str) -> Any:
+    """One dtype option given under either of two names (kron_torch's and heavyball's): the
+    alias wins when only it is given; both given must agree."""
+    if alias is None:
+        return value
+    if value is not None and torch_dtype(alias, alias_name) != torch_dtype(value, name):
+        raise ValueError(f"{alias_name} and {name} name the same option; give one.")
+    return alias
+
+
+def check_ranges(group: dict[str, Any]) -> None:
+    """Raise ``ValueError`` for a numeric option out of range (the records check the rest)."""
+    for key in ("lr", "weight_decay", "precond_lr", "warmup_steps", "mars_gamma"):
+        if not group[key] >= 0:
+            raise ValueError(f"Invalid {key}: {group[key]!r} (must be >= 0).")
+    if not 0 <= group["b1"] < 1:
+        raise ValueError(f"Invalid b1: {group['b1']!r} (must be in [0, 1)).")
+    if not group["max_size_triangular"] >= 1:
+        raise ValueError(
+            f"Invalid max_size_triangular: {group['max_size_triangular']!r} (must be >= 1)."
+        )
+    if not group["min_ndim_triangular"] >= 0:
+        raise ValueError(
+            f"Invalid min_ndim_triangular: {group['min_ndim_triangular']!r} (must be >= 0)."
+        )
+    if (
+        group["split"]
+        and group["block_size"] is None
+        and not math.isfinite(group["max_size_triangular"])
+    ):
+        raise ValueError("split=True needs a finite max_size_triangular or a block_size.")
+
+
+def core_records(group: dict[str, Any]) -> tuple[LayoutOptions, StepOptions]:
+    """The core's option records for a group with every option filled in; ``ValueError``
+    naming the option and value for anything the records or this front end do not accept."""
+    if group["preconditioner_type"] not in PRECONDITIONER_TYPES:
+        raise ValueError(
+            f"Unknown preconditioner_type {group['preconditioner_type']!r}; accepted: "
+            f"{', '.join(PRECONDITIONER_TYPES)}."
+        )
+    if group["hvp_method"] not in HVP_METHODS:
+        raise ValueError(
+            f"Unknown hvp_method {group['hvp_method']!r}; accepted: {', '.join(HVP_METHODS)}."
+        )
+    if group["decision_rule"] not in DECISION_RULES:
+        raise ValueError(
+            f"Unknown decision_rule {group['decision_rule']!r}; accepted: "
+            f"{', '.join(DECISION_RULES)}."
+        )
+    probability = group["preconditioner_update_probability"]
+    if not (probability is None or callable(probability) or 0 < probability <= 1):
+        raise ValueError(
+            "preconditioner_update_probability must be in (0, 1], a callable or None; got "
+            f"{probability!r}."
+        )
+    scale = group["precond_init_scale"]
+    if scale is not None and not scale > 0:
+        raise ValueError(f"precond_init_scale must be > 0 or None; got {scale!r}.")
+    if not 0 <= group["balance_probability"] <= 1:
+        raise ValueError(
+            f"balance_probability must be in [0, 1]; got {group['balance_probability']!r}."
+        )
+    torch_dtype(group["mu_dtype"], "mu_dtype")
+    torch_dtype(group["precond_dtype"], "precond_dtype")
+    clipper(group["gradient_clipping"], group["gradient_clip_value"])
+    clipper(group["update_clipping"], group["update_clip_value"])
+    block = group["block_size"]
+    if group["split"] and block is None:
+        block = group["max_size_triangular"]
+    layout = LayoutOptions(
+        max_size=group["max_size_triangular"],
+        max_skew=group["max_skew"],
+        min_ndim_dense=group["min_ndim_triangular"],
+        memory_save_mode=group["memory_save_mode"],
+        merge_dims=group["merge_dims"],
+        block_size=block,
+    )
+    whiten = group["whiten_grad"]
+    whiten_momentum = (not whiten) if whiten is not None else group["momentum_into_precond_update"]
+    step = StepOptions(
+        layout=layout,
+        fit=FitOptions(
+            geometry=group["preconditioner_mode"],
+            beta_lipschitz=group["beta_lipschitz"],
+            damping=group["damping"],
+            damping_rule=group["damping_rule"],
+            norm_bound=group["norm_bound"],
+        ),
+        beta=group["b1"],
+        momentum_rule="debiased_ema",
+        whiten_momentum=whiten_momentum,
+        precondition_momentum=group["exp_avg_input"],
+        cache=False,  # decided per step, see Kron._step_bucket
+        fit_before_apply=not group["delayed"],
+        clip_rms=None,
+        clip_max=None,
+    )
+    return layout, step
+
+
+__all__ = [
+    "HVP_METHODS",
+    "NONFINITE_POLICIES",
+    "PRECONDITIONER_TYPES",
+    "RECORD_KEYS",
+    "check_ranges",
+    "core_records",
+    "merge_alias",
+    "torch_dtype",
+]
