@@ -28,6 +28,7 @@ VARIANTS = {
     "p1": ("p = 1", dict(preconditioner_update_probability=1.0)),
     "b0": ("no momentum", dict(b1=0.0)),
     "p1_b0": ("p = 1, no momentum", dict(preconditioner_update_probability=1.0, b1=0.0)),
+    "grad_fit": ("P fitted on the gradient", dict(momentum_into_precond_update=False)),
 }
 
 

@@ -80,3 +80,16 @@ def test_add_targets_are_the_mean_of_the_marked_values():
     marked = (x[..., 0] * x[..., 1]).sum(dim=1) / 2
     torch.testing.assert_close(marked, y)
     assert torch.all(x[..., 1].sum(dim=1) == 2)
+
+
+@pytest.mark.parametrize(
+    ("name", "lr", "on_momentum"),
+    [("kron", None, True), ("kron_grad", 1e-3, False), ("kron_grad", None, False)],
+)
+def test_kron_specs_set_the_fitting_target_and_lr(name, lr, on_momentum):
+    """``kron`` keeps the defaults (P fitted on the momentum); ``kron_grad`` fits P on the
+    gradient, at the given lr or the default 3e-4."""
+    problem = TASKS["deep_linear"].build(0)
+    group = get_optimizer(name).make(problem.parameters, lr, 0).param_groups[0]
+    assert group["momentum_into_precond_update"] is on_momentum
+    assert group["lr"] == (lr or 3e-4)
