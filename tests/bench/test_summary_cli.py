@@ -156,6 +156,14 @@ def test_cli_end_to_end_and_resume(tmp_path, capsys):
     assert [p.stat().st_mtime_ns for p in runs] == stamps
 
 
+def test_cli_lr_runs_each_given_rate_on_every_seed(tmp_path):
+    """``--lr`` replaces the grid (and kron's default) and skips the sweep protocol."""
+    args = ["bench", "--task", "deep_linear", "--optimizer", "kron", "--steps", "20"]
+    assert main([*args, "--seeds", "2", "--lr", "1e-3", "3e-3", "--out", str(tmp_path)]) == 0
+    configs = {(r["config"]["lr"], r["config"]["seed"]) for r in records.load_all(tmp_path)}
+    assert configs == {(1e-3, 0), (1e-3, 1), (3e-3, 0), (3e-3, 1)}
+
+
 def test_python_dash_m_lists_tasks():
     result = subprocess.run(
         [sys.executable, "-m", "kron", "bench", "--list"],

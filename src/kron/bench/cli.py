@@ -33,6 +33,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--task", nargs="+", metavar="NAME", help="only these tasks")
     bench.add_argument("--optimizer", nargs="+", metavar="NAME", help="only these optimizers")
     bench.add_argument("--seeds", help="a count N (seeds 0…N−1) or a comma list, e.g. 0,3")
+    bench.add_argument(
+        "--lr",
+        type=float,
+        nargs="+",
+        metavar="LR",
+        help="run exactly these learning rates, each on every seed, instead of each "
+        "optimizer's grid or default (no sweep)",
+    )
     bench.add_argument("--steps", type=int, help="step budget for every task (overrides tier)")
     bench.add_argument("--out", type=Path, default=Path("out/bench"), help="output folder")
     bench.add_argument(
@@ -108,7 +116,8 @@ def plan(args: argparse.Namespace, tier: Tier) -> list[Entry]:
         seeds = seeds_override or tuple(range(tier.seeds_by_task.get(name, tier.seeds)))
         steps = args.steps or budget or task.steps
         sweep = tier.sweep and not args.no_sweep and name not in tier.unswept_tasks
-        entries.append(Entry(task, steps, specs, seeds, sweep))
+        lrs = tuple(args.lr) if args.lr else None
+        entries.append(Entry(task, steps, specs, seeds, sweep and not lrs, lrs))
     return entries
 
 

@@ -18,13 +18,15 @@ from .tasks import Task
 
 @dataclass(frozen=True)
 class Entry:
-    """One task of a plan with its step budget, optimizers and seeds."""
+    """One task of a plan with its step budget, optimizers and seeds. ``lrs``, when given,
+    replaces every optimizer's grid, and each of those learning rates runs on every seed."""
 
     task: Task
     steps: int
     optimizers: tuple[OptimizerSpec, ...]
     seeds: tuple[int, ...]
     sweep: bool = True
+    lrs: tuple[float, ...] | None = None
 
 
 def learning_rates(spec: OptimizerSpec, task: Task, sweep: bool) -> tuple[float | None, ...]:
@@ -43,7 +45,8 @@ def execute(
     """Run (or reuse) every run of the plan and return all their records.
 
     Sweep protocol per (task, optimizer): every learning rate on the first seed, then the best
-    (``runner.score``) on the remaining seeds; entries with ``sweep`` off use the grid's middle.
+    (``runner.score``) on the remaining seeds; entries with ``sweep`` off use the grid's middle,
+    and entries with ``lrs`` run each of them on every seed.
     """
     console = console or Console(stderr=True)
     done: list[Record] = []
@@ -76,6 +79,11 @@ def execute(
 
         for entry in entries:
             for spec in entry.optimizers:
+                if entry.lrs:
+                    for lr in entry.lrs:
+                        for seed in entry.seeds:
+                            one(RunConfig(entry.task, spec, lr, seed, entry.steps))
+                    continue
                 first, rest = entry.seeds[0], entry.seeds[1:]
                 sweep_runs = [
                     one(RunConfig(entry.task, spec, lr, first, entry.steps))
