@@ -5,8 +5,10 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from kron.bench import plots, records, summary
-from kron.bench.cli import main
+from kron.bench.cli import main, seed_list
 from kron.bench.optimizers import get_optimizer
 from kron.bench.runner import RunConfig, run_or_load
 from kron.bench.tasks import TASKS
@@ -162,6 +164,19 @@ def test_cli_lr_runs_each_given_rate_on_every_seed(tmp_path):
     assert main([*args, "--seeds", "2", "--lr", "1e-3", "3e-3", "--out", str(tmp_path)]) == 0
     configs = {(r["config"]["lr"], r["config"]["seed"]) for r in records.load_all(tmp_path)}
     assert configs == {(1e-3, 0), (1e-3, 1), (3e-3, 0), (3e-3, 1)}
+
+
+@pytest.mark.parametrize("text", ["0", "-1", "a", ",", "1,-2"])
+def test_cli_rejects_seeds_that_name_no_run(text, capsys):
+    """A count of 0 used to fall back silently to the tier's seeds."""
+    with pytest.raises(SystemExit):
+        main(["bench", "--task", "deep_linear", "--seeds", text, "--steps", "1"])
+    assert "is neither a seed count" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("text", "seeds"), [("2", (0, 1)), ("0,", (0,)), ("0,3", (0, 3))])
+def test_seed_list_reads_counts_and_lists(text, seeds):
+    assert seed_list(text) == seeds
 
 
 def test_python_dash_m_lists_tasks():

@@ -32,7 +32,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--list", action="store_true", help="list tasks, optimizers and tiers")
     bench.add_argument("--task", nargs="+", metavar="NAME", help="only these tasks")
     bench.add_argument("--optimizer", nargs="+", metavar="NAME", help="only these optimizers")
-    bench.add_argument("--seeds", help="a count N (seeds 0…N−1) or a comma list, e.g. 0,3")
+    bench.add_argument(
+        "--seeds",
+        type=seed_list,
+        help="a count N (seeds 0…N−1) or a comma list, e.g. 0,3 (seed 0 alone: 0,)",
+    )
     bench.add_argument(
         "--lr",
         type=float,
@@ -70,12 +74,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _seeds(text: str | None, default: int) -> tuple[int, ...] | None:
-    if text is None:
-        return None
-    if "," in text:
-        return tuple(int(s) for s in text.split(",") if s)
-    return tuple(range(int(text)))
+def seed_list(text: str) -> tuple[int, ...]:
+    """``--seeds``: a count ``N`` (seeds 0…N−1, N ≥ 1) or a comma list such as ``0,3``."""
+    try:
+        if "," in text:
+            seeds = tuple(int(s) for s in text.split(",") if s)
+        else:
+            seeds = tuple(range(int(text)))
+    except ValueError:
+        seeds = ()
+    if not seeds or min(seeds) < 0:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is neither a seed count N >= 1 (seeds 0…N−1) nor a comma list of "
+            "seeds >= 0 (for seed 0 alone: 0,)"
+        )
+    return seeds
 
 
 def _require(modules: tuple[str, ...], framework: str) -> None:
@@ -98,7 +111,7 @@ def plan(args: argparse.Namespace, tier: Tier) -> list[Entry]:
         from .jax_problems import PORTS
 
         tasks = {name: budget for name, budget in tasks.items() if name in PORTS}
-    seeds_override = _seeds(args.seeds, tier.seeds)
+    seeds_override = args.seeds
     entries = []
     for name, budget in tasks.items():
         task = get_task(name)
