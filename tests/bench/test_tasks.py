@@ -88,8 +88,8 @@ def test_add_targets_are_the_mean_of_the_marked_values():
 )
 def test_kron_specs_set_the_fitting_target_and_lr(name, lr, on_momentum):
     """``kron`` keeps the defaults (P fitted on the momentum); ``kron_grad`` fits P on the
-    gradient, at the given lr or the default 3e-4."""
+    gradient, at the given lr or the default 1e-3."""
     problem = TASKS["deep_linear"].build(0)
     group = get_optimizer(name).make(problem.parameters, lr, 0).param_groups[0]
     assert group["momentum_into_precond_update"] is on_momentum
-    assert group["lr"] == (lr or 3e-4)
+    assert group["lr"] == (lr or 1e-3)

@@ -151,19 +151,19 @@ def test_lr_scheduler_scales_the_step():
 
 def test_bf16_params_keep_fp32_preconditioner_through_a_checkpoint():
     model = make_model(dtype=torch.bfloat16)
-    opt = Kron(model.parameters(), lr=1e-2, mu_dtype=torch.bfloat16)
+    opt = Kron(model.parameters(), lr=3e-2, mu_dtype=torch.bfloat16)
     losses = train(model, opt, 20)
     weight = model[2].weight
     assert weight.dtype == torch.bfloat16
     assert all(f.dtype == torch.float32 for f in opt.state[weight]["factors"])
     assert opt.state[weight]["momentum"].dtype == torch.bfloat16
-    fresh = Kron(model.parameters(), lr=1e-2, mu_dtype=torch.bfloat16)
+    fresh = Kron(model.parameters(), lr=3e-2, mu_dtype=torch.bfloat16)
     fresh.load_state_dict(copy.deepcopy(opt.state_dict()))
     assert all(f.dtype == torch.float32 for f in fresh.state[weight]["factors"])
     torch.testing.assert_close(
         fresh.state[weight]["factors"][0], opt.state[weight]["factors"][0], rtol=0, atol=0
     )
-    assert sum(losses[-5:]) < 0.8 * sum(losses[:5])
+    assert sum(losses[-5:]) < 0.8 * sum(losses[:5])  # measured: 0.43 of the first five
 
 
 def test_stochastic_rounding_of_bf16_momentum_is_unbiased():

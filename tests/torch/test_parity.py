@@ -46,7 +46,7 @@ def loss_fn(params: list[torch.Tensor]) -> torch.Tensor:
     return total
 
 
-def reference_run(geometry, newton, cached, delayed, block_size):
+def reference_run(geometry, newton, cached, delayed, block_size, on_momentum=True):
     """The loop Kron promises, written directly against kron.core."""
     params = [p.detach().clone() for p in make_params()]
     layout = LayoutOptions(
@@ -57,7 +57,7 @@ def reference_run(geometry, newton, cached, delayed, block_size):
         fit=FitOptions(geometry=geometry),
         beta=0.9,
         momentum_rule="debiased_ema",
-        whiten_momentum=True,
+        whiten_momentum=on_momentum,
         cache=cached,
         fit_before_apply=not delayed,
         clip_rms=None,
@@ -137,8 +137,15 @@ def test_cached_delayed_blocked_and_unstacked_match_the_core(
     _check(geometry, False, cached, delayed, block_size, stack)
 
 
-def _check(geometry, newton, cached, delayed, block_size, stack):
-    expected_params, expected_states = reference_run(geometry, newton, cached, delayed, block_size)
+@pytest.mark.parametrize("geometry", ["EQ", "Q0.5EQ1.5"])
+def test_fitting_on_the_gradient_matches_the_core(geometry):
+    _check(geometry, False, False, False, None, True, on_momentum=False)
+
+
+def _check(geometry, newton, cached, delayed, block_size, stack, on_momentum=True):
+    expected_params, expected_states = reference_run(
+        geometry, newton, cached, delayed, block_size, on_momentum
+    )
     params = make_params()
     opt = Kron(
         params,
@@ -152,6 +159,7 @@ def _check(geometry, newton, cached, delayed, block_size, stack):
         block_size=block_size,
         stack_params=stack,
         preconditioner_type="newton" if newton else "whitening",
+        momentum_into_precond_update=on_momentum,
     )
     for _ in range(STEPS):
         if newton:

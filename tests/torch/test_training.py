@@ -30,9 +30,9 @@ def digits_loss_after(optimizer_factory, steps: int = 300) -> float:
 
 
 def test_digits_mlp_trains_below_measured_threshold():
-    """64-64-10 tanh MLP, batch 128, 300 steps. Measured full-data cross-entropy: Kron (lr 3e-3,
-    default Q0.5EQ1.5) 0.015; Adam's best over lr ∈ {3e-4, 1e-3, 3e-3, 1e-2} 0.021 (lr 1e-2)."""
-    assert digits_loss_after(lambda p: Kron(p, lr=3e-3)) < 0.05
+    """64-64-10 tanh MLP, batch 128, 300 steps. Measured full-data cross-entropy: Kron (lr 1e-2,
+    defaults otherwise) 0.0007; Adam's best over lr ∈ {3e-4, 1e-3, 3e-3, 1e-2} 0.021 (lr 1e-2)."""
+    assert digits_loss_after(lambda p: Kron(p, lr=1e-2)) < 0.01
 
 
 @pytest.mark.parametrize("method", ["double_backward", "finite_difference"])

@@ -5,8 +5,8 @@ rate from its grid (``None`` = the optimizer's own default). Sweep protocol (``r
 every grid value runs on the first seed, the best one (fewest steps to target, then lowest final
 metric) runs on the remaining seeds. The grids:
 
-* ``kron``: ``kron.torch.Kron`` at its defaults (lr 3e-4, kron_torch's update-probability
-  schedule, Q0.5EQ1.5 geometry, ...) with ``seed`` = the run's seed. No sweep: the issue's
+* ``kron``: ``kron.torch.Kron`` at its defaults (lr 1e-3, P fitted on the momentum,
+  kron_torch's update-probability schedule, Q0.5EQ1.5 geometry, ...) with ``seed`` = the run's seed. No sweep: the issue's
   targets are about the defaults.
 * ``kron_lr``: the same with lr ∈ {3e-4, 1e-3, 3e-3} (full tier; shows what tuning adds).
 * ``kron_grad``: ``Kron`` with P fitted on the gradient (``momentum_into_precond_update=False``,
@@ -26,7 +26,7 @@ lr swept over the same grid as ``kron_lr``, ``adamw_jax`` ``optax.adamw`` with A
 and the peer ``psgdax`` is ``psgdax.kron`` at its defaults but lr ∈ {3e-4, 1e-3, 3e-3} (its
 ``key`` drawn from the run's seed, since its default key is one array shared by every instance).
 The Keras runner (``--framework keras``, Keras on its JAX backend) likewise has ``kron_keras``
-(``kron.keras.Kron`` at its defaults, seed 000's: lr 3e-4, P fitted on the momentum),
+(``kron.keras.Kron`` at its defaults: lr 1e-3, P fitted on the momentum, as seed 000),
 ``kron_lr_keras`` and ``adamw_keras`` (``keras.optimizers.AdamW``, no weight decay).
 
 Peers appear only when importable.
@@ -90,7 +90,7 @@ def _kron(params: Params, lr: float | None, seed: int) -> torch.optim.Optimizer:
 def _kron_grad(params: Params, lr: float | None, seed: int) -> torch.optim.Optimizer:
     from kron.torch import Kron
 
-    return Kron(params, lr=lr or 3e-4, seed=seed, momentum_into_precond_update=False)
+    return Kron(params, lr=lr or 1e-3, seed=seed, momentum_into_precond_update=False)
 
 
 def _adamw(params: Params, lr: float | None, seed: int) -> torch.optim.Optimizer:
