@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import ast
+import inspect
+import math
+import re
+from pathlib import Path
+
 import jax
 import numpy as np
 import pytest
@@ -47,3 +53,45 @@ def backend(request) -> Backend:
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)
+
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+_OPTION_ROW = re.compile(r"^\| (`[^|]+`) \| ([^|]+) \|", re.MULTILINE)
+
+
+def _documented_defaults(page: str) -> dict[str, object]:
+    """``name -> default`` from the rows of a docs page's *Options* section. A row may name
+    several options (``a``, ``b``) with one default each, or one default shared by all."""
+    section = (DOCS / page).read_text().split("## Options", 1)[1].split("\n## ", 1)[0]
+    found = {}
+    for names_cell, default_cell in _OPTION_ROW.findall(section):
+        names = re.findall(r"`([A-Za-z_][A-Za-z_0-9]*)`", names_cell)
+        defaults = [
+            math.inf if v == "inf" else ast.literal_eval(v)
+            for v in re.findall(r"`([^`]*)`", default_cell)
+        ]
+        if len(defaults) == 1:
+            defaults *= len(names)
+        assert len(defaults) == len(names), f"{page}: row {names_cell!r} has defaults {defaults}"
+        found.update(zip(names, defaults))
+    return found
+
+
+@pytest.fixture
+def check_options_table():
+    """``check(page, cls)``: the options table of ``docs/<page>`` lists exactly the options of
+    ``cls.__init__``, each with the default the code uses."""
+
+    def check(page: str, cls) -> None:
+        documented = _documented_defaults(page)
+        actual = {
+            p.name: p.default
+            for p in inspect.signature(cls.__init__).parameters.values()
+            if p.name not in ("self", "params") and p.kind is not p.VAR_KEYWORD
+        }
+        assert sorted(set(actual) - set(documented)) == [], f"options missing from {page}"
+        assert sorted(set(documented) - set(actual)) == [], f"{page} lists unknown options"
+        wrong = {k: (documented[k], actual[k]) for k in actual if documented[k] != actual[k]}
+        assert wrong == {}, f"{page}: (documented, actual) defaults differ"
+
+    return check
