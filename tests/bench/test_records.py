@@ -54,6 +54,20 @@ def test_resume_reuses_finished_runs_and_reruns_changed_configs(tmp_path):
     assert not reused
 
 
+def test_resume_reruns_a_record_made_under_other_optimizer_defaults(tmp_path):
+    """A run at the default lr has the same path before and after a default changes; the
+    resolved settings in the config tell the two apart (and a record without them is rerun)."""
+    first, _ = run_or_load(_config(), tmp_path)
+    assert first["config"]["settings"]["lr"] == 1e-3
+    path = _config().path(tmp_path)
+    for edit in (lambda c: c["settings"].update(lr=3e-4), lambda c: c.pop("settings")):
+        record = json.loads(path.read_text())
+        edit(record["config"])
+        path.write_text(json.dumps(record))
+        _, reused = run_or_load(_config(), tmp_path)
+        assert not reused
+
+
 def test_half_written_record_is_not_trusted(tmp_path):
     path = _config().path(tmp_path)
     path.parent.mkdir(parents=True)

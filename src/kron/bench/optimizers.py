@@ -6,8 +6,8 @@ every grid value runs on the first seed, the best one (fewest steps to target, t
 metric) runs on the remaining seeds. The grids:
 
 * ``kron``: ``kron.torch.Kron`` at its defaults (lr 1e-3, P fitted on the momentum,
-  kron_torch's update-probability schedule, Q0.5EQ1.5 geometry, ...) with ``seed`` = the run's seed. No sweep: the issue's
-  targets are about the defaults.
+  kron_torch's update-probability schedule, Q0.5EQ1.5 geometry, ...) with ``seed`` = the run's
+  seed. No sweep: the issue's targets are about the defaults.
 * ``kron_lr``: the same with lr ∈ {3e-4, 1e-3, 3e-3} (full tier; shows what tuning adds).
 * ``kron_grad``: ``Kron`` with P fitted on the gradient (``momentum_into_precond_update=False``,
   the psgdax and psgd_torch default), lr ∈ {3e-4, 1e-3, 3e-3} (full tier; the measurement behind
@@ -76,6 +76,24 @@ class OptimizerSpec:
 
     def available(self) -> bool:
         return self.package is None or importlib.util.find_spec(self.package) is not None
+
+    def settings(self, lr: float | None, seed: int) -> dict[str, Any]:
+        """The hyperparameters a run at ``lr`` gets, defaults resolved (a torch optimizer's
+        ``defaults``, JSON scalars only), so that records made under other defaults are not
+        resumed. Empty for the JAX and Keras specs, which are built in their own sessions."""
+        if self.framework != "torch":
+            return {}
+        probe = [torch.zeros(1, requires_grad=True)]
+        return {
+            key: list(value) if isinstance(value, tuple) else value
+            for key, value in self.make(probe, lr, seed).defaults.items()
+            if _is_json_scalar(value)
+            or (isinstance(value, tuple) and all(_is_json_scalar(v) for v in value))
+        }
+
+
+def _is_json_scalar(value: Any) -> bool:
+    return value is None or isinstance(value, (bool, int, float, str))
 
 
 PSGD_GRID = (3e-4, 1e-3, 3e-3)

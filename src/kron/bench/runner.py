@@ -47,6 +47,7 @@ class RunConfig:
             "lr": self.lr,
             "seed": self.seed,
             "steps": self.steps,
+            "settings": self.optimizer.settings(self.lr, self.seed),
         }
         # Through JSON once, so that it compares equal to a config read back from a record.
         return json.loads(json.dumps(described))
