@@ -155,6 +155,7 @@ print(json.dumps({
     "torch_adamw": torch_adamw["history"]["rel_mse"],
     "kron": [k["history"]["rel_loss"] for k in kron],
     "versions": kron[0]["versions"],
+    "kron_settings": kron[0]["config"]["settings"],
 }))
 """
 
@@ -177,6 +178,10 @@ def test_keras_runner_reproduces_adamw_and_runs_kron_keras():
     assert first == second
     assert first[-1] < 0.5 * first[0]
     assert "keras" in out["versions"]
+    # The record carries the optimizer's resolved config, so resume can tell defaults apart.
+    settings = out["kron_settings"]
+    assert settings["learning_rate"] == pytest.approx(3e-3, rel=1e-6)
+    assert settings["momentum_into_precond_update"] is True
 
 
 def test_keras_runner_refuses_another_backend():

@@ -159,11 +159,24 @@ def test_cli_end_to_end_and_resume(tmp_path, capsys):
 
 
 def test_cli_lr_runs_each_given_rate_on_every_seed(tmp_path):
-    """``--lr`` replaces the grid (and kron's default) and skips the sweep protocol."""
-    args = ["bench", "--task", "deep_linear", "--optimizer", "kron", "--steps", "20"]
+    """``--lr`` replaces the grid and skips the sweep protocol."""
+    args = ["bench", "--task", "deep_linear", "--optimizer", "kron_lr", "--steps", "20"]
     assert main([*args, "--seeds", "2", "--lr", "1e-3", "3e-3", "--out", str(tmp_path)]) == 0
     configs = {(r["config"]["lr"], r["config"]["seed"]) for r in records.load_all(tmp_path)}
     assert configs == {(1e-3, 0), (1e-3, 1), (3e-3, 0), (3e-3, 1)}
+
+
+def test_cli_lr_refuses_an_optimizer_that_runs_at_its_defaults(tmp_path):
+    """Its rows would be labelled '(defaults)' and judged as the defaults."""
+    with pytest.raises(SystemExit, match="kron run at their defaults only"):
+        main(["bench", "--task", "deep_linear", "--optimizer", "kron", "--lr", "3e-3"])
+
+
+@pytest.mark.parametrize("text", ["0", "-1e-3", "nan", "x"])
+def test_cli_rejects_a_learning_rate_that_is_not_positive(text, capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "--task", "deep_linear", "--optimizer", "kron_lr", f"--lr={text}"])
+    assert "is not a learning rate > 0" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("text", ["0", "-1", "a", ",", "1,-2"])

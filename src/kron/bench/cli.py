@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import math
 import sys
 import time
 from pathlib import Path
@@ -39,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument(
         "--lr",
-        type=float,
+        type=positive_float,
         nargs="+",
         metavar="LR",
         help="run exactly these learning rates, each on every seed, instead of each "
@@ -72,6 +73,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="run only the middle lr of each grid (the best measured for AdamW)",
     )
     return parser
+
+
+def positive_float(text: str) -> float:
+    """``--lr``: a learning rate > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a learning rate > 0")
+    return value
 
 
 def seed_list(text: str) -> tuple[int, ...]:
@@ -126,6 +138,13 @@ def plan(args: argparse.Namespace, tier: Tier) -> list[Entry]:
                 if s is not None and s.available() and (s.float64 or not task.float64)
             )
         )
+        if args.lr:
+            fixed = [s.name for s in specs if s.grid(task) == (None,)]
+            if fixed:
+                raise SystemExit(
+                    f"--lr: {', '.join(fixed)} run at their defaults only; for other learning "
+                    "rates use the lr-swept twin (kron_lr, kron_lr_jax, kron_lr_keras)"
+                )
         seeds = seeds_override or tuple(range(tier.seeds_by_task.get(name, tier.seeds)))
         steps = args.steps or budget or task.steps
         sweep = tier.sweep and not args.no_sweep and name not in tier.unswept_tasks

@@ -20,7 +20,7 @@ from .jax_problems import check_portable, port
 from .runner import RunConfig
 
 
-def _keras_on_jax():
+def keras_on_jax():
     os.environ.setdefault("KERAS_BACKEND", "jax")
     import keras
 
@@ -40,7 +40,7 @@ class KerasSession:
     def __init__(self, config: RunConfig) -> None:
         check_portable(config.task, "Keras")
         jax.config.update("jax_enable_x64", True)
-        keras = _keras_on_jax()
+        keras = keras_on_jax()
         torch.manual_seed(config.seed)
         self.problem = port(config.task.name, config.task.build(config.seed))
         leaves, self._treedef = jax.tree.flatten(self.problem.params)

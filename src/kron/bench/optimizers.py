@@ -26,8 +26,9 @@ lr swept over the same grid as ``kron_lr``, ``adamw_jax`` ``optax.adamw`` with A
 and the peer ``psgdax`` is ``psgdax.kron`` at its defaults but lr ∈ {3e-4, 1e-3, 3e-3} (its
 ``key`` drawn from the run's seed, since its default key is one array shared by every instance).
 The Keras runner (``--framework keras``, Keras on its JAX backend) likewise has ``kron_keras``
-(``kron.keras.Kron`` at its defaults: lr 1e-3, P fitted on the momentum, as seed 000),
-``kron_lr_keras`` and ``adamw_keras`` (``keras.optimizers.AdamW``, no weight decay).
+(``kron.keras.Kron`` at its defaults: lr 1e-3 where seed 000 has 3e-4, and P fitted on the
+momentum as in seed 000), ``kron_lr_keras`` and ``adamw_keras`` (``keras.optimizers.AdamW``, no
+weight decay).
 
 Peers appear only when importable.
 """
@@ -79,14 +80,21 @@ class OptimizerSpec:
 
     def settings(self, lr: float | None, seed: int) -> dict[str, Any]:
         """The hyperparameters a run at ``lr`` gets, defaults resolved (a torch optimizer's
-        ``defaults``, JSON scalars only), so that records made under other defaults are not
-        resumed. Empty for the JAX and Keras specs, which are built in their own sessions."""
-        if self.framework != "torch":
+        ``defaults``, a Keras optimizer's ``get_config()``; JSON scalars only), so that records
+        made under other defaults are not resumed. Empty for the JAX specs: an optax
+        transformation does not expose its hyperparameters."""
+        if self.framework == "torch":
+            values = self.make([torch.zeros(1, requires_grad=True)], lr, seed).defaults
+        elif self.framework == "keras":
+            from .keras_session import keras_on_jax
+
+            keras_on_jax()
+            values = self.make(None, lr, seed).get_config()
+        else:
             return {}
-        probe = [torch.zeros(1, requires_grad=True)]
         return {
             key: list(value) if isinstance(value, tuple) else value
-            for key, value in self.make(probe, lr, seed).defaults.items()
+            for key, value in values.items()
             if _is_json_scalar(value)
             or (isinstance(value, tuple) and all(_is_json_scalar(v) for v in value))
         }
@@ -108,15 +116,17 @@ def _kron(params: Params, lr: float | None, seed: int) -> torch.optim.Optimizer:
 def _kron_grad(params: Params, lr: float | None, seed: int) -> torch.optim.Optimizer:
     from kron.torch import Kron
 
-    return Kron(params, lr=lr or 1e-3, seed=seed, momentum_into_precond_update=False)
+    return Kron(
+        params, lr=1e-3 if lr is None else lr, seed=seed, momentum_into_precond_update=False
+    )
 
 
 def _adamw(params: Params, lr: float | None, seed: int) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(params, lr=lr or 1e-3, weight_decay=0.0)
+    return torch.optim.AdamW(params, lr=1e-3 if lr is None else lr, weight_decay=0.0)
 
 
 def _sgd(params: Params, lr: float | None, seed: int) -> torch.optim.Optimizer:
-    return torch.optim.SGD(params, lr=lr or 1e-2, momentum=0.9)
+    return torch.optim.SGD(params, lr=1e-2 if lr is None else lr, momentum=0.9)
 
 
 def _kron_torch(params: Params, lr: float | None, seed: int) -> torch.optim.Optimizer:
@@ -142,7 +152,7 @@ def _kron_jax(params: Any, lr: float | None, seed: int):
 def _adamw_jax(params: Any, lr: float | None, seed: int):
     import optax
 
-    return optax.adamw(lr or 1e-3, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0)
+    return optax.adamw(1e-3 if lr is None else lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0)
 
 
 def _psgdax(params: Any, lr: float | None, seed: int):
@@ -162,7 +172,7 @@ def _kron_keras(params: Any, lr: float | None, seed: int):
 def _adamw_keras(params: Any, lr: float | None, seed: int):
     import keras
 
-    return keras.optimizers.AdamW(lr or 1e-3, weight_decay=0.0, epsilon=1e-8)
+    return keras.optimizers.AdamW(1e-3 if lr is None else lr, weight_decay=0.0, epsilon=1e-8)
 
 
 OPTIMIZERS: dict[str, OptimizerSpec] = {
