@@ -27,7 +27,7 @@ def static_args(factory: Callable[..., Any]) -> tuple[str, ...]:
 
 
 def kron(
-    learning_rate: float | optax.Schedule = 1e-3,
+    learning_rate: float | optax.Schedule = 3e-3,
     b1: float = 0.9,
     weight_decay: float = 0.0,
     weight_decay_mask: Any = None,
@@ -66,7 +66,9 @@ def kron(
     can bind them.
 
     Args:
-      learning_rate: a float or an optax schedule. Default 1e-3.
+      learning_rate: a float or an optax schedule. Default 3e-3 (psgdax's is 1e-3), the
+        PyTorch and Keras front ends' default, chosen on the ``kron bench`` tasks
+        (docs/benchmarks.md).
       b1: momentum β. Default 0.9.
       weight_decay: decoupled weight decay, added to the preconditioned update before the
         learning rate (optax's ``add_decayed_weights``); 0 (default) leaves it out.

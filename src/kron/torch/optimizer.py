@@ -81,22 +81,23 @@ class _Decision(NamedTuple):
 class Kron(torch.optim.Optimizer):
     """PSGD-Kron: SGD preconditioned by a learned Kronecker-factored ``P = QᵀQ``.
 
-    The options of kron_torch's ``Kron`` (seed 000) come first, with its defaults except the
-    learning rate (heavyball's 1e-3, by measurement); then those of heavyball's ``PSGDKron``;
-    then kron's own. Every option except ``seed``, ``nonfinite`` and
+    The options of kron_torch's ``Kron`` (seed 000) come first, with its defaults except two
+    chosen by measurement, the learning rate and the fitting target; then those of heavyball's
+    ``PSGDKron``; then kron's own. Every option except ``seed``, ``nonfinite`` and
     ``stack_params`` can be overridden per param group. ``docs/torch.md`` lists each one.
 
     Args:
       params: parameters or param groups.
-      lr: learning rate. Default 1e-3, heavyball's (kron_torch's is 3e-4); chosen on the
-        ``kron bench`` tasks (docs/benchmarks.md, *The default learning rate*).
+      lr: learning rate. Default 3e-3 (kron_torch's is 3e-4, heavyball's 1e-3); chosen on the
+        ``kron bench`` tasks together with the fitting target (docs/benchmarks.md, *The default
+        learning rate and fitting target*).
       b1: momentum β. Default 0.9.
       weight_decay: weight decay. Default 0.
       preconditioner_update_probability: float or callable of the step; ``None`` is kron_torch's
         schedule (1.0 for 500 steps, then decaying to 0.03).
       max_size_triangular, min_ndim_triangular, memory_save_mode: which axes get dense factors.
-      momentum_into_precond_update: fit P on the momentum (True, the default, as kron_torch and
-        heavyball) or on the gradient (False, psgd_torch's and psgdax's default).
+      momentum_into_precond_update: fit P on the momentum (True, kron_torch's and heavyball's
+        default) or on the gradient (False, the default, as psgd_torch and psgdax).
       precond_lr: preconditioner learning rate μ. Default 0.1.
       precond_init_scale: initial ``Q = scale·I``; ``None`` sets it from the first gradient.
       mu_dtype: momentum storage dtype (default: the parameter's). bfloat16 storage is
@@ -145,14 +146,14 @@ class Kron(torch.optim.Optimizer):
     def __init__(
         self,
         params: Iterable[Any],
-        lr: float = 1e-3,
+        lr: float = 3e-3,
         b1: float = 0.9,
         weight_decay: float = 0.0,
         preconditioner_update_probability: float | Callable[[int], float] | None = None,
         max_size_triangular: int = 8192,
         min_ndim_triangular: int = 2,
         memory_save_mode: str | None = None,
-        momentum_into_precond_update: bool = True,
+        momentum_into_precond_update: bool = False,
         precond_lr: float = 0.1,
         precond_init_scale: float | None = 1.0,
         mu_dtype: torch.dtype | str | None = None,
