@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 
@@ -9,6 +10,7 @@ from kron.bench import records
 from kron.bench.optimizers import get_optimizer
 from kron.bench.runner import RunConfig, run, run_or_load
 from kron.bench.tasks import TASKS
+from kron.torch import Kron
 
 REQUIRED = {
     "schema",
@@ -58,7 +60,7 @@ def test_resume_reruns_a_record_made_under_other_optimizer_defaults(tmp_path):
     """A run at the default lr has the same path before and after a default changes; the
     resolved settings in the config tell the two apart (and a record without them is rerun)."""
     first, _ = run_or_load(_config(), tmp_path)
-    assert first["config"]["settings"]["lr"] == 1e-3
+    assert first["config"]["settings"]["lr"] == inspect.signature(Kron).parameters["lr"].default
     path = _config().path(tmp_path)
     for edit in (lambda c: c["settings"].update(lr=3e-4), lambda c: c.pop("settings")):
         record = json.loads(path.read_text())

@@ -83,13 +83,28 @@ def test_add_targets_are_the_mean_of_the_marked_values():
 
 
 @pytest.mark.parametrize(
-    ("name", "lr", "on_momentum"),
-    [("kron", None, True), ("kron_grad", 1e-3, False), ("kron_grad", None, False)],
+    ("name", "lr", "on_momentum", "expected_lr"),
+    [
+        ("kron", None, False, 3e-3),
+        ("kron_momentum", 3e-4, True, 3e-4),
+        ("kron_momentum", None, True, 1e-3),
+    ],
 )
-def test_kron_specs_set_the_fitting_target_and_lr(name, lr, on_momentum):
-    """``kron`` keeps the defaults (P fitted on the momentum); ``kron_grad`` fits P on the
-    gradient, at the given lr or the default 1e-3."""
+def test_kron_specs_set_the_fitting_target_and_lr(name, lr, on_momentum, expected_lr):
+    """``kron`` keeps the defaults (P fitted on the gradient, lr 3e-3); ``kron_momentum`` fits P
+    on the momentum, at the given lr or at 1e-3, the best momentum-fitted lr measured."""
     problem = TASKS["deep_linear"].build(0)
     group = get_optimizer(name).make(problem.parameters, lr, 0).param_groups[0]
     assert group["momentum_into_precond_update"] is on_momentum
-    assert group["lr"] == (lr or 1e-3)
+    assert group["lr"] == expected_lr
+
+
+def test_jax_specs_record_the_defaults_of_the_function_they_call():
+    """An optax transformation hides its hyperparameters, so a JAX record's settings come from
+    the signature of the function its spec calls: a changed default reruns the record."""
+    settings = get_optimizer("kron_jax").settings(None, 0)
+    assert settings["learning_rate"] == 3e-3
+    assert settings["whiten_grad"] is True
+    assert get_optimizer("kron_lr_jax").settings(3e-4, 0)["learning_rate"] == 3e-4
+    # optax.adamw gets every hyperparameter from the spec itself.
+    assert get_optimizer("adamw_jax").settings(1e-3, 0) == {}

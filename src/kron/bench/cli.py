@@ -32,7 +32,12 @@ def build_parser() -> argparse.ArgumentParser:
         )
     bench.add_argument("--list", action="store_true", help="list tasks, optimizers and tiers")
     bench.add_argument("--task", nargs="+", metavar="NAME", help="only these tasks")
-    bench.add_argument("--optimizer", nargs="+", metavar="NAME", help="only these optimizers")
+    bench.add_argument(
+        "--optimizer",
+        nargs="+",
+        metavar="NAME",
+        help="these optimizers on every task of the plan, in place of its own",
+    )
     bench.add_argument(
         "--seeds",
         type=seed_list,

@@ -5,13 +5,14 @@ rate from its grid (``None`` = the optimizer's own default). Sweep protocol (``r
 every grid value runs on the first seed, the best one (fewest steps to target, then lowest final
 metric) runs on the remaining seeds. The grids:
 
-* ``kron``: ``kron.torch.Kron`` at its defaults (lr 1e-3, P fitted on the momentum,
+* ``kron``: ``kron.torch.Kron`` at its defaults (lr 3e-3, P fitted on the gradient,
   kron_torch's update-probability schedule, Q0.5EQ1.5 geometry, ...) with ``seed`` = the run's
   seed. No sweep: the issue's targets are about the defaults.
 * ``kron_lr``: the same with lr ∈ {3e-4, 1e-3, 3e-3} (full tier; shows what tuning adds).
-* ``kron_grad``: ``Kron`` with P fitted on the gradient (``momentum_into_precond_update=False``,
-  the psgdax and psgd_torch default), lr ∈ {3e-4, 1e-3, 3e-3} (full tier; the measurement behind
-  the fitting-target default, docs/benchmarks.md).
+* ``kron_momentum``: ``Kron`` with P fitted on the momentum (``momentum_into_precond_update=True``,
+  kron_torch's and heavyball's default; lr 1e-3 unless swept), lr ∈ {3e-4, 1e-3, 3e-3} (full
+  tier; the other side of the measurement behind the fitting-target default,
+  docs/benchmarks.md).
 * ``adamw``: ``torch.optim.AdamW`` (β = (0.9, 0.999), ε = 1e-8, no weight decay), lr over the
   task's ``adam_lrs`` (three values around the best lr measured in benchmarks.md).
 * ``sgd``: ``torch.optim.SGD`` with momentum 0.9 (heavy ball), lr over the task's ``sgd_lrs``.
@@ -20,14 +21,14 @@ metric) runs on the remaining seeds. The grids:
   its ``torch.compile`` is switched off (on this CPU compile time dominates short runs).
 
 The JAX runner (``--framework jax``) has the same roles under the same names with ``_jax``
-appended: ``kron_jax`` is ``kron.optax.kron`` at its defaults (the psgdax contract: lr 1e-3,
-the preconditioner fitted on the gradient, not the momentum), ``kron_lr_jax`` the same with the
+appended: ``kron_jax`` is ``kron.optax.kron`` at its defaults (lr 3e-3 where psgdax has 1e-3,
+the preconditioner fitted on the gradient as in psgdax), ``kron_lr_jax`` the same with the
 lr swept over the same grid as ``kron_lr``, ``adamw_jax`` ``optax.adamw`` with AdamW's grid,
 and the peer ``psgdax`` is ``psgdax.kron`` at its defaults but lr ∈ {3e-4, 1e-3, 3e-3} (its
 ``key`` drawn from the run's seed, since its default key is one array shared by every instance).
 The Keras runner (``--framework keras``, Keras on its JAX backend) likewise has ``kron_keras``
-(``kron.keras.Kron`` at its defaults: lr 1e-3 where seed 000 has 3e-4, and P fitted on the
-momentum as in seed 000), ``kron_lr_keras`` and ``adamw_keras`` (``keras.optimizers.AdamW``, no
+(``kron.keras.Kron`` at its defaults: lr 3e-3 and P fitted on the gradient, where seed 000 has
+3e-4 and the momentum), ``kron_lr_keras`` and ``adamw_keras`` (``keras.optimizers.AdamW``, no
 weight decay).
 
 Peers appear only when importable.
@@ -35,7 +36,9 @@ Peers appear only when importable.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -65,6 +68,9 @@ class OptimizerSpec:
             float64 gradient in an einsum and torch raises), nor can psgdax 0.1.1 (with
             ``jax_enable_x64`` on, its ``lax.cond`` branches return float32 and float64
             Lipschitz estimates and tracing fails).
+        factory: ``"module:function"`` that ``make`` calls with ``learning_rate`` and its
+            other keywords left at their defaults (JAX specs only); its signature's defaults
+            stand in for the hyperparameters an optax transformation does not expose.
     """
 
     name: str
@@ -74,15 +80,16 @@ class OptimizerSpec:
     grid: Callable[[Task], tuple[float | None, ...]]
     package: str | None = None
     float64: bool = True
+    factory: str | None = None
 
     def available(self) -> bool:
         return self.package is None or importlib.util.find_spec(self.package) is not None
 
     def settings(self, lr: float | None, seed: int) -> dict[str, Any]:
         """The hyperparameters a run at ``lr`` gets, defaults resolved (a torch optimizer's
-        ``defaults``, a Keras optimizer's ``get_config()``; JSON scalars only), so that records
-        made under other defaults are not resumed. Empty for the JAX specs: an optax
-        transformation does not expose its hyperparameters."""
+        ``defaults``, a Keras optimizer's ``get_config()``, a JAX spec's ``factory`` signature;
+        JSON scalars only), so that records made under other defaults are not resumed. Empty
+        for a JAX spec without a ``factory`` (its ``make`` passes every hyperparameter)."""
         if self.framework == "torch":
             values = self.make([torch.zeros(1, requires_grad=True)], lr, seed).defaults
         elif self.framework == "keras":
@@ -90,6 +97,16 @@ class OptimizerSpec:
 
             keras_on_jax()
             values = self.make(None, lr, seed).get_config()
+        elif self.factory is not None:
+            module, function = self.factory.split(":")
+            signature = inspect.signature(getattr(importlib.import_module(module), function))
+            values = {
+                name: parameter.default
+                for name, parameter in signature.parameters.items()
+                if parameter.default is not inspect.Parameter.empty
+            }
+            if lr is not None:
+                values["learning_rate"] = lr
         else:
             return {}
         return {
@@ -113,12 +130,10 @@ def _kron(params: Params, lr: float | None, seed: int) -> torch.optim.Optimizer:
     return Kron(params, seed=seed) if lr is None else Kron(params, lr=lr, seed=seed)
 
 
-def _kron_grad(params: Params, lr: float | None, seed: int) -> torch.optim.Optimizer:
+def _kron_momentum(params: Params, lr: float | None, seed: int) -> torch.optim.Optimizer:
     from kron.torch import Kron
 
-    return Kron(
-        params, lr=1e-3 if lr is None else lr, seed=seed, momentum_into_precond_update=False
-    )
+    return Kron(params, lr=1e-3 if lr is None else lr, seed=seed, momentum_into_precond_update=True)
 
 
 def _adamw(params: Params, lr: float | None, seed: int) -> torch.optim.Optimizer:
@@ -181,7 +196,11 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
         OptimizerSpec("kron", "kron (defaults)", "torch", _kron, lambda t: (None,)),
         OptimizerSpec("kron_lr", "kron (lr swept)", "torch", _kron, lambda t: PSGD_GRID),
         OptimizerSpec(
-            "kron_grad", "kron (P fit on gradient)", "torch", _kron_grad, lambda t: PSGD_GRID
+            "kron_momentum",
+            "kron (P fit on momentum)",
+            "torch",
+            _kron_momentum,
+            lambda t: PSGD_GRID,
         ),
         OptimizerSpec("adamw", "AdamW", "torch", _adamw, lambda t: t.adam_lrs),
         OptimizerSpec("sgd", "SGD momentum 0.9", "torch", _sgd, lambda t: t.sgd_lrs),
@@ -197,13 +216,32 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
             "heavyball",
             float64=False,
         ),
-        OptimizerSpec("kron_jax", "kron.optax (defaults)", "jax", _kron_jax, lambda t: (None,)),
         OptimizerSpec(
-            "kron_lr_jax", "kron.optax (lr swept)", "jax", _kron_jax, lambda t: PSGD_GRID
+            "kron_jax",
+            "kron.optax (defaults)",
+            "jax",
+            _kron_jax,
+            lambda t: (None,),
+            factory="kron.optax:kron",
+        ),
+        OptimizerSpec(
+            "kron_lr_jax",
+            "kron.optax (lr swept)",
+            "jax",
+            _kron_jax,
+            lambda t: PSGD_GRID,
+            factory="kron.optax:kron",
         ),
         OptimizerSpec("adamw_jax", "optax.adamw", "jax", _adamw_jax, lambda t: t.adam_lrs),
         OptimizerSpec(
-            "psgdax", "psgdax.kron", "jax", _psgdax, lambda t: PSGD_GRID, "psgdax", float64=False
+            "psgdax",
+            "psgdax.kron",
+            "jax",
+            _psgdax,
+            lambda t: PSGD_GRID,
+            "psgdax",
+            float64=False,
+            factory="psgdax:kron",
         ),
         OptimizerSpec(
             "kron_keras", "kron.keras (defaults)", "keras", _kron_keras, lambda t: (None,)

@@ -11,7 +11,7 @@ from .summary import best_rows
 COLORS = {
     "kron": "#d62728",
     "kron_lr": "#ff9896",
-    "kron_grad": "#ff7f0e",
+    "kron_momentum": "#ff7f0e",
     "adamw": "#1f77b4",
     "sgd": "#7f7f7f",
     "kron_torch": "#2ca02c",
