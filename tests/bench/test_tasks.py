@@ -108,3 +108,11 @@ def test_jax_specs_record_the_defaults_of_the_function_they_call():
     assert get_optimizer("kron_lr_jax").settings(3e-4, 0)["learning_rate"] == 3e-4
     # optax.adamw gets every hyperparameter from the spec itself.
     assert get_optimizer("adamw_jax").settings(1e-3, 0) == {}
+
+
+def test_kron_skew_spec_gives_the_long_side_a_diagonal_factor():
+    """``kron_skew`` is Kron at its default lr with psgd_torch's skew rule."""
+    problem = TASKS["deep_linear"].build(0)
+    group = get_optimizer("kron_skew").make(problem.parameters, None, 0).param_groups[0]
+    assert group["max_skew"] == 1.0
+    assert group["lr"] == get_optimizer("kron").make(problem.parameters, None, 0).defaults["lr"]

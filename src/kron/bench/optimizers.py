@@ -13,6 +13,9 @@ metric) runs on the remaining seeds. The grids:
   kron_torch's and heavyball's default; lr 1e-3 unless swept), lr ∈ {3e-4, 1e-3, 3e-3} (full
   tier; the other side of the measurement behind the fitting-target default,
   docs/benchmarks.md).
+* ``kron_skew``: ``Kron`` with psgd_torch's skew rule (``max_skew=1.0``: the long side of a
+  rectangular matrix gets a diagonal factor), lr ∈ {3e-4, 1e-3, 3e-3} (full tier; the layout
+  docs/torch.md suggests for large models, against the dense default).
 * ``adamw``: ``torch.optim.AdamW`` (β = (0.9, 0.999), ε = 1e-8, no weight decay), lr over the
   task's ``adam_lrs`` (three values around the best lr measured in benchmarks.md).
 * ``sgd``: ``torch.optim.SGD`` with momentum 0.9 (heavy ball), lr over the task's ``sgd_lrs``.
@@ -136,6 +139,14 @@ def _kron_momentum(params: Params, lr: float | None, seed: int) -> torch.optim.O
     return Kron(params, lr=1e-3 if lr is None else lr, seed=seed, momentum_into_precond_update=True)
 
 
+def _kron_skew(params: Params, lr: float | None, seed: int) -> torch.optim.Optimizer:
+    from kron.torch import Kron
+
+    if lr is None:
+        return Kron(params, seed=seed, max_skew=1.0)
+    return Kron(params, lr=lr, seed=seed, max_skew=1.0)
+
+
 def _adamw(params: Params, lr: float | None, seed: int) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=1e-3 if lr is None else lr, weight_decay=0.0)
 
@@ -202,6 +213,7 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
             _kron_momentum,
             lambda t: PSGD_GRID,
         ),
+        OptimizerSpec("kron_skew", "kron (max_skew=1)", "torch", _kron_skew, lambda t: PSGD_GRID),
         OptimizerSpec("adamw", "AdamW", "torch", _adamw, lambda t: t.adam_lrs),
         OptimizerSpec("sgd", "SGD momentum 0.9", "torch", _sgd, lambda t: t.sgd_lrs),
         OptimizerSpec(

@@ -12,6 +12,7 @@ COLORS = {
     "kron": "#d62728",
     "kron_lr": "#ff9896",
     "kron_momentum": "#ff7f0e",
+    "kron_skew": "#e377c2",
     "adamw": "#1f77b4",
     "sgd": "#7f7f7f",
     "kron_torch": "#2ca02c",
