@@ -111,8 +111,10 @@ def test_jax_specs_record_the_defaults_of_the_function_they_call():
 
 
 def test_kron_skew_spec_gives_the_long_side_a_diagonal_factor():
-    """``kron_skew`` is Kron at its default lr with psgd_torch's skew rule."""
+    """``kron_skew`` is Kron with psgd_torch's skew rule, at the given lr or at 1e-3, the
+    middle of the grid the planner runs when it does not sweep."""
     problem = TASKS["deep_linear"].build(0)
-    group = get_optimizer("kron_skew").make(problem.parameters, None, 0).param_groups[0]
-    assert group["max_skew"] == 1.0
-    assert group["lr"] == get_optimizer("kron").make(problem.parameters, None, 0).defaults["lr"]
+    spec = get_optimizer("kron_skew")
+    group = spec.make(problem.parameters, 3e-3, 0).param_groups[0]
+    assert group["max_skew"] == 1.0 and group["lr"] == 3e-3
+    assert spec.make(problem.parameters, None, 0).param_groups[0]["lr"] == 1e-3

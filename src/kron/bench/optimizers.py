@@ -14,8 +14,8 @@ metric) runs on the remaining seeds. The grids:
   tier; the other side of the measurement behind the fitting-target default,
   docs/benchmarks.md).
 * ``kron_skew``: ``Kron`` with psgd_torch's skew rule (``max_skew=1.0``: the long side of a
-  rectangular matrix gets a diagonal factor), lr ∈ {3e-4, 1e-3, 3e-3} (full tier; the layout
-  docs/torch.md suggests for large models, against the dense default).
+  rectangular matrix gets a diagonal factor; lr 1e-3 unless swept), lr ∈ {3e-4, 1e-3, 3e-3}
+  (full tier; the layout docs/torch.md suggests for transformers, against the dense default).
 * ``adamw``: ``torch.optim.AdamW`` (β = (0.9, 0.999), ε = 1e-8, no weight decay), lr over the
   task's ``adam_lrs`` (three values around the best lr measured in benchmarks.md).
 * ``sgd``: ``torch.optim.SGD`` with momentum 0.9 (heavy ball), lr over the task's ``sgd_lrs``.
@@ -142,9 +142,7 @@ def _kron_momentum(params: Params, lr: float | None, seed: int) -> torch.optim.O
 def _kron_skew(params: Params, lr: float | None, seed: int) -> torch.optim.Optimizer:
     from kron.torch import Kron
 
-    if lr is None:
-        return Kron(params, seed=seed, max_skew=1.0)
-    return Kron(params, lr=lr, seed=seed, max_skew=1.0)
+    return Kron(params, lr=1e-3 if lr is None else lr, seed=seed, max_skew=1.0)
 
 
 def _adamw(params: Params, lr: float | None, seed: int) -> torch.optim.Optimizer:
