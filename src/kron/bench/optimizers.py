@@ -133,16 +133,16 @@ def _kron(params: Params, lr: float | None, seed: int) -> torch.optim.Optimizer:
     return Kron(params, seed=seed) if lr is None else Kron(params, lr=lr, seed=seed)
 
 
-def _kron_momentum(params: Params, lr: float | None, seed: int) -> torch.optim.Optimizer:
-    from kron.torch import Kron
+def _kron_variant(**options: Any) -> Callable[[Params, float | None, int], torch.optim.Optimizer]:
+    """``make`` of a Kron variant: ``options`` on top of the defaults, lr 1e-3 (the middle of
+    ``PSGD_GRID``, which the planner runs when it does not sweep) unless given."""
 
-    return Kron(params, lr=1e-3 if lr is None else lr, seed=seed, momentum_into_precond_update=True)
+    def make(params: Params, lr: float | None, seed: int) -> torch.optim.Optimizer:
+        from kron.torch import Kron
 
+        return Kron(params, lr=1e-3 if lr is None else lr, seed=seed, **options)
 
-def _kron_skew(params: Params, lr: float | None, seed: int) -> torch.optim.Optimizer:
-    from kron.torch import Kron
-
-    return Kron(params, lr=1e-3 if lr is None else lr, seed=seed, max_skew=1.0)
+    return make
 
 
 def _adamw(params: Params, lr: float | None, seed: int) -> torch.optim.Optimizer:
@@ -208,10 +208,16 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
             "kron_momentum",
             "kron (P fit on momentum)",
             "torch",
-            _kron_momentum,
+            _kron_variant(momentum_into_precond_update=True),
             lambda t: PSGD_GRID,
         ),
-        OptimizerSpec("kron_skew", "kron (max_skew=1)", "torch", _kron_skew, lambda t: PSGD_GRID),
+        OptimizerSpec(
+            "kron_skew",
+            "kron (max_skew=1)",
+            "torch",
+            _kron_variant(max_skew=1.0),
+            lambda t: PSGD_GRID,
+        ),
         OptimizerSpec("adamw", "AdamW", "torch", _adamw, lambda t: t.adam_lrs),
         OptimizerSpec("sgd", "SGD momentum 0.9", "torch", _sgd, lambda t: t.sgd_lrs),
         OptimizerSpec(
