@@ -181,7 +181,7 @@ def test_keras_runner_reproduces_adamw_and_runs_kron_keras():
     # The record carries the optimizer's resolved config, so resume can tell defaults apart.
     settings = out["kron_settings"]
     assert settings["learning_rate"] == pytest.approx(3e-3, rel=1e-6)
-    assert settings["momentum_into_precond_update"] is False
+    assert settings["momentum_into_precond_update"] is True
 
 
 def test_keras_runner_refuses_another_backend():

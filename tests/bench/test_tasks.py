@@ -103,7 +103,7 @@ def test_jax_specs_record_the_defaults_of_the_function_they_call():
     """An optax transformation hides its hyperparameters, so a JAX record's settings come from
     the signature of the function its spec calls: a changed default reruns the record."""
     settings = get_optimizer("kron_jax").settings(None, 0)
-    assert settings["learning_rate"] == 3e-3
+    assert settings["learning_rate"] == 1e-3
     assert settings["whiten_grad"] is True
     assert get_optimizer("kron_lr_jax").settings(3e-4, 0)["learning_rate"] == 3e-4
     # optax.adamw gets every hyperparameter from the spec itself.

@@ -20,7 +20,6 @@ BAD_OPTIONS = [
     (dict(norm_bound="frobenius"), "power"),
     (dict(damping_rule="none"), "elementwise"),
     (dict(b1=1.0), "b1 must be in [0, 1)"),
-    (dict(b1=0.0, momentum_into_precond_update=True), "needs b1 > 0"),
     (dict(precond_lr=-0.1), "precond_lr"),
     (dict(precond_init_scale=0.0), "precond_init_scale"),
     (dict(balance_probability=1.5), "balance_probability"),

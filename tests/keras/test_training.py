@@ -30,12 +30,12 @@ QUICK = {"run_eagerly": keras.backend.backend() != "jax"}
 
 
 def test_fit_digits_reaches_measured_loss() -> None:
-    """4 epochs of 29 steps, lr 3e-2 (P fitted on the gradient, the default). Measured final
+    """4 epochs of 29 steps, lr 3e-2, P fitted on the gradient. Measured final
     training loss: 0.076 (TensorFlow, XLA), 0.091 (JAX), 0.086 (PyTorch); at lr 1e-2, 0.149-0.158.
     Keras Adam at lr 1e-2, its best on digits, reaches 0.19-0.22 in the same steps."""
     x, y = _digits()
     model = _mlp()
-    model.compile(optimizer=Kron(learning_rate=3e-2), loss=LOSS)
+    model.compile(optimizer=Kron(learning_rate=3e-2, momentum_into_precond_update=False), loss=LOSS)
     history = model.fit(x, y, batch_size=64, epochs=4, verbose=0, shuffle=False)
     losses = history.history["loss"]
     assert losses[-1] < 0.15, losses

@@ -3,6 +3,8 @@ with kron.core is in test_parity.py)."""
 
 from __future__ import annotations
 
+import inspect
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,6 +12,74 @@ import optax
 import pytest
 
 from kron.optax import kron, scale_by_kron
+from kron.optax.alias import CHAIN_ONLY
+
+# psgdax 0.1.1's defaults for the options both share (its ``key`` is our ``seed``; its default
+# update probability is the schedule that ``None`` stands for here).
+PSGDAX_DEFAULTS = {
+    "learning_rate": 1e-3,
+    "b1": 0.9,
+    "weight_decay": 0.0,
+    "weight_decay_mask": None,
+    "max_size_triangular": 8192,
+    "max_skew_triangular": 1.0,
+    "min_ndim_triangular": 2,
+    "memory_save_mode": None,
+    "whiten_grad": True,
+    "preconditioner_lr": 0.1,
+    "preconditioner_init_scale": None,
+    "mu_dtype": None,
+    "precond_dtype": None,
+    "precond_update_precision": "tensorfloat32",
+    "precond_grads_precision": None,
+    "scanned_layers": None,
+    "lax_map_scanned_layers": False,
+    "lax_map_batch_size": 8,
+    "preconditioner_mode": "Q0.5EQ1.5",
+    "beta_lipschitz": 0.9,
+    "track_lipschitz": True,
+    "damping": 1e-9,
+    "grad_clip_max_amp": 1.0,
+}
+# scale_by_kron differs from kron only in its automatic init scale, as in psgdax.
+PSGDAX_SCALE_BY_KRON_DEFAULTS = {
+    **{k: v for k, v in PSGDAX_DEFAULTS.items() if k not in CHAIN_ONLY},
+    "preconditioner_init_scale": 1.0,
+}
+
+
+@pytest.mark.parametrize(
+    ("function", "expected"),
+    [(kron, PSGDAX_DEFAULTS), (scale_by_kron, PSGDAX_SCALE_BY_KRON_DEFAULTS)],
+    ids=["kron", "scale_by_kron"],
+)
+def test_defaults_are_psgdax(function, expected):
+    parameters = inspect.signature(function).parameters
+    assert {name: parameters[name].default for name in expected} == expected
+
+
+def test_untracked_lipschitz_is_a_zero_beta():
+    """psgdax's ``track_lipschitz=False`` normalises each fit by the current bound alone."""
+    rng = np.random.default_rng(0)
+    params = {"w": jnp.zeros((5, 4)), "b": jnp.zeros(4)}
+    grads = [
+        jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape), p.dtype), params)
+        for _ in range(5)
+    ]
+
+    def run(**options):
+        tx = scale_by_kron(preconditioner_update_probability=1.0, **options)
+        state = tx.init(params)
+        for g in grads:
+            updates, state = tx.update(g, state)
+        return updates
+
+    untracked = run(track_lipschitz=False)
+    zero_beta = run(beta_lipschitz=0.0)
+    tracked = run()
+    for a, b in zip(jax.tree.leaves(untracked), jax.tree.leaves(zero_beta)):
+        np.testing.assert_array_equal(a, b)
+    assert not np.allclose(untracked["w"], tracked["w"])
 
 
 def test_state_keeps_dtypes_and_shapes_and_update_jits():

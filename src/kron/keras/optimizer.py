@@ -103,13 +103,13 @@ class Kron(keras.optimizers.Optimizer):
     Each variable gets one factor per axis (dense or diagonal, see the layout options), fitted so
     that ``P·g`` is whitened (``P·m`` with ``momentum_into_precond_update``), and the update is
     ``θ ← θ(1 − lr·wd) − lr·clip(P·m)``, with ``m`` the bias-corrected momentum. The options of
-    seed 000 (Keras ``Kron``) come first, with its defaults except two chosen by measurement, the
-    learning rate and the fitting target; then Keras's shared ones, then kron's own
-    (keyword-only). ``docs/keras.md`` lists each one.
+    seed 000 (Keras ``Kron``) come first, with its defaults; then Keras's shared ones, then kron's
+    own (keyword-only). ``docs/keras.md`` lists each one.
 
     Args:
-      learning_rate: float, ``LearningRateSchedule`` or callable. Default 0.003 (seed 000's is
-        0.0003); chosen on the ``kron bench`` tasks with the fitting target, docs/benchmarks.md.
+      learning_rate: float, ``LearningRateSchedule`` or callable. Default 0.0003, seed 000's;
+        0.003 with ``momentum_into_precond_update=False`` did better on the ``kron bench`` tasks
+        (docs/benchmarks.md).
       weight_decay: decoupled weight decay ``θ ← θ(1 − lr·wd)``; honours
         ``exclude_from_weight_decay``. Default 0.0.
       b1: momentum β in [0, 1) (an EMA with bias correction; 0 disables momentum). Default 0.9.
@@ -120,8 +120,8 @@ class Kron(keras.optimizers.Optimizer):
       min_ndim_triangular: variables with fewer axes get only diagonal factors. Default 2.
       memory_save_mode: None, ``"one_diag"``, ``"smart_one_diag"``, ``"one_triu"`` or
         ``"all_diag"``. Default None.
-      momentum_into_precond_update: fit P on the momentum (True, seed 000's default) or on the
-        gradient (False, the default, by measurement).
+      momentum_into_precond_update: fit P on the momentum (True, the default, seed 000's) or on
+        the gradient (False). With ``b1=0`` the momentum is the gradient, so both fit the same.
       precond_lr: preconditioner learning rate μ. Default 0.1.
       precond_init_scale: initial ``Q = scale·I``; None sets it per variable from its first
         finite gradient, ``(mean g⁴)^(-1/8)``. Default 1.0.
@@ -151,14 +151,14 @@ class Kron(keras.optimizers.Optimizer):
 
     def __init__(
         self,
-        learning_rate: Any = 0.003,
+        learning_rate: Any = 0.0003,
         weight_decay: float = 0.0,
         b1: float = 0.9,
         preconditioner_update_probability: Any = None,
         max_size_triangular: int = 8192,
         min_ndim_triangular: int = 2,
         memory_save_mode: str | None = None,
-        momentum_into_precond_update: bool = False,
+        momentum_into_precond_update: bool = True,
         precond_lr: float = 0.1,
         precond_init_scale: float | None = 1.0,
         mu_dtype: Any = None,
@@ -264,11 +264,6 @@ class Kron(keras.optimizers.Optimizer):
             if self.whiten_grad is not None
             else self.momentum_into_precond_update
         )
-        if whiten_momentum and self.b1 == 0:
-            raise ValueError(
-                "Fitting P on the momentum (momentum_into_precond_update=True or "
-                "whiten_grad=False) needs b1 > 0; got b1=0."
-            )
         return StepOptions(
             layout=layout,
             fit=FitOptions(

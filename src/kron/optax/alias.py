@@ -27,7 +27,7 @@ def static_args(factory: Callable[..., Any]) -> tuple[str, ...]:
 
 
 def kron(
-    learning_rate: float | optax.Schedule = 3e-3,
+    learning_rate: float | optax.Schedule = 1e-3,
     b1: float = 0.9,
     weight_decay: float = 0.0,
     weight_decay_mask: Any = None,
@@ -46,6 +46,7 @@ def kron(
     precond_grads_precision: str | None = None,
     grad_clip_max_amp: float | None = 1.0,
     beta_lipschitz: float = 0.9,
+    track_lipschitz: bool = True,
     damping: float = 1e-9,
     norm_bound: str = "subspace",
     balance_probability: float = 0.01,
@@ -66,9 +67,8 @@ def kron(
     can bind them.
 
     Args:
-      learning_rate: a float or an optax schedule. Default 3e-3 (psgdax's is 1e-3), the
-        PyTorch and Keras front ends' default, chosen on the ``kron bench`` tasks
-        (docs/benchmarks.md).
+      learning_rate: a float or an optax schedule. Default 1e-3, psgdax's; 3e-3 did better on
+        the ``kron bench`` tasks and is the PyTorch front end's default (docs/benchmarks.md).
       b1: momentum β. Default 0.9.
       weight_decay: decoupled weight decay, added to the preconditioned update before the
         learning rate (optax's ``add_decayed_weights``); 0 (default) leaves it out.

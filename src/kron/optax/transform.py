@@ -34,6 +34,7 @@ def scale_by_kron(
     precond_grads_precision: str | None = None,
     grad_clip_max_amp: float | None = 1.0,
     beta_lipschitz: float = 0.9,
+    track_lipschitz: bool = True,
     damping: float = 1e-9,
     norm_bound: str = "subspace",
     balance_probability: float = 0.01,
@@ -67,7 +68,10 @@ def scale_by_kron(
       precond_update_precision, precond_grads_precision: ``jax.default_matmul_precision`` while
         fitting and while applying P. Defaults ``"tensorfloat32"`` and None.
       grad_clip_max_amp: per-leaf RMS cap of the output, None for none. Default 1.0.
-      beta_lipschitz, damping, norm_bound: ``kron.core.FitOptions``.
+      beta_lipschitz, damping, norm_bound: ``kron.core.FitOptions``. Defaults 0.9, 1e-9,
+        ``"subspace"``.
+      track_lipschitz: False normalises each fit by the current norm bound alone, as psgdax's
+        flag does; the same as ``beta_lipschitz=0``. Default True.
       balance_probability: chance per fit of rebalancing factor norms. Default 0.01.
       decision_rule: ``"bernoulli"`` (default, psgdax) or ``"counter"`` (psgd_jax).
       scanned_layers: a bool pytree like the params (or a function of the params returning one);
@@ -103,7 +107,7 @@ def scale_by_kron(
         layout=layout,
         fit=FitOptions(
             geometry=preconditioner_mode,
-            beta_lipschitz=beta_lipschitz,
+            beta_lipschitz=beta_lipschitz if track_lipschitz else 0.0,
             damping=damping,
             norm_bound=norm_bound,
         ),
