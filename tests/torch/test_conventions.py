@@ -272,6 +272,46 @@ def test_invalid_options_raise_value_error(option, value, message):
         Kron(make_model().parameters(), **{option: value})
 
 
+@pytest.mark.parametrize(
+    ("heavyball", "ours"),
+    [
+        ({"beta": 0.8}, {"b1": 0.8}),
+        ({"foreach": False}, {"stack_params": False}),
+        ({"q_dtype": "float64"}, {"precond_dtype": "float64"}),
+        ({"storage_dtype": "bfloat16"}, {"mu_dtype": "bfloat16"}),
+    ],
+)
+def test_heavyballs_names_set_the_same_options(heavyball, ours):
+    """A heavyball ``PSGDKron`` call runs unchanged: its names set our options, and the trajectory
+    equals the one under our names."""
+
+    def run(options):
+        model = make_model()
+        opt = Kron(model.parameters(), lr=0.05, preconditioner_update_probability=1.0, **options)
+        train(model, opt, 5)
+        settings = {k: v for k, v in opt.param_groups[0].items() if k != "params"}
+        return (settings, opt.stack_params), snapshot(model)
+
+    (settings_a, params_a), (settings_b, params_b) = run(heavyball), run(ours)
+    assert settings_a == settings_b
+    assert settings_a != run({})[0]  # the name took effect
+    for a, b in zip(params_a, params_b):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"beta": 0.8, "b1": 0.7},
+        {"foreach": True, "stack_params": False},
+        {"q_dtype": "float64", "precond_dtype": "float32"},
+    ],
+)
+def test_conflicting_heavyball_names_raise(options):
+    with pytest.raises(ValueError, match="name the same option"):
+        Kron(make_model().parameters(), **options)
+
+
 def test_invalid_group_override_raises_value_error():
     model = make_model()
     with pytest.raises(ValueError, match="EQ"):

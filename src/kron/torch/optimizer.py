@@ -113,6 +113,7 @@ class Kron(torch.optim.Optimizer):
       warmup_steps: linear learning-rate warm-up length. Default 0.
       caution: cautious updates. mars, mars_gamma: MARS gradient correction.
       q_dtype, storage_dtype: heavyball's names for ``precond_dtype`` and ``mu_dtype``.
+      beta, foreach: heavyball's names for ``b1`` and ``stack_params``.
       gradient_clipping, gradient_clip_value: clip each gradient before use: ``"rms"``,
         ``"l2_norm"``, ``"value"``, ``"soft"``, a callable, or None (default).
       update_clipping, update_clip_value: same for the preconditioned update. Default ``"rms"``
@@ -171,6 +172,8 @@ class Kron(torch.optim.Optimizer):
         mars_gamma: float = 0.0025,
         q_dtype: torch.dtype | str | None = None,
         storage_dtype: torch.dtype | str | None = None,
+        beta: float | None = None,
+        foreach: bool | None = None,
         gradient_clipping: str | Callable[[torch.Tensor], torch.Tensor] | None = None,
         gradient_clip_value: float = 1.0,
         update_clipping: str | Callable[[torch.Tensor], torch.Tensor] | None = "rms",
@@ -196,6 +199,8 @@ class Kron(torch.optim.Optimizer):
     ) -> None:
         precond_dtype = merge_alias(precond_dtype, "precond_dtype", q_dtype, "q_dtype")
         mu_dtype = merge_alias(mu_dtype, "mu_dtype", storage_dtype, "storage_dtype")
+        b1 = merge_alias(b1, "b1", beta, "beta", default=0.9)
+        stack_params = merge_alias(stack_params, "stack_params", foreach, "foreach", default=True)
         if nonfinite not in NONFINITE_POLICIES:
             raise ValueError(
                 f"Unknown nonfinite {nonfinite!r}; accepted: {', '.join(NONFINITE_POLICIES)}."

@@ -66,13 +66,20 @@ def torch_dtype(value: Any, name: str) -> torch.dtype | None:
     raise ValueError(f"{name} must be a torch.dtype, a dtype name or None; got {value!r}.")
 
 
-def merge_alias(value: Any, name: str, alias: Any, alias_name: str) -> Any:
-    """One dtype option given under either of two names (kron_torch's and heavyball's): the
-    alias wins when only it is given; both given must agree."""
+def merge_alias(value: Any, name: str, alias: Any, alias_name: str, default: Any = None) -> Any:
+    """One option given under either of two names (kron_torch's and heavyball's): the alias wins
+    when it is given; if ``value`` is also away from its ``default``, the two must agree."""
     if alias is None:
         return value
-    if value is not None and torch_dtype(alias, alias_name) != torch_dtype(value, name):
-        raise ValueError(f"{alias_name} and {name} name the same option; give one.")
+    if name.endswith("dtype"):
+        agree = torch_dtype(alias, alias_name) == torch_dtype(value, name)
+    else:
+        agree = alias == value
+    if value != default and not agree:
+        raise ValueError(
+            f"{alias_name} and {name} name the same option; give one (got {alias_name}={alias!r}, "
+            f"{name}={value!r})."
+        )
     return alias
 
 
