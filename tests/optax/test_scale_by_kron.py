@@ -14,13 +14,14 @@ import pytest
 from kron.optax import kron, scale_by_kron
 from kron.optax.alias import CHAIN_ONLY
 
-# psgdax 0.1.1's defaults for the options both share (its ``key`` is our ``seed``; its default
-# update probability is the schedule that ``None`` stands for here).
+# psgdax 0.1.1's parameters in its order, with its defaults (its default update probability is
+# the schedule that ``None`` stands for here); its last one, ``key``, is our ``seed``.
 PSGDAX_DEFAULTS = {
     "learning_rate": 1e-3,
     "b1": 0.9,
     "weight_decay": 0.0,
     "weight_decay_mask": None,
+    "preconditioner_update_probability": None,
     "max_size_triangular": 8192,
     "max_skew_triangular": 1.0,
     "min_ndim_triangular": 2,
@@ -53,9 +54,11 @@ PSGDAX_SCALE_BY_KRON_DEFAULTS = {
     [(kron, PSGDAX_DEFAULTS), (scale_by_kron, PSGDAX_SCALE_BY_KRON_DEFAULTS)],
     ids=["kron", "scale_by_kron"],
 )
-def test_defaults_are_psgdax(function, expected):
+def test_defaults_and_order_are_psgdax(function, expected):
+    """psgdax's parameters keep its defaults and its order, so positional calls mean the same."""
     parameters = inspect.signature(function).parameters
     assert {name: parameters[name].default for name in expected} == expected
+    assert list(parameters)[: len(expected) + 1] == [*expected, "seed"]
 
 
 def test_untracked_lipschitz_is_a_zero_beta():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import io
 
 import pytest
@@ -270,6 +271,31 @@ def test_sparse_gradient_is_rejected_clearly():
 def test_invalid_options_raise_value_error(option, value, message):
     with pytest.raises(ValueError, match=message):
         Kron(make_model().parameters(), **{option: value})
+
+
+# kron_torch 0.3.3's Kron(params, ...) in its order, so that positional calls carry over.
+KRON_TORCH_ORDER = [
+    "params",
+    "lr",
+    "b1",
+    "weight_decay",
+    "preconditioner_update_probability",
+    "max_size_triangular",
+    "min_ndim_triangular",
+    "memory_save_mode",
+    "momentum_into_precond_update",
+    "precond_lr",
+    "precond_init_scale",
+    "merge_dims",
+    "mu_dtype",
+    "precond_dtype",
+]
+
+
+def test_kron_torchs_positional_order_is_kept():
+    parameters = list(inspect.signature(Kron).parameters.values())
+    assert [p.name for p in parameters[: len(KRON_TORCH_ORDER)]] == KRON_TORCH_ORDER
+    assert all(p.kind is p.POSITIONAL_OR_KEYWORD for p in parameters[: len(KRON_TORCH_ORDER)])
 
 
 @pytest.mark.parametrize(

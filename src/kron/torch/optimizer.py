@@ -81,9 +81,10 @@ class _Decision(NamedTuple):
 class Kron(torch.optim.Optimizer):
     """PSGD-Kron: SGD preconditioned by a learned Kronecker-factored ``P = QᵀQ``.
 
-    The options of kron_torch's ``Kron`` (seed 000) come first, with its defaults except two
-    chosen by measurement, the learning rate and the fitting target; then those of heavyball's
-    ``PSGDKron``; then kron's own. Every option except ``seed``, ``nonfinite`` and
+    The options of kron_torch's ``Kron`` come first, in its order (positional calls mean the
+    same), with its defaults except three: the learning rate and the fitting target, chosen
+    together by measurement, and ``merge_dims``, heavyball's default; then, keyword-only, those
+    of heavyball's ``PSGDKron``; then kron's own. Every option except ``seed``, ``nonfinite`` and
     ``stack_params`` can be overridden per param group. ``docs/torch.md`` lists each one.
 
     Args:
@@ -103,8 +104,9 @@ class Kron(torch.optim.Optimizer):
       mu_dtype: momentum storage dtype (default: the parameter's). bfloat16 storage is
         stochastically rounded.
       precond_dtype: preconditioner dtype. Default float32.
-      merge_dims, split: heavyball's layout switches; ``split`` cuts axes longer than
-        ``max_size_triangular`` into blocks (as ``block_size``).
+      merge_dims: view parameters of more than two axes as their squarest matrix. Default False
+        (heavyball's; kron_torch's is True).
+      split: cut axes longer than ``max_size_triangular`` into blocks (as ``block_size``).
       cached: keep ``P_i = Q_iᵀQ_i``; ``None`` (default) caches once the update probability is
         below 0.5.
       delayed: apply the previous step's P, then fit (heavyball's ``delayed``). Default False.
@@ -157,10 +159,10 @@ class Kron(torch.optim.Optimizer):
         momentum_into_precond_update: bool = False,
         precond_lr: float = 0.1,
         precond_init_scale: float | None = 1.0,
+        merge_dims: bool = False,
         mu_dtype: torch.dtype | str | None = None,
         precond_dtype: torch.dtype | str | None = None,
         *,
-        merge_dims: bool = False,
         split: bool = False,
         cached: bool | None = None,
         delayed: bool = False,
