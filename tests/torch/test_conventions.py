@@ -338,6 +338,42 @@ def test_conflicting_heavyball_names_raise(options):
         Kron(make_model().parameters(), **options)
 
 
+def _heavyball_style_value_clip_(x, clip_at=0.02):
+    """Like heavyball's clipping functions: takes a tensor or a list, clips in place, returns
+    the list."""
+    xs = x if isinstance(x, list) else [x]
+    for item in xs:
+        item.clamp_(-clip_at, clip_at)
+    return xs
+
+
+@pytest.mark.parametrize("option", ["gradient_clipping", "update_clipping"])
+@pytest.mark.parametrize(
+    "clip",
+    [lambda t: t.clamp(-0.02, 0.02), _heavyball_style_value_clip_],
+    ids=["per-tensor", "heavyball-style"],
+)
+def test_a_clipping_callable_acts_as_the_named_clip(option, clip):
+    def run(spec):
+        model = make_model()
+        threshold = option.replace("clipping", "clip_value")
+        opt = Kron(model.parameters(), lr=0.05, **{option: spec, threshold: 0.02})
+        train(model, opt, 4)
+        return snapshot(model)
+
+    for a, b in zip(run(clip), run("value")):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    unclipped = run(None)
+    assert any(not torch.equal(a, b) for a, b in zip(run(clip), unclipped))
+
+
+def test_a_clipping_callable_returning_no_tensor_is_refused():
+    model = make_model()
+    opt = Kron(model.parameters(), update_clipping=lambda t: t.norm().item())
+    with pytest.raises(TypeError, match="must return a tensor"):
+        train(model, opt, 1)
+
+
 def test_invalid_group_override_raises_value_error():
     model = make_model()
     with pytest.raises(ValueError, match="EQ"):

@@ -86,15 +86,16 @@ def clipper(
     in_place: bool = False,
 ) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """A per-parameter clip for ``(S, ...)`` tensors from a name in :data:`CLIPPING_NAMES`, a
-    callable of one parameter's tensor, or None. With ``in_place`` the named clips except
-    ``"soft"`` overwrite their input (for a temporary the caller owns; on the CPU each fresh
-    large temporary costs page faults)."""
+    callable of one parameter's tensor, or None. The callable may also return a one-element list,
+    as heavyball's ``l2_clip_``, ``rmsnorm_clip_`` and ``trust_region_clip_`` do. With ``in_place``
+    the named clips except ``"soft"`` overwrite their input (for a temporary the caller owns; on
+    the CPU each fresh large temporary costs page faults)."""
     if spec is None:
         return None
     if not callable(spec) and not threshold > 0:
         raise ValueError(f"A clipping threshold must be > 0; got {threshold!r} for {spec!r}.")
     if callable(spec):
-        return lambda x: torch.stack([spec(item) for item in x.unbind(0)])
+        return lambda x: torch.stack([_one_tensor(spec(item), spec) for item in x.unbind(0)])
     if spec == "rms":
         if in_place:
             return lambda x: x.mul_(rms_clip_factor(x, threshold, OPS))
@@ -113,6 +114,17 @@ def clipper(
         f"Unknown clipping {spec!r}; accepted: a callable, None, or one of "
         f"{', '.join(CLIPPING_NAMES)}."
     )
+
+
+def _one_tensor(result: Any, spec: Callable) -> torch.Tensor:
+    if isinstance(result, (list, tuple)) and len(result) == 1:
+        result = result[0]
+    if not isinstance(result, torch.Tensor):
+        raise TypeError(
+            f"A clipping callable must return a tensor (or a list of one); {spec!r} returned "
+            f"{type(result).__name__}."
+        )
+    return result
 
 
 def apply_caution(y: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
