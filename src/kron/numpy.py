@@ -177,6 +177,7 @@ class KronPsgd:
         self._decided: tuple[int, bool] | None = None
         self._slots: dict[str, _Slot] = {}
         self._pending_skips: dict[str, int] = {}  # skips seen before a name's first good step
+        self._stepped: set[str] = set()  # names stepped in the current iteration
 
     # -- the Rust crate's API ------------------------------------------------------------------
 
@@ -191,8 +192,14 @@ class KronPsgd:
 
         ``param`` and ``grad`` have the same shape, or are flat with ``shape`` giving the logical
         shape (as the Rust API passes ``shape`` with flat slices). float32 and float64 are accepted.
+        Stepping a name a second time ends the iteration first, as :meth:`end_iteration` would.
         """
         view, grad = self._check(name, param, grad, shape)
+        if name in self._stepped:
+            # A loop written for the Rust trait, where end_iteration is a no-op, never calls it;
+            # without this its noise and fit decisions would repeat every step.
+            self.end_iteration()
+        self._stepped.add(name)
         if not np.isfinite(grad).all():
             if self.nonfinite == "raise":
                 raise FloatingPointError(f"Non-finite gradient for {name!r}.")
@@ -238,6 +245,7 @@ class KronPsgd:
         """Advance the global iteration (schedules and noise depend on it)."""
         self._do_fit()  # an iteration with no step still advances the decision rule
         self._iteration += 1
+        self._stepped.clear()
 
     def lr_scale(self, name: str) -> float:
         """Multiplier on ``lr`` for parameter ``name``. 1.0; override in a subclass for per-name
@@ -280,6 +288,7 @@ class KronPsgd:
             "decision_total": self._decision_total,
             "decided": None if self._decided is None else list(self._decided),
             "pending_skips": dict(self._pending_skips),
+            "stepped": sorted(self._stepped),
             "slots": slots,
         }
 
@@ -319,6 +328,7 @@ class KronPsgd:
         decided = state["decided"]
         self._decided = None if decided is None else (int(decided[0]), bool(decided[1]))
         self._pending_skips = dict(state["pending_skips"])
+        self._stepped = set(state.get("stepped", ()))  # absent from checkpoints before it existed
         self._slots = slots
 
     # -- internals -----------------------------------------------------------------------------

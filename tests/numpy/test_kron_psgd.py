@@ -69,6 +69,34 @@ def test_resume_is_bit_for_bit(rng, mode):
         np.testing.assert_array_equal(a, b)
 
 
+def test_a_loop_that_never_ends_iterations_advances_anyway(rng):
+    """The Rust trait's end_iteration is a no-op, so ported loops omit it: stepping a name twice
+    ends the iteration, giving the trajectory of the loop that calls it."""
+    options = dict(update_probability=0.5, decision_rule="bernoulli")
+    with_calls = make_params(rng)
+    without_calls = copy.deepcopy(with_calls)
+    explicit, implicit = KronPsgd(**options), KronPsgd(**options)
+    run(explicit, with_calls, 6)
+    for it in range(6):
+        grads = grads_at(it, without_calls)
+        for name in without_calls:
+            implicit.step(name, without_calls[name], grads[name])
+    assert implicit.iteration == 5  # the last iteration is never ended
+    for name in with_calls:
+        np.testing.assert_array_equal(with_calls[name], without_calls[name])
+
+
+def test_resume_mid_iteration_keeps_the_names_already_stepped(rng):
+    params = make_params(rng)
+    grads = grads_at(0, params)
+    opt = KronPsgd()
+    opt.step("w", params["w"], grads["w"])
+    resumed = KronPsgd()
+    resumed.load_state_dict(pickle.loads(pickle.dumps(opt.state_dict())))
+    resumed.step("w", params["w"], grads["w"])
+    assert resumed.iteration == 1
+
+
 def test_state_dict_holds_only_plain_values(rng):
     opt = KronPsgd()
     run(opt, make_params(rng), 2)
