@@ -61,6 +61,14 @@ def test_defaults_and_order_are_psgdax(function, expected):
     assert list(parameters)[: len(expected) + 1] == [*expected, "seed"]
 
 
+def test_state_answers_to_psgdax_field_names():
+    params = {"w": jnp.zeros((5, 4))}
+    state = scale_by_kron(preconditioner_update_probability=1.0).init(params)
+    assert state.Qs_preconditioners is state.factors
+    assert state.Ls_lipschitz is state.lipschitz
+    assert [q.shape for q in jax.tree.leaves(state.Qs_preconditioners)] == [(1, 5), (1, 4, 4)]
+
+
 def test_untracked_lipschitz_is_a_zero_beta():
     """psgdax's ``track_lipschitz=False`` normalises each fit by the current bound alone."""
     rng = np.random.default_rng(0)

@@ -39,6 +39,9 @@ class KronState(NamedTuple):
       skipped: int32 scalar per leaf, layers whose update was skipped for a non-finite gradient.
       key: the PRNG key every draw is folded from.
       cache: per leaf, ``P_i = Q_iᵀQ_i`` shaped like ``factors`` when caching is on, else ``()``.
+
+    psgdax's field names ``Qs_preconditioners`` and ``Ls_lipschitz`` read ``factors`` and
+    ``lipschitz``.
     """
 
     count: jax.Array
@@ -50,6 +53,16 @@ class KronState(NamedTuple):
     skipped: Any
     key: jax.Array
     cache: Any = ()
+
+    @property
+    def Qs_preconditioners(self) -> Any:
+        """psgdax's name for :attr:`factors`."""
+        return self.factors
+
+    @property
+    def Ls_lipschitz(self) -> Any:
+        """psgdax's name for :attr:`lipschitz`."""
+        return self.lipschitz
 
     def replace(self, **changes: Any) -> KronState:
         """A copy with ``changes`` applied."""
