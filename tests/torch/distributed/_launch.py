@@ -9,6 +9,7 @@ fails the call; a hung collective fails after the group's timeout.
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import sys
 import tempfile
@@ -37,6 +38,8 @@ def run(fn, world: int, *args):
 
 
 def _entry(rank: int, world: int, tmp: str, fn, args) -> None:
+    # A worker killed by a signal (an abort inside gloo, say) prints its Python stacks first.
+    faulthandler.enable(all_threads=True)
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo",
