@@ -68,7 +68,8 @@ def torch_dtype(value: Any, name: str) -> torch.dtype | None:
 
 def merge_alias(value: Any, name: str, alias: Any, alias_name: str, default: Any = None) -> Any:
     """One option given under either of two names (kron_torch's and heavyball's): the alias wins
-    when it is given; if ``value`` is also away from its ``default``, the two must agree."""
+    when it is given; if ``value`` is also away from its ``default``, the two must agree. Options
+    named ``*dtype`` agree as torch dtypes (``"float32"`` is ``torch.float32``)."""
     if alias is None:
         return value
     if name.endswith("dtype"):
