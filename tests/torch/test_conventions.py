@@ -551,3 +551,105 @@ def test_state_bytes_counts_every_tensor_of_the_state():
     )
     # The weight alone has a 4×4 and a 6×6 float64 factor: at least 52·8 bytes.
     assert state_bytes(opt) == expected >= 52 * 8
+
+
+def test_a_changed_precond_lr_takes_effect_on_the_next_step():
+    """The preconditioner learning rate lives in a reused 0-d tensor (no recompiles, no host
+    copies); a new value in the param group must reach the next step as a fresh optimizer's
+    would."""
+
+    def run(change_in_place: bool, new_lr: float):
+        model = make_model()
+        opt = Kron(model.parameters(), lr=1e-2, precond_lr=0.1)
+        train(model, opt, 3)
+        if not change_in_place:
+            saved = opt.state_dict()
+            opt = Kron(model.parameters(), lr=1e-2, precond_lr=0.1)
+            opt.load_state_dict(saved)
+        opt.param_groups[0]["precond_lr"] = new_lr
+        train(model, opt, 3, start=3)
+        return snapshot(model)
+
+    changed, fresh, unchanged = run(True, 0.3), run(False, 0.3), run(True, 0.1)
+    for a, b in zip(changed, fresh):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert any(not torch.equal(a, b) for a, b in zip(changed, unchanged))
+
+
+def test_the_device_path_keeps_float64_momentum_weights(monkeypatch):
+    """Off the CPU the step counts reach the momentum as tensors, not numbers; for float64
+    parameters they must be float64 too, or the debiasing weights round to float32 (a 1e-9
+    drift from the CPU trajectory within a dozen steps)."""
+    from kron.torch.optimizer import Kron as KronClass
+
+    def run():
+        model = make_model(dtype=torch.float64)
+        opt = Kron(model.parameters(), lr=1e-2, precond_dtype=torch.float64)
+        train(model, opt, 12)
+        return snapshot(model)
+
+    fast = run()
+    gather, counts = KronClass._gather_gradients, KronClass._step_counts
+    monkeypatch.setattr(
+        KronClass, "_gather_gradients", lambda self, *args: (*gather(self, *args)[:2], False)
+    )
+    monkeypatch.setattr(
+        KronClass,
+        "_step_counts",
+        staticmethod(lambda states, ndim, eager, dtype: counts(states, ndim, False, dtype)),
+    )
+    for a, b in zip(fast, run()):
+        torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-15)
+
+
+def test_the_device_path_reads_nothing_back_to_the_host(monkeypatch):
+    """On an accelerator any read of a tensor's value (``item``, ``bool``, ``float``, ``tolist``)
+    waits for the device. The device path, emulated here on the CPU, makes none: only the two
+    CPU-only shortcuts may read, and they are off that path."""
+    import sys
+
+    from kron.torch.optimizer import Kron as KronClass
+
+    cpu_only = {"_gather_gradients", "_step_counts"}
+    gather, counts = KronClass._gather_gradients, KronClass._step_counts
+    monkeypatch.setattr(
+        KronClass, "_gather_gradients", lambda self, *args: (*gather(self, *args)[:2], False)
+    )
+    monkeypatch.setattr(
+        KronClass,
+        "_step_counts",
+        staticmethod(lambda states, ndim, eager, dtype: counts(states, ndim, False, dtype)),
+    )
+    model = make_model()
+    opt = Kron(
+        model.parameters(),
+        preconditioner_update_probability=0.5,
+        stochastic_schedule=True,
+        mars=True,
+        caution=True,
+        gradient_clipping="rms",
+        weight_decay=1e-2,
+    )
+    train(model, opt, 2)
+    reads = []
+    stepping = [False]
+    for name in ("item", "__bool__", "__float__", "__int__", "tolist", "numpy"):
+        original = getattr(torch.Tensor, name)
+
+        def trapped(self, *args, _original=original, _name=name, **kwargs):
+            if stepping[0] and sys._getframe(1).f_code.co_name not in cpu_only:
+                reads.append((_name, sys._getframe(1).f_code.co_name))
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, trapped)
+    for step in range(2, 10):
+        x, y = batch(step)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        if step == 6:  # a non-finite gradient takes the skip path
+            next(model.parameters()).grad[0, 0] = float("nan")
+        stepping[0] = True
+        opt.step()
+        stepping[0] = False
+    assert reads == []
+    assert int(opt.state[next(model.parameters())]["skipped"]) == 1

@@ -264,6 +264,7 @@ class Kron(torch.optim.Optimizer):
         self._compiled: dict[Any, Callable] = {}
         self._streams = Streams()
         self._masks: dict[Any, torch.Tensor] = {}
+        self._precond_lrs: dict[Any, tuple[float, torch.Tensor]] = {}
         self._records: dict[tuple, tuple[LayoutOptions, StepOptions]] = {}
         self._stacks = StateStacks()
         super().__init__(params, defaults)
@@ -509,6 +510,20 @@ class Kron(torch.optim.Optimizer):
             )
         return self._masks[key]
 
+    def _precond_lr(self, gi, value, dtype, device) -> torch.Tensor:
+        """The group's preconditioner learning rate as a 0-d tensor on ``device``, so a changed
+        value never recompiles the step. It is refreshed in place (a kernel with a scalar
+        argument): a CPU tensor or ``torch.tensor(value, device=...)`` would cost a blocking
+        host-to-device copy per bucket and step."""
+        key = (gi, dtype, device)
+        if key not in self._precond_lrs:
+            self._precond_lrs[key] = (value, torch.full((), value, dtype=dtype, device=device))
+        held_value, held = self._precond_lrs[key]
+        if held_value != value:
+            held.fill_(value)
+            self._precond_lrs[key] = (value, held)
+        return held
+
     def _step_bucket(self, gi, group, members, layout, options, do_fit, do_balance, probes, hvps):
         """One ``kron_step`` for same-shape parameters ``members`` (``(index, param)`` pairs)."""
         plan = make_plan(tuple(members[0][1].shape), layout)
@@ -531,7 +546,7 @@ class Kron(torch.optim.Optimizer):
         old = self._stacks.gather(bucket, indices, states, plan.order, dtype)
         fit_inputs = self._fit_inputs(gi, group, members, plan, dtype, do_fit, probes, hvps)
         step_fn = self._compiled_step(plan, options, do_fit, size, dtype, grads.device)
-        count = self._step_counts(states, len(plan.shape), step_fn is kron_step)
+        count = self._step_counts(states, len(plan.shape), step_fn is kron_step, dtype)
         # With every gradient known finite the old momentum is never restored, so the eager step
         # updates the optimizer's own stack in place: one large temporary and one copy fewer
         # (compiled steps plan their own buffers).
@@ -544,7 +559,7 @@ class Kron(torch.optim.Optimizer):
             plan=plan,
             options=options,
             ops=OPS,
-            precond_lr=torch.as_tensor(group["precond_lr"], dtype=dtype),
+            precond_lr=self._precond_lr(gi, group["precond_lr"], dtype, grads.device),
             do_fit=do_fit,
             mask=self._mask(plan, size, dtype, grads.device),
             **fit_inputs,
@@ -569,17 +584,19 @@ class Kron(torch.optim.Optimizer):
         self._stacks.remember(bucket, indices, states, new, dtype)
 
     @staticmethod
-    def _step_counts(states, ndim: int, eager: bool) -> torch.Tensor | float:
-        """The parameters' step counts, ``(S, 1, …, 1)``, for the momentum's weights. An eager
-        CPU step whose parameters share one count gets it as a number: the weights are then
-        host arithmetic rather than five tiny tensor operations (a CPU tensor reads for free;
-        a compiled step would specialise on the number and recompile every step)."""
+    def _step_counts(states, ndim: int, eager: bool, dtype: torch.dtype) -> torch.Tensor | float:
+        """The parameters' step counts, ``(S, 1, …, 1)`` in the stack's ``dtype`` (so float64
+        parameters get float64 momentum weights, as from a number), for the momentum's
+        weights. An eager CPU step whose parameters share one count gets it as a number: the
+        weights are then host arithmetic rather than five tiny tensor operations (a CPU tensor
+        reads for free; a compiled step would specialise on the number and recompile every
+        step)."""
         counts = [state["count"] for state in states]
         if eager and counts[0].device.type == "cpu":
             first = counts[0].item()
             if all(c.item() == first for c in counts[1:]):
                 return first
-        return stack(counts).view(-1, *[1] * ndim)
+        return stack(counts).to(dtype).view(-1, *[1] * ndim)
 
     def _update_params(self, group, params, y, finite, all_finite) -> None:
         """``θ ← θ·(1 - lr·wd) - lr·y`` in each parameter's own dtype (a float64 parameter is
