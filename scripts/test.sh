@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The test command: installs everything the suite needs into .venv, lints, then runs pytest: the
-# main suite, then the Keras suite once per Keras backend, each in its own process.
+# main suite (with tests/gpu where CUDA is present), the GPU suite's code on the CPU, then the
+# Keras suite once per Keras backend, each in its own process.
 # Extra arguments go to every pytest run.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -8,6 +9,7 @@ bash "$root/scripts/setup-venv.sh" "test,torch,jax,keras,tf,bench"
 cd "$root"
 .venv/bin/ruff check src tests
 .venv/bin/python -m pytest --ignore=tests/keras "$@"
+KRON_TEST_DEVICE=cpu .venv/bin/python -m pytest tests/gpu "$@"
 for backend in tensorflow jax torch; do
     KERAS_BACKEND="$backend" .venv/bin/python -m pytest tests/keras "$@"
 done
