@@ -94,7 +94,23 @@ def run_backend(windows: int) -> list[dict]:
             rows.append(time_fit(model_name, "kron", probability, windows))
     for row in rows:
         row["backend"] = keras.backend.backend()
+        row["device"] = device_name(keras.backend.backend())
     return rows
+
+
+def device_name(backend: str) -> str:
+    """The accelerator the backend computes on, or ``"cpu"``."""
+    if backend == "jax":
+        import jax
+
+        return jax.devices()[0].device_kind
+    if backend == "torch":
+        import torch
+
+        return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    import tensorflow as tf
+
+    return "gpu" if tf.config.list_physical_devices("GPU") else "cpu"
 
 
 def markdown(rows: list[dict]) -> str:
@@ -116,6 +132,9 @@ def markdown(rows: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backend", choices=BACKENDS, help="measure this backend only, here")
+    parser.add_argument(
+        "--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS), help="backends to run"
+    )
     parser.add_argument("--windows", type=int, default=3)
     parser.add_argument("--json", help="write the rows of every backend to this file")
     parser.add_argument("--markdown-from", help="print the table of a JSON file and exit")
@@ -128,7 +147,7 @@ def main() -> None:
         print(json.dumps(run_backend(args.windows)))
         return
     rows = []
-    for backend in BACKENDS:
+    for backend in args.backends:
         env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3"}
         command = [sys.executable, __file__, "--backend", backend, "--windows", str(args.windows)]
         out = subprocess.run(command, env=env, check=True, capture_output=True, text=True).stdout

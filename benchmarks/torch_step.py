@@ -5,17 +5,23 @@ Every optimizer runs in this one process on the same model and the same batches.
 and backward are identical across optimizers and are excluded) over ``--steps`` steps after
 ``--warmup`` steps (which absorb the peers' torch.compile), and reports the median over
 ``--repeats`` such windows, taken in turn across the cell's optimizers, plus the bytes of
-optimizer state. Results go to stdout as a Markdown table and to ``--json``.
+optimizer state. On CUDA each timed step is bracketed by synchronisations, and the step's peak
+memory above what was allocated before it is reported too. Results go to stdout as a Markdown
+table and to ``--json``.
 
     python benchmarks/torch_step.py --json benchmarks/results/torch_step_cpu.json
+    python benchmarks/torch_step.py --device cuda --warmup 40 \\
+        --json benchmarks/results/torch_step_h100.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 
@@ -47,14 +53,18 @@ class TinyLM(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         h = self.embed(tokens) + self.position[: tokens.shape[1]]
-        mask = nn.Transformer.generate_square_subsequent_mask(tokens.shape[1])
+        mask = nn.Transformer.generate_square_subsequent_mask(tokens.shape[1], device=h.device)
         return self.head(self.body(h, mask=mask, is_causal=True))
+
+
+def device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
 
 
 def mlp_loss(model: nn.Module, step: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(step)
-    x = torch.randn(128, 256, generator=gen)
-    y = torch.randint(0, 10, (128,), generator=gen)
+    x = torch.randn(128, 256, generator=gen).to(device_of(model))
+    y = torch.randint(0, 10, (128,), generator=gen).to(device_of(model))
     return nn.functional.cross_entropy(model(x), y)
 
 
@@ -66,12 +76,13 @@ def tiny() -> nn.Module:
 
 
 def tiny_loss(model: nn.Module, step: int) -> torch.Tensor:
-    x = torch.randn(32, 8, generator=torch.Generator().manual_seed(step))
+    x = torch.randn(32, 8, generator=torch.Generator().manual_seed(step)).to(device_of(model))
     return model(x).square().mean()
 
 
 def lm_loss(model: nn.Module, step: int) -> torch.Tensor:
     tokens = torch.randint(0, 128, (16, 65), generator=torch.Generator().manual_seed(step))
+    tokens = tokens.to(device_of(model))
     logits = model(tokens[:, :-1])
     return nn.functional.cross_entropy(logits.reshape(-1, 128), tokens[:, 1:].reshape(-1))
 
@@ -117,36 +128,57 @@ def optimizers(probability: float) -> dict[str, Callable]:
     }
 
 
+PEERS = ("kron_torch Kron", "heavyball PSGDKron")
+
+
 class _Run:
     """One optimizer on its own copy of the model, stepping through the shared batches."""
 
-    def __init__(self, model_name: str, make_opt: Callable) -> None:
+    def __init__(self, model_name: str, make_opt: Callable, device: torch.device) -> None:
         build, self.loss_fn = MODELS[model_name]
         torch.manual_seed(0)
-        self.model = build()
+        self.model = build().to(device)
         self.opt = make_opt(list(self.model.parameters()))
+        self.cuda = device.type == "cuda"
         self.step = 0
+        self.step_peak_bytes = 0
 
     def steps(self, count: int) -> float:
-        """Take ``count`` steps; the milliseconds per ``optimizer.step()``."""
+        """Take ``count`` steps; the milliseconds per ``optimizer.step()``. On CUDA also the
+        most memory any of them allocated above what was live before it."""
         elapsed = 0.0
         for _ in range(count):
             self.opt.zero_grad()
             self.loss_fn(self.model, self.step).backward()
+            if self.cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                before = torch.cuda.memory_allocated()
             started = time.perf_counter()
             self.opt.step()
+            if self.cuda:
+                torch.cuda.synchronize()
             elapsed += time.perf_counter() - started
+            if self.cuda:
+                peak = torch.cuda.max_memory_allocated() - before
+                self.step_peak_bytes = max(self.step_peak_bytes, peak)
             self.step += 1
         return 1000 * elapsed / count
 
 
 def time_cell(
-    model_name: str, makers: dict[str, Callable], warmup: int, steps: int, repeats: int
-) -> dict[str, tuple[float, int]]:
-    """``{name: (median ms per step, state bytes)}`` for one (model, probability) cell. Windows
-    are taken in turn across the optimizers, so a change in the machine's load between windows
-    reaches every optimizer alike instead of skewing the ratios."""
-    runs = {name: _Run(model_name, make) for name, make in makers.items()}
+    model_name: str,
+    makers: dict[str, Callable],
+    warmup: int,
+    steps: int,
+    repeats: int,
+    device: torch.device,
+) -> dict[str, tuple[float, int, int]]:
+    """``{name: (median ms per step, state bytes, step peak bytes)}`` for one (model,
+    probability) cell (the peak is 0 off CUDA). Windows are taken in turn across the optimizers,
+    so a change in the machine's load between windows reaches every optimizer alike instead of
+    skewing the ratios."""
+    runs = {name: _Run(model_name, make, device) for name, make in makers.items()}
     for run in runs.values():
         run.steps(warmup)
     windows: dict[str, list[float]] = {name: [] for name in runs}
@@ -154,29 +186,36 @@ def time_cell(
         for name, run in runs.items():
             windows[name].append(run.steps(steps))
     return {
-        name: (statistics.median(windows[name]), state_bytes(run.opt)) for name, run in runs.items()
+        name: (statistics.median(windows[name]), state_bytes(run.opt), run.step_peak_bytes)
+        for name, run in runs.items()
     }
 
 
 def markdown(rows: list[dict]) -> str:
     """The results as a Markdown table, with each optimizer's time relative to the faster peer
     (kron_torch or heavyball) and to AdamW in the same (model, probability) cell."""
+    with_peak = any(row.get("step_peak_bytes") for row in rows)
     lines = [
-        "| model | p | optimizer | ms/step | × faster peer | × AdamW | state MiB |",
-        "|---|---|---|---|---|---|---|",
+        "| model | p | optimizer | ms/step | × faster peer | × AdamW | state MiB |"
+        + (" step peak MiB |" if with_peak else ""),
+        "|---|---|---|---|---|---|---|" + ("---|" if with_peak else ""),
     ]
     cells: dict[tuple, dict[str, dict]] = {}
     for row in rows:
         cells.setdefault((row["model"], row["probability"]), {})[row["optimizer"]] = row
     for (model, probability), by_name in cells.items():
-        peer = min(by_name[n]["ms_per_step"] for n in ("kron_torch Kron", "heavyball PSGDKron"))
+        peers = [by_name[n]["ms_per_step"] for n in PEERS if n in by_name]
+        peer = min(peers) if peers else math.nan
         adamw = by_name["AdamW"]["ms_per_step"]
         for name, row in by_name.items():
             ms = row["ms_per_step"]
-            lines.append(
+            line = (
                 f"| {model} | {probability:g} | {name} | {ms:.2f} | {ms / peer:.2f} | "
                 f"{ms / adamw:.1f} | {row['state_bytes'] / 2**20:.2f} |"
             )
+            if with_peak:
+                line += f" {row['step_peak_bytes'] / 2**20:.2f} |"
+            lines.append(line)
     return "\n".join(lines)
 
 
@@ -188,6 +227,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--steps", type=int, default=34)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cpu", help="where the models live: cpu or cuda")
     parser.add_argument("--json", default=None)
     parser.add_argument(
         "--markdown-from", default=None, help="print the table of an earlier --json file and exit"
@@ -197,7 +237,22 @@ def main() -> None:
         with open(args.markdown_from) as f:
             print(markdown(json.load(f)["rows"]))
         return
-    torch.set_num_threads(torch.get_num_threads())
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        import heavyball.utils
+
+        # heavyball's own mode, max-autotune-no-cudagraphs, benchmarks some twenty matmul
+        # kernels per shape (about 45 s each on an H100): more than a device lease allows. The
+        # compiled graphs are the same; only the matmul kernel choice can differ.
+        heavyball.utils.compile_mode = "default"
+    meta = dict(
+        machine=platform.processor() or platform.machine(),
+        device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        threads=torch.get_num_threads(),
+        torch=torch.__version__,
+        args=vars(args),
+        heavyball_compile_mode=getattr(sys.modules.get("heavyball.utils"), "compile_mode", None),
+    )
     rows = []
     for model_name in args.models:
         for probability in args.probabilities:
@@ -206,8 +261,8 @@ def main() -> None:
                 for name, make in optimizers(probability).items()
                 if not args.only or name in args.only
             }
-            cell = time_cell(model_name, makers, args.warmup, args.steps, args.repeats)
-            for name, (ms, nbytes) in cell.items():
+            cell = time_cell(model_name, makers, args.warmup, args.steps, args.repeats, device)
+            for name, (ms, nbytes, peak) in cell.items():
                 rows.append(
                     dict(
                         model=model_name,
@@ -215,6 +270,7 @@ def main() -> None:
                         optimizer=name,
                         ms_per_step=ms,
                         state_bytes=nbytes,
+                        step_peak_bytes=peak,
                     )
                 )
                 print(
@@ -222,15 +278,9 @@ def main() -> None:
                     f"{nbytes / 2**20:.2f} |",
                     flush=True,
                 )
-    if args.json:
-        meta = dict(
-            machine=platform.processor() or platform.machine(),
-            threads=torch.get_num_threads(),
-            torch=torch.__version__,
-            args=vars(args),
-        )
-        with open(args.json, "w") as f:
-            json.dump(dict(meta=meta, rows=rows), f, indent=1)
+            if args.json:  # after every cell, so a run cut short keeps what it measured
+                with open(args.json, "w") as f:
+                    json.dump(dict(meta=meta, rows=rows), f, indent=1)
 
 
 if __name__ == "__main__":
