@@ -1,0 +1,154 @@
+"""heavyball 1.5's PSGD-Kron classes, by name, signature and defaults, over :class:`Kron`.
+
+A script written for ``heavyball.ForeachPSGDKron`` (or one of its four variants) runs with
+``from kron.torch import ForeachPSGDKron`` and nothing else changed. Each class is :class:`Kron`
+with heavyball's defaults and heavyball's rules where ours differ:
+
+* the geometry is ``"EQ"`` (heavyball's triangular Q update);
+* the fit schedule, when ``preconditioner_update_probability`` is None, is heavyball's
+  ``max(0.03, 0.999^max(step - 1000, 0))``;
+* ``stochastic_schedule=False`` takes heavyball's deterministic accumulator rule;
+* the update is clipped by heavyball's trust-region clip (``update_clipping="soft"`` at 1.5)
+  unless ``update_clipping`` is given; ``None`` turns clipping off, as in heavyball;
+* ``delayed``, ``cached`` and ``exp_avg_input`` left at ``USE_DEFAULT`` take the class's value;
+* P is fitted on the momentum only when the momentum is what gets preconditioned
+  (``exp_avg_input``), since heavyball fits P on the input of its preconditioning step.
+
+The trust-region default and the schedule are heavyball 3.2.1's (the 1.5 documentation names
+the options but not these values). ``store_triu_as_line`` is accepted and has no effect: Q is
+kept as a square matrix, whose size ``kron.torch.functional.state_bytes`` reports. Any of
+:class:`Kron`'s own keyword options (``seed``, ``compile``, ``nonfinite``, …) may be added.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+from kron.core import heavyball_schedule
+from kron.torch.optimizer import Kron
+
+# heavyball's ``C.use_default``: "the class's value", distinct from None ("off").
+USE_DEFAULT: Any = type("UseDefault", (), {"__repr__": lambda self: "USE_DEFAULT"})()
+HEAVYBALL_UPDATE_CLIPPING = ("soft", 1.5)  # heavyball's trust_region_clip_(scale=1.5)
+
+
+class ForeachPSGDKron(Kron):
+    """heavyball's ``ForeachPSGDKron``: fit P on the momentum and precondition the momentum."""
+
+    delayed: bool = False
+    cached: bool = False
+    exp_avg_input: bool = True
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 0.001,
+        beta: float = 0.9,
+        weight_decay: float = 0.0,
+        preconditioner_update_probability: float | Callable[[int], float] | None = None,
+        max_size_triangular: int = 2048,
+        min_ndim_triangular: int = 2,
+        memory_save_mode: str | None = None,
+        momentum_into_precond_update: bool = True,
+        warmup_steps: int = 1,
+        merge_dims: bool = False,
+        split: bool = False,
+        store_triu_as_line: bool = True,
+        foreach: bool = True,
+        q_dtype: torch.dtype | str = "float32",
+        stochastic_schedule: bool = True,
+        storage_dtype: torch.dtype | str = "float32",
+        mars: bool = False,
+        caution: bool = False,
+        mars_gamma: float = 0.0025,
+        delayed: bool | None = USE_DEFAULT,
+        cached: bool | None = USE_DEFAULT,
+        exp_avg_input: bool | None = USE_DEFAULT,
+        gradient_clipping: str | Callable[[torch.Tensor], Any] | None = USE_DEFAULT,
+        update_clipping: str | Callable[[torch.Tensor], Any] | None = USE_DEFAULT,
+        precond_init_scale: float | None = 1.0,
+        precond_lr: float = 0.1,
+        **kron_options: Any,
+    ) -> None:
+        if not isinstance(store_triu_as_line, bool):
+            raise TypeError(f"store_triu_as_line must be a bool; got {store_triu_as_line!r}.")
+        if update_clipping is USE_DEFAULT:
+            update_clipping, clip_value = HEAVYBALL_UPDATE_CLIPPING
+            kron_options.setdefault("update_clip_value", clip_value)
+        kron_options.setdefault("preconditioner_mode", "EQ")
+        if not stochastic_schedule:
+            kron_options.setdefault("decision_rule", "accumulator")
+        if exp_avg_input is USE_DEFAULT:
+            exp_avg_input = self.exp_avg_input
+        super().__init__(
+            params,
+            lr=lr,
+            beta=beta,
+            weight_decay=weight_decay,
+            preconditioner_update_probability=(
+                heavyball_schedule()
+                if preconditioner_update_probability is None
+                else preconditioner_update_probability
+            ),
+            max_size_triangular=max_size_triangular,
+            min_ndim_triangular=min_ndim_triangular,
+            memory_save_mode=memory_save_mode,
+            # heavyball fits P on its chain's input: the momentum only when that is the input.
+            momentum_into_precond_update=momentum_into_precond_update and exp_avg_input,
+            warmup_steps=warmup_steps,
+            merge_dims=merge_dims,
+            split=split,
+            foreach=foreach,
+            q_dtype=q_dtype,
+            stochastic_schedule=stochastic_schedule,
+            storage_dtype=storage_dtype,
+            mars=mars,
+            caution=caution,
+            mars_gamma=mars_gamma,
+            delayed=self.delayed if delayed is USE_DEFAULT else delayed,
+            cached=self.cached if cached is USE_DEFAULT else cached,
+            exp_avg_input=exp_avg_input,
+            gradient_clipping=None if gradient_clipping is USE_DEFAULT else gradient_clipping,
+            update_clipping=update_clipping,
+            precond_init_scale=precond_init_scale,
+            precond_lr=precond_lr,
+            **kron_options,
+        )
+
+
+class ForeachPurePSGD(ForeachPSGDKron):
+    """heavyball's ``ForeachPurePSGD``: precondition the raw gradient, not the momentum."""
+
+    exp_avg_input = False
+
+
+class ForeachCachedDelayedPSGDKron(ForeachPSGDKron):
+    """heavyball's ``ForeachCachedDelayedPSGDKron``: ``cached`` and ``delayed`` by default."""
+
+    delayed = True
+    cached = True
+
+
+class ForeachCachedPSGDKron(ForeachPSGDKron):
+    """heavyball's ``ForeachCachedPSGDKron``: keeps ``P_i = Q_iᵀQ_i`` by default."""
+
+    cached = True
+
+
+class ForeachDelayedPSGD(ForeachPSGDKron):
+    """heavyball's ``ForeachDelayedPSGD``: precondition with the previous P, then fit."""
+
+    delayed = True
+
+
+__all__ = [
+    "USE_DEFAULT",
+    "ForeachCachedDelayedPSGDKron",
+    "ForeachCachedPSGDKron",
+    "ForeachDelayedPSGD",
+    "ForeachPSGDKron",
+    "ForeachPurePSGD",
+]

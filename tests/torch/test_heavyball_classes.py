@@ -1,0 +1,165 @@
+"""heavyball 1.5's ForeachPSGDKron family: the seed's signatures and defaults, and each class as
+the Kron configuration it stands for."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+from torch import nn
+
+from kron.core import heavyball_schedule
+from kron.torch import (
+    ForeachCachedDelayedPSGDKron,
+    ForeachCachedPSGDKron,
+    ForeachDelayedPSGD,
+    ForeachPSGDKron,
+    ForeachPurePSGD,
+    Kron,
+)
+from kron.torch.heavyball_classes import USE_DEFAULT
+
+# heavyball 1.5.0's ForeachPSGDKron.__init__, in order (shared/seeds/004, "ForeachPSGDKron").
+SEED_SIGNATURE = [
+    ("lr", 0.001),
+    ("beta", 0.9),
+    ("weight_decay", 0.0),
+    ("preconditioner_update_probability", None),
+    ("max_size_triangular", 2048),
+    ("min_ndim_triangular", 2),
+    ("memory_save_mode", None),
+    ("momentum_into_precond_update", True),
+    ("warmup_steps", 1),
+    ("merge_dims", False),
+    ("split", False),
+    ("store_triu_as_line", True),
+    ("foreach", True),
+    ("q_dtype", "float32"),
+    ("stochastic_schedule", True),
+    ("storage_dtype", "float32"),
+    ("mars", False),
+    ("caution", False),
+    ("mars_gamma", 0.0025),
+    ("delayed", USE_DEFAULT),
+    ("cached", USE_DEFAULT),
+    ("exp_avg_input", USE_DEFAULT),
+    ("gradient_clipping", USE_DEFAULT),
+    ("update_clipping", USE_DEFAULT),
+    ("precond_init_scale", 1.0),
+    ("precond_lr", 0.1),
+]
+# (class, delayed, cached, exp_avg_input) as the seed's class attributes set them.
+VARIANTS = [
+    (ForeachPSGDKron, False, False, True),
+    (ForeachPurePSGD, False, False, False),
+    (ForeachCachedDelayedPSGDKron, True, True, True),
+    (ForeachCachedPSGDKron, False, True, True),
+    (ForeachDelayedPSGD, True, False, True),
+]
+TEACHER = torch.randn(8, 3, generator=torch.Generator().manual_seed(42))
+
+
+def make_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3))
+
+
+def train(make_opt, steps: int = 8):
+    model = make_model()
+    opt = make_opt(model.parameters())
+    losses = []
+    for step in range(steps):
+        x = torch.randn(32, 8, generator=torch.Generator().manual_seed(step))
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), (x @ TEACHER).argmax(1))
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return [p.detach() for p in model.parameters()], losses, opt
+
+
+def assert_same_run(a, b):
+    for x, y in zip(a[0], b[0]):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
+def heavyball_as_kron(ps, **changes):
+    """Kron set to what ForeachPSGDKron's defaults mean."""
+    options = dict(
+        lr=0.001,
+        b1=0.9,
+        preconditioner_update_probability=heavyball_schedule(),
+        max_size_triangular=2048,
+        momentum_into_precond_update=True,
+        warmup_steps=1,
+        precond_dtype="float32",
+        mu_dtype="float32",
+        stochastic_schedule=True,
+        cached=False,
+        delayed=False,
+        update_clipping="soft",
+        update_clip_value=1.5,
+        preconditioner_mode="EQ",
+        precond_init_scale=1.0,
+    )
+    return Kron(ps, **{**options, **changes})
+
+
+@pytest.mark.parametrize("cls", [variant[0] for variant in VARIANTS])
+def test_each_class_has_the_seeds_signature(cls):
+    parameters = list(inspect.signature(cls.__init__).parameters.values())[2:]
+    named = [(p.name, p.default) for p in parameters if p.kind is not p.VAR_KEYWORD]
+    assert named == SEED_SIGNATURE
+
+
+@pytest.mark.parametrize(("cls", "delayed", "cached", "exp_avg_input"), VARIANTS)
+def test_each_variant_sets_its_class_defaults(cls, delayed, cached, exp_avg_input):
+    opt = cls(make_model().parameters())
+    group = opt.param_groups[0]
+    assert (group["delayed"], group["cached"], group["exp_avg_input"]) == (
+        delayed,
+        cached,
+        exp_avg_input,
+    )
+    overridden = cls(make_model().parameters(), delayed=not delayed, cached=not cached)
+    assert overridden.param_groups[0]["delayed"] is (not delayed)
+    assert overridden.param_groups[0]["cached"] is (not cached)
+
+
+def test_defaults_follow_the_kron_configuration_they_stand_for():
+    ours = train(ForeachPSGDKron)
+    assert_same_run(ours, train(heavyball_as_kron))
+    assert ours[1][-1] < ours[1][0]
+
+
+def test_update_clipping_none_turns_the_trust_region_clip_off():
+    off = train(lambda ps: ForeachPSGDKron(ps, lr=0.05, update_clipping=None))
+    assert_same_run(off, train(lambda ps: heavyball_as_kron(ps, lr=0.05, update_clipping=None)))
+    clipped = train(lambda ps: ForeachPSGDKron(ps, lr=0.05))
+    assert any(not torch.equal(a, b) for a, b in zip(off[0], clipped[0]))
+
+
+def test_the_deterministic_schedule_is_heavyballs_accumulator():
+    opt = ForeachPSGDKron(make_model().parameters(), stochastic_schedule=False)
+    assert opt.param_groups[0]["decision_rule"] == "accumulator"
+    assert not opt.param_groups[0]["stochastic_schedule"]
+
+
+def test_pure_psgd_fits_and_preconditions_the_raw_gradient():
+    pure = train(ForeachPurePSGD)
+    as_kron = train(
+        lambda ps: heavyball_as_kron(ps, exp_avg_input=False, momentum_into_precond_update=False)
+    )
+    assert_same_run(pure, as_kron)
+
+
+def test_kron_options_pass_through_and_bad_values_are_named():
+    opt = ForeachPSGDKron(make_model().parameters(), seed=7, preconditioner_mode="QUAD")
+    assert opt.seed == 7 and opt.param_groups[0]["preconditioner_mode"] == "QUAD"
+    with pytest.raises(TypeError, match="store_triu_as_line"):
+        ForeachPSGDKron(make_model().parameters(), store_triu_as_line="yes")
+    with pytest.raises(ValueError, match="memory_save_mode"):
+        ForeachPSGDKron(make_model().parameters(), memory_save_mode="sometimes")
+    with pytest.raises(TypeError, match="no_such_option"):
+        ForeachPSGDKron(make_model().parameters(), no_such_option=1)
