@@ -553,6 +553,22 @@ def test_state_bytes_counts_every_tensor_of_the_state():
     assert state_bytes(opt) == expected >= 52 * 8
 
 
+def take_the_device_path(monkeypatch) -> None:
+    """Make CPU steps take the accelerator path: finiteness never read on the host, step counts
+    passed as tensors (the CPU shortcuts still run, their results unused)."""
+    from kron.torch.optimizer import Kron as KronClass
+
+    gather, counts = KronClass._gather_gradients, KronClass._step_counts
+    monkeypatch.setattr(
+        KronClass, "_gather_gradients", lambda self, *args: (*gather(self, *args)[:2], False)
+    )
+    monkeypatch.setattr(
+        KronClass,
+        "_step_counts",
+        staticmethod(lambda states, ndim, eager, dtype: counts(states, ndim, False, dtype)),
+    )
+
+
 def test_a_changed_precond_lr_takes_effect_on_the_next_step():
     """The preconditioner learning rate lives in a reused 0-d tensor (no recompiles, no host
     copies); a new value in the param group must reach the next step as a fresh optimizer's
@@ -580,7 +596,6 @@ def test_the_device_path_keeps_float64_momentum_weights(monkeypatch):
     """Off the CPU the step counts reach the momentum as tensors, not numbers; for float64
     parameters they must be float64 too, or the debiasing weights round to float32 (a 1e-9
     drift from the CPU trajectory within a dozen steps)."""
-    from kron.torch.optimizer import Kron as KronClass
 
     def run():
         model = make_model(dtype=torch.float64)
@@ -589,15 +604,7 @@ def test_the_device_path_keeps_float64_momentum_weights(monkeypatch):
         return snapshot(model)
 
     fast = run()
-    gather, counts = KronClass._gather_gradients, KronClass._step_counts
-    monkeypatch.setattr(
-        KronClass, "_gather_gradients", lambda self, *args: (*gather(self, *args)[:2], False)
-    )
-    monkeypatch.setattr(
-        KronClass,
-        "_step_counts",
-        staticmethod(lambda states, ndim, eager, dtype: counts(states, ndim, False, dtype)),
-    )
+    take_the_device_path(monkeypatch)
     for a, b in zip(fast, run()):
         torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-15)
 
@@ -608,18 +615,8 @@ def test_the_device_path_reads_nothing_back_to_the_host(monkeypatch):
     CPU-only shortcuts may read, and they are off that path."""
     import sys
 
-    from kron.torch.optimizer import Kron as KronClass
-
     cpu_only = {"_gather_gradients", "_step_counts"}
-    gather, counts = KronClass._gather_gradients, KronClass._step_counts
-    monkeypatch.setattr(
-        KronClass, "_gather_gradients", lambda self, *args: (*gather(self, *args)[:2], False)
-    )
-    monkeypatch.setattr(
-        KronClass,
-        "_step_counts",
-        staticmethod(lambda states, ndim, eager, dtype: counts(states, ndim, False, dtype)),
-    )
+    take_the_device_path(monkeypatch)
     model = make_model()
     opt = Kron(
         model.parameters(),
