@@ -448,9 +448,15 @@ def test_no_global_torch_setting_changes_at_import():
         torch.are_deterministic_algorithms_enabled(),
         torch.get_num_threads(),
     )
-    for name in [m for m in sys.modules if m.startswith("kron")]:
-        del sys.modules[name]
-    importlib.import_module("kron.torch")
+    # A fresh import, after which the original modules go back, so later tests keep one Kron.
+    ours = [name for name in sys.modules if name.startswith("kron")]
+    originals = {name: sys.modules.pop(name) for name in ours}
+    try:
+        importlib.import_module("kron.torch")
+    finally:
+        for name in [m for m in sys.modules if m.startswith("kron")]:
+            del sys.modules[name]
+        sys.modules.update(originals)
     after = (
         torch.get_default_dtype(),
         torch._dynamo.config.cache_size_limit,
@@ -495,7 +501,6 @@ def test_compiled_training_step_equals_eager_and_compiles_once():
 def test_device_path_without_host_reads_matches_the_cpu_fast_path(monkeypatch):
     """On accelerators the optimizer never reads the finiteness flags on the host; it selects the
     new state with torch.where instead. Forcing that path on the CPU must not change results."""
-    from kron.torch.optimizer import Kron as KronClass
 
     def run():
         model = make_model()
@@ -504,13 +509,14 @@ def test_device_path_without_host_reads_matches_the_cpu_fast_path(monkeypatch):
         return snapshot(model), opt
 
     fast, fast_opt = run()
-    original = KronClass._gather_gradients
+    # The class this module built its optimizers from: a test elsewhere may re-import kron.torch.
+    original = Kron._gather_gradients
 
     def without_host_read(self, *args):
         grads, finite, _ = original(self, *args)
         return grads, finite, False
 
-    monkeypatch.setattr(KronClass, "_gather_gradients", without_host_read)
+    monkeypatch.setattr(Kron, "_gather_gradients", without_host_read)
     slow, slow_opt = run()
     for a, b in zip(fast, slow):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
@@ -555,15 +561,14 @@ def test_state_bytes_counts_every_tensor_of_the_state():
 
 def take_the_device_path(monkeypatch) -> None:
     """Make CPU steps take the accelerator path: finiteness never read on the host, step counts
-    passed as tensors (the CPU shortcuts still run, their results unused)."""
-    from kron.torch.optimizer import Kron as KronClass
-
-    gather, counts = KronClass._gather_gradients, KronClass._step_counts
+    passed as tensors (the CPU shortcuts still run, their results unused). Patches the ``Kron``
+    this module imported: a test elsewhere may re-import kron.torch, making a second class."""
+    gather, counts = Kron._gather_gradients, Kron._step_counts
     monkeypatch.setattr(
-        KronClass, "_gather_gradients", lambda self, *args: (*gather(self, *args)[:2], False)
+        Kron, "_gather_gradients", lambda self, *args: (*gather(self, *args)[:2], False)
     )
     monkeypatch.setattr(
-        KronClass,
+        Kron,
         "_step_counts",
         staticmethod(lambda states, ndim, eager, dtype: counts(states, ndim, False, dtype)),
     )
