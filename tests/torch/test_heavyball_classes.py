@@ -163,3 +163,12 @@ def test_kron_options_pass_through_and_bad_values_are_named():
         ForeachPSGDKron(make_model().parameters(), memory_save_mode="sometimes")
     with pytest.raises(TypeError, match="no_such_option"):
         ForeachPSGDKron(make_model().parameters(), no_such_option=1)
+
+
+@pytest.mark.parametrize(
+    "ours", [{"b1": 0.8}, {"stack_params": False}, {"precond_dtype": "float64"}]
+)
+def test_our_spelling_of_a_heavyball_option_is_refused_by_name(ours):
+    (name,) = ours
+    with pytest.raises(ValueError, match=f"name the same option.*{name}="):
+        ForeachPSGDKron(make_model().parameters(), **ours)
