@@ -54,3 +54,10 @@ def _entry(rank: int, world: int, tmp: str, fn, args) -> None:
     finally:
         dist.destroy_process_group()
     torch.save(result, os.path.join(tmp, f"{rank}.pt"))
+    # Leave without interpreter finalisation, where about one worker exit in 40 aborted with
+    # "terminate called without an active exception" and no Python frame (2 of 80 runs of
+    # test_sharded's world-2 worker): gloo's threads releasing tensors while the interpreter is
+    # torn down, as pytorch/pytorch#179291 describes. The result is saved; nothing is left to run.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
