@@ -585,18 +585,19 @@ class Kron(torch.optim.Optimizer):
 
     @staticmethod
     def _step_counts(states, ndim: int, eager: bool, dtype: torch.dtype) -> torch.Tensor | float:
-        """The parameters' step counts, ``(S, 1, …, 1)`` in the stack's ``dtype`` (so float64
-        parameters get float64 momentum weights, as from a number), for the momentum's
-        weights. An eager CPU step whose parameters share one count gets it as a number: the
-        weights are then host arithmetic rather than five tiny tensor operations (a CPU tensor
-        reads for free; a compiled step would specialise on the number and recompile every
-        step)."""
+        """The parameters' step counts, ``(S, 1, …, 1)``, for the momentum's weights: in the
+        stack's ``dtype`` but never narrower than float32 (float64 stacks get float64 weights,
+        as from a number; a bfloat16 stack's counts stay exact past 256). An eager CPU step
+        whose parameters share one count gets it as a number: the weights are then host
+        arithmetic rather than five tiny tensor operations (a CPU tensor reads for free; a
+        compiled step would specialise on the number and recompile every step)."""
         counts = [state["count"] for state in states]
         if eager and counts[0].device.type == "cpu":
             first = counts[0].item()
             if all(c.item() == first for c in counts[1:]):
                 return first
-        return stack(counts).to(dtype).view(-1, *[1] * ndim)
+        wide = torch.promote_types(dtype, torch.float32)
+        return stack(counts).to(wide).view(-1, *[1] * ndim)
 
     def _update_params(self, group, params, y, finite, all_finite) -> None:
         """``θ ← θ·(1 - lr·wd) - lr·y`` in each parameter's own dtype (a float64 parameter is
