@@ -8,6 +8,7 @@ import os
 
 import pytest
 import torch
+from tests.torch._compiled_step import run_training_step
 from torch import nn
 
 from kron.core import GEOMETRIES
@@ -139,31 +140,12 @@ def test_step_never_synchronises_with_the_host():
 
 
 def test_compiled_training_step_stops_compiling_and_equals_eager():
-    import torch._dynamo
-    from torch._dynamo.utils import counters
-
-    def run(compiled):
-        torch._dynamo.reset()
+    def run(compile_fn):
         model = make_model(DEVICE)
-        opt = Kron(model.parameters(), lr=1e-2, preconditioner_update_probability=0.5)
+        return run_training_step(model, lambda step: batch(step, model), compile_fn, steps=16)
 
-        def train_step(x, y):
-            opt.zero_grad()
-            loss = nn.functional.cross_entropy(model(x), y)
-            loss.backward()
-            opt.step()
-            return loss
-
-        step_fn = torch.compile(train_step) if compiled else train_step
-        graphs = []
-        for step in range(16):
-            step_fn(*batch(step, model))
-            graphs.append(counters["stats"]["unique_graphs"])
-        return [p.detach() for p in model.parameters()], graphs
-
-    counters.clear()
-    compiled, graphs = run(True)
-    eager, _ = run(False)
+    compiled, graphs = run(torch.compile)
+    eager, _ = run(lambda fn: fn)
     for a, b in zip(compiled, eager):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     # Each (shape stack, fit or not) compiles once in the first steps; later steps reuse them.
