@@ -65,13 +65,14 @@ def make_model() -> nn.Module:
     return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3))
 
 
-def train(make_opt, steps: int = 8):
+def train(make_opt, steps: int = 8, zero_grad: bool = True):
     model = make_model()
     opt = make_opt(model.parameters())
     losses = []
     for step in range(steps):
         x = torch.randn(32, 8, generator=torch.Generator().manual_seed(step))
-        opt.zero_grad()
+        if zero_grad:
+            opt.zero_grad()
         loss = nn.functional.cross_entropy(model(x), (x @ TEACHER).argmax(1))
         loss.backward()
         opt.step()
@@ -172,6 +173,25 @@ def test_our_spelling_of_a_heavyball_option_is_refused_by_name(ours):
     (name,) = ours
     with pytest.raises(ValueError, match=f"name the same option.*{name}="):
         ForeachPSGDKron(make_model().parameters(), **ours)
+
+
+def test_step_releases_the_gradients_so_zero_grad_is_optional():
+    """heavyball's step() consumes the gradients (seed 004: "optimizer.step() already does
+    this"), so its users may leave ``zero_grad()`` out; with Kron they would accumulate."""
+    without = train(ForeachPSGDKron, zero_grad=False)
+    assert_same_run(train(ForeachPSGDKron), without)
+    assert all(p.grad is None for p in without[2].param_groups[0]["params"])
+    accumulated = train(heavyball_as_kron, zero_grad=False)
+    assert not torch.equal(accumulated[0][0], without[0][0])
+
+
+def test_consume_grad_false_keeps_the_gradients():
+    model = make_model()
+    opt = ForeachPSGDKron(model.parameters())
+    opt.consume_grad = False  # heavyball's instance attribute
+    nn.functional.cross_entropy(model(torch.ones(2, 8)), torch.tensor([0, 1])).backward()
+    opt.step()
+    assert all(p.grad is not None for p in model.parameters())
 
 
 def digits_losses(make_opt, seed: int, steps: int = 300) -> float:

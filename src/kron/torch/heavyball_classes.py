@@ -12,7 +12,10 @@ with heavyball's defaults and heavyball's rules where ours differ:
   unless ``update_clipping`` is given; ``None`` turns clipping off, as in heavyball;
 * ``delayed``, ``cached`` and ``exp_avg_input`` left at ``USE_DEFAULT`` take the class's value;
 * P is fitted on the momentum only when the momentum is what gets preconditioned
-  (``exp_avg_input``), since heavyball fits P on the input of its preconditioning step.
+  (``exp_avg_input``), since heavyball fits P on the input of its preconditioning step;
+* ``step()`` releases every gradient it used (``p.grad = None``), as heavyball's optimizers do,
+  so a heavyball loop that leaves out ``zero_grad()`` trains the same. Set the instance's
+  ``consume_grad`` to False to keep them, as in heavyball.
 
 The trust-region default and the schedule are heavyball 3.2.1's (the 1.5 documentation names
 the options but not these values). ``store_triu_as_line`` is accepted and has no effect: Q is
@@ -41,6 +44,7 @@ class ForeachPSGDKron(Kron):
     delayed: bool = False
     cached: bool = False
     exp_avg_input: bool = True
+    consume_grad: bool = True
 
     def __init__(
         self,
@@ -117,6 +121,13 @@ class ForeachPSGDKron(Kron):
             precond_lr=precond_lr,
             **kron_options,
         )
+
+    def _step_all(self, decisions, probes, hvps) -> None:
+        super()._step_all(decisions, probes, hvps)
+        if self.consume_grad:
+            for group in self.param_groups:
+                for p in group["params"]:
+                    p.grad = None
 
 
 class ForeachPurePSGD(ForeachPSGDKron):
