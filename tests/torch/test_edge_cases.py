@@ -240,3 +240,59 @@ def test_finite_rows_equals_isfinite_all_including_overflowing_rows(dtype):
     expected = torch.isfinite(x).all(1)
     assert torch.equal(finite_rows(x, OPS), expected)
     assert expected[1] and not expected[2:5].any() and not expected[8:].all()
+
+
+def complex_run(steps: int, state: dict | None = None):
+    """Kron on one complex (5, 3) parameter, fitting ``z`` in ``A z ≈ b`` (complex least squares);
+    with ``state`` the optimizer resumes from it. Returns the parameter, losses and optimizer."""
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(8, 5, dtype=torch.complex128, generator=gen)
+    b = torch.randn(8, 3, dtype=torch.complex128, generator=gen)
+    z = torch.zeros(5, 3, dtype=torch.complex128, requires_grad=True)
+    opt = Kron([z], lr=0.03)
+    if state is not None:
+        z.data.copy_(state["z"])
+        opt.load_state_dict(state["opt"])
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = (a @ z - b).abs().pow(2).mean()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return z.detach().clone(), losses, opt
+
+
+def test_a_complex_parameter_is_stepped_as_its_real_view():
+    """As torch.optim does: the real and imaginary parts are one real tensor ``(*shape, 2)``,
+    so the trajectory is the real view's, bit for bit (before, the imaginary part of the
+    gradient was dropped)."""
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(8, 5, dtype=torch.complex128, generator=gen)
+    b = torch.randn(8, 3, dtype=torch.complex128, generator=gen)
+    real = torch.zeros(5, 3, 2, dtype=torch.float64, requires_grad=True)
+    opt = Kron([real], lr=0.03)
+    for _ in range(30):
+        opt.zero_grad()
+        (a @ torch.view_as_complex(real) - b).abs().pow(2).mean().backward()
+        opt.step()
+    z, losses, opt = complex_run(30)
+    torch.testing.assert_close(torch.view_as_real(z), real.detach(), rtol=0, atol=0)
+    assert losses[-1] < 0.5 * losses[0]
+    assert z.imag.abs().max() > 0.01
+    assert opt.state[opt.param_groups[0]["params"][0]]["momentum"].shape == (5, 3, 2)
+
+
+def test_a_complex_parameter_resumes_from_a_state_dict(tmp_path):
+    straight, _, _ = complex_run(20)
+    z, _, opt = complex_run(10)
+    torch.save({"z": z, "opt": opt.state_dict()}, tmp_path / "ckpt.pt")
+    resumed, _, _ = complex_run(10, torch.load(tmp_path / "ckpt.pt", weights_only=True))
+    torch.testing.assert_close(resumed, straight, rtol=0, atol=0)
+
+
+def test_newton_type_names_a_complex_parameter():
+    z = torch.zeros(3, 3, dtype=torch.complex64, requires_grad=True)
+    opt = Kron([z], preconditioner_type="newton")
+    with pytest.raises(ValueError, match=r"complex parameters \(parameter 0 of group 0"):
+        opt.step(lambda: z.abs().pow(2).sum())

@@ -267,6 +267,7 @@ class Kron(torch.optim.Optimizer):
         self._precond_lrs: dict[Any, tuple[float, torch.Tensor]] = {}
         self._records: dict[tuple, tuple[LayoutOptions, StepOptions]] = {}
         self._stacks = StateStacks()
+        self._complex_of: dict[int, torch.Tensor] = {}  # id(real view) -> complex parameter
         super().__init__(params, defaults)
 
     # -- param groups and validation -----------------------------------------------------------
@@ -383,6 +384,13 @@ class Kron(torch.optim.Optimizer):
         params = [p for p in everything if p.requires_grad]
         newton_params = []
         for gi, group in newton:
+            for index, p in enumerate(group["params"]):
+                if p.is_complex():
+                    raise ValueError(
+                        f"Newton-type preconditioning does not support complex parameters "
+                        f"(parameter {index} of group {gi}, {p.dtype}); accepted: real "
+                        f"floating-point parameters, or preconditioner_type='whitening'."
+                    )
             if not decisions[gi].fit:
                 continue
             for index, p in enumerate(group["params"]):
@@ -422,13 +430,28 @@ class Kron(torch.optim.Optimizer):
         for index, p in enumerate(group["params"]):
             if p.grad is not None:
                 self._check_dense(gi, index, p)
-                members.append((index, p))
+                members.append((index, self._as_real(p)))
         if not members:  # nothing to step: the group's clock and decision counter stand still
             return
         context = self._group_context(gi, group, decision)
-        for bucket in self._buckets(members):
-            self._step_bucket(gi, group, bucket, *context, probes, hvps)
+        try:
+            for bucket in self._buckets(members):
+                self._step_bucket(gi, group, bucket, *context, probes, hvps)
+        finally:
+            self._complex_of.clear()
         self._advance_clock(group, decision)
+
+    def _as_real(self, p: torch.Tensor) -> torch.Tensor:
+        """``p``, or for a complex parameter its real view ``(*p.shape, 2)`` carrying the real
+        view of its gradient, as ``torch.optim`` steps complex parameters: a real optimizer over
+        the real and imaginary parts. The view shares ``p``'s storage, so the update lands in
+        ``p``, and its state is ``p``'s (see :meth:`_state_for`)."""
+        if not p.is_complex():
+            return p
+        view = torch.view_as_real(p)
+        view.grad = torch.view_as_real(p.grad)
+        self._complex_of[id(view)] = p
+        return view
 
     @staticmethod
     def _check_dense(gi: int, index: int, p: torch.Tensor) -> None:
@@ -468,7 +491,7 @@ class Kron(torch.optim.Optimizer):
     def _state_for(self, p: torch.Tensor) -> dict[str, Any]:
         """The state of the parameter that ``p`` stands for. A hook: ``DistributedKron`` steps
         full-size stand-ins for sharded (DTensor) parameters and keeps state on the parameter."""
-        return self.state[p]
+        return self.state[self._complex_of.get(id(p), p)]
 
     def _init_state(self, group, p, plan, options, probes, hvps) -> dict[str, Any]:
         precond_dtype = torch_dtype(group["precond_dtype"], "precond_dtype") or torch.float32

@@ -31,6 +31,9 @@ def test_unsupported_options_and_parameters_are_rejected(world_of_one):
         DistributedKron(params, preconditioner_type="newton")
     with pytest.raises(ValueError, match="reduce_grads must be True or False; got 'yes'"):
         DistributedKron(params, reduce_grads="yes")
+    complex_params = [torch.nn.Parameter(torch.zeros(3, 3, dtype=torch.complex64))]
+    with pytest.raises(ValueError, match=r"complex parameters \(parameter 0 of group 0, torch"):
+        DistributedKron(complex_params)
     opt = DistributedKron(params)
     with pytest.raises(ValueError, match="not a parameter of this optimizer"):
         opt.owner(torch.zeros(1))

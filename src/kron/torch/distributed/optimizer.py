@@ -138,6 +138,13 @@ class DistributedKron(Kron):
         elif not isinstance(params, set):  # torch rejects sets (unordered) itself
             params = list(params)
         gi = len(self.param_groups)
+        for index, p in enumerate(params):
+            if p.is_complex():
+                raise ValueError(
+                    f"DistributedKron does not support complex parameters (parameter {index} of "
+                    f"group {gi}, {p.dtype}); accepted: real floating-point parameters. Kron "
+                    f"steps complex parameters as their real views."
+                )
         specs = [  # checked before the group is installed, so a bad one leaves no trace
             ShardSpec(p, self._ranks, f"parameter {index} of group {gi} (shape {tuple(p.shape)})")
             if is_dtensor(p)
