@@ -11,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 
-from kron.optax import kron, scale_by_kron
+from kron.optax import kron, quad, scale_by_kron, skew
 from kron.optax.alias import CHAIN_ONLY
 
 # psgdax 0.1.1's parameters in its order, with its defaults (its default update probability is
@@ -143,6 +143,14 @@ def test_unknown_mode_raises_instead_of_falling_back():
         scale_by_kron(preconditioner_mode="Q1EQ1")
     with pytest.raises(ValueError, match="b1 > 0"):
         scale_by_kron(whiten_grad=False, b1=0.0)
+
+
+@pytest.mark.parametrize("make", [lambda: kron(1e-3), quad, skew])
+def test_a_complex_leaf_is_refused_by_name(make):
+    """Stepped, a complex leaf would lose its imaginary part in the real-valued fit."""
+    params = {"b": jnp.zeros(3), "w": jnp.zeros((4, 3), jnp.complex64)}
+    with pytest.raises(ValueError, match=r"complex parameters; got complex64 at \['w'\]"):
+        make().init(params)
 
 
 def test_trains_a_rotated_least_squares_problem():

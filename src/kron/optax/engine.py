@@ -198,6 +198,19 @@ class _NoContext:
         return None
 
 
+def _reject_complex(params: Any) -> None:
+    """Complex leaves would lose their imaginary part in the real-valued fit, so they are refused
+    by name rather than stepped wrongly."""
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        if jnp.iscomplexobj(leaf):
+            raise ValueError(
+                f"kron.optax does not support complex parameters; got {jnp.result_type(leaf)} "
+                f"at {jax.tree_util.keystr(path) or 'the root'}. Accepted: real floating-point "
+                "leaves; keep a complex parameter as its real and imaginary parts, "
+                "jnp.stack([z.real, z.imag], -1)."
+            )
+
+
 def build(config: EngineConfig) -> optax.GradientTransformationExtraArgs:
     """The ``init``/``update`` pair of ``config``. ``update(updates, state, params=None, *,
     value_fn=None)``; Newton type needs ``params`` and ``value_fn(params) -> loss``.
@@ -217,6 +230,7 @@ def build(config: EngineConfig) -> optax.GradientTransformationExtraArgs:
 
     def init_fn(params: Any) -> KronState:
         check_mesh(axis, config.block_axis_size)
+        _reject_complex(params)
         leaves, treedef = jax.tree.flatten(params)
         layouts = leaf_layouts(
             leaves, scanned_flags(config.scanned_layers, params), config.step.layout
