@@ -6,8 +6,9 @@ import pytest
 import torch
 from torch import nn
 
+from kron.core import clip_l2, clip_rms
 from kron.torch import Kron
-from kron.torch.functional import hessian_vector_products
+from kron.torch.functional import OPS, clipper, hessian_vector_products
 
 
 def test_float64_parameters_are_not_rounded_through_float32():
@@ -296,3 +297,20 @@ def test_newton_type_names_a_complex_parameter():
     opt = Kron([z], preconditioner_type="newton")
     with pytest.raises(ValueError, match=r"complex parameters \(parameter 0 of group 0"):
         opt.step(lambda: z.abs().pow(2).sum())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(("spec", "core_clip"), [("rms", clip_rms), ("l2_norm", clip_l2)])
+@pytest.mark.parametrize("scales", [(0.1, 0.2, 0.3), (0.1, 5.0, 0.3), (4.0, 5.0, 6.0)])
+def test_the_update_clip_reading_norms_on_the_host_equals_the_cores(dtype, spec, core_clip, scales):
+    """The CPU fast path reads the norms and skips the multiply when no row is over the limit;
+    rows over it are scaled exactly as the core's clip scales them."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 16, 8, generator=gen, dtype=dtype) * torch.tensor(scales, dtype=dtype).view(
+        -1, 1, 1
+    )
+    limit = 1.1 if spec == "rms" else 11.0
+    expected = core_clip(x, limit, OPS)
+    for read_norms in (True, False):
+        clipped = clipper(spec, limit, in_place=True, read_norms=read_norms)(x.clone())
+        torch.testing.assert_close(clipped, expected, rtol=0, atol=0)

@@ -4,6 +4,7 @@ that other front ends would also need."""
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -84,12 +85,15 @@ def clipper(
     spec: str | Callable[[torch.Tensor], torch.Tensor] | None,
     threshold: float,
     in_place: bool = False,
+    read_norms: bool = False,
 ) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """A per-parameter clip for ``(S, ...)`` tensors from a name in :data:`CLIPPING_NAMES`, a
     callable of one parameter's tensor, or None. The callable may also return a one-element list,
     as heavyball's ``l2_clip_``, ``rmsnorm_clip_`` and ``trust_region_clip_`` do. With ``in_place``
     the named clips except ``"soft"`` overwrite their input (for a temporary the caller owns; on
-    the CPU each fresh large temporary costs page faults)."""
+    the CPU each fresh large temporary costs page faults). ``read_norms`` (in place only, and
+    only where reading a tensor is free: the CPU) lets ``"rms"`` and ``"l2_norm"`` read the
+    norms on the host and leave the input alone when no row exceeds the threshold."""
     if spec is None:
         return None
     if not callable(spec) and not threshold > 0:
@@ -98,11 +102,11 @@ def clipper(
         return lambda x: torch.stack([_one_tensor(spec(item), spec) for item in x.unbind(0)])
     if spec == "rms":
         if in_place:
-            return lambda x: x.mul_(rms_clip_factor(x, threshold, OPS))
+            return lambda x: _shrink_rows_in_place(x, threshold, rms_clip_factor, read_norms, True)
         return lambda x: clip_rms(x, threshold, OPS)
     if spec == "l2_norm":
         if in_place:
-            return lambda x: x.mul_(l2_clip_factor(x, threshold, OPS))
+            return lambda x: _shrink_rows_in_place(x, threshold, l2_clip_factor, read_norms, False)
         return lambda x: clip_l2(x, threshold, OPS)
     if spec == "value":
         if in_place:
@@ -114,6 +118,24 @@ def clipper(
         f"Unknown clipping {spec!r}; accepted: a callable, None, or one of "
         f"{', '.join(CLIPPING_NAMES)}."
     )
+
+
+def _shrink_rows_in_place(
+    x: torch.Tensor, limit: float, factor: Callable, read_norms: bool, per_entry: bool
+) -> torch.Tensor:
+    """``x[s] · min(1, limit / ‖x[s]‖)`` in place, the norm an RMS with ``per_entry`` (the
+    formula of ``factor``, core's ``rms_clip_factor`` or ``l2_clip_factor``). With
+    ``read_norms`` the norms are read on the host and ``x`` is left alone when no row exceeds the
+    limit (the usual case for a whitened update): a pass over ``x`` and five small tensor
+    operations fewer. Otherwise the factor stays on the device (no synchronisation)."""
+    if not read_norms:
+        return x.mul_(factor(x, limit, OPS))
+    norms = torch.linalg.vector_norm(x.reshape(x.shape[0], -1), dim=1)
+    if per_entry:
+        norms = norms / math.sqrt(math.prod(x.shape[1:]))
+    if float(norms.max()) + 1e-12 <= limit:  # every factor would be exactly 1
+        return x
+    return x.mul_(torch.clamp(limit / (norms + 1e-12), max=1.0).view(-1, *[1] * (x.ndim - 1)))
 
 
 def _one_tensor(result: Any, spec: Callable) -> torch.Tensor:

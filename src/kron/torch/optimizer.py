@@ -592,8 +592,14 @@ class Kron(torch.optim.Optimizer):
             new = new._replace(factors=tuple(balance(new.factors, OPS)))
         if group["caution"]:
             y = apply_caution(y, grads)
-        # y is a fresh temporary of the step's, so the named clips may overwrite it.
-        clip_update = clipper(group["update_clipping"], group["update_clip_value"], in_place=True)
+        # y is a fresh temporary of the step's, so the named clips may overwrite it; all_finite
+        # holds only on the CPU (see _gather_gradients), where reading the norms is free.
+        clip_update = clipper(
+            group["update_clipping"],
+            group["update_clip_value"],
+            in_place=True,
+            read_norms=all_finite,
+        )
         if clip_update is not None:
             y = clip_update(y)
         if not all_finite:
