@@ -125,6 +125,9 @@ def optimizers(probability: float) -> dict[str, Callable]:
         ),
         "ours (default)": lambda ps: Kron(ps, preconditioner_update_probability=p),
         "ours (max_skew=1)": lambda ps: Kron(ps, preconditioner_update_probability=p, max_skew=1.0),
+        "ours (cached=False)": lambda ps: Kron(
+            ps, preconditioner_update_probability=p, cached=False
+        ),
     }
 
 
