@@ -18,6 +18,7 @@ from kron.torch import (
     ForeachPurePSGD,
     Kron,
 )
+from kron.torch.functional import state_bytes
 from kron.torch.heavyball_classes import USE_DEFAULT
 
 # heavyball 1.5.0's ForeachPSGDKron.__init__, in order (shared/seeds/004, "ForeachPSGDKron").
@@ -158,7 +159,7 @@ def test_pure_psgd_fits_and_preconditions_the_raw_gradient():
 def test_kron_options_pass_through_and_bad_values_are_named():
     opt = ForeachPSGDKron(make_model().parameters(), seed=7, preconditioner_mode="QUAD")
     assert opt.seed == 7 and opt.param_groups[0]["preconditioner_mode"] == "QUAD"
-    with pytest.raises(TypeError, match="store_triu_as_line"):
+    with pytest.raises(ValueError, match="store_triu_as_line must be True or False; got 'yes'"):
         ForeachPSGDKron(make_model().parameters(), store_triu_as_line="yes")
     with pytest.raises(ValueError, match="memory_save_mode"):
         ForeachPSGDKron(make_model().parameters(), memory_save_mode="sometimes")
@@ -227,3 +228,43 @@ def test_foreach_psgd_kron_trains_as_heavyball_does(seed, monkeypatch):
     )
     ours = digits_losses(ForeachPSGDKron, seed)
     assert abs(ours - theirs) < 0.03 * theirs, (ours, theirs)
+
+
+def test_store_triu_as_line_keeps_triangles_and_changes_no_step():
+    """heavyball's default: Q (upper-triangular under EQ) is kept as the line of its upper
+    triangle between steps, which is lossless, so the run is the square-state run bit for bit."""
+    square = train(lambda ps: heavyball_as_kron(ps, store_triu_as_line=False))
+    lines = train(lambda ps: heavyball_as_kron(ps, store_triu_as_line=True))
+    assert_same_run(square, lines)
+    weight = lines[2].param_groups[0]["params"][0]  # (16, 8): dense factors of 16 and 8
+    assert [tuple(f.shape) for f in lines[2].state[weight]["factors"]] == [(1, 136), (1, 36)]
+    assert state_bytes(lines[2]) < 0.75 * state_bytes(square[2])
+
+
+@pytest.mark.parametrize("resumed_as_lines", [True, False])
+def test_a_checkpoint_of_lines_resumes_either_way(resumed_as_lines, tmp_path):
+    """A checkpoint taken with ``store_triu_as_line`` continues exactly, whether the resumed
+    optimizer packs its factors or not (a square checkpoint likewise loads into either)."""
+    straight = train(lambda ps: heavyball_as_kron(ps, store_triu_as_line=True), steps=8)
+    first = train(lambda ps: heavyball_as_kron(ps, store_triu_as_line=True), steps=4)
+    torch.save(first[2].state_dict(), tmp_path / "opt.pt")
+    model = make_model()
+    with torch.no_grad():
+        for p, saved in zip(model.parameters(), first[0]):
+            p.copy_(saved)
+    opt = heavyball_as_kron(model.parameters(), store_triu_as_line=resumed_as_lines)
+    opt.load_state_dict(torch.load(tmp_path / "opt.pt", weights_only=True))
+    for step in range(4, 8):
+        x = torch.randn(32, 8, generator=torch.Generator().manual_seed(step))
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), (x @ TEACHER).argmax(1)).backward()
+        opt.step()
+    for a, b in zip(model.parameters(), straight[0]):
+        torch.testing.assert_close(a.detach(), b, rtol=0, atol=0)
+
+
+def test_store_triu_as_line_needs_the_triangular_geometry():
+    with pytest.raises(ValueError, match=r"needs preconditioner_mode='EQ'.*got 'Q0\.5EQ1\.5'"):
+        Kron(make_model().parameters(), store_triu_as_line=True)
+    quad = ForeachPSGDKron(make_model().parameters(), preconditioner_mode="QUAD")
+    assert quad.param_groups[0]["store_triu_as_line"] is False

@@ -174,6 +174,30 @@ def stack(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.stack(list(tensors))
 
 
+_TRIU_INDICES: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
+def _triu_indices(n: int, device: torch.device) -> torch.Tensor:
+    key = (n, device)
+    if key not in _TRIU_INDICES:
+        _TRIU_INDICES[key] = torch.triu_indices(n, n, device=device)
+    return _TRIU_INDICES[key]
+
+
+def triu_to_line(square: torch.Tensor) -> torch.Tensor:
+    """The upper triangles of ``(..., n, n)`` matrices, row by row: ``(..., n(n+1)/2)``."""
+    rows, cols = _triu_indices(square.shape[-1], square.device)
+    return square[..., rows, cols]
+
+
+def line_to_triu(line: torch.Tensor, n: int) -> torch.Tensor:
+    """Inverse of :func:`triu_to_line`: ``(..., n(n+1)/2)`` -> upper-triangular ``(..., n, n)``."""
+    rows, cols = _triu_indices(n, line.device)
+    square = line.new_zeros(*line.shape[:-1], n, n)
+    square[..., rows, cols] = line
+    return square
+
+
 def concat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """Concatenate along axis 0 (the single-tensor case is the tensor itself)."""
     return tensors[0] if len(tensors) == 1 else torch.cat(list(tensors))

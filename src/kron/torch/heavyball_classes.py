@@ -18,9 +18,11 @@ with heavyball's defaults and heavyball's rules where ours differ:
   ``consume_grad`` to False to keep them, as in heavyball.
 
 The trust-region default and the schedule are heavyball 3.2.1's (the 1.5 documentation names
-the options but not these values). ``store_triu_as_line`` is accepted and has no effect: Q is
-kept as a square matrix, whose size ``kron.torch.functional.state_bytes`` reports. Any of
-:class:`Kron`'s own keyword options (``seed``, ``compile``, ``nonfinite``, …) may be added.
+the options but not these values). ``store_triu_as_line`` (True by default, as in heavyball)
+keeps each triangular Q as the line of its upper triangle between steps; with a geometry other
+than EQ, given through ``preconditioner_mode``, the factors are not triangular and stay square.
+Any of :class:`Kron`'s own keyword options (``seed``, ``compile``, ``nonfinite``, …) may be
+added.
 """
 
 from __future__ import annotations
@@ -77,8 +79,6 @@ class ForeachPSGDKron(Kron):
         precond_lr: float = 0.1,
         **kron_options: Any,
     ) -> None:
-        if not isinstance(store_triu_as_line, bool):
-            raise TypeError(f"store_triu_as_line must be a bool; got {store_triu_as_line!r}.")
         if update_clipping is USE_DEFAULT:
             update_clipping, clip_value = HEAVYBALL_UPDATE_CLIPPING
             kron_options.setdefault("update_clip_value", clip_value)
@@ -105,6 +105,12 @@ class ForeachPSGDKron(Kron):
             warmup_steps=warmup_steps,
             merge_dims=merge_dims,
             split=split,
+            # Only EQ's factors are triangular; another geometry given here stores them square.
+            store_triu_as_line=(
+                False
+                if store_triu_as_line is True and kron_options["preconditioner_mode"] != "EQ"
+                else store_triu_as_line
+            ),
             foreach=foreach,
             q_dtype=q_dtype,
             stochastic_schedule=stochastic_schedule,

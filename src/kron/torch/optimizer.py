@@ -61,7 +61,7 @@ from kron.torch.options import (
     merge_alias,
     torch_dtype,
 )
-from kron.torch.stacks import StateStacks
+from kron.torch.stacks import StateStacks, pack_triangles, unpack_triangles
 
 DEFAULT_SCHEDULE = exponential_schedule()
 
@@ -107,6 +107,10 @@ class Kron(torch.optim.Optimizer):
       merge_dims: view parameters of more than two axes as their squarest matrix. Default False
         (heavyball's; kron_torch's is True).
       split: cut axes longer than ``max_size_triangular`` into blocks (as ``block_size``).
+      store_triu_as_line: keep each dense factor as the line of its upper triangle between
+        steps, about half its memory, at the cost of unpacking and packing it on every step
+        (heavyball's option; its default is True). Needs ``preconditioner_mode="EQ"``. Default
+        False.
       cached: keep ``P_i = Q_iᵀQ_i``; ``None`` (default) caches once the update probability is
         below 0.5.
       delayed: apply the previous step's P, then fit (heavyball's ``delayed``). Default False.
@@ -164,6 +168,7 @@ class Kron(torch.optim.Optimizer):
         precond_dtype: torch.dtype | str | None = None,
         *,
         split: bool = False,
+        store_triu_as_line: bool = False,
         cached: bool | None = None,
         delayed: bool = False,
         exp_avg_input: bool = True,
@@ -230,6 +235,7 @@ class Kron(torch.optim.Optimizer):
             precond_dtype=precond_dtype,
             merge_dims=merge_dims,
             split=split,
+            store_triu_as_line=store_triu_as_line,
             cached=cached,
             delayed=delayed,
             exp_avg_input=exp_avg_input,
@@ -509,6 +515,8 @@ class Kron(torch.optim.Optimizer):
         state = self._state_for(p)
         state["momentum"] = torch.zeros(p.shape, dtype=mu_dtype, device=p.device)
         state["factors"] = init_factors(plan, scale, like, OPS, options.fit.state_is_p)
+        if group["store_triu_as_line"]:
+            state["factors"] = pack_triangles(state["factors"], plan)
         lipschitz_like = torch.zeros(
             (), dtype=torch.promote_types(precond_dtype, torch.float32), device=p.device
         )
@@ -566,7 +574,9 @@ class Kron(torch.optim.Optimizer):
             grads = grads + group["weight_decay"] * stack([p.detach() for p in params]).to(dtype)
         bucket = (gi, tuple(plan.shape), dtype, grads.device)
         indices = tuple(index for index, _ in members)
-        old = self._stacks.gather(bucket, indices, states, plan.order, dtype)
+        old = unpack_triangles(
+            self._stacks.gather(bucket, indices, states, plan.order, dtype), plan
+        )
         fit_inputs = self._fit_inputs(gi, group, members, plan, dtype, do_fit, probes, hvps)
         step_fn = self._compiled_step(plan, options, do_fit, size, dtype, grads.device)
         count = self._step_counts(states, len(plan.shape), step_fn is kron_step, dtype)
@@ -606,11 +616,15 @@ class Kron(torch.optim.Optimizer):
             new = select_state(finite, new, old, plan.num_blocks, OPS)
             y = y * finite.view(-1, *[1] * len(plan.shape)).to(dtype)
         self._update_params(group, params, y, finite, all_finite)
-        if not group["mars"] and self._stacks.store_in_place(bucket, old, new):
+        packed = group["store_triu_as_line"]
+        if not (group["mars"] or packed) and self._stacks.store_in_place(bucket, old, new):
             self._count_steps(states, finite, all_finite)
             return
         self._write_back(gi, group, members, states, plan, new, clipped_grads, finite, all_finite)
-        self._stacks.remember(bucket, indices, states, new, dtype)
+        if packed:  # the state holds lines, not views of the square stack
+            self._stacks.forget(bucket)
+        else:
+            self._stacks.remember(bucket, indices, states, new, dtype)
 
     @staticmethod
     def _step_counts(states, ndim: int, eager: bool, dtype: torch.dtype) -> torch.Tensor | float:
@@ -730,8 +744,11 @@ class Kron(torch.optim.Optimizer):
         """Store each parameter's slice of the stacked state."""
         nb, step = plan.num_blocks, group["step"]
         self._count_steps(states, finite, all_finite)
+        factors = new.factors
+        if group["store_triu_as_line"]:
+            factors = pack_triangles(factors, plan)
         for s, ((index, _), state) in enumerate(zip(members, states)):
-            state["factors"] = [f[s * nb : (s + 1) * nb] for f in new.factors]
+            state["factors"] = [f[s * nb : (s + 1) * nb] for f in factors]
             state["lipschitz"] = [f[s * nb : (s + 1) * nb] for f in new.lipschitz]
             state["cache"] = [f[s * nb : (s + 1) * nb] for f in new.cache]
             state["momentum"] = stochastic_round(

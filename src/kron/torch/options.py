@@ -35,6 +35,7 @@ RECORD_KEYS = (
     "precond_dtype",
     "merge_dims",
     "split",
+    "store_triu_as_line",
     "delayed",
     "exp_avg_input",
     "gradient_clipping",
@@ -172,6 +173,14 @@ def core_records(group: dict[str, Any]) -> tuple[LayoutOptions, StepOptions]:
         clip_rms=None,
         clip_max=None,
     )
+    packing = group["store_triu_as_line"]
+    if not isinstance(packing, bool):
+        raise ValueError(f"store_triu_as_line must be True or False; got {packing!r}.")
+    if packing and step.fit.geometry != "EQ":
+        raise ValueError(
+            "store_triu_as_line=True needs preconditioner_mode='EQ', the geometry whose dense "
+            f"factors are upper-triangular; got {group['preconditioner_mode']!r}."
+        )
     return layout, step
 
 

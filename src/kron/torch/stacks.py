@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from kron.core import TensorState
-from kron.torch.functional import concat, stack
+from kron.core import Plan, TensorState
+from kron.torch.functional import concat, line_to_triu, stack, triu_to_line
 
 
 def _entries(state: dict[str, Any]) -> tuple:
@@ -30,6 +30,24 @@ def _flat(state: TensorState) -> tuple:
 def _same_entries(state: dict[str, Any], remembered: tuple) -> bool:
     current = _entries(state)
     return len(current) == len(remembered) and all(a is b for a, b in zip(current, remembered))
+
+
+def pack_triangles(factors: tuple, plan: Plan) -> list:
+    """Each dense factor of a stack as the line of its upper triangle (``store_triu_as_line``):
+    ``(S·b, n, n)`` -> ``(S·b, n(n+1)/2)``. Only exact for upper-triangular factors (EQ)."""
+    return [triu_to_line(f) if dense else f for f, dense in zip(factors, plan.dense)]
+
+
+def unpack_triangles(state: TensorState, plan: Plan) -> TensorState:
+    """``state`` with every dense factor that is stored as a line made square again; ``state``
+    itself when none is (a checkpoint may hold either form, whatever the option is now)."""
+    factors = tuple(
+        line_to_triu(f, n) if dense and f.ndim == 2 else f
+        for f, n, dense in zip(state.factors, plan.block_shape, plan.dense)
+    )
+    if all(a is b for a, b in zip(factors, state.factors)):
+        return state
+    return state._replace(factors=factors)
 
 
 class StateStacks:
@@ -48,6 +66,10 @@ class StateStacks:
     def clear(self) -> None:
         """Forget every stack (after ``load_state_dict``, whose tensors are new)."""
         self._remembered.clear()
+
+    def forget(self, bucket: Any) -> None:
+        """Forget one bucket's stack (its state is stored in another form than it is stepped)."""
+        self._remembered.pop(bucket, None)
 
     def gather(
         self, bucket: Any, indices: tuple, states: list[dict], order: int, dtype: torch.dtype
