@@ -97,6 +97,15 @@ def optimizers(probability: float) -> dict[str, Callable]:
     import kron_torch
 
     p = probability
+    as_heavyball = dict(
+        preconditioner_update_probability=p,
+        preconditioner_mode="EQ",
+        max_size_triangular=2048,
+        update_clipping="soft",
+        update_clip_value=1.5,
+        decision_rule="accumulator",
+        cached=p < 0.5,
+    )
     return {
         "AdamW": lambda ps: torch.optim.AdamW(ps, lr=1e-3),
         "kron_torch Kron": lambda ps: kron_torch.Kron(ps, preconditioner_update_probability=p),
@@ -113,15 +122,9 @@ def optimizers(probability: float) -> dict[str, Callable]:
         "heavyball PSGDKron": lambda ps: heavyball.PSGDKron(
             ps, preconditioner_update_probability=p
         ),
-        "ours as heavyball": lambda ps: Kron(
-            ps,
-            preconditioner_update_probability=p,
-            preconditioner_mode="EQ",
-            max_size_triangular=2048,
-            update_clipping="soft",
-            update_clip_value=1.5,
-            decision_rule="accumulator",
-            cached=p < 0.5,
+        "ours as heavyball": lambda ps: Kron(ps, **as_heavyball),
+        "ours as heavyball (store_triu_as_line)": lambda ps: Kron(
+            ps, **as_heavyball, store_triu_as_line=True
         ),
         "ours (default)": lambda ps: Kron(ps, preconditioner_update_probability=p),
         "ours (max_skew=1)": lambda ps: Kron(ps, preconditioner_update_probability=p, max_skew=1.0),

@@ -230,11 +230,14 @@ def test_foreach_psgd_kron_trains_as_heavyball_does(seed, monkeypatch):
     assert abs(ours - theirs) < 0.03 * theirs, (ours, theirs)
 
 
-def test_store_triu_as_line_keeps_triangles_and_changes_no_step():
+@pytest.mark.parametrize("probability", [1.0, 0.3])
+def test_store_triu_as_line_keeps_triangles_and_changes_no_step(probability):
     """heavyball's default: Q (upper-triangular under EQ) is kept as the line of its upper
-    triangle between steps, which is lossless, so the run is the square-state run bit for bit."""
-    square = train(lambda ps: heavyball_as_kron(ps, store_triu_as_line=False))
-    lines = train(lambda ps: heavyball_as_kron(ps, store_triu_as_line=True))
+    triangle between steps, which is lossless, so the run is the square-state run bit for bit,
+    with steps that fit and steps that leave the stored lines as they are."""
+    options = dict(preconditioner_update_probability=probability)
+    square = train(lambda ps: heavyball_as_kron(ps, store_triu_as_line=False, **options), 12)
+    lines = train(lambda ps: heavyball_as_kron(ps, store_triu_as_line=True, **options), 12)
     assert_same_run(square, lines)
     weight = lines[2].param_groups[0]["params"][0]  # (16, 8): dense factors of 16 and 8
     assert [tuple(f.shape) for f in lines[2].state[weight]["factors"]] == [(1, 136), (1, 36)]

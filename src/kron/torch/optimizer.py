@@ -620,7 +620,9 @@ class Kron(torch.optim.Optimizer):
         if not (group["mars"] or packed) and self._stacks.store_in_place(bucket, old, new):
             self._count_steps(states, finite, all_finite)
             return
-        self._write_back(gi, group, members, states, plan, new, clipped_grads, finite, all_finite)
+        self._write_back(
+            gi, group, members, states, plan, old, new, clipped_grads, finite, all_finite
+        )
         if packed:  # the state holds lines, not views of the square stack
             self._stacks.forget(bucket)
         else:
@@ -740,15 +742,27 @@ class Kron(torch.optim.Optimizer):
         skipped = [state["skipped"] for state in states]
         torch._foreach_add_(skipped, list((~finite).to(skipped[0].dtype).unbind(0)))
 
-    def _write_back(self, gi, group, members, states, plan, new, clipped_grads, finite, all_finite):
+    def _write_back(
+        self, gi, group, members, states, plan, old, new, clipped_grads, finite, all_finite
+    ):
         """Store each parameter's slice of the stacked state."""
         nb, step = plan.num_blocks, group["step"]
         self._count_steps(states, finite, all_finite)
         factors = new.factors
         if group["store_triu_as_line"]:
-            factors = pack_triangles(factors, plan)
+            # A factor the step left as it was is still in the stored lines: no packing.
+            stored = states[0]["factors"]
+            unchanged = tuple(
+                i
+                for i, (f, g) in enumerate(zip(new.factors, old.factors))
+                if f is g and stored[i].ndim == f.ndim - plan.dense[i]
+            )
+            factors = pack_triangles(factors, plan, unchanged)
         for s, ((index, _), state) in enumerate(zip(members, states)):
-            state["factors"] = [f[s * nb : (s + 1) * nb] for f in factors]
+            state["factors"] = [
+                state["factors"][i] if f is None else f[s * nb : (s + 1) * nb]
+                for i, f in enumerate(factors)
+            ]
             state["lipschitz"] = [f[s * nb : (s + 1) * nb] for f in new.lipschitz]
             state["cache"] = [f[s * nb : (s + 1) * nb] for f in new.cache]
             state["momentum"] = stochastic_round(

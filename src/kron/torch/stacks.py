@@ -32,10 +32,15 @@ def _same_entries(state: dict[str, Any], remembered: tuple) -> bool:
     return len(current) == len(remembered) and all(a is b for a, b in zip(current, remembered))
 
 
-def pack_triangles(factors: tuple, plan: Plan) -> list:
+def pack_triangles(factors: tuple, plan: Plan, unchanged: tuple = ()) -> list:
     """Each dense factor of a stack as the line of its upper triangle (``store_triu_as_line``):
-    ``(S·b, n, n)`` -> ``(S·b, n(n+1)/2)``. Only exact for upper-triangular factors (EQ)."""
-    return [triu_to_line(f) if dense else f for f, dense in zip(factors, plan.dense)]
+    ``(S·b, n, n)`` -> ``(S·b, n(n+1)/2)``. Only exact for upper-triangular factors (EQ). A factor
+    whose index is in ``unchanged`` is None instead: the stored line still holds it (a step
+    without a fit leaves the factors as they were)."""
+    return [
+        None if i in unchanged else triu_to_line(f) if dense else f
+        for i, (f, dense) in enumerate(zip(factors, plan.dense))
+    ]
 
 
 def unpack_triangles(state: TensorState, plan: Plan) -> TensorState:
