@@ -212,12 +212,14 @@ def markdown(rows: list[dict]) -> str:
     for (model, probability), by_name in cells.items():
         peers = [by_name[n]["ms_per_step"] for n in PEERS if n in by_name]
         peer = min(peers) if peers else math.nan
-        adamw = by_name["AdamW"]["ms_per_step"]
+        adamw = by_name["AdamW"]["ms_per_step"] if "AdamW" in by_name else math.nan
         for name, row in by_name.items():
             ms = row["ms_per_step"]
+            versus_peer = "–" if math.isnan(peer) else f"{ms / peer:.2f}"
+            versus_adamw = "–" if math.isnan(adamw) else f"{ms / adamw:.1f}"
             line = (
-                f"| {model} | {probability:g} | {name} | {ms:.2f} | {ms / peer:.2f} | "
-                f"{ms / adamw:.1f} | {row['state_bytes'] / 2**20:.2f} |"
+                f"| {model} | {probability:g} | {name} | {ms:.2f} | {versus_peer} | "
+                f"{versus_adamw} | {row['state_bytes'] / 2**20:.2f} |"
             )
             if with_peak:
                 line += f" {row['step_peak_bytes'] / 2**20:.2f} |"
