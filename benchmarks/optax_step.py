@@ -131,9 +131,11 @@ def measure(args: argparse.Namespace) -> list[dict]:
     rows = []
     rng = np.random.default_rng(0)
     for model_name, (params0, loss, width, scanned) in models().items():
+        if args.models and model_name not in args.models:
+            continue
         x = jnp.asarray(rng.standard_normal((BATCH, width)), jnp.float32)
         y = jnp.asarray(rng.integers(0, 10, BATCH))
-        for probability in (1.0, 0.03):
+        for probability in args.probabilities:
             runs: dict[str, dict] = {}
             # Each optimizer's step is compiled afresh ``--compiles`` times, in turn across the
             # optimizers, and the shortest time is kept: one compile varies by ±20 % with load.
@@ -216,6 +218,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--compiles", type=int, default=2)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--models", nargs="+", default=None, help="model names (default: all)")
+    parser.add_argument("--probabilities", nargs="+", type=float, default=[1.0, 0.03])
     args = parser.parse_args()
     rows = measure(args)
     print(table(rows))
