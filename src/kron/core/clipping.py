@@ -7,19 +7,26 @@ import math
 from typing import Any
 
 
-def _norm(y: Any, ops: Any) -> Any:
+def norm_per_parameter(y: Any, ops: Any) -> Any:
     """The L2 norm of each ``y[s]``, shaped to broadcast against ``y``."""
     axes = tuple(range(1, len(y.shape)))
     return ops.norm(y, axis=axes, keepdims=True) if axes else ops.abs(y)
 
 
-def _rms(y: Any, ops: Any) -> Any:
-    return _norm(y, ops) / math.sqrt(math.prod(y.shape[1:]))
+def rms_per_parameter(y: Any, ops: Any) -> Any:
+    """The RMS of each ``y[s]``, shaped to broadcast against ``y``."""
+    return norm_per_parameter(y, ops) / math.sqrt(math.prod(y.shape[1:]))
+
+
+def shrink_factor(size: Any, limit: float, ops: Any) -> Any:
+    """``min(1, limit / size)``: what scales a tensor of ``size`` (its norm or RMS) down to
+    ``limit`` and leaves a smaller one alone."""
+    return ops.minimum(limit / (size + 1e-12), 1.0)
 
 
 def rms_clip_factor(y: Any, max_rms: float, ops: Any) -> Any:
     """``min(1, max_rms / RMS(y[s]))`` per leading index, shaped to broadcast against ``y``."""
-    return ops.minimum(max_rms / (_rms(y, ops) + 1e-12), 1.0)
+    return shrink_factor(rms_per_parameter(y, ops), max_rms, ops)
 
 
 def clip_rms(y: Any, max_rms: float, ops: Any) -> Any:
@@ -41,7 +48,7 @@ def soft_clip(y: Any, ops: Any, scale: float = 1.5, lerp: float = 0.9) -> Any:
 
 def l2_clip_factor(y: Any, max_norm: float, ops: Any) -> Any:
     """``min(1, max_norm / ‖y[s]‖₂)`` per leading index, shaped to broadcast against ``y``."""
-    return ops.minimum(max_norm / (_norm(y, ops) + 1e-12), 1.0)
+    return shrink_factor(norm_per_parameter(y, ops), max_norm, ops)
 
 
 def clip_l2(y: Any, max_norm: float, ops: Any) -> Any:

@@ -4,7 +4,6 @@ that other front ends would also need."""
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -17,8 +16,9 @@ from kron.core import (
     clip_l2,
     clip_rms,
     get_ops,
-    l2_clip_factor,
-    rms_clip_factor,
+    norm_per_parameter,
+    rms_per_parameter,
+    shrink_factor,
     soft_clip,
 )
 
@@ -102,11 +102,11 @@ def clipper(
         return lambda x: torch.stack([_one_tensor(spec(item), spec) for item in x.unbind(0)])
     if spec == "rms":
         if in_place:
-            return lambda x: _shrink_rows_in_place(x, threshold, rms_clip_factor, read_norms, True)
+            return lambda x: _shrink_rows_in_place(x, threshold, rms_per_parameter, read_norms)
         return lambda x: clip_rms(x, threshold, OPS)
     if spec == "l2_norm":
         if in_place:
-            return lambda x: _shrink_rows_in_place(x, threshold, l2_clip_factor, read_norms, False)
+            return lambda x: _shrink_rows_in_place(x, threshold, norm_per_parameter, read_norms)
         return lambda x: clip_l2(x, threshold, OPS)
     if spec == "value":
         if in_place:
@@ -121,21 +121,16 @@ def clipper(
 
 
 def _shrink_rows_in_place(
-    x: torch.Tensor, limit: float, factor: Callable, read_norms: bool, per_entry: bool
+    x: torch.Tensor, limit: float, size_of: Callable, read_norms: bool
 ) -> torch.Tensor:
-    """``x[s] · min(1, limit / ‖x[s]‖)`` in place, the norm an RMS with ``per_entry`` (the
-    formula of ``factor``, core's ``rms_clip_factor`` or ``l2_clip_factor``). With
-    ``read_norms`` the norms are read on the host and ``x`` is left alone when no row exceeds the
-    limit (the usual case for a whitened update): a pass over ``x`` and five small tensor
-    operations fewer. Otherwise the factor stays on the device (no synchronisation)."""
-    if not read_norms:
-        return x.mul_(factor(x, limit, OPS))
-    norms = torch.linalg.vector_norm(x.reshape(x.shape[0], -1), dim=1)
-    if per_entry:
-        norms = norms / math.sqrt(math.prod(x.shape[1:]))
-    if float(norms.max()) + 1e-12 <= limit:  # every factor would be exactly 1
+    """``x[s] · shrink_factor(size_of(x[s]), limit)`` in place (``size_of`` is core's
+    ``rms_per_parameter`` or ``norm_per_parameter``). With ``read_norms`` the factors are read on
+    the host and ``x`` is left alone when all of them are 1 (the usual case for a whitened
+    update): a full pass over ``x`` fewer. Otherwise nothing is read (no synchronisation)."""
+    factor = shrink_factor(size_of(x, OPS), limit, OPS)
+    if read_norms and float(factor.min()) == 1.0:
         return x
-    return x.mul_(torch.clamp(limit / (norms + 1e-12), max=1.0).view(-1, *[1] * (x.ndim - 1)))
+    return x.mul_(factor)
 
 
 def _one_tensor(result: Any, spec: Callable) -> torch.Tensor:
