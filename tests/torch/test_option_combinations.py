@@ -86,7 +86,7 @@ def test_every_combination_is_refused_by_name_or_trains_and_resumes_exactly(opti
     try:
         Kron([torch.zeros(1, requires_grad=True)], **options)
     except ValueError as refused:  # a combination the options do not allow, named
-        assert str(refused)
+        assert any(name in str(refused) for name in options), refused
         event("refused")
         return
     event("trained")
