@@ -95,3 +95,19 @@ def check_options_table():
         assert wrong == {}, f"{page}: (documented, actual) defaults differ"
 
     return check
+
+
+def refused_by_name(build, options: dict) -> bool:
+    """Whether ``build(**options)`` refuses the combination with a ``ValueError``, which must name
+    one of the options given. For the property tests over option combinations; records the
+    outcome as a hypothesis event (``--hypothesis-show-statistics``)."""
+    from hypothesis import event
+
+    try:
+        build(**options)
+    except ValueError as refused:
+        assert any(name in str(refused) for name in options), refused
+        event("refused")
+        return True
+    event("accepted")
+    return False
