@@ -108,9 +108,9 @@ class Kron(torch.optim.Optimizer):
         (heavyball's; kron_torch's is True).
       split: cut axes longer than ``max_size_triangular`` into blocks (as ``block_size``).
       store_triu_as_line: keep each dense factor as the line of its upper triangle between
-        steps, about half its memory, at the cost of unpacking and packing it on every step
-        (heavyball's option; its default is True). Needs ``preconditioner_mode="EQ"``. Default
-        False.
+        steps, about half its memory, at the cost of unpacking it on every step and packing it
+        after each fit (heavyball's option; its default is True). Needs
+        ``preconditioner_mode="EQ"``. Default False.
       cached: keep ``P_i = Q_iᵀQ_i``; ``None`` (default) caches once the update probability is
         below 0.5.
       delayed: apply the previous step's P, then fit (heavyball's ``delayed``). Default False.
