@@ -9,6 +9,7 @@ import os
 import pytest
 import torch
 from tests.torch._compiled_step import run_training_step
+from tests.torch._device_path import EVERY_STEP_BRANCH
 from torch import nn
 
 from kron.core import GEOMETRIES
@@ -114,14 +115,7 @@ def test_newton_steps_follow_the_cpu_trajectory(cpu_noise):
 @pytest.mark.cuda_only
 def test_step_never_synchronises_with_the_host():
     model = make_model(DEVICE)
-    opt = Kron(
-        model.parameters(),
-        preconditioner_update_probability=0.3,
-        stochastic_schedule=True,
-        mars=True,
-        caution=True,
-        gradient_clipping="rms",
-    )
+    opt = Kron(model.parameters(), preconditioner_update_probability=0.3, **EVERY_STEP_BRANCH)
     # Compile outside the checked region (compiling may synchronise): the step exists in two
     # variants, with and without a fit (key index 2), and the random schedule decides which
     # steps fit, so warm up until both have been compiled.

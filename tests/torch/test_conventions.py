@@ -13,6 +13,7 @@ from torch import nn
 from kron.torch import Kron
 
 from ._compiled_step import run_training_step
+from ._device_path import EVERY_STEP_BRANCH
 
 
 def make_model(seed: int = 0, dtype=torch.float32) -> nn.Module:
@@ -605,15 +606,7 @@ def test_the_device_path_reads_nothing_back_to_the_host(monkeypatch):
     cpu_only = {"_gather_gradients", "_step_counts"}
     take_the_device_path(monkeypatch)
     model = make_model()
-    opt = Kron(
-        model.parameters(),
-        preconditioner_update_probability=0.5,
-        stochastic_schedule=True,
-        mars=True,
-        caution=True,
-        gradient_clipping="rms",
-        weight_decay=1e-2,
-    )
+    opt = Kron(model.parameters(), preconditioner_update_probability=0.5, **EVERY_STEP_BRANCH)
     train(model, opt, 2)
     reads = []
     stepping = [False]
