@@ -2,8 +2,9 @@
 
 psgdax's contract: :func:`kron`, :func:`scale_by_kron` (and :func:`kron_partition_specs`, the
 specs of their state on a mesh). eformer's: :func:`quad`, :func:`skew`, :func:`scale_by_quad`,
-:func:`scale_by_skew`, :func:`get_opt_state_partition_specs`. All share one state type,
-:class:`KronState`. Importing this module creates no device arrays.
+:func:`scale_by_skew`, :func:`get_opt_state_partition_specs`, and its state records
+:class:`DenseState` and :class:`LeafState` through :func:`white_kron_states`. All share one state
+type, :class:`KronState`. Importing this module creates no device arrays.
 """
 
 from kron.optax.alias import kron, kron_partition_specs, static_args
@@ -16,9 +17,12 @@ from kron.optax.quad_skew import (
 )
 from kron.optax.state import KronState, leaf_key
 from kron.optax.transform import scale_by_kron
+from kron.optax.white_kron_state import DenseState, LeafState, white_kron_states
 
 __all__ = [
+    "DenseState",
     "KronState",
+    "LeafState",
     "get_opt_state_partition_specs",
     "kron",
     "kron_partition_specs",
@@ -29,4 +33,5 @@ __all__ = [
     "scale_by_skew",
     "skew",
     "static_args",
+    "white_kron_states",
 ]

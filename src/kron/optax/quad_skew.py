@@ -46,6 +46,19 @@ def annealed_precond_lr(initial: float) -> Callable[[jax.Array], jax.Array]:
     return schedule
 
 
+def white_kron_layout(max_size_dense: int, block_size: int) -> LayoutOptions:
+    """eformer's layout: leaves merged to their squarest 2-D view and tiled into
+    ``block_size`` blocks; an axis longer than ``max_size_dense``, or any axis of a leaf with
+    fewer than 2 axes, gets a diagonal factor."""
+    return LayoutOptions(
+        max_size=max_size_dense,
+        max_skew=math.inf,
+        min_ndim_dense=2,
+        merge_dims=True,
+        block_size=block_size,
+    )
+
+
 def _scale_by_white_kron(
     geometry: str,
     lr_style: str | None,
@@ -68,13 +81,7 @@ def _scale_by_white_kron(
     if dtype not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32), jnp.dtype(jnp.float64)):
         raise ValueError(f"dtype must be bfloat16, float32 or float64; got {dtype.name}.")
     step = StepOptions(
-        layout=LayoutOptions(
-            max_size=max_size_dense,
-            max_skew=math.inf,
-            min_ndim_dense=2,
-            merge_dims=True,
-            block_size=block_size,
-        ),
+        layout=white_kron_layout(max_size_dense, block_size),
         fit=FitOptions(
             geometry=geometry,
             beta_lipschitz=BETA_LIPSCHITZ,
@@ -252,4 +259,5 @@ __all__ = [
     "scale_by_quad",
     "scale_by_skew",
     "skew",
+    "white_kron_layout",
 ]

@@ -80,45 +80,51 @@ class KronState(NamedTuple):
     def to_json(self, **kwargs: Any) -> str:
         """The state as JSON; ``kwargs`` go to :func:`json.dumps`."""
         return json.dumps(
-            {name: _encode(value) for name, value in self.to_dict().items()}, **kwargs
+            {name: json_value(value) for name, value in self.to_dict().items()}, **kwargs
         )
 
     @classmethod
     def from_json(cls, text: str) -> KronState:
         """Inverse of :meth:`to_json`."""
-        return cls.from_dict({name: _decode(value) for name, value in json.loads(text).items()})
+        return cls.from_dict(
+            {name: from_json_value(value) for name, value in json.loads(text).items()}
+        )
 
 
-def _encode(value: Any) -> Any:
+def json_value(value: Any) -> Any:
+    """``value`` (nested dicts, lists, tuples, NumPy arrays and Python scalars) as JSON-ready
+    containers; arrays keep their dtype and shape, tuples stay tuples."""
     if isinstance(value, np.ndarray):
         return {_ARRAY: value.tolist(), "dtype": value.dtype.name, "shape": list(value.shape)}
     if isinstance(value, tuple):
-        return {_TUPLE: [_encode(v) for v in value]}
+        return {_TUPLE: [json_value(v) for v in value]}
     if isinstance(value, list):
-        return [_encode(v) for v in value]
+        return [json_value(v) for v in value]
     if isinstance(value, dict):
         if not all(isinstance(k, str) for k in value):
             raise TypeError(f"to_json needs string dict keys; got keys {list(value)!r}.")
-        return {k: _encode(v) for k, v in value.items()}
-    if value is None:
-        return None
+        return {k: json_value(v) for k, v in value.items()}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
     raise TypeError(
-        f"to_json handles dicts, lists, tuples, None and arrays; got {type(value).__name__}. "
+        "to_json handles dicts, lists, tuples, arrays, None and Python scalars; got "
+        f"{type(value).__name__}. "
         "Use to_dict with a pickle-based store for custom pytree nodes."
     )
 
 
-def _decode(value: Any) -> Any:
+def from_json_value(value: Any) -> Any:
+    """Inverse of :func:`json_value`; arrays come back as NumPy arrays."""
     if isinstance(value, dict) and _ARRAY in value:
         dtype = jnp.dtype(value["dtype"])
         return np.asarray(value[_ARRAY], dtype=dtype).reshape(value["shape"])
     if isinstance(value, dict) and _TUPLE in value:
-        return tuple(_decode(v) for v in value[_TUPLE])
+        return tuple(from_json_value(v) for v in value[_TUPLE])
     if isinstance(value, dict):
-        return {k: _decode(v) for k, v in value.items()}
+        return {k: from_json_value(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_decode(v) for v in value]
+        return [from_json_value(v) for v in value]
     return value
 
 
-__all__ = ["KronState", "leaf_key"]
+__all__ = ["KronState", "from_json_value", "json_value", "leaf_key"]
