@@ -9,6 +9,10 @@ seed's final value.
 
     python benchmarks/logistic_settings.py --seeds 3
     python benchmarks/logistic_settings.py --variants default cosine --steps 5000
+    python benchmarks/logistic_settings.py --variants default --problem centred
+
+``--problem`` changes the problem instead: ``centred`` subtracts the mean input (f* recomputed),
+``bias_row`` folds the bias into W as a 65th input row of ones (one 65×10 parameter, same f*).
 """
 
 from __future__ import annotations
@@ -19,8 +23,9 @@ import statistics
 from concurrent.futures import ProcessPoolExecutor
 
 import torch
+import torch.nn.functional as F
 
-from kron.bench.tasks.digits import RotatedLogistic
+from kron.bench.tasks.digits import RotatedLogistic, newton_minimizer
 from kron.torch import Kron
 
 NEWTON = dict(
@@ -49,11 +54,42 @@ VARIANTS = {
 REPORT_EVERY = 500
 
 
-def excess_losses(variant: str, seed: int, steps: int) -> tuple[list[float], float]:
+class CentredLogistic(RotatedLogistic):
+    """The suite's problem with the mean input subtracted."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__(seed)
+        self.x = self.x - self.x.mean(dim=0)
+        self.f_star = newton_minimizer(self.x, self.y, self.l2)[0]
+
+
+class BiasRowLogistic(RotatedLogistic):
+    """The suite's problem with W and b as one 65×10 parameter over inputs ``[x, 1]``."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__(seed)
+        self.weights = torch.zeros(65, 10, dtype=torch.float64, requires_grad=True)
+        self.parameters = [self.weights]
+
+    def loss(self, step: int) -> torch.Tensor:
+        w, b = self.weights[:-1], self.weights[-1]
+        return F.cross_entropy(self.x @ w + b, self.y) + 0.5 * self.l2 * w.pow(2).sum()
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        return {"excess_loss": self.loss(0).item() - self.f_star}
+
+
+PROBLEMS = {"suite": RotatedLogistic, "centred": CentredLogistic, "bias_row": BiasRowLogistic}
+
+
+def excess_losses(
+    variant: str, seed: int, steps: int, problem_name: str = "suite"
+) -> tuple[list[float], float]:
     """``f − f*`` after every ``REPORT_EVERY`` steps of one run, and the final RMS of W."""
     torch.set_num_threads(1)
     _, cls, options, cosine = VARIANTS[variant]
-    problem = RotatedLogistic(seed)
+    problem = PROBLEMS[problem_name](seed)
     if cls is Kron:
         options = {"seed": seed, **options}
     opt = cls(problem.parameters, **options)
@@ -74,7 +110,8 @@ def excess_losses(variant: str, seed: int, steps: int) -> tuple[list[float], flo
             schedule.step()
         if step % REPORT_EVERY == 0:
             reported.append(problem.evaluate()["excess_loss"])
-    return reported, problem.w.detach().pow(2).mean().sqrt().item()
+    weights = problem.parameters[0][:64]  # W; BiasRowLogistic's 65th row is b
+    return reported, weights.detach().pow(2).mean().sqrt().item()
 
 
 def main() -> None:
@@ -82,11 +119,12 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    parser.add_argument("--problem", choices=list(PROBLEMS), default="suite")
     parser.add_argument("--jobs", type=int, default=2, help="processes (one torch thread each)")
     args = parser.parse_args()
     cells = [(v, s) for v in args.variants for s in range(args.seeds)]
     with ProcessPoolExecutor(args.jobs) as pool:
-        jobs = [(v, s, args.steps) for v, s in cells]
+        jobs = [(v, s, args.steps, args.problem) for v, s in cells]
         runs = dict(zip(cells, pool.map(excess_losses, *zip(*jobs))))
     marks = range(REPORT_EVERY, args.steps + 1, REPORT_EVERY)
     seeds = range(args.seeds)

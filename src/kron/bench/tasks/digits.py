@@ -51,7 +51,7 @@ class RotatedLogistic:
         self.parameters = [self.w, self.b]
         key = (seed, self.l2)
         if key not in _F_STAR:
-            _F_STAR[key] = _newton_minimum(self.x, self.y, self.l2)
+            _F_STAR[key] = newton_minimizer(self.x, self.y, self.l2)[0]
         self.f_star = _F_STAR[key]
 
     def _f(self, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -65,18 +65,31 @@ class RotatedLogistic:
         return {"excess_loss": self._f(self.w, self.b).item() - self.f_star}
 
 
-def _newton_minimum(x: torch.Tensor, y: torch.Tensor, l2: float) -> float:
-    """Minimum of the regularised softmax loss by Newton's method with backtracking (float64).
+def softmax_hessian(x: torch.Tensor, wt: torch.Tensor, l2: float) -> torch.Tensor:
+    """Hessian of the regularised softmax loss at ``W̃ = [W; b]`` (``(d + 1) × 10``) for inputs
+    ``x`` (``n × d``): ``mean_n (x̃ₙx̃ₙᵀ) ⊗ (diag pₙ − pₙpₙᵀ)`` plus ``l2`` on the W block, with
+    ``x̃ = [x, 1]``; ``(10(d + 1), 10(d + 1))``, row-major in W̃. Assembled in closed form, which
+    is far cheaper than 650 autograd passes."""
+    xt = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], dim=1)
+    n, d = xt.shape
+    p = torch.softmax(xt @ wt, dim=1)
+    curv = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+    outer = (xt[:, :, None] * xt[:, None, :]).reshape(n, d * d)
+    hess = (outer.T @ curv.reshape(n, 100)).view(d, d, 10, 10).permute(0, 2, 1, 3)
+    hess = hess.reshape(d * 10, d * 10) / n
+    decay = torch.ones(d, 10, dtype=x.dtype)
+    decay[-1] = 0.0  # no penalty on the bias row
+    return hess + torch.diag(l2 * decay.reshape(-1))
 
-    Works on W̃ = [W; b] (65×10) with inputs x̃ = [x, 1]; the Hessian is assembled in closed form,
-    H = mean_n (x̃ₙx̃ₙᵀ) ⊗ (diag pₙ − pₙpₙᵀ) + l2 on the W block, which is far cheaper than 650
-    autograd passes.
-    """
+
+def newton_minimizer(x: torch.Tensor, y: torch.Tensor, l2: float) -> tuple[float, torch.Tensor]:
+    """Minimum of the regularised softmax loss and its minimiser ``W̃ = [W; b]`` (65×10), by
+    Newton's method with backtracking (float64)."""
     xt = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], dim=1)
     n, d = xt.shape
     onehot = F.one_hot(y, 10).to(x.dtype)
     decay = torch.ones(d, 1, dtype=x.dtype)
-    decay[-1] = 0.0  # no penalty on the bias row
+    decay[-1] = 0.0
 
     def f(wt: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(xt @ wt, y) + 0.5 * l2 * (decay * wt.pow(2)).sum()
@@ -85,13 +98,8 @@ def _newton_minimum(x: torch.Tensor, y: torch.Tensor, l2: float) -> float:
     for _ in range(100):
         p = torch.softmax(xt @ wt, dim=1)
         grad = xt.T @ (p - onehot) / n + l2 * decay * wt
-        curv = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
-        outer = (xt[:, :, None] * xt[:, None, :]).reshape(n, d * d)
-        hess = (outer.T @ curv.reshape(n, 100)).view(d, d, 10, 10).permute(0, 2, 1, 3)
-        hess = hess.reshape(d * 10, d * 10) / n
-        hess += torch.diag((l2 * decay).expand(d, 10).reshape(-1))
         # The bias direction along 1 is flat (softmax is shift invariant): tiny damping.
-        hess += 1e-12 * torch.eye(d * 10, dtype=x.dtype)
+        hess = softmax_hessian(x, wt, l2) + 1e-12 * torch.eye(d * 10, dtype=x.dtype)
         direction = torch.linalg.solve(hess, grad.reshape(-1)).view(d, 10)
         value, t = f(wt), 1.0
         while f(wt - t * direction) > value and t > 1e-8:
@@ -99,7 +107,7 @@ def _newton_minimum(x: torch.Tensor, y: torch.Tensor, l2: float) -> float:
         wt = wt - t * direction
         if grad.abs().max() < 1e-13:
             break
-    return f(wt).item()
+    return f(wt).item(), wt
 
 
 class DigitsAutoencoder:
