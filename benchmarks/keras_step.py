@@ -3,7 +3,9 @@
 Each backend runs in its own process (Keras picks its backend at import). For each model and
 optimizer the script compiles the model (each backend's default: XLA on TensorFlow, ``jax.jit`` on
 JAX, eager PyTorch), fits once to warm up (compilation included), then times ``model.fit`` over
-windows of whole preconditioner periods and reports the median time per step.
+windows of whole preconditioner periods and reports the median time per step. The data are the
+same random arrays everywhere; TensorFlow gets them as a dataset without tf.data's autotuning
+(see ``_dataset_without_autotune``).
 
     .venv/bin/python benchmarks/keras_step.py --json benchmarks/results/keras_step_cpu.json
     .venv/bin/python benchmarks/keras_step.py --markdown-from benchmarks/results/keras_step_cpu.json
@@ -66,14 +68,18 @@ def time_fit(model_name: str, optimizer_name: str, probability: float, windows: 
     model.compile(
         optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     )
-    fit = dict(batch_size=batch, epochs=1, verbose=0, shuffle=False)
+    if keras.backend.backend() == "tensorflow":
+        fit = dict(x=_dataset_without_autotune(x, y, batch))
+    else:
+        fit = dict(x=x, y=y, batch_size=batch)
+    fit.update(epochs=1, verbose=0, shuffle=False)
     start = time.perf_counter()
-    model.fit(x, y, **fit)  # warm-up: compilation and the first window
+    model.fit(**fit)  # warm-up: compilation and the first window
     warmup = time.perf_counter() - start
     times = []
     for _ in range(windows):
         start = time.perf_counter()
-        model.fit(x, y, **fit)
+        model.fit(**fit)
         times.append((time.perf_counter() - start) / steps)
     return {
         "model": model_name,
@@ -82,6 +88,21 @@ def time_fit(model_name: str, optimizer_name: str, probability: float, windows: 
         "ms_per_step": 1e3 * sorted(times)[len(times) // 2],
         "warmup_s": warmup,
     }
+
+
+def _dataset_without_autotune(x, y, batch: int):
+    """``(x, y)`` in batches as a ``tf.data.Dataset`` with tf.data's autotuning off.
+
+    Keras turns NumPy arrays into an autotuned dataset, and on these 2 cores some ``fit`` calls
+    of Kron's then end with a stall of about 0.5 s (the "slow mode" in benchmarks/RESULTS.md):
+    once per call, so it is not a cost of the step, yet it adds about 7.5 ms to each of a
+    window's 68 steps. Without autotuning no call stalls, and Adam's steps are faster too.
+    """
+    import tensorflow as tf
+
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return tf.data.Dataset.from_tensor_slices((x, y)).batch(batch).with_options(options)
 
 
 def run_backend(windows: int) -> list[dict]:
