@@ -10,6 +10,10 @@ at. Every variant names its fitting target, so its rows do not move when the def
 
     python benchmarks/xor_settings.py --length 32 --seeds 5
     python benchmarks/xor_settings.py --length 64 --variants b0 p1_b0
+    python benchmarks/xor_settings.py --trace 1 --variants gradient --lr 3e-3 --steps 3000
+
+``--trace SEED`` runs that seed alone and prints, every 500 steps, the mean loss and the size of
+the weights: the recurrent matrix's spectral norm and the input and readout weights' RMS.
 """
 
 from __future__ import annotations
@@ -57,6 +61,29 @@ def steps_to_target(length: int, seed: int, variant: str, budget: int, lr: float
     return None
 
 
+def trace(length: int, seed: int, variant: str, budget: int, lr: float) -> None:
+    """Print the loss and the weights' sizes every 500 steps of one run."""
+    torch.set_num_threads(1)
+    problem = DelayedXor(seed, length)
+    opt = Kron(problem.parameters, lr=lr, seed=seed, **VARIANTS[variant][1])
+    rnn, readout, losses = problem.net.rnn, problem.net.readout, []
+    for step in range(budget):
+        opt.zero_grad()
+        loss = problem.loss(step)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        if (step + 1) % 500 == 0:
+            print(
+                f"{VARIANTS[variant][0]}, lr {lr:g}, seed {seed}, step {step + 1}: "
+                f"loss {sum(losses[-500:]) / 500:.3f}, "
+                f"‖W_hh‖₂ {torch.linalg.matrix_norm(rnn.weight_hh_l0.detach(), 2):.2f}, "
+                f"RMS W_ih {rnn.weight_ih_l0.detach().pow(2).mean().sqrt():.2f}, "
+                f"RMS readout {readout.weight.detach().pow(2).mean().sqrt():.2f}",
+                flush=True,
+            )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--length", type=int, default=32)
@@ -71,7 +98,12 @@ def main() -> None:
     )
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     parser.add_argument("--jobs", type=int, default=2, help="processes (one torch thread each)")
+    parser.add_argument("--trace", type=int, metavar="SEED", help="trace one seed's weights")
     args = parser.parse_args()
+    if args.trace is not None:
+        for variant in args.variants:
+            trace(args.length, args.trace, variant, args.steps, args.lr)
+        return
     cells = [(v, s) for v in args.variants for s in range(args.seeds)]
     with ProcessPoolExecutor(args.jobs) as pool:
         jobs = [(args.length, s, v, args.steps, args.lr) for v, s in cells]
