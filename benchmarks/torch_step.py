@@ -28,7 +28,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from kron.torch import Kron
+from kron.torch import KRON_TORCH_OPTIONS, Kron
 from kron.torch.functional import state_bytes
 
 
@@ -110,14 +110,7 @@ def optimizers(probability: float) -> dict[str, Callable]:
         "AdamW": lambda ps: torch.optim.AdamW(ps, lr=1e-3),
         "kron_torch Kron": lambda ps: kron_torch.Kron(ps, preconditioner_update_probability=p),
         "ours as kron_torch": lambda ps: Kron(
-            ps,
-            preconditioner_update_probability=p,
-            preconditioner_mode="EQ",
-            merge_dims=True,
-            beta_lipschitz=0.0,
-            damping_rule="mean_abs",
-            norm_bound="rowcol",
-            cached=False,
+            ps, **KRON_TORCH_OPTIONS, preconditioner_update_probability=p
         ),
         "heavyball PSGDKron": lambda ps: heavyball.PSGDKron(
             ps, preconditioner_update_probability=p

@@ -42,18 +42,29 @@ VARIANTS = {
 }
 
 
-def steps_to_target(length: int, seed: int, variant: str, budget: int, lr: float) -> int | None:
-    """The step at which the mean training loss over 20 steps first falls below 0.1."""
+def training(length: int, seed: int, variant: str, budget: int, lr: float):
+    """The problem, and a generator that takes ``budget`` steps on it and yields each loss."""
     torch.set_num_threads(1)
     problem = DelayedXor(seed, length)
     opt = Kron(problem.parameters, lr=lr, seed=seed, **VARIANTS[variant][1])
+
+    def losses():
+        for step in range(budget):
+            opt.zero_grad()
+            loss = problem.loss(step)
+            loss.backward()
+            opt.step()
+            yield loss.item()
+
+    return problem, losses()
+
+
+def steps_to_target(length: int, seed: int, variant: str, budget: int, lr: float) -> int | None:
+    """The step at which the mean training loss over 20 steps first falls below 0.1."""
+    _, losses = training(length, seed, variant, budget, lr)
     window = []
-    for step in range(budget):
-        opt.zero_grad()
-        loss = problem.loss(step)
-        loss.backward()
-        opt.step()
-        window.append(loss.item())
+    for step, loss in enumerate(losses):
+        window.append(loss)
         if len(window) == 20:
             if sum(window) / 20 < 0.1:
                 return step + 1
@@ -63,20 +74,14 @@ def steps_to_target(length: int, seed: int, variant: str, budget: int, lr: float
 
 def trace(length: int, seed: int, variant: str, budget: int, lr: float) -> None:
     """Print the loss and the weights' sizes every 500 steps of one run."""
-    torch.set_num_threads(1)
-    problem = DelayedXor(seed, length)
-    opt = Kron(problem.parameters, lr=lr, seed=seed, **VARIANTS[variant][1])
-    rnn, readout, losses = problem.net.rnn, problem.net.readout, []
-    for step in range(budget):
-        opt.zero_grad()
-        loss = problem.loss(step)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    problem, losses = training(length, seed, variant, budget, lr)
+    rnn, readout, seen = problem.net.rnn, problem.net.readout, []
+    for step, loss in enumerate(losses):
+        seen.append(loss)
         if (step + 1) % 500 == 0:
             print(
                 f"{VARIANTS[variant][0]}, lr {lr:g}, seed {seed}, step {step + 1}: "
-                f"loss {sum(losses[-500:]) / 500:.3f}, "
+                f"loss {sum(seen[-500:]) / 500:.3f}, "
                 f"‖W_hh‖₂ {torch.linalg.matrix_norm(rnn.weight_hh_l0.detach(), 2):.2f}, "
                 f"RMS W_ih {rnn.weight_ih_l0.detach().pow(2).mean().sqrt():.2f}, "
                 f"RMS readout {readout.weight.detach().pow(2).mean().sqrt():.2f}",

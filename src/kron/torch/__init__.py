@@ -1,5 +1,7 @@
-"""PSGD-Kron for PyTorch: :class:`Kron`, a ``torch.optim.Optimizer``, and heavyball 1.5's
-``ForeachPSGDKron`` family by name (:mod:`kron.torch.heavyball_classes`)."""
+"""PSGD-Kron for PyTorch: :class:`Kron`, a ``torch.optim.Optimizer``, heavyball 1.5's
+``ForeachPSGDKron`` family by name (:mod:`kron.torch.heavyball_classes`), and
+:func:`load_kron_torch_state`, which continues a run kron_torch's ``Kron`` started
+(:mod:`kron.torch.migration`)."""
 
 from kron.torch.heavyball_classes import (
     ForeachCachedDelayedPSGDKron,
@@ -8,13 +10,16 @@ from kron.torch.heavyball_classes import (
     ForeachPSGDKron,
     ForeachPurePSGD,
 )
+from kron.torch.migration import KRON_TORCH_OPTIONS, load_kron_torch_state
 from kron.torch.optimizer import Kron
 
 __all__ = [
+    "KRON_TORCH_OPTIONS",
     "ForeachCachedDelayedPSGDKron",
     "ForeachCachedPSGDKron",
     "ForeachDelayedPSGD",
     "ForeachPSGDKron",
     "ForeachPurePSGD",
     "Kron",
+    "load_kron_torch_state",
 ]

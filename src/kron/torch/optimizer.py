@@ -501,8 +501,6 @@ class Kron(torch.optim.Optimizer):
 
     def _init_state(self, group, p, plan, options, probes, hvps) -> dict[str, Any]:
         precond_dtype = torch_dtype(group["precond_dtype"], "precond_dtype") or torch.float32
-        mu_dtype = torch_dtype(group["mu_dtype"], "mu_dtype") or p.dtype
-        like = torch.zeros((), dtype=precond_dtype, device=p.device)
         scale = group["precond_init_scale"]
         if scale is None and id(p) in hvps:  # Newton: (E v²)^¼ (E h⁴)^(-1/8), algorithm.md §2.4
             v, h = probes[id(p)].to(precond_dtype), hvps[id(p)].to(precond_dtype)
@@ -513,19 +511,7 @@ class Kron(torch.optim.Optimizer):
             grad = p.grad.to(precond_dtype)
             scale = scale_from_moments(fourth_moment(grad, OPS), OPS, group["damping"])
         state = self._state_for(p)
-        state["momentum"] = torch.zeros(p.shape, dtype=mu_dtype, device=p.device)
-        state["factors"] = init_factors(plan, scale, like, OPS, options.fit.state_is_p)
-        if group["store_triu_as_line"]:
-            state["factors"] = pack_triangles(state["factors"], plan)
-        lipschitz_like = torch.zeros(
-            (), dtype=torch.promote_types(precond_dtype, torch.float32), device=p.device
-        )
-        state["lipschitz"] = init_lipschitz(plan, lipschitz_like, OPS)
-        state["cache"] = []
-        state["count"] = torch.zeros((), dtype=torch.float32, device=p.device)
-        state["skipped"] = torch.zeros((), dtype=torch.int64, device=p.device)
-        if group["mars"]:
-            state["previous_grad"] = torch.zeros(p.shape, dtype=mu_dtype, device=p.device)
+        state.update(initial_state(group, p, plan, options, scale))
         return state
 
     def _mask(self, plan, stack_size, dtype, device):
@@ -819,6 +805,34 @@ class Kron(torch.optim.Optimizer):
             for key in [k for k, v in group.items() if callable(v)]:
                 del group[key]
         return state
+
+
+def initial_state(
+    group: dict[str, Any], p: torch.Tensor, plan: Any, options: StepOptions, scale: float
+) -> dict[str, Any]:
+    """The state of parameter ``p`` before its first step: zero momentum, ``Q_i = scale^(1/k)·I``
+    (or ``P_i``, for the geometries that keep P), the initial Lipschitz estimates, no cache and
+    a zero step count, in the dtypes ``group`` asks for."""
+    precond_dtype = torch_dtype(group["precond_dtype"], "precond_dtype") or torch.float32
+    mu_dtype = torch_dtype(group["mu_dtype"], "mu_dtype") or p.dtype
+    like = torch.zeros((), dtype=precond_dtype, device=p.device)
+    factors = init_factors(plan, scale, like, OPS, options.fit.state_is_p)
+    if group["store_triu_as_line"]:
+        factors = pack_triangles(factors, plan)
+    lipschitz_like = torch.zeros(
+        (), dtype=torch.promote_types(precond_dtype, torch.float32), device=p.device
+    )
+    state = {
+        "momentum": torch.zeros(p.shape, dtype=mu_dtype, device=p.device),
+        "factors": factors,
+        "lipschitz": init_lipschitz(plan, lipschitz_like, OPS),
+        "cache": [],
+        "count": torch.zeros((), dtype=torch.float32, device=p.device),
+        "skipped": torch.zeros((), dtype=torch.int64, device=p.device),
+    }
+    if group["mars"]:
+        state["previous_grad"] = torch.zeros(p.shape, dtype=mu_dtype, device=p.device)
+    return state
 
 
 def _to_device(value: Any, device: torch.device) -> Any:

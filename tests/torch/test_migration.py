@@ -1,0 +1,95 @@
+"""Continuing kron_torch's run: after :func:`load_kron_torch_state`, ``Kron`` takes kron_torch's
+own next steps (steps without a fit, whose update depends on P and the momentum alone), in
+kron_torch's geometry and in the ones that keep Q symmetric or keep P; a layout that does not
+match is refused by name."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kron.torch import KRON_TORCH_OPTIONS, Kron, load_kron_torch_state
+
+kron_torch = pytest.importorskip("kron_torch")
+
+# dense, vector, merged to (6, 4) by both libraries, a size-1 axis (kron_torch's compiled step
+# fails on 0-d tensors)
+SHAPES = [(4, 6), (4,), (2, 3, 4), (1, 7)]
+NO_FIT = 1e-9  # both libraries' counter rules: no fit for the rest of the test
+
+
+def _params(shapes=SHAPES):
+    gen = torch.Generator().manual_seed(0)
+    return [torch.nn.Parameter(torch.randn(shape, generator=gen)) for shape in shapes]
+
+
+def _grads(step: int, shapes=SHAPES):
+    gen = torch.Generator().manual_seed(100 + step)
+    return [torch.randn(shape, generator=gen) for shape in shapes]
+
+
+def _step(optimizer, params, grads) -> None:
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    optimizer.step()
+
+
+def _started_run(shapes=SHAPES):
+    """kron_torch after 6 steps, all fitting P; then told not to fit again."""
+    torch.manual_seed(0)  # kron_torch draws its noise from the global generator
+    params = _params(shapes)
+    peer = kron_torch.Kron(params, lr=1e-2, preconditioner_update_probability=1.0)
+    for step in range(6):
+        _step(peer, params, _grads(step, shapes))
+    for group in peer.param_groups:
+        group["preconditioner_update_probability"] = NO_FIT
+    return peer, params
+
+
+@pytest.mark.parametrize("geometry", ["EQ", "Q0.5EQ1.5", "PRO4P"])
+def test_continues_kron_torchs_steps(geometry, capsys):
+    peer, peer_params = _started_run()
+    ours_params = [torch.nn.Parameter(p.detach().clone()) for p in peer_params]
+    options = {**KRON_TORCH_OPTIONS, "lr": 1e-2, "preconditioner_mode": geometry}
+    ours = Kron(ours_params, **options, preconditioner_update_probability=NO_FIT)
+    load_kron_torch_state(ours, peer.state_dict())
+    assert ours.param_groups[0]["step"] == 6
+    for step in range(6, 12):
+        _step(peer, peer_params, _grads(step))
+        _step(ours, ours_params, _grads(step))
+    for a, b in zip(peer_params, ours_params):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    capsys.readouterr()  # kron_torch prints its state size on the first step
+
+
+def test_factors_keep_kron_torchs_preconditioner():
+    peer, params = _started_run()
+    ours = Kron([torch.nn.Parameter(p.detach().clone()) for p in params], merge_dims=True)
+    load_kron_torch_state(ours, peer.state_dict())
+    peer_q = peer.state_dict()["state"][0]["Q"]  # the (4, 6) weight: two dense factors
+    ours_q = ours.state_dict()["state"][0]["factors"]
+    for q, mine in zip(peer_q, ours_q):
+        mine = mine[0]
+        torch.testing.assert_close(mine, mine.T)  # Q0.5EQ1.5 keeps Q symmetric
+        torch.testing.assert_close(mine.T @ mine, q.T @ q, rtol=1e-5, atol=1e-6)
+    # (1, 7): kron_torch's 1×1 factor is folded into the 7×7 one, which keeps its P.
+    q_one, q_seven = peer.state_dict()["state"][3]["Q"]
+    (mine,) = ours.state_dict()["state"][3]["factors"]
+    expected = q_one.square() * (q_seven.T @ q_seven)
+    torch.testing.assert_close(mine[0].T @ mine[0], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_layout_that_does_not_match_is_refused(capsys):
+    peer, params = _started_run()
+    ours = Kron([torch.nn.Parameter(p.detach().clone()) for p in params])  # merge_dims=False
+    with pytest.raises(ValueError, match=r"parameter 2 \(shape \(2, 3, 4\)\).*merge_dims"):
+        load_kron_torch_state(ours, peer.state_dict())
+    with pytest.raises(ValueError, match="groups of"):
+        load_kron_torch_state(Kron(params[:2]), peer.state_dict())
+    # A convolution kernel: kron_torch merges (5, 3, 3, 3) to (45, 3), Kron to its squarest
+    # view (15, 9), so their preconditioners have different Kronecker structures.
+    peer, params = _started_run([(5, 3, 3, 3)])
+    ours = Kron([torch.nn.Parameter(params[0].detach().clone())], **KRON_TORCH_OPTIONS)
+    with pytest.raises(ValueError, match=r"45×45, 3×3\].*\[15×15, 9×9\]"):
+        load_kron_torch_state(ours, peer.state_dict())
+    capsys.readouterr()
