@@ -29,7 +29,7 @@ import torch
 
 from kron.core import make_plan
 from kron.torch.optimizer import Kron, initial_state
-from kron.torch.options import torch_dtype
+from kron.torch.options import core_records, torch_dtype
 from kron.torch.stacks import pack_triangles
 
 # kron_torch 0.3.3's Kron, in this optimizer's options: its lr, fitting target, geometry, merging
@@ -78,7 +78,7 @@ def load_kron_torch_state(optimizer: Kron, state_dict: dict[str, Any]) -> None:
         for p, saved_id in zip(group["params"], saved_group["params"]):
             peer = saved.get(saved_id)
             if peer:
-                converted["state"][index] = _param_state(optimizer, group, p, peer, index)
+                converted["state"][index] = _param_state(group, p, peer, index)
                 steps.append(int(peer["step"]))
             index += 1
         our_group["step"] = max(steps)
@@ -87,11 +87,11 @@ def load_kron_torch_state(optimizer: Kron, state_dict: dict[str, Any]) -> None:
 
 
 def _param_state(
-    optimizer: Kron, group: dict[str, Any], p: torch.Tensor, peer: dict[str, Any], index: int
+    group: dict[str, Any], p: torch.Tensor, peer: dict[str, Any], index: int
 ) -> dict[str, Any]:
     if p.is_complex():
         raise ValueError(f"parameter {index} is complex; kron_torch has no complex parameters.")
-    layout, options = optimizer._options(group)
+    layout, options = core_records(group)
     plan = make_plan(tuple(p.shape), layout)
     factors = _factors_for(plan, peer["Q"], options.fit, index)
     state = initial_state(group, p, plan, options, 1.0)
