@@ -7,6 +7,9 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$root/scripts/setup-venv.sh" "test,torch,jax,keras,tf,bench"
 cd "$root"
+# kron_torch, for tests/torch/test_migration.py, without its triton dependency: a 1 GB wheel that
+# only its GPU kernels use (its CPU step compiles without it; opt-einsum comes with jax).
+.venv/bin/python -m pip install --quiet -c constraints.txt --no-deps kron-torch
 .venv/bin/ruff check src tests
 .venv/bin/python -m pytest --ignore=tests/keras "$@"
 KRON_TEST_DEVICE=cpu .venv/bin/python -m pytest tests/gpu "$@"

@@ -5,12 +5,11 @@ match is refused by name."""
 
 from __future__ import annotations
 
+import kron_torch  # scripts/test.sh installs it (without triton, which only its GPU path uses)
 import pytest
 import torch
 
 from kron.torch import KRON_TORCH_OPTIONS, Kron, load_kron_torch_state
-
-kron_torch = pytest.importorskip("kron_torch")
 
 # dense, vector, merged to (6, 4) by both libraries, a size-1 axis (kron_torch's compiled step
 # fails on 0-d tensors)
