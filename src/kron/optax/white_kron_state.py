@@ -199,17 +199,17 @@ def white_kron_states(params: Any, opt_state: Any, **quad_kwargs: Any) -> tuple[
         rows, cols = _valid_counts(lay.plan, lay.layers)
         if record.kind == DENSE_PATH:
             dense.append((factors, lipschitz, rows, cols))
-        else:
+        elif record.kind == LARGE_PATH:
             record = record.replace(
                 Ql=factors[0],
+                Qr=factors[1],
                 Ll=lipschitz[0],
+                Lr=lipschitz[1],
                 valid_rows=rows,
-                **(
-                    dict(Qr=factors[1], Lr=lipschitz[1], valid_cols=cols)
-                    if record.kind == LARGE_PATH
-                    else {}
-                ),
+                valid_cols=cols,
             )
+        else:
+            record = record.replace(Ql=factors[0], Ll=lipschitz[0], valid_rows=rows)
         records.append(record)
     return _dense_state(dense, options["block_size"], state), treedef.unflatten(records)
 
