@@ -114,7 +114,7 @@ class KronPsgd:
         max_skew: float = 1.0,
         min_ndim_dense: int = 0,
         memory_save_mode: str | None = None,
-        merge_dims: bool = False,
+        merge_dims: bool | str = False,
         block_size: int | None = None,
         beta_lipschitz: float = 0.9,
         damping: float = 1e-9,

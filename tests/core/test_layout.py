@@ -146,6 +146,34 @@ def test_merge_dims_squarest_view(shape, work):
     assert make_plan(shape, LayoutOptions(merge_dims=True)).work_shape == work
 
 
+@pytest.mark.parametrize(
+    ("shape", "work"),
+    [
+        ((5, 3, 3, 3), (45, 3)),  # a conv kernel: the squarest view would be (15, 9)
+        ((2, 3, 4), (6, 4)),
+        ((4, 3, 2), (12, 2)),  # signed differences: -10 against 2
+        ((2, 6, 3), (12, 3)),  # -9 against 16
+        ((8, 2, 2), (16, 2)),
+        ((5, 1, 3, 3), (15, 3)),  # merged before size-1 axes are dropped
+        ((1, 4, 6), (4, 6)),  # (4, 6) against (1, 24): the size-1 row is dropped afterwards
+        ((3, 50), (3, 50)),  # order 2 is never merged
+    ],
+)
+def test_merge_dims_first_last_is_kron_torchs_rule(shape, work):
+    assert make_plan(shape, LayoutOptions(merge_dims="first_last")).work_shape == work
+    # kron_torch 0.3.3's own expression, on the unsqueezed shape
+    if len(shape) > 2:
+        shape1 = [math.prod(shape[:-1]), shape[-1]]
+        shape2 = [shape[0], math.prod(shape[1:])]
+        peer = shape1 if np.diff(shape1) <= np.diff(shape2) else shape2
+        assert tuple(n for n in peer if n > 1) == work
+
+
+def test_unknown_merge_rule_is_refused():
+    with pytest.raises(ValueError, match=r"merge_dims 'squarest'.*'first_last'"):
+        LayoutOptions(merge_dims="squarest")
+
+
 @pytest.mark.parametrize("shape", [(2, 3, 4), (5, 1, 7, 2), (2, 2, 2, 2, 2), (9, 2, 2, 3, 8)])
 def test_squarest_split_is_brute_force_optimum(shape):
     rows, cols = squarest_split(shape)

@@ -261,6 +261,7 @@ def test_sparse_gradient_is_rejected_clearly():
     [
         ("preconditioner_mode", "XQX", "Q0.5EQ1.5"),
         ("memory_save_mode", "sometimes", "smart_one_diag"),
+        ("merge_dims", "squarest", "first_last"),
         ("preconditioner_type", "fisher", "newton"),
         ("update_clipping", "cubic", "l2_norm"),
         ("decision_rule", "maybe", "accumulator"),

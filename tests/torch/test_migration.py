@@ -11,9 +11,9 @@ import torch
 
 from kron.torch import KRON_TORCH_OPTIONS, Kron, load_kron_torch_state
 
-# dense, vector, merged to (6, 4) by both libraries, a size-1 axis (kron_torch's compiled step
-# fails on 0-d tensors)
-SHAPES = [(4, 6), (4,), (2, 3, 4), (1, 7)]
+# dense, vector, merged to (6, 4), a conv kernel merged to (45, 3), a size-1 axis (kron_torch's
+# compiled step fails on 0-d tensors)
+SHAPES = [(4, 6), (4,), (2, 3, 4), (5, 3, 3, 3), (1, 7)]
 NO_FIT = 1e-9  # both libraries' counter rules: no fit for the rest of the test
 
 
@@ -63,7 +63,7 @@ def test_continues_kron_torchs_steps(geometry, capsys):
 
 def test_factors_keep_kron_torchs_preconditioner():
     peer, params = _started_run()
-    ours = Kron([torch.nn.Parameter(p.detach().clone()) for p in params], merge_dims=True)
+    ours = Kron([torch.nn.Parameter(p.detach().clone()) for p in params], merge_dims="first_last")
     load_kron_torch_state(ours, peer.state_dict())
     peer_q = peer.state_dict()["state"][0]["Q"]  # the (4, 6) weight: two dense factors
     ours_q = ours.state_dict()["state"][0]["factors"]
@@ -72,8 +72,8 @@ def test_factors_keep_kron_torchs_preconditioner():
         torch.testing.assert_close(mine, mine.T)  # Q0.5EQ1.5 keeps Q symmetric
         torch.testing.assert_close(mine.T @ mine, q.T @ q, rtol=1e-5, atol=1e-6)
     # (1, 7): kron_torch's 1×1 factor is folded into the 7×7 one, which keeps its P.
-    q_one, q_seven = peer.state_dict()["state"][3]["Q"]
-    (mine,) = ours.state_dict()["state"][3]["factors"]
+    q_one, q_seven = peer.state_dict()["state"][4]["Q"]
+    (mine,) = ours.state_dict()["state"][4]["factors"]
     expected = q_one.square() * (q_seven.T @ q_seven)
     torch.testing.assert_close(mine[0].T @ mine[0], expected, rtol=1e-5, atol=1e-6)
 
@@ -85,10 +85,10 @@ def test_a_layout_that_does_not_match_is_refused(capsys):
         load_kron_torch_state(ours, peer.state_dict())
     with pytest.raises(ValueError, match="groups of"):
         load_kron_torch_state(Kron(params[:2]), peer.state_dict())
-    # A convolution kernel: kron_torch merges (5, 3, 3, 3) to (45, 3), Kron to its squarest
-    # view (15, 9), so their preconditioners have different Kronecker structures.
+    # A convolution kernel: merge_dims=True takes its squarest view, (15, 9), not kron_torch's.
     peer, params = _started_run([(5, 3, 3, 3)])
-    ours = Kron([torch.nn.Parameter(params[0].detach().clone())], **KRON_TORCH_OPTIONS)
+    squarest = {**KRON_TORCH_OPTIONS, "merge_dims": True}
+    ours = Kron([torch.nn.Parameter(params[0].detach().clone())], **squarest)
     with pytest.raises(ValueError, match=r"45×45, 3×3\].*\[15×15, 9×9\]"):
         load_kron_torch_state(ours, peer.state_dict())
     capsys.readouterr()

@@ -22,7 +22,7 @@ OPTIONS = st.fixed_dictionaries(
         "memory_save_mode": st.sampled_from(
             [None, "one_diag", "smart_one_diag", "one_triu", "all_diag"]
         ),
-        "merge_dims": st.booleans(),
+        "merge_dims": st.sampled_from([False, True, "first_last"]),
         "split": st.booleans(),
         "max_size_triangular": st.sampled_from([4, 8, 8192]),
         "min_ndim_triangular": st.sampled_from([1, 2, 3]),

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 MEMORY_SAVE_MODES = (None, "one_diag", "smart_one_diag", "one_triu", "all_diag")
+MERGE_RULES = (False, True, "first_last")
 
 
 @dataclass(frozen=True)
@@ -47,8 +48,11 @@ class LayoutOptions:
       min_ndim_dense: tensors of lower order get only diagonal factors. Default 0.
       memory_save_mode: one of ``None``, ``"one_diag"``, ``"smart_one_diag"``, ``"one_triu"``,
         ``"all_diag"``. Default ``None``.
-      merge_dims: reshape tensors of order > 2 to their squarest 2-D view, over every split point
-        (kron_torch compares only the first and last split). Default ``False``.
+      merge_dims: ``True`` reshapes tensors of order > 2 (after squeezing) to their squarest 2-D
+        view, over every split point; ``"first_last"`` is kron_torch's rule, which looks at the
+        unsqueezed shape and picks ``(prod(shape[:-1]), shape[-1])`` unless
+        ``(shape[0], prod(shape[1:]))`` has the smaller signed difference ``cols − rows``.
+        Default ``False``.
       block_size: cut axes longer than this into blocks with their own factors. Default ``None``
         (never split).
     """
@@ -57,10 +61,15 @@ class LayoutOptions:
     max_skew: float = 1.0
     min_ndim_dense: int = 0
     memory_save_mode: str | None = None
-    merge_dims: bool = False
+    merge_dims: bool | str = False
     block_size: int | None = None
 
     def __post_init__(self) -> None:
+        if self.merge_dims not in MERGE_RULES:
+            raise ValueError(
+                f"Unknown merge_dims {self.merge_dims!r}; accepted: "
+                f"{', '.join(repr(m) for m in MERGE_RULES)}."
+            )
         if not self.max_size >= 1:
             raise ValueError(f"max_size must be >= 1; got {self.max_size!r}.")
         if not self.max_skew >= 0:
@@ -152,6 +161,15 @@ def squarest_split(shape: tuple[int, ...]) -> tuple[int, int]:
     return best[1]
 
 
+def first_last_split(shape: tuple[int, ...]) -> tuple[int, int]:
+    """kron_torch's 2-D view: ``(prod(shape[:-1]), shape[-1])`` unless ``(shape[0],
+    prod(shape[1:]))`` has a smaller signed difference ``cols − rows`` (so, unlike
+    :func:`squarest_split`, it favours views with more rows than columns)."""
+    last = (math.prod(shape[:-1]), shape[-1])
+    first = (shape[0], math.prod(shape[1:]))
+    return last if last[1] - last[0] <= first[1] - first[0] else first
+
+
 def _marked_by_memory_mode(shape: tuple[int, ...], mode: str | None) -> set[int]:
     k = len(shape)
     ascending = sorted(range(k), key=lambda i: shape[i])  # stable: ties keep axis order
@@ -174,9 +192,14 @@ def make_plan(shape: tuple[int, ...], options: LayoutOptions = LayoutOptions()) 
     shape = tuple(int(n) for n in shape)
     if any(n < 1 for n in shape):
         raise ValueError(f"Cannot precondition an empty tensor of shape {shape}.")
-    work = tuple(n for n in shape if n > 1) or (1,)
-    if options.merge_dims and len(work) > 2:
-        work = squarest_split(work)
+    if options.merge_dims == "first_last":
+        # kron_torch merges before dropping size-1 axes.
+        merged = first_last_split(shape) if len(shape) > 2 else shape
+        work = tuple(n for n in merged if n > 1) or (1,)
+    else:
+        work = tuple(n for n in shape if n > 1) or (1,)
+        if options.merge_dims and len(work) > 2:
+            work = squarest_split(work)
     bs = options.block_size
     grid = tuple(1 if bs is None or n <= bs else -(-n // bs) for n in work)
     block = tuple(n if g == 1 else bs for n, g in zip(work, grid))

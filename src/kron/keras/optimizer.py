@@ -134,7 +134,8 @@ class Kron(keras.optimizers.Optimizer):
       whiten_grad: psgd's name for ``not momentum_into_precond_update``; overrides it when given.
       max_skew_triangular: an axis whose square exceeds this times the variable size gets a
         diagonal factor (``inf``, the default, disables the rule).
-      merge_dims: view variables of more than two axes as their squarest matrix. Default False.
+      merge_dims: view variables of more than two axes as a matrix: ``True``, the squarest one;
+        ``"first_last"``, kron_torch's choice. Default False.
       block_size: cut axes longer than this into blocks with their own factors. Default None.
       cached: keep ``P_i = Q_iᵀQ_i`` (one product per axis instead of two on steps that do not
         fit; twice the factor memory). Default True.
@@ -176,7 +177,7 @@ class Kron(keras.optimizers.Optimizer):
         preconditioner_mode: str = "Q0.5EQ1.5",
         whiten_grad: bool | None = None,
         max_skew_triangular: float = math.inf,
-        merge_dims: bool = False,
+        merge_dims: bool | str = False,
         block_size: int | None = None,
         cached: bool = True,
         update_clipping: str | None = "rms",

@@ -38,7 +38,7 @@ KRON_TORCH_OPTIONS = dict(
     lr=3e-4,
     momentum_into_precond_update=True,
     preconditioner_mode="EQ",
-    merge_dims=True,
+    merge_dims="first_last",
     beta_lipschitz=0.0,
     damping_rule="mean_abs",
     norm_bound="rowcol",
@@ -120,7 +120,7 @@ def _factors_for(plan: Any, peer_factors: list, fit: Any, index: int) -> list[to
             f"parameter {index} (shape {tuple(plan.shape)}): kron_torch's factors are "
             f"{_describe(found)}, but this optimizer's options give "
             f"{_describe(list(zip(plan.block_shape, plan.dense)))} in {plan.num_blocks} block(s). "
-            "Match merge_dims (kron_torch merges by default), max_size_triangular, "
+            "Match merge_dims ('first_last' is kron_torch's rule), max_size_triangular, "
             "min_ndim_triangular, memory_save_mode, max_skew (inf) and split (False) to "
             "kron_torch's; kron.torch.migration.KRON_TORCH_OPTIONS has them."
         )

@@ -104,8 +104,9 @@ class Kron(torch.optim.Optimizer):
       mu_dtype: momentum storage dtype (default: the parameter's). bfloat16 storage is
         stochastically rounded.
       precond_dtype: preconditioner dtype. Default float32.
-      merge_dims: view parameters of more than two axes as their squarest matrix. Default False
-        (heavyball's; kron_torch's is True).
+      merge_dims: view parameters of more than two axes as a matrix: ``True``, the squarest one;
+        ``"first_last"``, kron_torch's choice (see :class:`kron.core.LayoutOptions`). Default
+        False (heavyball's; kron_torch merges by its rule).
       split: cut axes longer than ``max_size_triangular`` into blocks (as ``block_size``).
       store_triu_as_line: keep each dense factor as the line of its upper triangle between
         steps, about half its memory, at the cost of unpacking it on every step and packing it
@@ -163,7 +164,7 @@ class Kron(torch.optim.Optimizer):
         momentum_into_precond_update: bool = False,
         precond_lr: float = 0.1,
         precond_init_scale: float | None = 1.0,
-        merge_dims: bool = False,
+        merge_dims: bool | str = False,
         mu_dtype: torch.dtype | str | None = None,
         precond_dtype: torch.dtype | str | None = None,
         *,
