@@ -60,3 +60,22 @@ def test_procrustes_in_bfloat16_reduces_asymmetry():
         return (m - m.mT).abs().max().item()
 
     assert asymmetry(stepped) < 0.25 * asymmetry(q)
+
+
+def test_jax_half_precision_products_keep_their_dtype_and_round_once():
+    """A bfloat16 product on the JAX backend (accumulated in float32 for speed on XLA:CPU) is
+    bfloat16 and equals the exact product of its inputs rounded once to bfloat16."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    jax_ops = get_ops("jax")
+    rng = np.random.default_rng(0)
+    a = jnp.asarray(rng.standard_normal((2, 48, 300)), jnp.bfloat16)
+    b = jnp.asarray(rng.standard_normal((2, 300, 40)), jnp.bfloat16)
+    product = jax_ops.matmul(a, b)
+    assert product.dtype == jnp.bfloat16
+    exact = np.asarray(a, np.float64) @ np.asarray(b, np.float64)
+    rounded_once = np.asarray(jnp.asarray(exact, jnp.float32).astype(jnp.bfloat16), np.float64)
+    # float32 accumulation leaves at most a float32 rounding before the final one.
+    assert np.mean(np.asarray(product, np.float64) == rounded_once) > 0.99
+    assert jax_ops.matmul(a.astype(jnp.float32), b.astype(jnp.float32)).dtype == jnp.float32
