@@ -105,6 +105,7 @@ def optimizers(probability: float) -> dict[str, Callable]:
         update_clip_value=1.5,
         decision_rule="accumulator",
         cached=p < 0.5,
+        precond_dtype=torch.float32,
     )
     return {
         "AdamW": lambda ps: torch.optim.AdamW(ps, lr=1e-3),
@@ -123,6 +124,9 @@ def optimizers(probability: float) -> dict[str, Callable]:
         "ours (max_skew=1)": lambda ps: Kron(ps, preconditioner_update_probability=p, max_skew=1.0),
         "ours (cached=False)": lambda ps: Kron(
             ps, preconditioner_update_probability=p, cached=False
+        ),
+        "ours (precond_dtype=float32)": lambda ps: Kron(
+            ps, preconditioner_update_probability=p, precond_dtype=torch.float32
         ),
     }
 

@@ -118,3 +118,16 @@ def test_kron_skew_spec_gives_the_long_side_a_diagonal_factor():
     group = spec.make(problem.parameters, 3e-3, 0).param_groups[0]
     assert group["max_skew"] == 1.0 and group["lr"] == 3e-3
     assert spec.make(problem.parameters, None, 0).param_groups[0]["lr"] == 1e-3
+
+
+@pytest.mark.parametrize(("name", "dtype"), [("kron", torch.bfloat16), ("kron_f32", torch.float32)])
+def test_kron_f32_spec_is_the_default_with_float32_factors(name, dtype):
+    """``kron_f32`` is the default lr (3e-3) with ``precond_dtype=float32``, the other side of
+    the measurement that made bfloat16 factors the default."""
+    problem = TASKS["deep_linear"].build(0)
+    opt = get_optimizer(name).make(problem.parameters, None, 0)
+    assert opt.param_groups[0]["lr"] == 3e-3
+    problem.loss(0).backward()
+    opt.step()
+    factors = [f for state in opt.state.values() for f in state["factors"]]
+    assert factors and all(f.dtype == dtype for f in factors)

@@ -155,19 +155,64 @@ def test_lr_scheduler_scales_the_step():
 
 def test_bf16_params_keep_fp32_preconditioner_through_a_checkpoint():
     model = make_model(dtype=torch.bfloat16)
-    opt = Kron(model.parameters(), lr=3e-2, mu_dtype=torch.bfloat16)
+    options = dict(lr=3e-2, mu_dtype=torch.bfloat16, precond_dtype=torch.float32)
+    opt = Kron(model.parameters(), **options)
     losses = train(model, opt, 20)
     weight = model[2].weight
     assert weight.dtype == torch.bfloat16
     assert all(f.dtype == torch.float32 for f in opt.state[weight]["factors"])
     assert opt.state[weight]["momentum"].dtype == torch.bfloat16
-    fresh = Kron(model.parameters(), lr=3e-2, mu_dtype=torch.bfloat16)
+    fresh = Kron(model.parameters(), **options)
     fresh.load_state_dict(copy.deepcopy(opt.state_dict()))
     assert all(f.dtype == torch.float32 for f in fresh.state[weight]["factors"])
     torch.testing.assert_close(
         fresh.state[weight]["factors"][0], opt.state[weight]["factors"][0], rtol=0, atol=0
     )
     assert sum(losses[-5:]) < 0.8 * sum(losses[:5])  # measured: 0.43 of the first five
+
+
+def test_default_factors_are_bfloat16_and_a_float32_checkpoint_resumes_as_float32():
+    """The default ``precond_dtype`` is bfloat16 (docs/torch.md, *Choosing settings*); a
+    checkpoint saved with float32 factors (the earlier default) resumes with them, unrounded,
+    and continues the saved run's trajectory exactly."""
+    model = make_model()
+    opt = Kron(model.parameters(), lr=3e-2)
+    train(model, opt, 3)
+    assert all(f.dtype == torch.bfloat16 for state in opt.state.values() for f in state["factors"])
+    saved_model = make_model()
+    saved = Kron(saved_model.parameters(), lr=3e-2, precond_dtype=torch.float32)
+    train(saved_model, saved, 3)
+    checkpoint = copy.deepcopy(saved.state_dict())
+    resumed_model = copy.deepcopy(saved_model)
+    resumed = Kron(resumed_model.parameters(), lr=3e-2)  # default dtype
+    resumed.load_state_dict(checkpoint)
+    for p_saved, p_resumed in zip(saved_model.parameters(), resumed_model.parameters()):
+        for a, b in zip(saved.state[p_saved]["factors"], resumed.state[p_resumed]["factors"]):
+            assert b.dtype == torch.float32
+            torch.testing.assert_close(b, a, rtol=0, atol=0)
+    train(saved_model, saved, 3, start=3)
+    train(resumed_model, resumed, 3, start=3)
+    for a, b in zip(saved_model.parameters(), resumed_model.parameters()):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+
+
+def test_bfloat16_factors_average_the_momentum_in_float32():
+    """With bfloat16 factors (the default) only the products are bfloat16: a float32 momentum is
+    the exact float32 debiased EMA of the gradients, not one rounded to bfloat16 each step."""
+    gen = torch.Generator().manual_seed(0)
+    grads = [torch.randn(8, 8, generator=gen) for _ in range(3)]
+    p = nn.Parameter(torch.zeros(8, 8))
+    opt = Kron([p], lr=0.0, b1=0.9)
+    expected = torch.zeros(8, 8)
+    for t, g in enumerate(grads, start=1):
+        p.grad = g.clone()
+        opt.step()
+        expected = expected + (0.1 / (1 - 0.9**t)) * (g - expected)
+    momentum = opt.state[p]["momentum"]
+    assert opt.state[p]["factors"][0].dtype == torch.bfloat16
+    assert momentum.dtype == torch.float32
+    torch.testing.assert_close(momentum, expected, rtol=1e-6, atol=1e-7)
+    assert not torch.equal(momentum, momentum.bfloat16().float())
 
 
 def test_stochastic_rounding_of_bf16_momentum_is_unbiased():
@@ -244,7 +289,7 @@ def test_zero_first_gradient_with_automatic_init_stays_finite():
     p.grad = torch.zeros(4, 4)
     opt.step()
     for factor in opt.state[p]["factors"]:  # scale 1.0 spread over two factors
-        torch.testing.assert_close(factor, torch.eye(4).expand(1, 4, 4))
+        torch.testing.assert_close(factor, torch.eye(4, dtype=factor.dtype).expand(1, 4, 4))
     torch.testing.assert_close(p.detach(), torch.ones(4, 4))
 
 
@@ -508,11 +553,20 @@ def test_device_path_without_host_reads_matches_the_cpu_fast_path(monkeypatch):
     assert counts == [6, 6]
 
 
-def test_compiled_math_equals_eager_math():
+@pytest.mark.parametrize(
+    ("precond_dtype", "tolerance"),
+    # bfloat16 (the default): the compiled kernels round some intermediates differently.
+    [(torch.float32, dict(rtol=1e-5, atol=1e-6)), (None, dict(rtol=1e-4, atol=1e-5))],
+)
+def test_compiled_math_equals_eager_math(precond_dtype, tolerance):
     def run(compile_math):
         model = make_model()
         opt = Kron(
-            model.parameters(), lr=1e-2, preconditioner_update_probability=0.5, compile=compile_math
+            model.parameters(),
+            lr=1e-2,
+            preconditioner_update_probability=0.5,
+            precond_dtype=precond_dtype,
+            compile=compile_math,
         )
         train(model, opt, 4)
         return snapshot(model), opt
@@ -521,7 +575,7 @@ def test_compiled_math_equals_eager_math():
     compiled, opt = run(True)
     assert opt._compiled  # the compiled path was taken
     for a, b in zip(compiled, eager):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a, b, **tolerance)
 
 
 def test_state_bytes_counts_every_tensor_of_the_state():

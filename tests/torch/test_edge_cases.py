@@ -124,11 +124,12 @@ def test_stacked_state_cache_stays_bounded_and_sees_replaced_entries():
     for p in params:
         p.grad = torch.zeros(4, 4)
     target = opt.state[params[0]]
-    target["factors"][0] = 7 * torch.eye(4).expand(1, 4, 4).clone()
+    dtype = target["factors"][0].dtype
+    target["factors"][0] = 7 * torch.eye(4, dtype=dtype).expand(1, 4, 4).clone()
     opt.param_groups[0]["lr"] = 0.0
     opt.param_groups[0]["preconditioner_update_probability"] = 1e-6  # no fit: Q stays as set
     opt.step()
-    torch.testing.assert_close(opt.state[params[0]]["factors"][0][0], 7 * torch.eye(4))
+    torch.testing.assert_close(opt.state[params[0]]["factors"][0][0], 7 * torch.eye(4, dtype=dtype))
 
 
 def test_state_updated_in_place_matches_state_restacked_every_step():

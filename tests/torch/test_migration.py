@@ -63,7 +63,11 @@ def test_continues_kron_torchs_steps(geometry, capsys):
 
 def test_factors_keep_kron_torchs_preconditioner():
     peer, params = _started_run()
-    ours = Kron([torch.nn.Parameter(p.detach().clone()) for p in params], merge_dims="first_last")
+    ours = Kron(
+        [torch.nn.Parameter(p.detach().clone()) for p in params],
+        merge_dims="first_last",
+        precond_dtype=torch.float32,  # kron_torch's, so that P compares to float32 rounding
+    )
     load_kron_torch_state(ours, peer.state_dict())
     peer_q = peer.state_dict()["state"][0]["Q"]  # the (4, 6) weight: two dense factors
     ours_q = ours.state_dict()["state"][0]["factors"]

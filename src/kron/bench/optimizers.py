@@ -6,7 +6,8 @@ every grid value runs on the first seed, the best one (fewest steps to target, t
 metric) runs on the remaining seeds. The grids:
 
 * ``kron``: ``kron.torch.Kron`` at its defaults (lr 3e-3, P fitted on the gradient,
-  kron_torch's update-probability schedule, Q0.5EQ1.5 geometry, ...) with ``seed`` = the run's
+  kron_torch's update-probability schedule, Q0.5EQ1.5 geometry, bfloat16 factors, ...) with
+  ``seed`` = the run's
   seed. No sweep: the issue's targets are about the defaults.
 * ``kron_lr``: the same with lr ∈ {3e-4, 1e-3, 3e-3} (full tier; shows what tuning adds).
 * ``kron_momentum``: ``Kron`` with P fitted on the momentum (``momentum_into_precond_update=True``,
@@ -16,6 +17,9 @@ metric) runs on the remaining seeds. The grids:
 * ``kron_skew``: ``Kron`` with psgd_torch's skew rule (``max_skew=1.0``: the long side of a
   rectangular matrix gets a diagonal factor; lr 1e-3 unless swept), lr ∈ {3e-4, 1e-3, 3e-3}
   (full tier; the layout docs/torch.md suggests for transformers, against the dense default).
+* ``kron_f32``: the defaults with float32 factors (``precond_dtype=torch.float32``, the default
+  before bfloat16 was measured to match it; lr 3e-3, the default, unless swept),
+  lr ∈ {3e-4, 1e-3, 3e-3} (full tier; the other side of the measurement behind the dtype).
 * ``adamw``: ``torch.optim.AdamW`` (β = (0.9, 0.999), ε = 1e-8, no weight decay), lr over the
   task's ``adam_lrs`` (three values around the best lr measured in benchmarks.md).
 * ``sgd``: ``torch.optim.SGD`` with momentum 0.9 (heavy ball), lr over the task's ``sgd_lrs``.
@@ -133,14 +137,16 @@ def _kron(params: Params, lr: float | None, seed: int) -> torch.optim.Optimizer:
     return Kron(params, seed=seed) if lr is None else Kron(params, lr=lr, seed=seed)
 
 
-def _kron_variant(**options: Any) -> Callable[[Params, float | None, int], torch.optim.Optimizer]:
-    """``make`` of a Kron variant: ``options`` on top of the defaults, lr 1e-3 (the middle of
-    ``PSGD_GRID``, which the planner runs when it does not sweep) unless given."""
+def _kron_variant(
+    default_lr: float = 1e-3, **options: Any
+) -> Callable[[Params, float | None, int], torch.optim.Optimizer]:
+    """``make`` of a Kron variant: ``options`` on top of the defaults, lr ``default_lr`` (1e-3,
+    the middle of ``PSGD_GRID``, which the planner runs when it does not sweep) unless given."""
 
     def make(params: Params, lr: float | None, seed: int) -> torch.optim.Optimizer:
         from kron.torch import Kron
 
-        return Kron(params, lr=1e-3 if lr is None else lr, seed=seed, **options)
+        return Kron(params, lr=default_lr if lr is None else lr, seed=seed, **options)
 
     return make
 
@@ -216,6 +222,13 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
             "kron (max_skew=1)",
             "torch",
             _kron_variant(max_skew=1.0),
+            lambda t: PSGD_GRID,
+        ),
+        OptimizerSpec(
+            "kron_f32",
+            "kron (float32 factors)",
+            "torch",
+            _kron_variant(default_lr=3e-3, precond_dtype=torch.float32),
             lambda t: PSGD_GRID,
         ),
         OptimizerSpec("adamw", "AdamW", "torch", _adamw, lambda t: t.adam_lrs),

@@ -13,6 +13,7 @@ COLORS = {
     "kron_lr": "#ff9896",
     "kron_momentum": "#ff7f0e",
     "kron_skew": "#e377c2",
+    "kron_f32": "#bcbd22",
     "adamw": "#1f77b4",
     "sgd": "#7f7f7f",
     "kron_torch": "#2ca02c",

@@ -68,7 +68,9 @@ def best_rows(records: list[Record]) -> dict[str, list[Row]]:
         rows[task].append(Row(task, optimizer, runs[0]["config"]["optimizer_label"], lr, runs))
     order = {
         name: i
-        for i, name in enumerate(("kron", "kron_lr", "kron_momentum", "kron_skew", "adamw", "sgd"))
+        for i, name in enumerate(
+            ("kron", "kron_lr", "kron_momentum", "kron_skew", "kron_f32", "adamw", "sgd")
+        )
     }
 
     def position(row: Row) -> tuple[int, str]:
@@ -150,12 +152,13 @@ def _row(rows: dict[str, list[Row]], task: str, optimizer: str) -> Row | None:
 
 # (ours, baseline) pairs the targets are judged for, when ``ours`` was run: kron at its
 # defaults (the wording), kron with its lr swept like AdamW's, kron with P fitted on the
-# momentum, kron with the skew rule, and the JAX and Keras twins.
+# momentum, kron with the skew rule, kron with float32 factors, and the JAX and Keras twins.
 TARGET_PAIRS = (
     ("kron", "adamw"),
     ("kron_lr", "adamw"),
     ("kron_momentum", "adamw"),
     ("kron_skew", "adamw"),
+    ("kron_f32", "adamw"),
     ("kron_jax", "adamw_jax"),
     ("kron_lr_jax", "adamw_jax"),
     ("kron_keras", "adamw_keras"),

@@ -97,7 +97,16 @@ FULL = Tier(
         "its grid, 5 seeds (3 for the LM); several hours on 2 CPU cores"
     ),
     tasks=dict.fromkeys(STANDARD.tasks),
-    optimizers=("kron", "kron_lr", "kron_momentum", "kron_skew", "adamw", "sgd", *PEERS),
+    optimizers=(
+        "kron",
+        "kron_lr",
+        "kron_momentum",
+        "kron_skew",
+        "kron_f32",
+        "adamw",
+        "sgd",
+        *PEERS,
+    ),
     seeds=5,
     sweep=True,
     seeds_by_task={"char_lm": 3},

@@ -194,6 +194,9 @@ def kron_step(
     averaged = momentum if options.beta > 0 else grad
     used = averaged if options.precondition_momentum else grad
     use_cache = options.cache and not options.fit.state_is_p
+    # The gradient and momentum may be wider than the factors (float32 with bfloat16 factors):
+    # what meets a factor in a product is cast to the factors' dtype.
+    factor_dtype = ops.dtype(factors[0])
 
     def refit() -> None:
         nonlocal factors, lipschitz, cache
@@ -205,7 +208,7 @@ def kron_step(
         factors, lipschitz = fit(
             factors,
             lipschitz,
-            target,
+            ops.astype(target, factor_dtype),
             noise,
             lr=precond_lr,
             options=options.fit,
@@ -221,7 +224,7 @@ def kron_step(
         refit()
     if use_cache and not cache:
         cache = cache_preconditioner(factors, ops)
-    blocks = plan.to_blocks(used, ops, stacked=True)
+    blocks = ops.astype(plan.to_blocks(used, ops, stacked=True), factor_dtype)
     if use_cache:
         y = precondition(cache, blocks, ops, state_is_p=True)
     else:

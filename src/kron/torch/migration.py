@@ -29,11 +29,11 @@ import torch
 
 from kron.core import make_plan
 from kron.torch.optimizer import Kron, initial_state
-from kron.torch.options import core_records, torch_dtype
+from kron.torch.options import core_records
 from kron.torch.stacks import pack_triangles
 
 # kron_torch 0.3.3's Kron, in this optimizer's options: its lr, fitting target, geometry, merging
-# rule, per-step normaliser, damping and norm bound, and no cache.
+# rule, per-step normaliser, damping and norm bound, no cache, and float32 factors.
 KRON_TORCH_OPTIONS = dict(
     lr=3e-4,
     momentum_into_precond_update=True,
@@ -43,6 +43,7 @@ KRON_TORCH_OPTIONS = dict(
     damping_rule="mean_abs",
     norm_bound="rowcol",
     cached=False,
+    precond_dtype=torch.float32,
 )
 
 
@@ -95,7 +96,7 @@ def _param_state(
     plan = make_plan(tuple(p.shape), layout)
     factors = _factors_for(plan, peer["Q"], options.fit, index)
     state = initial_state(group, p, plan, options, 1.0)
-    precond_dtype = torch_dtype(group["precond_dtype"], "precond_dtype") or torch.float32
+    precond_dtype = state["factors"][0].dtype
     state["factors"] = [f.to(precond_dtype).unsqueeze(0).to(p.device) for f in factors]
     if group["store_triu_as_line"]:
         state["factors"] = pack_triangles(state["factors"], plan)
