@@ -8,6 +8,9 @@ load from other processes hits every optimizer alike). Results go to stdout as a
 and to ``--json``.
 
     python benchmarks/optax_step.py --json benchmarks/results/optax_step_cpu.json
+
+``--factor-dtypes float32 bfloat16`` adds each Kron variant with ``precond_dtype=bfloat16`` (its
+rows are named ``... (bfloat16 factors)`` and compared with psgdax at the same dtype).
 """
 
 from __future__ import annotations
@@ -88,29 +91,34 @@ def models() -> dict[str, tuple[dict, Callable, int, object]]:
 
 
 def optimizers(
-    probability: float, scanned: object
+    probability: float, scanned: object, factor_dtypes: tuple[str, ...] = ("float32",)
 ) -> dict[str, Callable[[], optax.GradientTransformation]]:
-    made = {
-        "kron.optax": lambda: kron.optax.kron(
-            learning_rate=1e-3,
-            preconditioner_update_probability=probability,
-            scanned_layers=scanned,
-        ),
-        "optax.adamw": lambda: optax.adamw(1e-3),
-    }
+    """The optimizers of one cell by row name; a Kron variant once per factor dtype."""
     try:
         import psgdax
-
-        # A fresh key each time: psgdax's default key is one array made at import, which the
-        # first donated step would delete for every later instance.
-        made["psgdax"] = lambda: psgdax.kron(
+    except ImportError:
+        psgdax = None
+    made: dict[str, Callable[[], optax.GradientTransformation]] = {}
+    for dtype_name in factor_dtypes:
+        suffix = "" if dtype_name == "float32" else f" ({dtype_name} factors)"
+        dtype = jnp.dtype(dtype_name)
+        made["kron.optax" + suffix] = lambda dtype=dtype: kron.optax.kron(
             learning_rate=1e-3,
             preconditioner_update_probability=probability,
             scanned_layers=scanned,
-            key=jax.random.PRNGKey(42),
+            precond_dtype=dtype,
         )
-    except ImportError:
-        pass
+        if psgdax is not None:
+            # A fresh key each time: psgdax's default key is one array made at import, which
+            # the first donated step would delete for every later instance.
+            made["psgdax" + suffix] = lambda dtype=dtype: psgdax.kron(
+                learning_rate=1e-3,
+                preconditioner_update_probability=probability,
+                scanned_layers=scanned,
+                precond_dtype=dtype,
+                key=jax.random.PRNGKey(42),
+            )
+    made["optax.adamw"] = lambda: optax.adamw(1e-3)
     return made
 
 
@@ -140,7 +148,7 @@ def measure(args: argparse.Namespace) -> list[dict]:
             # Each optimizer's step is compiled afresh ``--compiles`` times, in turn across the
             # optimizers, and the shortest time is kept: one compile varies by ±20 % with load.
             for _ in range(args.compiles):
-                for name, make in optimizers(probability, scanned).items():
+                for name, make in optimizers(probability, scanned, args.factor_dtypes).items():
                     tx = make()
                     params = jax.tree.map(jnp.copy, params0)
                     state = tx.init(params)
@@ -190,24 +198,37 @@ def measure(args: argparse.Namespace) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    lines = [
-        "| model | p | kron.optax ms | psgdax ms | adamw ms | ours / psgdax | ours / adamw "
-        "| compile ours s | compile psgdax s |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
+    """One line per (model, p, factor dtype); float32 factors only keep the original layout."""
     cells: dict[tuple, dict] = {}
     for row in rows:
         cells.setdefault((row["model"], row["probability"]), {})[row["optimizer"]] = row
+    suffixes = sorted(
+        {name.removeprefix("kron.optax") for cell in cells.values() for name in cell}
+        & {"", *(f" ({d} factors)" for d in ("bfloat16", "float16"))}
+    )
+    with_dtype = suffixes != [""]
+    head = "| model | p |" + (" factors |" if with_dtype else "")
+    lines = [
+        head + " kron.optax ms | psgdax ms | adamw ms | ours / psgdax | ours / adamw "
+        "| compile ours s | compile psgdax s |",
+        "|---|---|" + ("---|" if with_dtype else "") + "---|---|---|---|---|---|---|",
+    ]
     for (model, p), cell in cells.items():
-        ours, peer, adam = cell["kron.optax"], cell.get("psgdax"), cell["optax.adamw"]
-        peer_ms = f"{peer['ms_per_step']:.2f}" if peer else "n/a"
-        ratio = f"{ours['ms_per_step'] / peer['ms_per_step']:.2f}" if peer else "n/a"
-        peer_compile = f"{peer['compile_s']:.1f}" if peer else "n/a"
-        lines.append(
-            f"| {model} | {p} | {ours['ms_per_step']:.2f} | {peer_ms} | {adam['ms_per_step']:.2f} "
-            f"| {ratio} | {ours['ms_per_step'] / adam['ms_per_step']:.2f} "
-            f"| {ours['compile_s']:.1f} | {peer_compile} |"
-        )
+        adam = cell["optax.adamw"]
+        for suffix in suffixes:
+            ours, peer = cell.get("kron.optax" + suffix), cell.get("psgdax" + suffix)
+            if ours is None:
+                continue
+            peer_ms = f"{peer['ms_per_step']:.2f}" if peer else "n/a"
+            ratio = f"{ours['ms_per_step'] / peer['ms_per_step']:.2f}" if peer else "n/a"
+            peer_compile = f"{peer['compile_s']:.1f}" if peer else "n/a"
+            dtype = f" {suffix.strip(' ()').removesuffix(' factors') or 'float32'} |"
+            lines.append(
+                f"| {model} | {p} |{dtype if with_dtype else ''} {ours['ms_per_step']:.2f} "
+                f"| {peer_ms} | {adam['ms_per_step']:.2f} | {ratio} "
+                f"| {ours['ms_per_step'] / adam['ms_per_step']:.2f} "
+                f"| {ours['compile_s']:.1f} | {peer_compile} |"
+            )
     return "\n".join(lines)
 
 
@@ -220,7 +241,15 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     parser.add_argument("--models", nargs="+", default=None, help="model names (default: all)")
     parser.add_argument("--probabilities", nargs="+", type=float, default=[1.0, 0.03])
+    parser.add_argument(
+        "--factor-dtypes",
+        nargs="+",
+        default=["float32"],
+        choices=["float32", "bfloat16"],
+        help="precond_dtype of the Kron variants (default: float32 only)",
+    )
     args = parser.parse_args()
+    args.factor_dtypes = tuple(args.factor_dtypes)
     rows = measure(args)
     print(table(rows))
     if args.json:
