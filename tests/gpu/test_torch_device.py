@@ -153,12 +153,15 @@ def test_compiled_training_step_stops_compiling_and_equals_eager():
     assert graphs[7] == graphs[-1], graphs
 
 
-def test_bf16_parameters_keep_float32_preconditioners_and_learn():
+@pytest.mark.parametrize(
+    ("precond_dtype", "expected"), [(torch.float32, torch.float32), (None, torch.bfloat16)]
+)
+def test_bf16_parameters_keep_their_preconditioner_dtype_and_learn(precond_dtype, expected):
     model = make_model(DEVICE, torch.bfloat16)
-    opt = Kron(model.parameters(), lr=3e-3)
+    opt = Kron(model.parameters(), lr=3e-3, precond_dtype=precond_dtype)
     losses = train(model, opt, 150)
     state = opt.state[next(model.parameters())]
-    assert all(q.dtype == torch.float32 for q in state["factors"])
+    assert all(q.dtype == expected for q in state["factors"])
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
     assert sum(losses[-10:]) / 10 < 0.6 * sum(losses[:10]) / 10, (losses[:10], losses[-10:])
 

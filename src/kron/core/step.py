@@ -171,6 +171,10 @@ def kron_step(
     With ``plan.num_blocks = b`` blocks per parameter, factors hold ``S·b`` blocks, parameter ``s``
     owning blocks ``s·b … (s+1)·b - 1``.
 
+    The gradient and momentum may be in a wider dtype than the factors (float32 with bfloat16
+    factors): the momentum is averaged in theirs, the products run in the factors' dtype, and
+    ``y`` comes out in the factors' dtype.
+
     Args:
       grad: the gradients, ``(S, *plan.shape)``.
       count: momentum updates taken so far (int or scalar array).

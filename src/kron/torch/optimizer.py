@@ -64,9 +64,10 @@ from kron.torch.options import (
 from kron.torch.stacks import StateStacks, pack_triangles, unpack_triangles
 
 DEFAULT_SCHEDULE = exponential_schedule()
-# bfloat16 factors matched or beat float32 ones on every `kron bench --standard` task and made
-# the products about twice as fast on a CPU with bfloat16 instructions (docs/torch.md,
-# *Preconditioner dtype*); the algorithm's author defaults his DDP wrapper to it too.
+# bfloat16 factors were level with float32 ones or better on 12 of the 13 `kron bench` tasks
+# (the deep linear network ended up to 1.7× higher) and made the benchmark MLP's step 0.66× as
+# long on a CPU with bfloat16 instructions (docs/benchmarks.md, *The preconditioner dtype*);
+# the algorithm's author defaults his DDP wrapper to bfloat16 too.
 DEFAULT_PRECOND_DTYPE = torch.bfloat16
 
 # Stream identifiers mixed into the counter-based seeds.
@@ -577,9 +578,7 @@ class Kron(torch.optim.Optimizer):
         old = unpack_triangles(
             self._stacks.gather(bucket, indices, states, plan.order, dtype), plan
         )
-        fit_inputs = self._fit_inputs(
-            gi, group, members, plan, factor_dtype, do_fit, probes, hvps
-        )
+        fit_inputs = self._fit_inputs(gi, group, members, plan, factor_dtype, do_fit, probes, hvps)
         step_fn = self._compiled_step(plan, options, do_fit, size, dtype, grads.device)
         count = self._step_counts(states, len(plan.shape), step_fn is kron_step, dtype)
         # With every gradient known finite the old momentum is never restored, so the eager step
