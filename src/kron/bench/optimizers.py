@@ -7,8 +7,7 @@ metric) runs on the remaining seeds. The grids:
 
 * ``kron``: ``kron.torch.Kron`` at its defaults (lr 3e-3, P fitted on the gradient,
   kron_torch's update-probability schedule, Q0.5EQ1.5 geometry, bfloat16 factors, ...) with
-  ``seed`` = the run's
-  seed. No sweep: the issue's targets are about the defaults.
+  ``seed`` = the run's seed. No sweep: the issue's targets are about the defaults.
 * ``kron_lr``: the same with lr ∈ {3e-4, 1e-3, 3e-3} (full tier; shows what tuning adds).
 * ``kron_momentum``: ``Kron`` with P fitted on the momentum (``momentum_into_precond_update=True``,
   kron_torch's and heavyball's default; lr 1e-3 unless swept), lr ∈ {3e-4, 1e-3, 3e-3} (full

@@ -198,9 +198,7 @@ def kron_step(
     averaged = momentum if options.beta > 0 else grad
     used = averaged if options.precondition_momentum else grad
     use_cache = options.cache and not options.fit.state_is_p
-    # The gradient and momentum may be wider than the factors (float32 with bfloat16 factors):
-    # what meets a factor in a product is cast to the factors' dtype.
-    factor_dtype = ops.dtype(factors[0])
+    factor_dtype = ops.dtype(factors[0])  # what meets a factor in a product is cast to it
 
     def refit() -> None:
         nonlocal factors, lipschitz, cache

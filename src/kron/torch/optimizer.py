@@ -108,9 +108,10 @@ class Kron(torch.optim.Optimizer):
       precond_init_scale: initial ``Q = scale·I``; ``None`` sets it from the first gradient.
       mu_dtype: momentum storage dtype (default: the parameter's). bfloat16 storage is
         stochastically rounded.
-      precond_dtype: dtype of the factors, of the cache and of the step's arithmetic (the
-        momentum included; its storage keeps ``mu_dtype``). Default bfloat16; triangular solves
-        and Procrustes rotations run in float32 whatever it is.
+      precond_dtype: dtype of the factors, of the cache and of the products (the fit's
+        included). Default bfloat16. The gradient and momentum are handled in at least float32
+        (the momentum stored in ``mu_dtype``); triangular solves and Procrustes rotations run in
+        float32 whatever it is.
       merge_dims: view parameters of more than two axes as a matrix: ``True``, the squarest one;
         ``"first_last"``, kron_torch's choice (see :class:`kron.core.LayoutOptions`). Default
         False (heavyball's; kron_torch merges by its rule).
@@ -561,9 +562,9 @@ class Kron(torch.optim.Optimizer):
             for p in params
         ]
         factor_dtype = states[0]["factors"][0].dtype
-        # The momentum and the update are computed in at least float32; only the products (and
-        # the fit's inputs) are in the factors' dtype, so bfloat16 factors never round the
-        # momentum and the float32 state is still stepped in place.
+        # The gradient and momentum are handled in at least float32; only the products (and the
+        # fit's inputs) are in the factors' dtype, so bfloat16 factors never round the momentum
+        # and the float32 state is still stepped in place.
         dtype = torch.promote_types(factor_dtype, torch.float32)
         size = len(params)
         grads, finite, all_finite = self._gather_gradients(gi, group, params, states, dtype)
