@@ -255,7 +255,11 @@ def fit(
                 t2 = _as_matrix(count, q, ops) if dense else count + 0.0 * t1
                 biggest = count if isinstance(count, float) else ops.max(count, axis=-1)
                 ell = _bound(t1, dense, options, ops, probes) + biggest
-        # The estimate keeps its stored dtype, so a state's dtypes never change in a step.
+        # The estimate keeps its stored dtype, so a state's dtypes never change in a step. A
+        # narrower bound (bfloat16 factors, float32 L) is widened first: TensorFlow does not
+        # promote mixed dtypes.
+        if ops.eps(ops.dtype(ell)) > ops.eps(ops.dtype(old_lip)):
+            ell = ops.astype(ell, ops.dtype(old_lip))
         lip = ops.astype(
             lipschitz_update(old_lip, ell, options.beta_lipschitz, ops), ops.dtype(old_lip)
         )
