@@ -24,7 +24,7 @@ from kron.core import (
     procrustes_step2,
     procrustes_step3,
 )
-from kron.core.norms import lb_rowcol
+from kron.core.norms import lb_rowcol, lb_skew
 
 from ._core_helpers import ALL_GEOMETRIES, apply_hessian, fit_trajectory, kron_hessian
 
@@ -163,6 +163,32 @@ def test_norm_bounds_on_general_matrices(example):
     assert _bound(m, "rowcol", NUMPY, seed) >= 0.5 * true
 
 
+@settings(max_examples=100, deadline=None, derandomize=True)
+@given(general_matrices())
+def test_skew_bound_is_rowcol_on_skew_matrices(example):
+    """Procrustes' bound keeps only lb_rowcol's row branch, which on a skew-symmetric matrix gives
+    what both branches give; a lower bound within a factor 2 like lb_rowcol's."""
+    m, _ = example
+    skew = m - m.T
+    true = np.linalg.norm(skew, 2)
+    rowcol = float(lb_rowcol(skew[None], NP)[0])
+    for backend in (NUMPY, TORCH, JAX):
+        got = float(backend.numpy(lb_skew(backend.array(skew[None]), backend.ops))[0])
+        assert got == pytest.approx(rowcol, rel=1e-10, abs=1e-300)
+        assert got <= true * (1 + 1e-12)
+    assert rowcol >= 0.5 * true
+
+
+def test_add_diagonal(backend):
+    x = np.arange(18.0).reshape(2, 3, 3)
+    values = np.array([[1.0, 2.0, 3.0], [-1.0, -2.0, -3.0]])
+    got = backend.numpy(backend.ops.add_diagonal(backend.array(x), backend.array(values)))
+    np.testing.assert_array_equal(got, x + values[:, None, :] * np.eye(3))
+    got = backend.numpy(backend.ops.add_diagonal(backend.array(x), -2.5))
+    np.testing.assert_array_equal(got, x - 2.5 * np.eye(3))
+    np.testing.assert_array_equal(backend.numpy(backend.array(x)), x)  # x itself is unchanged
+
+
 def test_norm_bounds_of_zero_matrix_are_zero(backend):
     for method in NORM_BOUNDS:
         assert _bound(np.zeros((4, 4)), method, backend, 0) == 0.0
@@ -221,7 +247,7 @@ def rotated_spd(draw):
 def _procrustes_budget(q: np.ndarray, max_step: float, power: int, denominator: float) -> float:
     """‖UᵀU − I‖·‖Q‖² with ‖UᵀU − I‖ ≤ (a‖R̂‖)^power/denominator, R̂ = R/lb(R)."""
     r = q.T - q
-    r_hat = np.linalg.norm(r, 2) / float(lb_rowcol(r[None], NP)[0])
+    r_hat = np.linalg.norm(r, 2) / float(lb_skew(r[None], NP)[0])
     return (max_step * r_hat) ** power / denominator * np.linalg.norm(q, 2) ** 2
 
 

@@ -12,6 +12,8 @@ method            estimator                                             source
 ``"power"``       ``iters`` power iterations on MᵀM from the top row    §4.8.5, heavyball
 ``"subspace"``    randomized subspace iteration, needs ``probes``       §4.8.4, psgd_torch 2025-09
 ================  ====================================================  ===========================
+
+:func:`lb_skew` is the Procrustes rotation's own (§4.3.1), not a choice of the fit.
 """
 
 from __future__ import annotations
@@ -40,6 +42,13 @@ def _unit_rows(x: Any, ops: Any) -> Any:
     return x / _safe_scale(norms, ops)
 
 
+def _times_transpose(rows: Any, m: Any, ops: Any) -> Any:
+    """``rows · Mᵀ`` for ``(B, r, n)`` rows, formed as ``(M · rowsᵀ)ᵀ``: batched products copy a
+    transposed matrix operand first (PyTorch's bfloat16 ones on the CPU, XLA:CPU's), while a
+    transposed block of a few rows costs nothing."""
+    return ops.mT(ops.matmul(m, ops.mT(rows)))
+
+
 def _top_row(m: Any, ops: Any) -> Any:
     """The row of largest Euclidean norm, as ``(B, 1, n)``."""
     n = m.shape[-1]
@@ -57,9 +66,9 @@ def lb_rowcol(m: Any, ops: Any) -> Any:
     # estimate ‖Mᵀ x‖. Both are computed and one is kept, so there is no branch on values.
     col = ops.mT(ops.matmul(m, ops.mT(_one_hot(ops.argmax(col_energy, -1), n, m, ops))))
     x_col = _unit_rows(ops.matmul(col, m), ops)
-    est_col = _norm_rows(ops.matmul(x_col, ops.mT(m)), ops)[..., 0]
+    est_col = _norm_rows(_times_transpose(x_col, m, ops), ops)[..., 0]
     row = ops.matmul(_one_hot(ops.argmax(row_energy, -1), n, m, ops), m)
-    x_row = _unit_rows(ops.matmul(row, ops.mT(m)), ops)
+    x_row = _unit_rows(_times_transpose(row, m, ops), ops)
     est_row = _norm_rows(ops.matmul(x_row, m), ops)[..., 0]
     use_col = ops.max(col_energy, axis=-1) > ops.max(row_energy, axis=-1)
     return s * ops.where(use_col, est_col, est_row)
@@ -73,6 +82,16 @@ def lb_spd(m: Any, ops: Any) -> Any:
     return ops.maximum(s, 0.0) * _norm_rows(ops.matmul(x, m), ops)[..., 0]
 
 
+def lb_skew(m: Any, ops: Any) -> Any:
+    """Skew-symmetric estimator (Procrustes' generator): :func:`lb_rowcol`'s row branch. For
+    ``Mᵀ = −M`` a column is minus the row of the same index, so both branches give the same
+    estimate and one suffices."""
+    s = ops.max(ops.abs(m), axis=(-2, -1))
+    m = m / ops.reshape(_safe_scale(s, ops), (-1, 1, 1))
+    x = _unit_rows(ops.matmul(_top_row(m, ops), m), ops)
+    return s * _norm_rows(ops.matmul(x, m), ops)[..., 0]
+
+
 def lb_power(m: Any, ops: Any, iters: int = 2) -> Any:
     """``iters`` power iterations ``x ← x·M·Mᵀ`` from the top row, then ``‖x Mᵀ‖``: a tight
     bound for the symmetric matrices the fit passes (any unit ``x`` gives a valid bound)."""
@@ -80,8 +99,8 @@ def lb_power(m: Any, ops: Any, iters: int = 2) -> Any:
     m = m / ops.reshape(_safe_scale(s, ops), (-1, 1, 1))
     x = _unit_rows(_top_row(m, ops), ops)
     for _ in range(iters):
-        x = _unit_rows(ops.matmul(ops.matmul(x, m), ops.mT(m)), ops)
-    return s * _norm_rows(ops.matmul(x, ops.mT(m)), ops)[..., 0]
+        x = _unit_rows(_times_transpose(ops.matmul(x, m), m, ops), ops)
+    return s * _norm_rows(_times_transpose(x, m, ops), ops)[..., 0]
 
 
 def lb_subspace(m: Any, probes: Any, ops: Any, half_iters: int = 2) -> Any:
