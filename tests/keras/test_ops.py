@@ -47,6 +47,7 @@ def test_primitives_match_numpy() -> None:
         "maximum": lambda o, a: o.maximum(a, 0.25) + o.minimum(0.5, a),
         "argmax": lambda o, a: o.argmax(a, -1),
         "eye_ones": lambda o, a: o.eye(4, a) + o.ones((4, 4), a) + o.zeros((4, 4), a),
+        "add_diagonal": lambda o, a: o.add_diagonal(a, -2.5) + o.add_diagonal(a, a[:, 0]),
     }
     for name, fn in cases.items():
         np.testing.assert_allclose(

@@ -140,12 +140,11 @@ def _whitening_count(mask: Any, axis: int, shape: tuple[int, ...], ops: Any) -> 
     return gram(mask, mask, axis, False, ops)
 
 
-def _as_matrix(count: Any, q: Any, ops: Any) -> Any:
-    """The diagonal matrix with ``count`` (scalar or ``(B, n)``) on its diagonal, like ``q``."""
-    eye = ops.eye(q.shape[-1], q)
+def _scale_columns(q: Any, count: Any, ops: Any) -> Any:
+    """``q · diag(count)`` for ``count`` a number or ``(B, n)``."""
     if isinstance(count, (int, float)):
-        return count * eye
-    return eye * ops.reshape(count, (*count.shape, 1))
+        return count * q
+    return q * ops.reshape(count, (count.shape[0], 1, count.shape[-1]))
 
 
 def _bound(m: Any, dense: bool, options: FitOptions, ops: Any, probes: Any) -> Any:
@@ -231,6 +230,7 @@ def fit(
         if geometry == "EQ":
             t1, t2 = gram(left, left, i, dense, ops), gram(right, right, i, dense, ops)
             ell = _bound(t1 + t2, dense, options, ops, probes)
+            g = t1 - t2
         elif geometry == "QEP":
             xi = mode_product(q, left, i, ops)
             t1 = gram(xi, xi, i, dense, ops)
@@ -240,19 +240,20 @@ def fit(
             else:
                 count = _whitening_count(mask, i, shape, ops)
                 t2 = (
-                    ops.matmul(ops.matmul(q, _as_matrix(count, q, ops)), ops.mT(q))
-                    if dense
-                    else count * q * q
+                    ops.matmul(_scale_columns(q, count, ops), ops.mT(q)) if dense else count * q * q
                 )
             ell = _bound(t1 + t2, dense, options, ops, probes)
+            g = t1 - t2
         else:
             t1 = gram(left, left, i, dense, ops)
             if newton:
                 t2 = gram(probe, probe, i, dense, ops)
                 ell = _bound(t1 + t2, dense, options, ops, probes)
+                g = t1 - t2
             else:
+                # The auxiliary term is E vvᵀ = diag(count), so it is subtracted on the diagonal.
                 count = _whitening_count(mask, i, shape, ops)
-                t2 = _as_matrix(count, q, ops) if dense else count + 0.0 * t1
+                g = ops.add_diagonal(t1, -count) if dense else t1 - count
                 biggest = count if isinstance(count, float) else ops.max(count, axis=-1)
                 ell = _bound(t1, dense, options, ops, probes) + biggest
         # The estimate keeps its stored dtype, so a state's dtypes never change in a step. A
@@ -265,7 +266,6 @@ def fit(
         )
         # L is kept in at least float32; the step is applied in the factor's own dtype.
         step = ops.astype(_per_block(lr / ops.maximum(lip, floor), q, ops), ops.dtype(q))
-        g = t1 - t2
         updated = (
             _update_dense(geometry, q, g, step, ops)
             if dense

@@ -78,6 +78,10 @@ class KerasOps:
     def diagonal(self, x):
         return kops.diagonal(x, axis1=-2, axis2=-1)
 
+    def add_diagonal(self, x, values):
+        values = values if isinstance(values, (int, float)) else kops.expand_dims(values, -1)
+        return x + kops.eye(x.shape[-1], dtype=self.dtype(x)) * values
+
     def solve_lower(self, lower, rhs):
         return kops.solve_triangular(lower, rhs, lower=True)
 

@@ -66,6 +66,10 @@ class NumpyOps:
     def diagonal(self, x):
         return self.xp.diagonal(x, axis1=-2, axis2=-1)
 
+    def add_diagonal(self, x, values):
+        values = values if isinstance(values, (int, float)) else values[..., None]
+        return x + self.xp.eye(x.shape[-1], dtype=x.dtype) * values
+
     def solve_lower(self, lower, rhs):
         # NumPy has no triangular solve; a general solve gives the same answer on a triangular
         # system.

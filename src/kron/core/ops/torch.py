@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+_HALF = (torch.bfloat16, torch.float16)
+
 
 class TorchOps:
     name = "torch"
@@ -58,6 +60,11 @@ class TorchOps:
         return x[tuple(slice(0, s) for s in sizes)]
 
     def matmul(self, a, b):
+        # A half-precision batch of one goes through the 2-D product, which reads a transposed
+        # operand in place: the batched one copies it first on the CPU (an n×n copy per product,
+        # the factors' transposes in every P·x).
+        if a.dtype in _HALF and a.dim() == b.dim() == 3 and a.shape[0] == b.shape[0] == 1:
+            return torch.mm(a[0], b[0]).unsqueeze(0)
         return torch.matmul(a, b)
 
     def mT(self, x):
@@ -68,6 +75,11 @@ class TorchOps:
 
     def diagonal(self, x):
         return torch.diagonal(x, dim1=-2, dim2=-1)
+
+    def add_diagonal(self, x, values):
+        out = x.clone()
+        out.diagonal(dim1=-2, dim2=-1).add_(values)
+        return out
 
     def solve_lower(self, lower, rhs):
         return torch.linalg.solve_triangular(lower, rhs, upper=False)
