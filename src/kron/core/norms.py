@@ -34,7 +34,7 @@ def _one_hot(index: Any, n: int, like: Any, ops: Any) -> Any:
 
 
 def _norm_rows(x: Any, ops: Any) -> Any:
-    return ops.sqrt(ops.sum(x * x, axis=-1))
+    return ops.norm(x, axis=-1)
 
 
 def _unit_rows(x: Any, ops: Any) -> Any:
