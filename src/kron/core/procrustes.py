@@ -14,10 +14,6 @@ from typing import Any
 from kron.core.norms import lb_skew
 
 
-def _trace(x: Any, ops: Any) -> Any:
-    return ops.sum(ops.diagonal(x), axis=-1)
-
-
 def _column(x: Any, ops: Any) -> Any:
     return ops.reshape(x, (-1, 1, 1))
 
@@ -43,7 +39,8 @@ def _generator(q: Any, ops: Any) -> tuple[Any, Any, Any]:
     return ops.astype(r, ops.dtype(q)), 0.5 * c * norm * norm, ops.dtype(wide)
 
 
-def _wide_trace(x: Any, dtype: Any, ops: Any) -> Any:
+def _trace(x: Any, dtype: Any, ops: Any) -> Any:
+    """``tr(x)`` summed in ``dtype``."""
     return ops.sum(ops.astype(ops.diagonal(x), dtype), axis=-1)
 
 
@@ -57,7 +54,7 @@ def procrustes_step2(q: Any, ops: Any, max_step: float = 0.125) -> Any:
     r, t1, wide = _generator(q, ops)
     rq = ops.matmul(r, q)
     rrq = ops.matmul(r, rq)
-    t2 = _wide_trace(rrq, wide, ops)
+    t2 = _trace(rrq, wide, ops)
     # a maximises tr(Q) + a·t1 + a²·t2/2; only a concave (t2 < 0) model has a finite maximiser.
     safe_t2 = ops.where(t2 < 0, t2, -ops.ones(t2.shape, t2))
     a = ops.where(t2 < 0, ops.minimum(-t1 / safe_t2, max_step), max_step * ops.ones(t2.shape, t2))
@@ -71,7 +68,7 @@ def procrustes_step3(q: Any, ops: Any, max_step: float = 1.0 / 3.0) -> Any:
     rq = ops.matmul(r, q)
     rrq = ops.matmul(r, rq)
     rrrq = ops.matmul(r, rrq)
-    t2, t3 = _wide_trace(rrq, wide, ops), _wide_trace(rrrq, wide, ops)
+    t2, t3 = _trace(rrq, wide, ops), _trace(rrrq, wide, ops)
     ok = (t1 > 0) & (t3 < 0)
     safe_t3 = ops.where(ok, t3, -ops.ones(t3.shape, t3))
     disc = ops.maximum(t2 * t2 - 1.5 * t1 * safe_t3, 0.0)
