@@ -189,6 +189,26 @@ def test_add_diagonal(backend):
     np.testing.assert_array_equal(backend.numpy(backend.array(x)), x)  # x itself is unchanged
 
 
+def test_addcmul_and_take_rows(backend):
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((2, 3, 4)), rng.standard_normal((2, 3, 4))
+    scale = np.array([0.5, -2.0]).reshape(2, 1, 1)
+    got = backend.ops.addcmul(backend.array(x), backend.array(scale), backend.array(y))
+    np.testing.assert_allclose(backend.numpy(got), x + scale * y, rtol=1e-12)
+    got = backend.ops.addcmul(backend.array(x), -1.5, backend.array(y))
+    np.testing.assert_allclose(backend.numpy(got), x - 1.5 * y, rtol=1e-12)
+    np.testing.assert_array_equal(backend.numpy(backend.array(x)), x)  # x itself is unchanged
+    index = backend.ops.argmax(backend.array(x[:, :, 0]), -1)
+    rows = backend.numpy(backend.ops.take_rows(backend.array(x), index))
+    expected = np.stack([x[b, np.argmax(x[b, :, 0])] for b in range(2)])[:, None, :]
+    np.testing.assert_array_equal(rows, expected)
+    columns = backend.numpy(backend.ops.take_rows(backend.ops.mT(backend.array(x)), index))
+    np.testing.assert_array_equal(
+        columns,
+        np.swapaxes(x, 1, 2)[np.arange(2), [int(i) for i in backend.numpy(index)]][:, None, :],
+    )
+
+
 def test_norm_bounds_of_zero_matrix_are_zero(backend):
     for method in NORM_BOUNDS:
         assert _bound(np.zeros((4, 4)), method, backend, 0) == 0.0

@@ -48,6 +48,8 @@ def test_primitives_match_numpy() -> None:
         "argmax": lambda o, a: o.argmax(a, -1),
         "eye_ones": lambda o, a: o.eye(4, a) + o.ones((4, 4), a) + o.zeros((4, 4), a),
         "add_diagonal": lambda o, a: o.add_diagonal(a, -2.5) + o.add_diagonal(a, a[:, 0]),
+        "addcmul": lambda o, a: o.addcmul(a, a[:, :1, :1], o.mT(a)) + o.addcmul(a, -1.5, a),
+        "take_rows": lambda o, a: o.take_rows(a, o.argmax(a[:, :, 0], -1)),
     }
     for name, fn in cases.items():
         np.testing.assert_allclose(

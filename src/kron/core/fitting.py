@@ -22,7 +22,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from kron.core.finite import finite_rows
 from kron.core.kron_product import (
     apply_factors,
     gram,
@@ -106,7 +105,7 @@ def damp(x: Any, noise: Any, options: FitOptions, ops: Any, mask: Any = None) ->
         return x + math.sqrt(1.1920928955078125e-07) * (total / count) * noise
     if options.damping_rule == "absolute":
         return x + options.damping * noise
-    return x + (options.damping + ops.eps(ops.dtype(x)) * ops.abs(x)) * noise
+    return ops.addcmul(x, options.damping + ops.eps(ops.dtype(x)) * ops.abs(x), noise)
 
 
 def lipschitz_update(lipschitz: Any, ell: Any, beta: float, ops: Any) -> Any:
@@ -116,6 +115,14 @@ def lipschitz_update(lipschitz: Any, ell: Any, beta: float, ops: Any) -> Any:
 
 def _max_abs(f: Any, ops: Any) -> Any:
     return ops.max(ops.abs(f), axis=tuple(range(1, len(f.shape))))
+
+
+def _finite_blocks(factor: Any, ops: Any) -> Any:
+    """``(B,)``: whether each block of a factor is finite, read in one pass with no temporary.
+    A sum is NaN or infinite when any entry is; it could also overflow on finite entries, but
+    only past 1e38, far beyond what a fitted factor holds (:func:`kron.core.finite_rows` is the
+    exact test, for gradients)."""
+    return ops.isfinite(ops.sum(factor, axis=tuple(range(1, len(factor.shape)))))
 
 
 def _per_block(value: Any, factor: Any, ops: Any) -> Any:
@@ -156,17 +163,17 @@ def _bound(m: Any, dense: bool, options: FitOptions, ops: Any, probes: Any) -> A
 def _update_dense(geometry: str, q: Any, g: Any, s: Any, ops: Any) -> Any:
     mm = ops.matmul
     if geometry == "EQ":
-        return q - s * mm(ops.triu(g), q)
+        return ops.addcmul(q, -s, mm(ops.triu(g), q))
     if geometry == "QEQ":
-        return q - s * mm(q, g)
+        return ops.addcmul(q, -s, mm(q, g))
     if geometry in ("Q0.5EQ1.5", "QEP", "PRO4P"):
-        q = q - s * mm(g, q)
+        q = ops.addcmul(q, -s, mm(g, q))
         if geometry == "Q0.5EQ1.5":
             return procrustes_step2(q, ops)
         return procrustes_repeat3(q, ops) if geometry == "PRO4P" else q
-    half = 0.5 if geometry == "QUAD" else 1.0  # QUAD4P takes the full step on P
-    q = q - (half * s) * mm(g, q)
-    q = q - (half * s) * mm(q, g)
+    half = -0.5 * s if geometry == "QUAD" else -s  # QUAD4P takes the full step on P
+    q = ops.addcmul(q, half, mm(g, q))
+    q = ops.addcmul(q, half, mm(q, g))
     return 0.5 * (q + ops.mT(q))
 
 
@@ -276,7 +283,7 @@ def fit(
         # A block whose fit overflowed (a finite float32 gradient near 1e19 squares past the
         # range) keeps its factor and estimate: an inf L would freeze the factor for good, and a
         # NaN factor would reach the parameters.
-        ok = finite_rows(updated, ops) & ops.isfinite(lip)
+        ok = _finite_blocks(updated, ops) & ops.isfinite(lip)
         new_factors.append(ops.where(_per_block(ok, q, ops), updated, q))
         new_lipschitz.append(ops.where(ok, lip, old_lip))
     return new_factors, new_lipschitz

@@ -1,8 +1,8 @@
 """Cheap lower bounds of the spectral norm ‖M‖₂ (algorithm.md §4.8).
 
 Every estimate is ``‖M x‖`` for some unit vector ``x``, so it never exceeds ‖M‖₂. All functions take
-``(B, n, n)`` and return ``(B,)``; a zero matrix gives 0. Selection of a row or column is a one-hot
-product, not indexing, so the functions batch and trace in every framework.
+``(B, n, n)`` and return ``(B,)``; a zero matrix gives 0. A row or column is selected with
+``ops.take_rows`` (a gather by the argmax), which batches and traces in every framework.
 
 ================  ====================================================  ===========================
 method            estimator                                             source
@@ -27,12 +27,6 @@ def _safe_scale(s: Any, ops: Any) -> Any:
     return ops.where(s > 0, s, ops.ones(s.shape, s))
 
 
-def _one_hot(index: Any, n: int, like: Any, ops: Any) -> Any:
-    """``(B,)`` indices -> ``(B, 1, n)`` one-hot rows in the dtype of ``like``."""
-    hits = ops.reshape(ops.arange(n, like), (1, n)) == ops.reshape(index, (-1, 1))
-    return ops.reshape(ops.astype(hits, ops.dtype(like)), (-1, 1, n))
-
-
 def _norm_rows(x: Any, ops: Any) -> Any:
     return ops.norm(x, axis=-1)
 
@@ -51,23 +45,21 @@ def _times_transpose(rows: Any, m: Any, ops: Any) -> Any:
 
 def _top_row(m: Any, ops: Any) -> Any:
     """The row of largest Euclidean norm, as ``(B, 1, n)``."""
-    n = m.shape[-1]
-    return ops.matmul(_one_hot(ops.argmax(_norm_rows(m, ops), -1), n, m, ops), m)
+    return ops.take_rows(m, ops.argmax(_norm_rows(m, ops), -1))
 
 
 def lb_rowcol(m: Any, ops: Any) -> Any:
     """General-matrix estimator: warm start at the dominant row or column, 1.5 power iterations."""
     s = ops.max(ops.abs(m), axis=(-2, -1))
     m = m / ops.reshape(_safe_scale(s, ops), (-1, 1, 1))
-    n = m.shape[-1]
     sq = m * m
     col_energy, row_energy = ops.sum(sq, axis=-2), ops.sum(sq, axis=-1)
     # Column branch: c = M[:, j], x = cᵀM, estimate ‖x Mᵀ‖. Row branch: r = M[i, :], x = M rᵀ,
     # estimate ‖Mᵀ x‖. Both are computed and one is kept, so there is no branch on values.
-    col = ops.mT(ops.matmul(m, ops.mT(_one_hot(ops.argmax(col_energy, -1), n, m, ops))))
+    col = ops.take_rows(ops.mT(m), ops.argmax(col_energy, -1))
     x_col = _unit_rows(ops.matmul(col, m), ops)
     est_col = _norm_rows(_times_transpose(x_col, m, ops), ops)[..., 0]
-    row = ops.matmul(_one_hot(ops.argmax(row_energy, -1), n, m, ops), m)
+    row = ops.take_rows(m, ops.argmax(row_energy, -1))
     x_row = _unit_rows(_times_transpose(row, m, ops), ops)
     est_row = _norm_rows(ops.matmul(x_row, m), ops)[..., 0]
     use_col = ops.max(col_energy, axis=-1) > ops.max(row_energy, axis=-1)
@@ -85,11 +77,15 @@ def lb_spd(m: Any, ops: Any) -> Any:
 def lb_skew(m: Any, ops: Any) -> Any:
     """Skew-symmetric estimator (Procrustes' generator): :func:`lb_rowcol`'s row branch. For
     ``Mᵀ = −M`` a column is minus the row of the same index, so both branches give the same
-    estimate and one suffices."""
-    s = ops.max(ops.abs(m), axis=(-2, -1))
-    m = m / ops.reshape(_safe_scale(s, ops), (-1, 1, 1))
-    x = _unit_rows(ops.matmul(_top_row(m, ops), m), ops)
-    return s * _norm_rows(ops.matmul(x, m), ops)[..., 0]
+    estimate and one suffices.
+
+    Unlike the other estimators it does not divide M by ``max|M|`` first, which costs a pass and
+    a temporary as large as M: only the vectors are normalised, before each product, which is
+    safe while M's entries stay below about 1e18 (float32's overflow, squared and summed). The
+    generators it gets, ``Q − Qᵀ`` of a factor, are far from that."""
+    top = _unit_rows(_top_row(m, ops), ops)
+    x = _unit_rows(ops.matmul(top, m), ops)
+    return _norm_rows(ops.matmul(x, m), ops)[..., 0]
 
 
 def lb_power(m: Any, ops: Any, iters: int = 2) -> Any:

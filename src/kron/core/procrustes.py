@@ -58,7 +58,9 @@ def procrustes_step2(q: Any, ops: Any, max_step: float = 0.125) -> Any:
     # a maximises tr(Q) + a·t1 + a²·t2/2; only a concave (t2 < 0) model has a finite maximiser.
     safe_t2 = ops.where(t2 < 0, t2, -ops.ones(t2.shape, t2))
     a = ops.where(t2 < 0, ops.minimum(-t1 / safe_t2, max_step), max_step * ops.ones(t2.shape, t2))
-    return q + _in_dtype_of(a, q, ops) * rq + _in_dtype_of(a * a / 2, q, ops) * rrq
+    return ops.addcmul(
+        ops.addcmul(q, _in_dtype_of(a, q, ops), rq), _in_dtype_of(a * a / 2, q, ops), rrq
+    )
 
 
 def procrustes_step3(q: Any, ops: Any, max_step: float = 1.0 / 3.0) -> Any:
@@ -75,7 +77,9 @@ def procrustes_step3(q: Any, ops: Any, max_step: float = 1.0 / 3.0) -> Any:
     a = ops.minimum((-t2 - ops.sqrt(disc)) / (0.75 * safe_t3), max_step)
     a = ops.where(ok, a, ops.zeros(a.shape, a))
     half, quarter = _in_dtype_of(a / 2, q, ops), _in_dtype_of(a / 4, q, ops)
-    return q + _in_dtype_of(a, q, ops) * (rq + half * (rrq + quarter * rrrq))
+    return ops.addcmul(
+        q, _in_dtype_of(a, q, ops), ops.addcmul(rq, half, ops.addcmul(rrq, quarter, rrrq))
+    )
 
 
 def procrustes_repeat3(q: Any, ops: Any, max_steps: int = 10, tol: float = 1e-3) -> Any:

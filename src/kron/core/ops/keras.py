@@ -136,11 +136,18 @@ class KerasOps:
     def lerp(self, start, end, weight, in_place=False):
         return start + weight * (end - start)
 
+    def addcmul(self, x, scale, y):
+        return x + scale * y
+
     def max(self, x, axis=None, keepdims=False):
         return kops.max(x, axis=axis, keepdims=keepdims)
 
     def argmax(self, x, axis):
         return kops.argmax(x, axis=axis)
+
+    def take_rows(self, x, index):
+        index = kops.broadcast_to(kops.reshape(index, (-1, 1, 1)), (x.shape[0], 1, x.shape[-1]))
+        return kops.take_along_axis(x, index, axis=-2)
 
 
 def _binary(tensor_fn, scalar_fn, x, y):

@@ -130,11 +130,17 @@ class NumpyOps:
     def lerp(self, start, end, weight, in_place=False):
         return start + weight * (end - start)
 
+    def addcmul(self, x, scale, y):
+        return x + scale * y
+
     def max(self, x, axis=None, keepdims=False):
         return self.xp.max(x, axis=axis, keepdims=keepdims)
 
     def argmax(self, x, axis):
         return self.xp.argmax(x, axis=axis)
+
+    def take_rows(self, x, index):
+        return self.xp.take_along_axis(x, index[:, None, None], axis=-2)
 
 
 def _is_number(x) -> bool:

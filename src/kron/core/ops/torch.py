@@ -63,8 +63,12 @@ class TorchOps:
         # A half-precision batch of one goes through the 2-D product, which reads a transposed
         # operand in place: the batched one copies it first on the CPU (an n×n copy per product,
         # the factors' transposes in every P·x).
-        if a.dtype in _HALF and a.dim() == b.dim() == 3 and a.shape[0] == b.shape[0] == 1:
-            return torch.mm(a[0], b[0]).unsqueeze(0)
+        if a.dim() == b.dim() == 3 and a.shape[0] == b.shape[0]:
+            if a.dtype in _HALF and a.shape[0] == 1:
+                return torch.mm(a[0], b[0]).unsqueeze(0)
+            # torch.matmul would broadcast, reshape and view around the same bmm: 5 more
+            # dispatches per product, in a step that takes hundreds of them.
+            return torch.bmm(a, b)
         return torch.matmul(a, b)
 
     def mT(self, x):
@@ -140,11 +144,20 @@ class TorchOps:
             return start.lerp_(end, weight) if same else start.add_(weight * (end - start))
         return torch.lerp(start, end, weight) if same else start + weight * (end - start)
 
+    def addcmul(self, x, scale, y):
+        # One pass: on the CPU every intermediate n×n result is a fresh, page-faulted allocation.
+        if isinstance(scale, (int, float)):
+            return torch.add(x, y, alpha=scale)
+        return torch.addcmul(x, scale, y)
+
     def max(self, x, axis=None, keepdims=False):
         return x.amax() if axis is None else x.amax(dim=axis, keepdim=keepdims)
 
     def argmax(self, x, axis):
         return x.argmax(dim=axis)
+
+    def take_rows(self, x, index):
+        return torch.gather(x, -2, index.view(-1, 1, 1).expand(-1, 1, x.shape[-1]))
 
 
 def _binary(tensor_fn, scalar_fn, clamp_side, x, y):
