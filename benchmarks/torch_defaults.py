@@ -86,6 +86,7 @@ def main() -> None:
                     10,
                     34,
                     3,
+                    torch.device("cpu"),
                 )["kron"][0]
                 for p in (1.0, 0.03)
             }

@@ -128,6 +128,9 @@ def optimizers(probability: float) -> dict[str, Callable]:
         "ours (precond_dtype=float32)": lambda ps: Kron(
             ps, preconditioner_update_probability=p, precond_dtype=torch.float32
         ),
+        "ours (compile=True)": lambda ps: Kron(
+            ps, preconditioner_update_probability=p, compile=True
+        ),
     }
 
 
@@ -177,19 +180,24 @@ def time_cell(
     repeats: int,
     device: torch.device,
 ) -> dict[str, tuple[float, int, int]]:
-    """``{name: (median ms per step, state bytes, step peak bytes)}`` for one (model,
-    probability) cell (the peak is 0 off CUDA). Windows are taken in turn across the optimizers,
-    so a change in the machine's load between windows reaches every optimizer alike instead of
-    skewing the ratios."""
+    """``{name: (median ms per step, state bytes, step peak bytes, warm-up seconds)}`` for one
+    (model, probability) cell (the peak is 0 off CUDA; the warm-up is the total time of the
+    warm-up steps' ``optimizer.step()``, which holds any ``torch.compile``). Windows are taken
+    in turn across the optimizers, so a change in the machine's load between windows reaches
+    every optimizer alike instead of skewing the ratios."""
     runs = {name: _Run(model_name, make, device) for name, make in makers.items()}
-    for run in runs.values():
-        run.steps(warmup)
+    warmup_seconds = {name: run.steps(warmup) * warmup / 1000 for name, run in runs.items()}
     windows: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(repeats):
         for name, run in runs.items():
             windows[name].append(run.steps(steps))
     return {
-        name: (statistics.median(windows[name]), state_bytes(run.opt), run.step_peak_bytes)
+        name: (
+            statistics.median(windows[name]),
+            state_bytes(run.opt),
+            run.step_peak_bytes,
+            warmup_seconds[name],
+        )
         for name, run in runs.items()
     }
 
@@ -198,10 +206,14 @@ def markdown(rows: list[dict]) -> str:
     """The results as a Markdown table, with each optimizer's time relative to the faster peer
     (kron_torch or heavyball) and to AdamW in the same (model, probability) cell."""
     with_peak = any(row.get("step_peak_bytes") for row in rows)
+    with_warmup = any("warmup_s" in row for row in rows)  # files before it was recorded lack it
     lines = [
         "| model | p | optimizer | ms/step | × faster peer | × AdamW | state MiB |"
-        + (" step peak MiB |" if with_peak else ""),
-        "|---|---|---|---|---|---|---|" + ("---|" if with_peak else ""),
+        + (" step peak MiB |" if with_peak else "")
+        + (" warm-up s |" if with_warmup else ""),
+        "|---|---|---|---|---|---|---|"
+        + ("---|" if with_peak else "")
+        + ("---|" if with_warmup else ""),
     ]
     cells: dict[tuple, dict[str, dict]] = {}
     for row in rows:
@@ -220,6 +232,8 @@ def markdown(rows: list[dict]) -> str:
             )
             if with_peak:
                 line += f" {row['step_peak_bytes'] / 2**20:.2f} |"
+            if with_warmup:
+                line += f" {row['warmup_s']:.1f} |"
             lines.append(line)
     return "\n".join(lines)
 
@@ -267,7 +281,7 @@ def main() -> None:
                 if not args.only or name in args.only
             }
             cell = time_cell(model_name, makers, args.warmup, args.steps, args.repeats, device)
-            for name, (ms, nbytes, peak) in cell.items():
+            for name, (ms, nbytes, peak, warmup_s) in cell.items():
                 rows.append(
                     dict(
                         model=model_name,
@@ -276,6 +290,7 @@ def main() -> None:
                         ms_per_step=ms,
                         state_bytes=nbytes,
                         step_peak_bytes=peak,
+                        warmup_s=warmup_s,
                     )
                 )
                 print(
