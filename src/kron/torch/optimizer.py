@@ -152,10 +152,9 @@ class Kron(torch.optim.Optimizer):
         ``FloatingPointError`` (this one synchronises with the device).
       stack_params: step same-shape parameters in one batched call. Default True.
       compile: compile the per-bucket math with ``torch.compile``; ``None`` (default) compiles
-        on accelerators and runs eagerly on the CPU, where compiled fits are faster (0.76-0.79x
-        on the benchmark models) but compiled steps without a fit slower (1.14-1.43x), and
-        those are most steps of a long run at the default schedule. ``True`` suits CPU runs
-        that fit on most steps; the first steps then take tens of seconds to compile.
+        on accelerators and runs eagerly on the CPU. On the CPU ``True`` compiles the steps
+        that fit (0.76-0.83x the eager step's time on the benchmark models, after tens of
+        seconds of compiling) and leaves the others eager, where compiled ones were slower.
       resync: with replicated training (DDP), every ``resync`` steps of a group broadcast its
         parameters and their state (Q, L, cache, momentum, ...) from rank 0 of the default process
         group, to cancel floating-point drift between replicas. ``None`` or 0 (default): never.
@@ -667,9 +666,11 @@ class Kron(torch.optim.Optimizer):
     def _compiled_step(self, plan, options, do_fit, size, dtype, device) -> Callable:
         """``kron_step``, compiled once per (plan, options, fit or not, stack size, dtype) when
         ``compile`` is on (by default on accelerators only; the docstring of :class:`Kron` says
-        why)."""
+        why). On the CPU only steps that fit are compiled: one that does not is a few products
+        and passes, which the compiled graph's guards and calls per bucket made slower than the
+        eager step (benchmarks/RESULTS.md, the PyTorch table)."""
         enabled = self.compile if self.compile is not None else device.type != "cpu"
-        if not enabled:
+        if not enabled or (device.type == "cpu" and not do_fit):
             return kron_step
         key = (plan, options, do_fit, size, dtype, device)
         if key not in self._compiled:
