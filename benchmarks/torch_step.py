@@ -179,7 +179,7 @@ def time_cell(
     steps: int,
     repeats: int,
     device: torch.device,
-) -> dict[str, tuple[float, int, int]]:
+) -> dict[str, tuple[float, int, int, float]]:
     """``{name: (median ms per step, state bytes, step peak bytes, warm-up seconds)}`` for one
     (model, probability) cell (the peak is 0 off CUDA; the warm-up is the total time of the
     warm-up steps' ``optimizer.step()``, which holds any ``torch.compile``). Windows are taken
