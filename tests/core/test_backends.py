@@ -189,6 +189,36 @@ def test_add_diagonal(backend):
     np.testing.assert_array_equal(backend.numpy(backend.array(x)), x)  # x itself is unchanged
 
 
+def test_into_hands_over_an_input(backend):
+    """``into=a`` gives the same values as without it; PyTorch writes them into ``a`` when the
+    result has its shape and dtype, and leaves ``a`` alone when it would broadcast or promote."""
+    rng = np.random.default_rng(1)
+    x, y = rng.standard_normal((2, 3, 3)), rng.standard_normal((2, 3, 3))
+    scale = np.array([0.5, -2.0]).reshape(2, 1, 1)
+    ops, torch_ = backend.ops, backend.name == "torch"
+    cases = [
+        (lambda a, b, c: ops.addcmul(a, c, b, into=b), x + scale * y, 1),
+        (lambda a, b, c: ops.addcmul(a, -1.5, b, into=a), x - 1.5 * y, 0),
+        (lambda a, b, c: ops.where(a > 0, a, b, into=a), np.where(x > 0, x, y), 0),
+        (lambda a, b, c: ops.add_diagonal(a, 2.0, into=a), x + 2.0 * np.eye(3), 0),
+    ]
+    for op, expected, written in cases:
+        # Copies: a torch tensor made from a NumPy array shares its memory.
+        arrays = [backend.array(x.copy()), backend.array(y.copy()), backend.array(scale)]
+        got = op(*arrays)
+        np.testing.assert_allclose(backend.numpy(got), expected, rtol=1e-12)
+        assert (got is arrays[written]) == torch_
+    # A row that would broadcast into the result, or a float32 operand that would promote it.
+    row = backend.array(y[:1].copy())
+    got = ops.addcmul(backend.array(x.copy()), 2.0, row, into=row)
+    np.testing.assert_allclose(backend.numpy(got), x + 2.0 * y[:1], rtol=1e-12)
+    np.testing.assert_array_equal(backend.numpy(row), y[:1])
+    narrow = backend.array(y.astype(np.float32))
+    got = ops.addcmul(narrow, backend.array(scale), backend.array(x.copy()), into=narrow)
+    assert got is not narrow
+    np.testing.assert_array_equal(backend.numpy(narrow), y.astype(np.float32))
+
+
 def test_addcmul_and_take_rows(backend):
     rng = np.random.default_rng(0)
     x, y = rng.standard_normal((2, 3, 4)), rng.standard_normal((2, 3, 4))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -249,6 +251,29 @@ def test_an_overflowing_fit_keeps_the_factors_and_estimates(backend, geometry):
         not np.array_equal(backend.numpy(new), backend.numpy(old))
         for new, old in zip(after_factors, kept_factors)
     )
+
+
+@pytest.mark.filterwarnings("ignore:overflow:RuntimeWarning", "ignore:invalid:RuntimeWarning")
+@pytest.mark.parametrize("geometry", ALL_GEOMETRIES)
+def test_a_gram_near_the_float32_limit_does_not_blow_up_the_factors(backend, geometry):
+    """A gradient of ±5e18 gives a finite float32 T1 of entries ±1e38. The norm bound must not
+    collapse there (XLA:CPU divides by ``max|T1|`` through its reciprocal, a subnormal that it
+    flushes to zero, which made the bound 0 and the step μ/L huge): the factors stay finite and
+    near where they were."""
+    plan = make_plan((4, 3), LayoutOptions(max_skew=math.inf))
+    options = FitOptions(geometry=geometry)
+    ops = backend.ops
+    like = backend.array(np.zeros(1, np.float32))
+    factors = init_factors(plan, 1.0, like, ops, options.state_is_p)
+    lips = init_lipschitz(plan, like, ops)
+    signs = np.where(np.arange(12).reshape(1, 4, 3) % 2 == 0, 1.0, -1.0).astype(np.float32)
+    noise = backend.array(np.zeros((1, 4, 3), np.float32))
+    new, _ = fit(
+        factors, lips, backend.array(signs * 5e18), noise, lr=0.1, options=options, ops=ops
+    )
+    for f in new:
+        f = backend.numpy(f)
+        assert np.all(np.isfinite(f)) and np.abs(f).max() < 10.0, f
 
 
 def test_fit_ignores_padding(backend):

@@ -21,6 +21,7 @@ from kron.core import (
     TensorState,
     accumulator_decision,
     balance,
+    cache_preconditioner,
     clip_rms,
     counter_decision,
     damp,
@@ -622,28 +623,39 @@ def test_update_momentum_in_place_writes_into_the_old_buffer(backend, rule):
     assert (new is old) == (backend.name == "torch")
 
 
-def test_fit_is_pure(backend):
-    """fit returns new arrays and never writes into its inputs."""
-    plan = make_plan((4, 6))
+@pytest.mark.parametrize("newton", [False, True], ids=["whitening", "newton"])
+@pytest.mark.parametrize("geometry", ALL_GEOMETRIES)
+def test_fit_is_pure(backend, geometry, newton):
+    """fit returns new arrays and never writes into its inputs, though PyTorch writes some of
+    its own temporaries in place (``into=``): the factors, the cache, the target, the noise and
+    the probe keep their values, for dense and diagonal factors alike."""
+    plan = make_plan((4, 6, 3), LayoutOptions(max_size=5))  # dense, diagonal, dense
     rng = np.random.default_rng(17)
     ops = backend.ops
+    options = FitOptions(geometry=geometry)
     like = backend.array(np.zeros(1))
-    factors = init_factors(plan, 1.0, like, ops)
+    factors = init_factors(plan, 1.0, like, ops, options.state_is_p)
     lips = init_lipschitz(plan, like, ops)
-    before = [backend.numpy(f).copy() for f in factors]
-    x = backend.array(rng.standard_normal((1, 4, 6)))
+    arrays = [backend.array(rng.standard_normal((1, 4, 6, 3))) for _ in range(3)]
+    x, noise, probe = arrays
+    cache = None if options.state_is_p else cache_preconditioner(factors, ops)
+    inputs = [*factors, *lips, *arrays, *(cache or [])]
+    before = [backend.numpy(a).copy() for a in inputs]
     new, _ = fit(
         factors,
         lips,
         x,
-        backend.array(rng.standard_normal((1, 4, 6))),
+        noise,
         lr=0.1,
-        options=FitOptions(),
+        options=options,
         ops=ops,
+        probe=probe if newton else None,
+        cache=cache,
     )
-    for f, b in zip(factors, before):
-        np.testing.assert_array_equal(backend.numpy(f), b)
-    assert not np.allclose(backend.numpy(new[0]), before[0])
+    for a, b in zip(inputs, before):
+        np.testing.assert_array_equal(backend.numpy(a), b)
+    for f, b in zip(new, before):
+        assert not np.allclose(backend.numpy(f), b)
 
 
 @pytest.mark.parametrize("rule", DAMPING_RULES)

@@ -9,6 +9,8 @@ from kron.core import (
     GEOMETRIES,
     FitOptions,
     LayoutOptions,
+    clip_l2,
+    clip_rms,
     fit,
     get_ops,
     init_factors,
@@ -109,3 +111,24 @@ def test_jax_half_precision_products_keep_their_dtype_and_round_once():
     # float32 accumulation leaves at most a float32 rounding before the final one.
     assert np.mean(np.asarray(product, np.float64) == rounded_once) > 0.99
     assert jax_ops.matmul(a.astype(jnp.float32), b.astype(jnp.float32)).dtype == jnp.float32
+
+
+@pytest.mark.parametrize("backend", ["numpy", "jax", "torch"])
+@pytest.mark.parametrize("clip", ["rms", "l2"])
+def test_float16_updates_are_clipped_by_a_norm_taken_in_float32(clip, backend):
+    """Entries of 300 square past float16's range (65504): a norm summed from float16 squares
+    (NumPy's, JAX's, Keras's) would be inf and the clip factor 0, which stops training with
+    float16 factors."""
+    import numpy as np
+
+    ops = get_ops(backend)
+    y = np.full((2, 8, 8), 300.0, dtype=np.float16)
+    y[1] = 0.01
+    as_array = torch.as_tensor if backend == "torch" else ops.asarray
+    clipped = (clip_rms if clip == "rms" else clip_l2)(as_array(y), 1.1, ops)
+    clipped = np.asarray(clipped)
+    assert clipped.dtype == np.float16 and np.isfinite(clipped).all()
+    top = clipped[0].astype(np.float64)
+    size = np.sqrt(np.mean(top**2)) if clip == "rms" else np.linalg.norm(top)
+    assert size == pytest.approx(1.1, rel=1e-2)
+    np.testing.assert_array_equal(clipped[1], y[1])  # already below the cap

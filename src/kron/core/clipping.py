@@ -8,7 +8,10 @@ from typing import Any
 
 
 def norm_per_parameter(y: Any, ops: Any) -> Any:
-    """The L2 norm of each ``y[s]``, shaped to broadcast against ``y``."""
+    """The L2 norm of each ``y[s]``, shaped to broadcast against ``y``; in float32 when ``y``
+    is float16, whose range (to 65504) its squares would leave long before the norm does."""
+    if ops.tiny(ops.dtype(y)) > 1e-30:
+        y = ops.astype(y, "float32")
     axes = tuple(range(1, len(y.shape)))
     return ops.norm(y, axis=axes, keepdims=True) if axes else ops.abs(y)
 
@@ -31,7 +34,7 @@ def rms_clip_factor(y: Any, max_rms: float, ops: Any) -> Any:
 
 def clip_rms(y: Any, max_rms: float, ops: Any) -> Any:
     """``y · min(1, max_rms / RMS(y))``: kron_torch and psgd_jax use 1.1, psgd_torch 2.0."""
-    return y * rms_clip_factor(y, max_rms, ops)
+    return y * ops.astype(rms_clip_factor(y, max_rms, ops), ops.dtype(y))
 
 
 def clip_elementwise(y: Any, max_abs: float, ops: Any) -> Any:
@@ -53,7 +56,7 @@ def l2_clip_factor(y: Any, max_norm: float, ops: Any) -> Any:
 
 def clip_l2(y: Any, max_norm: float, ops: Any) -> Any:
     """``y · min(1, max_norm / ‖y‖₂)`` per leading index."""
-    return y * l2_clip_factor(y, max_norm, ops)
+    return y * ops.astype(l2_clip_factor(y, max_norm, ops), ops.dtype(y))
 
 
 def mars_correction(grad: Any, previous: Any, beta: float, gamma: float, ops: Any) -> Any:

@@ -113,10 +113,6 @@ def lipschitz_update(lipschitz: Any, ell: Any, beta: float, ops: Any) -> Any:
     return ops.maximum(beta * lipschitz + (1.0 - beta) * ell, ell)
 
 
-def _max_abs(f: Any, ops: Any) -> Any:
-    return ops.max(ops.abs(f), axis=tuple(range(1, len(f.shape))))
-
-
 def _finite_blocks(factor: Any, ops: Any) -> Any:
     """``(B,)``: whether each block of a factor is finite, read in one pass with no temporary.
     A sum is NaN or infinite when any entry is; it could also overflow on finite entries, but
@@ -134,7 +130,10 @@ def balance(factors: Sequence[Any], ops: Any) -> list[Any]:
     """Rescale factors to equal max-abs norms without changing ``⊗Q_i`` (§5.3)."""
     if len(factors) < 2:
         return list(factors)
-    log_norms = [ops.log(ops.maximum(_max_abs(f, ops), ops.tiny(ops.dtype(f)))) for f in factors]
+    log_norms = [
+        ops.log(ops.maximum(ops.max_abs(f, tuple(range(1, len(f.shape)))), ops.tiny(ops.dtype(f))))
+        for f in factors
+    ]
     log_mean = sum(log_norms) / len(factors)
     return [f * _per_block(ops.exp(log_mean - ln), f, ops) for f, ln in zip(factors, log_norms)]
 
@@ -155,25 +154,35 @@ def _scale_columns(q: Any, count: Any, ops: Any) -> Any:
 
 
 def _bound(m: Any, dense: bool, options: FitOptions, ops: Any, probes: Any) -> Any:
+    """A lower bound of ‖M‖₂ for the PSD matrices the fit normalises by (diagonal: the largest
+    entry). The largest diagonal entry is one too, and a floor under the estimate: near the top of
+    float32's range XLA:CPU divides by ``max|M|`` through its reciprocal, a subnormal it flushes
+    to zero, and the estimate collapses to 0, which would make the step μ/L enormous."""
     if not dense:
         return ops.max(m, axis=-1)
-    return norm_lower_bound(m, options.norm_bound, ops, probes)
+    estimate = norm_lower_bound(m, options.norm_bound, ops, probes)
+    return ops.maximum(estimate, ops.max(ops.diagonal(m), axis=-1))
+
+
+def _minus_scaled(q: Any, s: Any, product: Any, ops: Any) -> Any:
+    """``q − s·product``, written into ``product``, a fresh temporary."""
+    return ops.addcmul(q, -s, product, into=product)
 
 
 def _update_dense(geometry: str, q: Any, g: Any, s: Any, ops: Any) -> Any:
     mm = ops.matmul
     if geometry == "EQ":
-        return ops.addcmul(q, -s, mm(ops.triu(g), q))
+        return _minus_scaled(q, s, mm(ops.triu(g), q), ops)
     if geometry == "QEQ":
-        return ops.addcmul(q, -s, mm(q, g))
+        return _minus_scaled(q, s, mm(q, g), ops)
     if geometry in ("Q0.5EQ1.5", "QEP", "PRO4P"):
-        q = ops.addcmul(q, -s, mm(g, q))
+        q = _minus_scaled(q, s, mm(g, q), ops)
         if geometry == "Q0.5EQ1.5":
             return procrustes_step2(q, ops)
         return procrustes_repeat3(q, ops) if geometry == "PRO4P" else q
-    half = -0.5 * s if geometry == "QUAD" else -s  # QUAD4P takes the full step on P
-    q = ops.addcmul(q, half, mm(g, q))
-    q = ops.addcmul(q, half, mm(q, g))
+    half = 0.5 * s if geometry == "QUAD" else s  # QUAD4P takes the full step on P
+    q = _minus_scaled(q, half, mm(g, q), ops)
+    q = _minus_scaled(q, half, mm(q, g), ops)
     return 0.5 * (q + ops.mT(q))
 
 
@@ -260,9 +269,9 @@ def fit(
             else:
                 # The auxiliary term is E vvᵀ = diag(count), so it is subtracted on the diagonal.
                 count = _whitening_count(mask, i, shape, ops)
-                g = ops.add_diagonal(t1, -count) if dense else t1 - count
                 biggest = count if isinstance(count, float) else ops.max(count, axis=-1)
                 ell = _bound(t1, dense, options, ops, probes) + biggest
+                g = ops.add_diagonal(t1, -count, into=t1) if dense else t1 - count
         # The estimate keeps its stored dtype, so a state's dtypes never change in a step. A
         # narrower bound (bfloat16 factors, float32 L) is widened first: TensorFlow does not
         # promote mixed dtypes.
@@ -284,7 +293,7 @@ def fit(
         # range) keeps its factor and estimate: an inf L would freeze the factor for good, and a
         # NaN factor would reach the parameters.
         ok = _finite_blocks(updated, ops) & ops.isfinite(lip)
-        new_factors.append(ops.where(_per_block(ok, q, ops), updated, q))
+        new_factors.append(ops.where(_per_block(ok, q, ops), updated, q, into=updated))
         new_lipschitz.append(ops.where(ok, lip, old_lip))
     return new_factors, new_lipschitz
 

@@ -4,6 +4,11 @@ Every estimate is ``‖M x‖`` for some unit vector ``x``, so it never exceeds 
 ``(B, n, n)`` and return ``(B,)``; a zero matrix gives 0. A row or column is selected with
 ``ops.take_rows`` (a gather by the argmax), which batches and traces in every framework.
 
+The estimators work on ``M/max|M|``, as psgd_torch's do, so that no product overflows or
+underflows whatever M's scale, but never form it: the vectors' products with M are divided
+instead. ``M/max|M|`` would cost two passes over M and a temporary as large as it, per factor
+per fit.
+
 ================  ====================================================  ===========================
 method            estimator                                             source
 ================  ====================================================  ===========================
@@ -36,42 +41,51 @@ def _unit_rows(x: Any, ops: Any) -> Any:
     return x / _safe_scale(norms, ops)
 
 
-def _times_transpose(rows: Any, m: Any, ops: Any) -> Any:
-    """``rows · Mᵀ`` for ``(B, r, n)`` rows, formed as ``(M · rowsᵀ)ᵀ``: batched products copy a
-    transposed matrix operand first (PyTorch's bfloat16 ones on the CPU, XLA:CPU's), while a
-    transposed block of a few rows costs nothing."""
-    return ops.mT(ops.matmul(m, ops.mT(rows)))
+def _scale(m: Any, ops: Any) -> Any:
+    """``max|M|`` as a ``(B, 1, 1)`` column, 1 for a zero matrix."""
+    return ops.reshape(_safe_scale(ops.max_abs(m, axis=(-2, -1)), ops), (-1, 1, 1))
 
 
-def _top_row(m: Any, ops: Any) -> Any:
-    """The row of largest Euclidean norm, as ``(B, 1, n)``."""
-    return ops.take_rows(m, ops.argmax(_norm_rows(m, ops), -1))
+def _times(rows: Any, m: Any, scale: Any, ops: Any) -> Any:
+    """``rows · (M/scale)`` for ``(B, r, n)`` rows, dividing the product instead of M."""
+    return ops.matmul(rows, m) / scale
+
+
+def _times_transpose(rows: Any, m: Any, scale: Any, ops: Any) -> Any:
+    """``rows · (M/scale)ᵀ``, formed as ``(M · rowsᵀ)ᵀ``: batched products copy a transposed
+    matrix operand first (PyTorch's bfloat16 ones on the CPU, XLA:CPU's), while a transposed
+    block of a few rows costs nothing."""
+    return ops.mT(ops.matmul(m, ops.mT(rows))) / scale
+
+
+def _top_row(m: Any, scale: Any, ops: Any) -> Any:
+    """The row of largest Euclidean norm of ``M/scale``, as ``(B, 1, n)``."""
+    return ops.take_rows(m, ops.argmax(_norm_rows(m, ops), -1)) / scale
 
 
 def lb_rowcol(m: Any, ops: Any) -> Any:
     """General-matrix estimator: warm start at the dominant row or column, 1.5 power iterations."""
-    s = ops.max(ops.abs(m), axis=(-2, -1))
-    m = m / ops.reshape(_safe_scale(s, ops), (-1, 1, 1))
-    sq = m * m
-    col_energy, row_energy = ops.sum(sq, axis=-2), ops.sum(sq, axis=-1)
+    scale = _scale(m, ops)
+    col_norms, row_norms = ops.norm(m, axis=-2), ops.norm(m, axis=-1)
     # Column branch: c = M[:, j], x = cᵀM, estimate ‖x Mᵀ‖. Row branch: r = M[i, :], x = M rᵀ,
     # estimate ‖Mᵀ x‖. Both are computed and one is kept, so there is no branch on values.
-    col = ops.take_rows(ops.mT(m), ops.argmax(col_energy, -1))
-    x_col = _unit_rows(ops.matmul(col, m), ops)
-    est_col = _norm_rows(_times_transpose(x_col, m, ops), ops)[..., 0]
-    row = ops.take_rows(m, ops.argmax(row_energy, -1))
-    x_row = _unit_rows(_times_transpose(row, m, ops), ops)
-    est_row = _norm_rows(ops.matmul(x_row, m), ops)[..., 0]
-    use_col = ops.max(col_energy, axis=-1) > ops.max(row_energy, axis=-1)
-    return s * ops.where(use_col, est_col, est_row)
+    col = ops.take_rows(ops.mT(m), ops.argmax(col_norms, -1)) / scale
+    x_col = _unit_rows(_times(col, m, scale, ops), ops)
+    est_col = _norm_rows(_times_transpose(x_col, m, scale, ops), ops)[..., 0]
+    row = ops.take_rows(m, ops.argmax(row_norms, -1)) / scale
+    x_row = _unit_rows(_times_transpose(row, m, scale, ops), ops)
+    est_row = _norm_rows(_times(x_row, m, scale, ops), ops)[..., 0]
+    use_col = ops.max(col_norms, axis=-1) > ops.max(row_norms, axis=-1)
+    return scale[:, 0, 0] * ops.where(use_col, est_col, est_row)
 
 
 def lb_spd(m: Any, ops: Any) -> Any:
-    """SPD estimator: scale by the largest diagonal entry, one iteration from the top row."""
+    """SPD estimator: one iteration from the top row, scaled by the largest diagonal entry (a
+    matrix without a positive one, the zero matrix for SPD input, gives 0)."""
     s = ops.max(ops.diagonal(m), axis=-1)
-    m = m / ops.reshape(_safe_scale(s, ops), (-1, 1, 1))
-    x = _unit_rows(ops.matmul(_top_row(m, ops), m), ops)
-    return ops.maximum(s, 0.0) * _norm_rows(ops.matmul(x, m), ops)[..., 0]
+    scale = ops.reshape(_safe_scale(s, ops), (-1, 1, 1))
+    x = _unit_rows(_times(_top_row(m, scale, ops), m, scale, ops), ops)
+    return ops.maximum(s, 0.0) * _norm_rows(_times(x, m, scale, ops), ops)[..., 0]
 
 
 def lb_skew(m: Any, ops: Any) -> Any:
@@ -79,11 +93,12 @@ def lb_skew(m: Any, ops: Any) -> Any:
     ``Mᵀ = −M`` a column is minus the row of the same index, so both branches give the same
     estimate and one suffices.
 
-    Unlike the other estimators it does not divide M by ``max|M|`` first, which costs a pass and
-    a temporary as large as M: only the vectors are normalised, before each product, which is
-    safe while M's entries stay below about 1e18 (float32's overflow, squared and summed). The
-    generators it gets, ``Q − Qᵀ`` of a factor, are far from that."""
-    top = _unit_rows(_top_row(m, ops), ops)
+    Unlike the other estimators it works on M itself, not ``M/max|M|``, which saves the two
+    reductions that find ``max|M|``: the vectors are normalised before each product, which is
+    safe while M's entries stay between about 1e-19 and 1e18 (where float32 squares and sums
+    them without underflow or overflow). The generators it gets, ``Q − Qᵀ`` of a factor, are far
+    from either end."""
+    top = _unit_rows(ops.take_rows(m, ops.argmax(_norm_rows(m, ops), -1)), ops)
     x = _unit_rows(ops.matmul(top, m), ops)
     return _norm_rows(ops.matmul(x, m), ops)[..., 0]
 
@@ -91,28 +106,26 @@ def lb_skew(m: Any, ops: Any) -> Any:
 def lb_power(m: Any, ops: Any, iters: int = 2) -> Any:
     """``iters`` power iterations ``x ← x·M·Mᵀ`` from the top row, then ``‖x Mᵀ‖``: a tight
     bound for the symmetric matrices the fit passes (any unit ``x`` gives a valid bound)."""
-    s = ops.max(ops.abs(m), axis=(-2, -1))
-    m = m / ops.reshape(_safe_scale(s, ops), (-1, 1, 1))
-    x = _unit_rows(_top_row(m, ops), ops)
+    scale = _scale(m, ops)
+    x = _unit_rows(_top_row(m, scale, ops), ops)
     for _ in range(iters):
-        x = _unit_rows(_times_transpose(ops.matmul(x, m), m, ops), ops)
-    return s * _norm_rows(_times_transpose(x, m, ops), ops)[..., 0]
+        x = _unit_rows(_times_transpose(_times(x, m, scale, ops), m, scale, ops), ops)
+    return scale[:, 0, 0] * _norm_rows(_times_transpose(x, m, scale, ops), ops)[..., 0]
 
 
 def lb_subspace(m: Any, probes: Any, ops: Any, half_iters: int = 2) -> Any:
     """Randomized subspace iteration with ``probes`` ``(B, r, n)`` standard normal rows (r = 32 in
     psgd_torch). The probes are shifted towards the dominant row, which keeps the estimate good for
     large low-rank matrices."""
-    s = ops.max(ops.abs(m), axis=(-2, -1))
-    m = m / ops.reshape(_safe_scale(s, ops), (-1, 1, 1))
-    top = _top_row(m, ops)
+    scale = _scale(m, ops)
+    top = _top_row(m, scale, ops)
     side = ops.sign(ops.sum(top * probes, axis=-1))
     side = ops.where(side == 0, ops.ones(side.shape, side), side)
     v = top + ops.reshape(side, (*side.shape, 1)) * probes
     for _ in range(half_iters):
-        v = _unit_rows(ops.matmul(v, m), ops)
-        v = ops.matmul(v, m)
-    return s * ops.max(_norm_rows(v, ops), axis=-1)
+        v = _unit_rows(_times(v, m, scale, ops), ops)
+        v = _times(v, m, scale, ops)
+    return scale[:, 0, 0] * ops.max(_norm_rows(v, ops), axis=-1)
 
 
 def norm_lower_bound(m: Any, method: str, ops: Any, probes: Any = None) -> Any:

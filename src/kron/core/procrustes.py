@@ -58,9 +58,8 @@ def procrustes_step2(q: Any, ops: Any, max_step: float = 0.125) -> Any:
     # a maximises tr(Q) + a·t1 + a²·t2/2; only a concave (t2 < 0) model has a finite maximiser.
     safe_t2 = ops.where(t2 < 0, t2, -ops.ones(t2.shape, t2))
     a = ops.where(t2 < 0, ops.minimum(-t1 / safe_t2, max_step), max_step * ops.ones(t2.shape, t2))
-    return ops.addcmul(
-        ops.addcmul(q, _in_dtype_of(a, q, ops), rq), _in_dtype_of(a * a / 2, q, ops), rrq
-    )
+    rotated = ops.addcmul(q, _in_dtype_of(a, q, ops), rq, into=rq)
+    return ops.addcmul(rotated, _in_dtype_of(a * a / 2, q, ops), rrq, into=rrq)
 
 
 def procrustes_step3(q: Any, ops: Any, max_step: float = 1.0 / 3.0) -> Any:
@@ -77,16 +76,16 @@ def procrustes_step3(q: Any, ops: Any, max_step: float = 1.0 / 3.0) -> Any:
     a = ops.minimum((-t2 - ops.sqrt(disc)) / (0.75 * safe_t3), max_step)
     a = ops.where(ok, a, ops.zeros(a.shape, a))
     half, quarter = _in_dtype_of(a / 2, q, ops), _in_dtype_of(a / 4, q, ops)
-    return ops.addcmul(
-        q, _in_dtype_of(a, q, ops), ops.addcmul(rq, half, ops.addcmul(rrq, quarter, rrrq))
-    )
+    inner = ops.addcmul(rrq, quarter, rrrq, into=rrrq)
+    inner = ops.addcmul(rq, half, inner, into=inner)
+    return ops.addcmul(q, _in_dtype_of(a, q, ops), inner, into=inner)
 
 
 def procrustes_repeat3(q: Any, ops: Any, max_steps: int = 10, tol: float = 1e-3) -> Any:
     """Up to ``max_steps`` third-order steps, each skipped once ``max|Qᵀ − Q| < tol·max|Q|``
     (a mask, not a loop exit, so the op count is static)."""
     for _ in range(max_steps):
-        asym = ops.max(ops.abs(ops.mT(q) - q), axis=(-2, -1))
-        done = asym < tol * ops.max(ops.abs(q), axis=(-2, -1))
+        asym = ops.max_abs(ops.mT(q) - q, axis=(-2, -1))
+        done = asym < tol * ops.max_abs(q, axis=(-2, -1))
         q = ops.where(_column(done, ops), q, procrustes_step3(q, ops))
     return q

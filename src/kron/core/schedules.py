@@ -65,6 +65,8 @@ def probability_at(schedule: float | Callable[[Any], Any], step: Any) -> Any:
 def counter_decision(counter: Any, p: Any, ops: Any) -> tuple[Any, Any]:
     """``(update?, new counter)``: the counter counts steps since the last update."""
     counter = counter + 1
+    if isinstance(p, (int, float)) and p <= 0:  # never (1/p would raise)
+        return False, counter
     update = counter >= 1.0 / p
     return update, ops.where(update, 0 * counter, counter)
 

@@ -78,14 +78,14 @@ class KerasOps:
     def diagonal(self, x):
         return kops.diagonal(x, axis1=-2, axis2=-1)
 
-    def add_diagonal(self, x, values):
+    def add_diagonal(self, x, values, into=None):
         values = values if isinstance(values, (int, float)) else kops.expand_dims(values, -1)
         return x + kops.eye(x.shape[-1], dtype=self.dtype(x)) * values
 
     def solve_lower(self, lower, rhs):
         return kops.solve_triangular(lower, rhs, lower=True)
 
-    def where(self, cond, x, y):
+    def where(self, cond, x, y, into=None):
         return kops.where(cond, x, y)
 
     def sqrt(self, x):
@@ -136,11 +136,14 @@ class KerasOps:
     def lerp(self, start, end, weight, in_place=False):
         return start + weight * (end - start)
 
-    def addcmul(self, x, scale, y):
+    def addcmul(self, x, scale, y, into=None):
         return x + scale * y
 
     def max(self, x, axis=None, keepdims=False):
         return kops.max(x, axis=axis, keepdims=keepdims)
+
+    def max_abs(self, x, axis):
+        return kops.max(kops.abs(x), axis=axis)
 
     def argmax(self, x, axis):
         return kops.argmax(x, axis=axis)

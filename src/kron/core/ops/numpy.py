@@ -66,7 +66,7 @@ class NumpyOps:
     def diagonal(self, x):
         return self.xp.diagonal(x, axis1=-2, axis2=-1)
 
-    def add_diagonal(self, x, values):
+    def add_diagonal(self, x, values, into=None):
         values = values if isinstance(values, (int, float)) else values[..., None]
         return x + self.xp.eye(x.shape[-1], dtype=x.dtype) * values
 
@@ -75,7 +75,7 @@ class NumpyOps:
         # system.
         return np.linalg.solve(lower, rhs)
 
-    def where(self, cond, x, y):
+    def where(self, cond, x, y, into=None):
         return self.xp.where(cond, x, y)
 
     def sqrt(self, x):
@@ -130,11 +130,14 @@ class NumpyOps:
     def lerp(self, start, end, weight, in_place=False):
         return start + weight * (end - start)
 
-    def addcmul(self, x, scale, y):
+    def addcmul(self, x, scale, y, into=None):
         return x + scale * y
 
     def max(self, x, axis=None, keepdims=False):
         return self.xp.max(x, axis=axis, keepdims=keepdims)
+
+    def max_abs(self, x, axis):
+        return self.xp.max(self.xp.abs(x), axis=axis)
 
     def argmax(self, x, axis):
         return self.xp.argmax(x, axis=axis)

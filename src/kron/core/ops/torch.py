@@ -80,16 +80,16 @@ class TorchOps:
     def diagonal(self, x):
         return torch.diagonal(x, dim1=-2, dim2=-1)
 
-    def add_diagonal(self, x, values):
-        out = x.clone()
+    def add_diagonal(self, x, values, into=None):
+        out = x if into is x else x.clone()
         out.diagonal(dim1=-2, dim2=-1).add_(values)
         return out
 
     def solve_lower(self, lower, rhs):
         return torch.linalg.solve_triangular(lower, rhs, upper=False)
 
-    def where(self, cond, x, y):
-        return torch.where(torch.as_tensor(cond), x, y)
+    def where(self, cond, x, y, into=None):
+        return torch.where(torch.as_tensor(cond), x, y, out=_writable(into, x, y))
 
     def sqrt(self, x):
         return torch.sqrt(torch.as_tensor(x))
@@ -144,20 +144,37 @@ class TorchOps:
             return start.lerp_(end, weight) if same else start.add_(weight * (end - start))
         return torch.lerp(start, end, weight) if same else start + weight * (end - start)
 
-    def addcmul(self, x, scale, y):
+    def addcmul(self, x, scale, y, into=None):
         # One pass: on the CPU every intermediate n×n result is a fresh, page-faulted allocation.
         if isinstance(scale, (int, float)):
-            return torch.add(x, y, alpha=scale)
-        return torch.addcmul(x, scale, y)
+            return torch.add(x, y, alpha=scale, out=_writable(into, x, y))
+        return torch.addcmul(x, scale, y, out=_writable(into, x, y, scale))
 
     def max(self, x, axis=None, keepdims=False):
         return x.amax() if axis is None else x.amax(dim=axis, keepdim=keepdims)
+
+    def max_abs(self, x, axis):
+        # Two reductions and no temporary, where abs(x).amax() writes |x| out first (and
+        # linalg.vector_norm(ord=inf) took several times as long on the CPU).
+        return torch.maximum(x.amax(dim=axis), x.amin(dim=axis).neg_())
 
     def argmax(self, x, axis):
         return x.argmax(dim=axis)
 
     def take_rows(self, x, index):
         return torch.gather(x, -2, index.view(-1, 1, 1).expand(-1, 1, x.shape[-1]))
+
+
+def _writable(into, *operands):
+    """``into`` when the result of an elementwise op over ``operands`` can be written into it
+    unchanged (every tensor operand in its dtype, no type promotion, and their broadcast shape
+    its shape), else None."""
+    if into is None:
+        return None
+    tensors = [a for a in operands if isinstance(a, torch.Tensor)]
+    if any(a.dtype != into.dtype for a in tensors):
+        return None
+    return into if torch.broadcast_shapes(*(a.shape for a in tensors)) == into.shape else None
 
 
 def _binary(tensor_fn, scalar_fn, clamp_side, x, y):
