@@ -65,7 +65,7 @@ def main() -> None:
     args = parser.parse_args()
     for model in args.models:
         runs = {
-            name: (_Run(model, make), clip)
+            name: (_Run(model, make, torch.device("cpu")), clip)
             for name, (make, clip) in variants(args.probability).items()
             if args.variants is None or name in args.variants
         }

@@ -315,6 +315,16 @@ def test_sparse_gradient_is_rejected_clearly():
         ("preconditioner_update_probability", 1.5, r"\(0, 1\]"),
         ("precond_dtype", "float99", "precond_dtype"),
         ("nonfinite", "ignore", "skip"),
+        ("cached", "no", r"cached must be True, False or None; got 'no'"),
+        ("decoupled_weight_decay", "False", r"must be True or False; got 'False'"),
+        ("caution", 1, r"caution must be True or False; got 1"),
+        ("mu_dtype", torch.int64, r"mu_dtype must be a floating-point torch.dtype"),
+        ("precond_init_scale", "1.0", r"precond_init_scale must be a number or None; got '1.0'"),
+        ("lr", "0.1", r"lr must be a number; got '0.1'"),
+        ("block_size", 2.0j, r"block_size must be a number or None"),
+        ("seed", "abc", r"seed must be an int; got 'abc'"),
+        ("stack_params", None, r"stack_params must be True or False; got None"),
+        ("compile", "yes", r"compile must be True, False or None; got 'yes'"),
     ],
 )
 def test_invalid_options_raise_value_error(option, value, message):

@@ -244,6 +244,18 @@ def test_finite_rows_equals_isfinite_all_including_overflowing_rows(dtype):
     assert expected[1] and not expected[2:5].any() and not expected[8:].all()
 
 
+def test_finite_rows_survives_torch_compile():
+    """Keras's PyTorch backend compiles the whole train step, the finiteness test included; a
+    test that a compiler may simplify (``sum(x·0) == 0`` becomes True) would let a NaN through."""
+    from kron.core import finite_rows
+    from kron.torch.functional import OPS
+
+    x = torch.ones(4, 6)
+    x[1, 2], x[2, 0] = float("nan"), float("-inf")
+    compiled = torch.compile(lambda t: finite_rows(t, OPS), dynamic=False)
+    assert compiled(x).tolist() == [True, False, False, True]
+
+
 def complex_run(steps: int, state: dict | None = None):
     """Kron on one complex (5, 3) parameter, fitting ``z`` in ``A z ≈ b`` (complex least squares);
     with ``state`` the optimizer resumes from it. Returns the parameter, losses and optimizer."""
@@ -315,3 +327,117 @@ def test_the_update_clip_reading_norms_on_the_host_equals_the_cores(dtype, spec,
     for read_norms in (True, False):
         clipped = clipper(spec, limit, in_place=True, read_norms=read_norms)(x.clone())
         torch.testing.assert_close(clipped, expected, rtol=0, atol=0)
+
+
+def test_raise_mode_checks_the_gradients_the_closure_computes():
+    w = nn.Parameter(torch.ones(3, 3))
+    opt = Kron([w], nonfinite="raise")
+
+    def nan_closure():
+        opt.zero_grad()
+        loss = (w * float("nan")).sum()
+        loss.backward()
+        return loss
+
+    with pytest.raises(FloatingPointError, match="parameter 0 of group 0"):
+        opt.step(nan_closure)
+    assert torch.equal(w.detach(), torch.ones(3, 3)) and not opt.state
+
+    def finite_closure():
+        opt.zero_grad()
+        loss = (w * w).sum()
+        loss.backward()
+        return loss
+
+    w.grad = torch.full((3, 3), float("nan"))  # stale: the closure replaces it
+    opt.step(finite_closure)
+    assert not torch.equal(w.detach(), torch.ones(3, 3))
+
+
+def test_a_sparse_gradient_is_named_before_anything_steps_even_in_raise_mode():
+    dense = nn.Parameter(torch.ones(4, 4))
+    embedding = nn.Embedding(10, 4, sparse=True)
+    for nonfinite in ("skip", "raise"):
+        opt = Kron([{"params": [dense]}, {"params": embedding.parameters()}], nonfinite=nonfinite)
+        dense.grad = torch.ones(4, 4)
+        embedding(torch.tensor([1, 2])).sum().backward()
+        with pytest.raises(ValueError, match=r"sparse gradients \(parameter 0 of group 1"):
+            opt.step()
+        assert torch.equal(dense.detach(), torch.ones(4, 4))  # the first group did not step
+        embedding.zero_grad(set_to_none=True)
+
+
+def test_a_sparse_parameter_is_refused_and_leaves_the_optimizer_unchanged():
+    opt = Kron([nn.Parameter(torch.ones(2))])
+    sparse = nn.Parameter(torch.eye(3).to_sparse())
+    with pytest.raises(ValueError, match=r"sparse parameters \(parameter 1 of the new group"):
+        opt.add_param_group({"params": [nn.Parameter(torch.ones(2)), sparse]})
+    assert len(opt.param_groups) == 1
+
+
+def test_an_empty_parameter_is_skipped():
+    a, empty = nn.Parameter(torch.ones(3, 3)), nn.Parameter(torch.ones(0, 4))
+    opt = Kron([a, empty])
+    a.grad, empty.grad = torch.ones(3, 3), torch.ones(0, 4)
+    opt.step()
+    assert not torch.equal(a.detach(), torch.ones(3, 3))
+    assert opt.param_groups[0]["step"] == 1 and empty not in opt.state
+
+
+@pytest.mark.parametrize("copier", ["deepcopy", "pickle"])
+def test_deepcopy_and_pickle_keep_the_optimizer_wide_options(copier):
+    import copy
+    import pickle
+
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    opt = Kron(model.parameters(), seed=7, nonfinite="raise", stack_params=False, compile=False)
+    model(torch.randn(8, 4)).square().sum().backward()
+    opt.step()
+    if copier == "deepcopy":
+        copied_model, copied = copy.deepcopy((model, opt))
+    else:
+        copied_model, copied = pickle.loads(pickle.dumps((model, opt)))
+    settings = (copied.seed, copied.nonfinite, copied.stack_params, copied.compile)
+    assert settings == (7, "raise", False, False)
+    for _ in range(3):  # the copy continues the original's run exactly
+        x = torch.randn(8, 4)
+        for m, o in [(model, opt), (copied_model, copied)]:
+            o.zero_grad()
+            m(x).square().sum().backward()
+            o.step()
+        for p, q in zip(model.parameters(), copied_model.parameters()):
+            assert torch.equal(p, q)
+
+
+def test_param_groups_take_heavyballs_names():
+    w, v = nn.Parameter(torch.ones(2, 2)), nn.Parameter(torch.ones(2, 2))
+    opt = Kron([{"params": [w], "beta": 0.0, "q_dtype": "float32"}, {"params": [v]}])
+    first, second = opt.param_groups
+    assert (first["b1"], first["precond_dtype"], "beta" in first) == (0.0, "float32", False)
+    assert second["b1"] == 0.9
+    same = nn.Parameter(torch.ones(2, 2))
+    reference = Kron([same], b1=0.0, precond_dtype=torch.float32)
+    for sign in (1.0, -1.0, 1.0):
+        w.grad = sign * torch.arange(4.0).reshape(2, 2)
+        same.grad = w.grad.clone()
+        opt.step()
+        reference.step()
+    assert torch.equal(w, same)
+    assert opt.state[w]["factors"][0].dtype == torch.float32
+    with pytest.raises(ValueError, match="beta and b1 name the same option"):
+        opt.add_param_group({"params": [nn.Parameter(torch.ones(2))], "beta": 0.5, "b1": 0.8})
+
+
+def test_one_cycle_lr_works_without_cycling_momentum():
+    opt = Kron([nn.Parameter(torch.ones(2))])
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=0.1, total_steps=10, cycle_momentum=False
+    )
+    lrs = [opt.param_groups[0]["lr"]]
+    for _ in range(9):
+        opt.step()
+        scheduler.step()
+        lrs.append(opt.param_groups[0]["lr"])
+    assert lrs[0] == pytest.approx(0.1 / 25) and max(lrs) == pytest.approx(0.1)
+    assert lrs[-1] < lrs[0]

@@ -127,6 +127,28 @@ def test_each_variant_sets_its_class_defaults(cls, delayed, cached, exp_avg_inpu
     overridden = cls(make_model().parameters(), delayed=not delayed, cached=not cached)
     assert overridden.param_groups[0]["delayed"] is (not delayed)
     assert overridden.param_groups[0]["cached"] is (not cached)
+    # None means the class's value too, as heavyball's C.default reads it.
+    unset = cls(make_model().parameters(), delayed=None, cached=None, exp_avg_input=None)
+    group = unset.param_groups[0]
+    assert (group["delayed"], group["cached"], group["exp_avg_input"]) == (
+        delayed,
+        cached,
+        exp_avg_input,
+    )
+
+
+def test_heavyballs_short_names_are_the_same_classes():
+    import kron.torch
+
+    for short, long in [
+        ("PSGDKron", "ForeachPSGDKron"),
+        ("PurePSGD", "ForeachPurePSGD"),
+        ("DelayedPSGD", "ForeachDelayedPSGD"),
+        ("CachedPSGDKron", "ForeachCachedPSGDKron"),
+        ("CachedDelayedPSGDKron", "ForeachCachedDelayedPSGDKron"),
+    ]:
+        assert getattr(kron.torch, short) is getattr(kron.torch, long)
+        assert short in kron.torch.__all__
 
 
 def test_defaults_follow_the_kron_configuration_they_stand_for():

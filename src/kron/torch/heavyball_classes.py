@@ -1,7 +1,9 @@
 """heavyball 1.5's PSGD-Kron classes, by name, signature and defaults, over :class:`Kron`.
 
-A script written for ``heavyball.ForeachPSGDKron`` (or one of its four variants) runs with
-``from kron.torch import ForeachPSGDKron`` and nothing else changed. Each class is :class:`Kron`
+A script written for ``heavyball.ForeachPSGDKron`` (or one of its four variants, or their short
+names ``PSGDKron``, ``PurePSGD``, ``DelayedPSGD``, ``CachedPSGDKron`` and
+``CachedDelayedPSGDKron``) runs with ``from kron.torch import ForeachPSGDKron`` and nothing
+else changed. Each class is :class:`Kron`
 with heavyball's defaults and heavyball's rules where ours differ:
 
 * the geometry is ``"EQ"`` (heavyball's triangular Q update);
@@ -10,7 +12,8 @@ with heavyball's defaults and heavyball's rules where ours differ:
 * ``stochastic_schedule=False`` takes heavyball's deterministic accumulator rule;
 * the update is clipped by heavyball's trust-region clip (``update_clipping="soft"`` at 1.5)
   unless ``update_clipping`` is given; ``None`` turns clipping off, as in heavyball;
-* ``delayed``, ``cached`` and ``exp_avg_input`` left at ``USE_DEFAULT`` take the class's value;
+* ``delayed``, ``cached`` and ``exp_avg_input`` left at ``USE_DEFAULT`` or given as None take the
+  class's value (heavyball's ``C.default``);
 * P is fitted on the momentum only when the momentum is what gets preconditioned
   (``exp_avg_input``), since heavyball fits P on the input of its preconditioning step;
 * ``step()`` releases every gradient it used (``p.grad = None``), as heavyball's optimizers do,
@@ -85,7 +88,10 @@ class ForeachPSGDKron(Kron):
         kron_options.setdefault("preconditioner_mode", "EQ")
         if not stochastic_schedule:
             kron_options.setdefault("decision_rule", "accumulator")
-        if exp_avg_input is USE_DEFAULT:
+        # heavyball's C.default: None, like USE_DEFAULT, takes the class's value.
+        delayed = self.delayed if delayed in (None, USE_DEFAULT) else delayed
+        cached = self.cached if cached in (None, USE_DEFAULT) else cached
+        if exp_avg_input in (None, USE_DEFAULT):
             exp_avg_input = self.exp_avg_input
         super().__init__(
             params,
@@ -118,8 +124,8 @@ class ForeachPSGDKron(Kron):
             mars=mars,
             caution=caution,
             mars_gamma=mars_gamma,
-            delayed=self.delayed if delayed is USE_DEFAULT else delayed,
-            cached=self.cached if cached is USE_DEFAULT else cached,
+            delayed=delayed,
+            cached=cached,
             exp_avg_input=exp_avg_input,
             gradient_clipping=None if gradient_clipping is USE_DEFAULT else gradient_clipping,
             update_clipping=update_clipping,
@@ -161,11 +167,23 @@ class ForeachDelayedPSGD(ForeachPSGDKron):
     delayed = True
 
 
+# heavyball 1.5's short names for the same classes.
+PSGDKron = ForeachPSGDKron
+PurePSGD = ForeachPurePSGD
+DelayedPSGD = ForeachDelayedPSGD
+CachedPSGDKron = ForeachCachedPSGDKron
+CachedDelayedPSGDKron = ForeachCachedDelayedPSGDKron
+
 __all__ = [
     "USE_DEFAULT",
+    "CachedDelayedPSGDKron",
+    "CachedPSGDKron",
+    "DelayedPSGD",
     "ForeachCachedDelayedPSGDKron",
     "ForeachCachedPSGDKron",
     "ForeachDelayedPSGD",
     "ForeachPSGDKron",
     "ForeachPurePSGD",
+    "PSGDKron",
+    "PurePSGD",
 ]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import types
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
@@ -57,7 +58,9 @@ from kron.torch.options import (
     NONFINITE_POLICIES,
     RECORD_KEYS,
     check_ranges,
+    check_types,
     core_records,
+    group_with_our_names,
     merge_alias,
     torch_dtype,
 )
@@ -273,11 +276,26 @@ class Kron(torch.optim.Optimizer):
             preconditioner_type=preconditioner_type,
             hvp_method=hvp_method,
         )
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+            raise ValueError(f"seed must be an int; got {seed!r}.")
+        if not isinstance(stack_params, bool):
+            raise ValueError(f"stack_params must be True or False; got {stack_params!r}.")
+        if compile is not None and not isinstance(compile, bool):
+            raise ValueError(f"compile must be True, False or None; got {compile!r}.")
         self.seed = int(seed)
         self.nonfinite = nonfinite
         self.stack_params = stack_params
         self.compile = compile
         self.resync = resync or None
+        self._reset_caches()
+        super().__init__(params, defaults)
+
+    # Options kept on the optimizer rather than in its groups: pickling and copy.deepcopy carry
+    # them (torch.optim's own state is defaults, state and param_groups).
+    _SETTINGS = ("seed", "nonfinite", "stack_params", "compile", "resync")
+
+    def _reset_caches(self) -> None:
+        """What the optimizer derives from its groups and state and rebuilds when it must."""
         self._compiled: dict[Any, Callable] = {}
         self._streams = Streams()
         self._masks: dict[Any, torch.Tensor] = {}
@@ -285,24 +303,44 @@ class Kron(torch.optim.Optimizer):
         self._records: dict[tuple, tuple[LayoutOptions, StepOptions]] = {}
         self._stacks = StateStacks()
         self._complex_of: dict[int, torch.Tensor] = {}  # id(real view) -> complex parameter
-        super().__init__(params, defaults)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.update({name: getattr(self, name) for name in self._SETTINGS})
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._reset_caches()
 
     # -- param groups and validation -----------------------------------------------------------
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         # Validate the group as it will be (defaults filled in) before torch installs it, so a
         # rejected group leaves the optimizer unchanged.
+        param_group = group_with_our_names(param_group)
+        params = param_group["params"]
+        if isinstance(params, torch.Tensor):
+            params = [params]
+        elif not isinstance(params, set):  # torch refuses sets, as unordered, with its message
+            params = list(params)  # a generator is read once, here
+        for index, p in enumerate(params):
+            if isinstance(p, torch.Tensor) and p.is_sparse:
+                raise ValueError(
+                    f"Kron does not support sparse parameters (parameter {index} of the new "
+                    f"group, shape {tuple(p.shape)}); accepted: dense tensors."
+                )
+        param_group = {**param_group, "params": params}
         self._validate({**self.defaults, **param_group})
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        for p in group["params"]:
-            if p.is_sparse:
-                raise ValueError("Kron does not support sparse parameters.")
         group.setdefault("step", 0)
         group.setdefault("decision_total", 0.0)
 
     def _validate(self, group: dict[str, Any]) -> None:
-        """Raise ``ValueError`` naming the option and value for anything out of range."""
+        """Raise ``ValueError`` naming the option and value for anything of the wrong type or
+        out of range."""
+        check_types(group)
         check_ranges(group)
         self._options(group)  # builds the core's records, which check everything else
 
@@ -327,8 +365,6 @@ class Kron(torch.optim.Optimizer):
         ``backward`` (the optimizer differentiates it to get gradients and Hessian-vector
         products)."""
         decisions = [self._decide(gi, group) for gi, group in enumerate(self.param_groups)]
-        if self.nonfinite == "raise":
-            self._raise_on_nonfinite()
         probes: dict[int, torch.Tensor] = {}
         hvps: dict[int, torch.Tensor] = {}
         loss = None
@@ -344,6 +380,7 @@ class Kron(torch.optim.Optimizer):
         elif closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._check_gradients()
         clocks = [group["step"] for group in self.param_groups]
         self._step_all(decisions, probes, hvps)
         if self.resync:
@@ -433,7 +470,21 @@ class Kron(torch.optim.Optimizer):
             p.grad = None if g is None else g
         return loss
 
+    def _check_gradients(self) -> None:
+        """Before anything is updated: reject sparse gradients and, with ``nonfinite="raise"``,
+        non-finite ones (the gradients the closure, if any, has just computed)."""
+        for gi, group in enumerate(self.param_groups):
+            for index, p in enumerate(group["params"]):
+                if p.grad is not None and p.grad.is_sparse:
+                    raise ValueError(
+                        f"Kron does not support sparse gradients (parameter {index} of group "
+                        f"{gi}, shape {tuple(p.shape)}); use a dense gradient."
+                    )
+        if self.nonfinite == "raise":
+            self._raise_on_nonfinite()
+
     def _raise_on_nonfinite(self) -> None:
+        """A hook: ``DistributedKron`` agrees across ranks on the first bad gradient."""
         for gi, group in enumerate(self.param_groups):
             for index, p in enumerate(group["params"]):
                 if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
@@ -445,8 +496,9 @@ class Kron(torch.optim.Optimizer):
     def _step_group(self, gi, group, decision, probes, hvps) -> None:
         members = []
         for index, p in enumerate(group["params"]):
-            if p.grad is not None:
-                self._check_dense(gi, index, p)
+            # An empty parameter has nothing to precondition or update (torch.optim steps it as
+            # a no-op too).
+            if p.grad is not None and p.numel() > 0:
                 members.append((index, self._as_real(p)))
         if not members:  # nothing to step: the group's clock and decision counter stand still
             return
@@ -469,14 +521,6 @@ class Kron(torch.optim.Optimizer):
         view.grad = torch.view_as_real(p.grad)
         self._complex_of[id(view)] = p
         return view
-
-    @staticmethod
-    def _check_dense(gi: int, index: int, p: torch.Tensor) -> None:
-        if p.grad.is_sparse:
-            raise ValueError(
-                f"Kron does not support sparse gradients (parameter {index} of group {gi}, "
-                f"shape {tuple(p.shape)}); use a dense gradient."
-            )
 
     def _buckets(self, members: list[tuple[int, torch.Tensor]]) -> list[list]:
         """``(index, param)`` pairs split into same-shape, dtype and device stacks (one per

@@ -1,8 +1,8 @@
 """Param-group options of :class:`kron.torch.Kron`: validation and the core's option records.
 
 A group is the dict torch keeps per param group, with every option filled in from the
-optimizer's defaults. :func:`check_ranges` and :func:`core_records` raise ``ValueError`` naming
-the option and the value given; :func:`core_records` also builds the
+optimizer's defaults. :func:`check_types`, :func:`check_ranges` and :func:`core_records` raise
+``ValueError`` naming the option and the value given; :func:`core_records` also builds the
 :class:`~kron.core.LayoutOptions` and :class:`~kron.core.StepOptions` that
 :func:`kron.core.kron_step` takes. The optimizer caches those records per distinct set of
 :data:`RECORD_KEYS` values.
@@ -11,6 +11,7 @@ the option and the value given; :func:`core_records` also builds the
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 import torch
@@ -57,14 +58,89 @@ RECORD_KEYS = (
 )
 
 
+# Options that take True or False; those that may also be None (an automatic choice); options
+# that take a real number (a 0-d tensor too, for lr); and those that may also be None.
+BOOL_OPTIONS = (
+    "momentum_into_precond_update",
+    "split",
+    "store_triu_as_line",
+    "delayed",
+    "exp_avg_input",
+    "stochastic_schedule",
+    "caution",
+    "mars",
+    "decoupled_weight_decay",
+)
+OPTIONAL_BOOL_OPTIONS = ("cached", "whiten_grad")
+NUMBER_OPTIONS = (
+    "lr",
+    "b1",
+    "weight_decay",
+    "precond_lr",
+    "warmup_steps",
+    "mars_gamma",
+    "max_size_triangular",
+    "min_ndim_triangular",
+    "gradient_clip_value",
+    "update_clip_value",
+    "max_skew",
+    "beta_lipschitz",
+    "damping",
+    "balance_probability",
+)
+OPTIONAL_NUMBER_OPTIONS = ("precond_init_scale", "block_size")
+
+# heavyball's names for options a param group may carry (the constructor takes them too).
+GROUP_ALIASES = {"beta": "b1", "q_dtype": "precond_dtype", "storage_dtype": "mu_dtype"}
+_MISSING = object()  # a default no value equals: both names given must agree
+
+
 def torch_dtype(value: Any, name: str) -> torch.dtype | None:
-    """``value`` (a ``torch.dtype``, its name such as ``"bfloat16"``, or None) as a ``torch.dtype``
-    or None; ``ValueError`` naming option ``name`` otherwise."""
-    if value is None or isinstance(value, torch.dtype):
-        return value
+    """``value`` (a floating-point ``torch.dtype``, its name such as ``"bfloat16"``, or None) as a
+    ``torch.dtype`` or None; ``ValueError`` naming option ``name`` otherwise."""
     if isinstance(value, str) and isinstance(getattr(torch, value, None), torch.dtype):
-        return getattr(torch, value)
-    raise ValueError(f"{name} must be a torch.dtype, a dtype name or None; got {value!r}.")
+        value = getattr(torch, value)
+    if value is None or (isinstance(value, torch.dtype) and value.is_floating_point):
+        return value
+    raise ValueError(
+        f"{name} must be a floating-point torch.dtype, its name or None; got {value!r}."
+    )
+
+
+def is_number(value: Any) -> bool:
+    """A real number (not a bool) or a one-element real tensor."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() == 1 and not value.is_complex() and value.dtype != torch.bool
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check_types(group: dict[str, Any]) -> None:
+    """Raise ``ValueError`` naming the option for a value of the wrong type: a string where a
+    number belongs, ``"False"`` where a bool does (which would count as true)."""
+    for key in BOOL_OPTIONS + OPTIONAL_BOOL_OPTIONS:
+        value = group[key]
+        if not isinstance(value, bool) and not (value is None and key in OPTIONAL_BOOL_OPTIONS):
+            accepted = "True, False or None" if key in OPTIONAL_BOOL_OPTIONS else "True or False"
+            raise ValueError(f"{key} must be {accepted}; got {value!r}.")
+    for key in NUMBER_OPTIONS + OPTIONAL_NUMBER_OPTIONS:
+        value = group[key]
+        if not is_number(value) and not (value is None and key in OPTIONAL_NUMBER_OPTIONS):
+            accepted = "a number or None" if key in OPTIONAL_NUMBER_OPTIONS else "a number"
+            raise ValueError(f"{key} must be {accepted}; got {value!r}.")
+
+
+def group_with_our_names(group: dict[str, Any]) -> dict[str, Any]:
+    """A param group with heavyball's option names (:data:`GROUP_ALIASES`) replaced by ours;
+    ``ValueError`` if a group gives both names different values."""
+    renamed = {k: v for k, v in group.items() if k not in GROUP_ALIASES}
+    for alias, name in GROUP_ALIASES.items():
+        if group.get(alias) is None:
+            continue
+        if name in group:  # both given: they must agree
+            renamed[name] = merge_alias(group[name], name, group[alias], alias, default=_MISSING)
+        else:
+            renamed[name] = group[alias]
+    return renamed
 
 
 def merge_alias(value: Any, name: str, alias: Any, alias_name: str, default: Any = None) -> Any:
@@ -173,10 +249,7 @@ def core_records(group: dict[str, Any]) -> tuple[LayoutOptions, StepOptions]:
         clip_rms=None,
         clip_max=None,
     )
-    packing = group["store_triu_as_line"]
-    if not isinstance(packing, bool):
-        raise ValueError(f"store_triu_as_line must be True or False; got {packing!r}.")
-    if packing and step.fit.geometry != "EQ":
+    if group["store_triu_as_line"] and step.fit.geometry != "EQ":
         raise ValueError(
             "store_triu_as_line=True needs preconditioner_mode='EQ', the geometry whose dense "
             f"factors are upper-triangular; got {group['preconditioner_mode']!r}."
@@ -185,12 +258,15 @@ def core_records(group: dict[str, Any]) -> tuple[LayoutOptions, StepOptions]:
 
 
 __all__ = [
+    "GROUP_ALIASES",
     "HVP_METHODS",
     "NONFINITE_POLICIES",
     "PRECONDITIONER_TYPES",
     "RECORD_KEYS",
     "check_ranges",
+    "check_types",
     "core_records",
+    "group_with_our_names",
     "merge_alias",
     "torch_dtype",
 ]

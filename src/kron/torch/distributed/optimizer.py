@@ -251,7 +251,6 @@ class DistributedKron(Kron):
                     Gather(local_part(p.grad, e.spec), *where),
                 )
                 continue
-            self._check_dense(e.gi, e.index, p)
             if self.reduce_grads:
                 arrivals[id(p)] = dist.reduce(
                     p.grad,
