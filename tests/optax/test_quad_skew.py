@@ -208,3 +208,18 @@ def test_state_json_round_trip_resumes_exactly():
     for x, y in zip(jax.tree.leaves(state), jax.tree.leaves(resumed)):
         assert x.dtype == y.dtype
         np.testing.assert_array_equal(x, y)
+
+
+def test_to_json_refuses_params_it_would_restore_as_another_pytree():
+    """A NamedTuple would come back a tuple and an OrderedDict a dict: another tree, which the
+    next update would reject, so to_json names the type instead."""
+    import collections
+
+    Params = collections.namedtuple("Params", "w b")
+    for params in (
+        Params(jnp.zeros((3, 2)), jnp.zeros(2)),
+        collections.OrderedDict(w=jnp.zeros((3, 2)), b=jnp.zeros(2)),
+    ):
+        state = quad(learning_rate=1e-2).init(params)[0]
+        with pytest.raises(TypeError, match=type(params).__name__):
+            state.to_json()

@@ -11,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 
-from kron.optax import kron, quad, scale_by_kron, skew
+from kron.optax import kron, quad, scale_by_kron, scale_by_skew, skew
 from kron.optax.alias import CHAIN_ONLY
 
 # psgdax 0.1.1's parameters in its order, with its defaults (its default update probability is
@@ -211,3 +211,70 @@ def test_automatic_init_scale_applies_on_a_first_step_without_a_fit():
     for a, b in zip(jax.tree.leaves(auto_state.factors), jax.tree.leaves(fixed_state.factors)):
         np.testing.assert_allclose(a, b, rtol=1e-5)
     assert not bool(auto_state.needs_scale_init)
+
+
+@pytest.mark.parametrize("make", [lambda **k: scale_by_kron(b1=0.0, **k), scale_by_skew])
+def test_a_step_with_every_gradient_skipped_is_not_counted(make):
+    """An all-NaN step leaves the count, so the momentum's next update is the one a run without
+    that step takes, and an automatic init scale still comes from the first finite gradients."""
+    params = {"w": jnp.zeros((4, 3))}
+    grads = {"w": jnp.arange(12.0).reshape(4, 3) + 1.0}
+    nan = {"w": jnp.full((4, 3), jnp.nan)}
+    tx = make(preconditioner_init_scale=None)
+    state = tx.init(params)
+    direct, direct_state = tx.update(grads, state, params)
+    _, skipped_state = tx.update(nan, state, params)
+    assert int(skipped_state.count) == 0 and bool(skipped_state.needs_scale_init)
+    after, after_state = tx.update(grads, skipped_state, params)
+    np.testing.assert_array_equal(after["w"], direct["w"])
+    for a, b in zip(jax.tree.leaves(after_state.factors), jax.tree.leaves(direct_state.factors)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_the_probability_schedule_gets_psgdaxs_step_number():
+    """psgdax calls the schedule with the count after the step: 1 on the first."""
+    seen = []
+
+    def schedule(n):
+        jax.debug.callback(lambda v: seen.append(int(v)), n)
+        return jnp.where(n >= 1, 1.0, 0.0)
+
+    tx = scale_by_kron(preconditioner_update_probability=schedule, preconditioner_lr=0.5)
+    params = {"w": jnp.zeros((3, 3))}
+    state = tx.init(params)
+    _, state = tx.update({"w": jnp.arange(9.0).reshape(3, 3)}, state, params)
+    jax.effects_barrier()
+    assert seen == [1]
+    assert not np.allclose(state.factors["w"][0], jnp.eye(3))  # fitted on the first step
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: scale_by_kron(b1=1.5), r"b1 must be in \[0, 1\); got 1.5"),
+        (lambda: scale_by_kron(max_size_triangular=0), "max_size_triangular must be >= 1"),
+        (lambda: scale_by_kron(grad_clip_max_amp=0.0), "grad_clip_max_amp must be > 0"),
+        (lambda: scale_by_kron(preconditioner_lr=-1.0), "preconditioner_lr must be > 0"),
+        (lambda: scale_by_kron(mu_dtype=jnp.int32), "mu_dtype must be a floating-point dtype"),
+        (lambda: scale_by_kron(precond_dtype="int32"), "precond_dtype must be a floating-point"),
+        (lambda: scale_by_kron(preconditioner_mode="foo"), "preconditioner_mode: Unknown"),
+        (lambda: skew(max_size_dense=0), "max_size_dense must be >= 1; got 0"),
+        (lambda: quad(noise_scale=-1.0), "noise_scale must be >= 0"),
+        (lambda: quad(b1=1.0), r"b1 must be in \[0, 1\)"),
+        (lambda: kron(weight_decay=-0.1), "weight_decay must be >= 0; got -0.1"),
+        (lambda: skew(weight_decay=-0.1), "weight_decay must be >= 0; got -0.1"),
+    ],
+)
+def test_bad_options_are_named_as_the_caller_spelled_them(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_a_probability_above_one_fits_every_step_as_in_psgdax():
+    tx = scale_by_kron(preconditioner_update_probability=1.5)
+    params = {"w": jnp.zeros((3, 3))}
+    state = tx.init(params)
+    for _ in range(3):
+        before = state.factors["w"][0]
+        _, state = tx.update({"w": jnp.arange(9.0).reshape(3, 3)}, state, params)
+        assert not np.array_equal(state.factors["w"][0], before)

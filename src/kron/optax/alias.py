@@ -9,6 +9,7 @@ from typing import Any
 import jax
 import optax
 
+from kron.optax.engine import require_option
 from kron.optax.sharding import chain_state_specs, param_specs
 from kron.optax.transform import scale_by_kron
 
@@ -84,6 +85,7 @@ def kron(
     learning_rate = options.pop("learning_rate")
     weight_decay = options.pop("weight_decay")
     weight_decay_mask = options.pop("weight_decay_mask")
+    require_option("weight_decay", weight_decay, lambda v: v >= 0, ">= 0")
     parts = [scale_by_kron(**options)]
     if weight_decay:
         parts.append(optax.add_decayed_weights(weight_decay, weight_decay_mask))

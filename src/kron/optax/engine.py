@@ -28,6 +28,7 @@ same numbers, and a sharded run draws what the unsharded one does (padding rows 
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -165,11 +166,16 @@ class EngineConfig:
             raise ValueError(
                 f"balance_probability must be in [0, 1]; got {self.balance_probability!r}."
             )
-        if not callable(self.update_probability) and not 0.0 <= self.update_probability <= 1.0:
-            raise ValueError(
-                "preconditioner_update_probability must be in [0, 1] or a schedule; got "
-                f"{self.update_probability!r}."
-            )
+        require_option(
+            "preconditioner_update_probability",
+            self.update_probability,
+            lambda v: v >= 0,
+            ">= 0 (>= 1: every step) or a schedule",
+        )
+        require_option("preconditioner_lr", self.precond_lr, lambda v: v > 0, "> 0 or a schedule")
+        for name, dtype in (("precond_dtype", self.q_dtype), ("mu_dtype", self.mu_dtype)):
+            if dtype is not None and not jnp.issubdtype(dtype, jnp.floating):
+                raise ValueError(f"{name} must be a floating-point dtype or None; got {dtype!r}.")
 
     @property
     def newton(self) -> bool:
@@ -184,6 +190,13 @@ class EngineConfig:
     def row_multiple(self) -> int:
         """Stored stacks are padded to a multiple of this many rows."""
         return self.block_axis_size if self.stacked_state else 1
+
+
+def require_option(name: str, value: Any, ok: Callable[[Any], bool], accepted: str) -> None:
+    """``ValueError`` naming option ``name`` unless ``ok(value)``. Only Python numbers are
+    checked: a schedule, or a value traced by ``optax.inject_hyperparams``, passes."""
+    if isinstance(value, numbers.Real) and not ok(value):
+        raise ValueError(f"{name} must be {accepted}; got {value!r}.")
 
 
 def _precision(name: str | None):
@@ -412,13 +425,18 @@ def build(config: EngineConfig) -> optax.GradientTransformationExtraArgs:
             new_updates.append(jnp.reshape(y, g.shape).astype(g.dtype))
             new_mu.append(jnp.reshape(m, old_m.shape).astype(old_m.dtype))
             new_skipped.append(skipped + jnp.sum(~k).astype(jnp.int32))
-        scaled = newton_scaled if config.newton else jnp.asarray(config.init_scale is None)
+        # A step on which every gradient was skipped is not counted (the momentum's bias
+        # correction counts the updates it took) and leaves the automatic scale to come.
+        any_finite = jnp.any(jnp.stack([jnp.any(ok) for ok in finite]))
+        scaled = newton_scaled if config.newton else any_finite & (config.init_scale is None)
         new_state = KronState(
-            count=optax.safe_int32_increment(count),
+            count=jnp.where(any_finite, optax.safe_int32_increment(count), count),
             mu=treedef.unflatten(new_mu),
             factors=kept_factors,
             lipschitz=kept_lips,
-            decision_total=jnp.asarray(decision_total, jnp.float32),
+            decision_total=jnp.where(
+                any_finite, jnp.asarray(decision_total, jnp.float32), state.decision_total
+            ),
             needs_scale_init=state.needs_scale_init & ~scaled,
             skipped=treedef.unflatten(new_skipped),
             key=state.key,
@@ -466,7 +484,9 @@ def build(config: EngineConfig) -> optax.GradientTransformationExtraArgs:
         if always_fit:
             return True, state.decision_total
         p = config.update_probability
-        probability = jnp.asarray(p(count) if callable(p) else p, jnp.float32)
+        # psgdax calls the schedule with the count after this step (1 on the first).
+        probability = p(optax.safe_int32_increment(count)) if callable(p) else p
+        probability = jnp.asarray(probability, jnp.float32)
         if config.decision_rule == "bernoulli":
             draw = jax.random.uniform(leaf_key(state.key, count, 0, DECISION))
             return draw < probability, state.decision_total
@@ -793,4 +813,4 @@ def _rescale(units: list[Any], scale: Any, state_is_p: bool) -> list:
     return [tuple(f * (scale ** (1.0 / len(unit))).astype(f.dtype) for f in unit) for unit in units]
 
 
-__all__ = ["PRECONDITIONER_TYPES", "EngineConfig", "build"]
+__all__ = ["PRECONDITIONER_TYPES", "EngineConfig", "build", "require_option"]

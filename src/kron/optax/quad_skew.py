@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import optax
 
 from kron.core import FitOptions, LayoutOptions, StepOptions
-from kron.optax.engine import EngineConfig, build
+from kron.optax.engine import EngineConfig, build, require_option
 from kron.optax.sharding import chain_state_specs, param_specs
 
 LR_STYLES = ("adam", None)
@@ -77,6 +77,12 @@ def _scale_by_white_kron(
 ) -> optax.GradientTransformationExtraArgs:
     if lr_style not in LR_STYLES:
         raise ValueError(f"Unknown lr_style {lr_style!r}; accepted: 'adam', None.")
+    # The core's records check these too, under their own names; these name eformer's.
+    require_option("b1", b1, lambda v: 0 <= v < 1, "in [0, 1)")
+    require_option("max_size_dense", max_size_dense, lambda v: v >= 1, ">= 1")
+    require_option("block_size", block_size, lambda v: v >= 1, ">= 1")
+    require_option("noise_scale", noise_scale, lambda v: v >= 0, ">= 0")
+    require_option("preconditioner_lr", preconditioner_lr, lambda v: v > 0, "> 0")
     dtype = jnp.dtype(dtype)
     if dtype not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32), jnp.dtype(jnp.float64)):
         raise ValueError(f"dtype must be bfloat16, float32 or float64; got {dtype.name}.")
@@ -181,6 +187,7 @@ def _full_optimizer(
     learning_rate = options.pop("learning_rate")
     weight_decay = options.pop("weight_decay")
     weight_decay_mask = options.pop("weight_decay_mask")
+    require_option("weight_decay", weight_decay, lambda v: v >= 0, ">= 0")
     parts = [scale_by(**options)]
     if weight_decay > 0:
         parts.append(optax.add_decayed_weights(weight_decay, weight_decay_mask))

@@ -96,19 +96,21 @@ def json_value(value: Any) -> Any:
     containers; arrays keep their dtype and shape, tuples stay tuples."""
     if isinstance(value, np.ndarray):
         return {_ARRAY: value.tolist(), "dtype": value.dtype.name, "shape": list(value.shape)}
-    if isinstance(value, tuple):
+    # Exact types: a NamedTuple or an OrderedDict would come back as a plain tuple or dict, a
+    # different pytree, and the restored state would no longer match the params.
+    if type(value) is tuple:
         return {_TUPLE: [json_value(v) for v in value]}
-    if isinstance(value, list):
+    if type(value) is list:
         return [json_value(v) for v in value]
-    if isinstance(value, dict):
+    if type(value) is dict:
         if not all(isinstance(k, str) for k in value):
             raise TypeError(f"to_json needs string dict keys; got keys {list(value)!r}.")
         return {k: json_value(v) for k, v in value.items()}
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     raise TypeError(
-        "to_json handles dicts, lists, tuples, arrays, None and Python scalars; got "
-        f"{type(value).__name__}. "
+        "to_json handles dicts, lists, tuples, arrays, None and Python scalars (not their "
+        f"subclasses); got {type(value).__name__}. "
         "Use to_dict with a pickle-based store for custom pytree nodes."
     )
 

@@ -13,8 +13,15 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from kron.core import FitOptions, LayoutOptions, StepOptions, exponential_schedule, get_ops
-from kron.optax.engine import EngineConfig, build
+from kron.core import (
+    FitOptions,
+    LayoutOptions,
+    StepOptions,
+    canonical_geometry,
+    exponential_schedule,
+    get_ops,
+)
+from kron.optax.engine import EngineConfig, build, require_option
 
 
 def scale_by_kron(
@@ -97,6 +104,16 @@ def scale_by_kron(
     """
     if not whiten_grad and b1 <= 0:
         raise ValueError(f"whiten_grad=False whitens the momentum and needs b1 > 0; got {b1!r}.")
+    # The core's records check these too, under their own names; these name psgdax's.
+    require_option("b1", b1, lambda v: 0 <= v < 1, "in [0, 1)")
+    require_option("max_size_triangular", max_size_triangular, lambda v: v >= 1, ">= 1")
+    require_option("max_skew_triangular", max_skew_triangular, lambda v: v >= 0, ">= 0")
+    require_option("min_ndim_triangular", min_ndim_triangular, lambda v: v >= 0, ">= 0")
+    require_option("grad_clip_max_amp", grad_clip_max_amp, lambda v: v > 0, "> 0 or None")
+    try:
+        preconditioner_mode = canonical_geometry(preconditioner_mode)
+    except ValueError as error:
+        raise ValueError(f"preconditioner_mode: {error}") from None
     layout = LayoutOptions(
         max_size=max_size_triangular,
         max_skew=max_skew_triangular,
