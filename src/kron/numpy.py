@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -170,6 +171,8 @@ class KronPsgd:
         self.clip_rms = clip_rms
         self.balance_probability = balance_probability
         self.nonfinite = nonfinite
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+            raise ValueError(f"seed must be a non-negative int; got {seed!r}.")
         self.seed = int(seed)
         self._step_options()  # validate the mutable fields once, eagerly
         self._iteration = 0
@@ -335,10 +338,18 @@ class KronPsgd:
 
     def _step_options(self) -> StepOptions:
         """The core's options from the current field values (validated here, on every step)."""
+        for name in _HYPERPARAMETERS:
+            value = getattr(self, name)
+            if name == "clip" and value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise ValueError(f"{name} must be a number; got {value!r}.")
         for name in ("lr", "precond_lr", "weight_decay", "eps"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0; got {getattr(self, name)!r}.")
-        clip = None if self.clip is None or math.isinf(self.clip) else self.clip
+        if self.clip is not None and not self.clip > 0:
+            raise ValueError(f"clip must be > 0, inf or None; got {self.clip!r}.")
+        clip = None if self.clip is None or self.clip == math.inf else self.clip
         return StepOptions(
             layout=self._layout,
             fit=dataclasses.replace(self._fit, normalizer_floor=self.eps),

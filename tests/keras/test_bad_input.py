@@ -34,6 +34,15 @@ BAD_OPTIONS = [
     (dict(weight_decay=-1.0), "weight_decay"),
     (dict(gradient_accumulation_steps=1), "gradient_accumulation_steps"),
     (dict(momentum=0.9), "not recognized"),
+    (dict(max_size_triangular=0), "max_size_triangular must be >= 1; got 0"),
+    (dict(min_ndim_triangular=-1), "min_ndim_triangular must be >= 0; got -1"),
+    (dict(max_skew_triangular=-1.0), "max_skew_triangular must be >= 0; got -1.0"),
+    (dict(b1="0.9"), "b1 must be a number; got '0.9'"),
+    (dict(max_size_triangular=None), "max_size_triangular must be a number; got None"),
+    (dict(whiten_grad="no"), "whiten_grad must be True, False or None; got 'no'"),
+    (dict(cached="no"), "cached must be True or False; got 'no'"),
+    (dict(momentum_into_precond_update="yes"), "momentum_into_precond_update must be True or"),
+    (dict(decoupled_weight_decay=0), "decoupled_weight_decay must be True or False; got 0"),
 ]
 
 
@@ -132,3 +141,35 @@ def test_zero_first_gradient_with_automatic_scale_gives_no_nan() -> None:
         for f in slots.factors:
             assert np.isfinite(to_numpy(f)).all()
     assert all(np.isfinite(to_numpy(v)).all() for v in variables)
+
+
+def test_coupled_weight_decay_adds_to_the_gradient() -> None:
+    """decoupled_weight_decay=False steps as decay 0 on the gradient g + wd·θ (seed 000's
+    ``decoupled`` flag); the decoupled default steps differently."""
+    rng = np.random.default_rng(1)
+    start = rng.standard_normal((4, 3)).astype("float32")
+    grads = [rng.standard_normal((4, 3)).astype("float32") for _ in range(3)]
+    runs = {}
+    for name, options in [
+        ("coupled", dict(weight_decay=0.5, decoupled_weight_decay=False)),
+        ("by hand", dict(weight_decay=0.0)),
+        ("decoupled", dict(weight_decay=0.5)),
+    ]:
+        variable = keras.Variable(start, dtype="float32")
+        optimizer = Kron(learning_rate=0.1, preconditioner_update_probability=1.0, **options)
+        optimizer.build([variable])
+        for g in grads:
+            if name == "by hand":
+                g = g + 0.5 * to_numpy(variable)
+            optimizer.apply([keras.ops.convert_to_tensor(g)], [variable])
+        runs[name] = to_numpy(variable)
+    np.testing.assert_allclose(runs["coupled"], runs["by hand"], rtol=1e-5, atol=1e-6)
+    assert not np.allclose(runs["coupled"], runs["decoupled"], rtol=1e-3)
+
+
+def test_an_update_probability_of_zero_never_fits() -> None:
+    variables, optimizer = _setup(preconditioner_update_probability=0.0, precond_init_scale=1.0)
+    before = _snapshot(optimizer.variables)
+    optimizer.apply([keras.ops.ones((4, 3)), keras.ops.ones((3,))], variables)
+    factors = [(to_numpy(v), b) for v, b in zip(optimizer.variables, before) if "_q" in v.name]
+    assert len(factors) == 3 and all(np.array_equal(now, b) for now, b in factors)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import pickle
 
 import numpy as np
@@ -274,6 +275,22 @@ def test_unknown_option_values_list_the_accepted_ones(option, value, accepted):
 )
 def test_out_of_range_values_are_rejected(option, value):
     with pytest.raises(ValueError, match=option.split("_")[0]):
+        KronPsgd(**{option: value})
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("clip", -math.inf, r"clip must be > 0, inf or None; got -inf"),
+        ("clip", 0.0, r"clip must be > 0, inf or None; got 0.0"),
+        ("lr", "a", r"lr must be a number; got 'a'"),
+        ("momentum", None, r"momentum must be a number; got None"),
+        ("seed", -1, r"seed must be a non-negative int; got -1"),
+        ("seed", 1.7, r"seed must be a non-negative int; got 1.7"),
+    ],
+)
+def test_bad_values_are_named_at_construction(option, value, message):
+    with pytest.raises(ValueError, match=message):
         KronPsgd(**{option: value})
 
 

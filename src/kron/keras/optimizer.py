@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from numbers import Real
 from typing import Any, NamedTuple
 
 import keras
@@ -110,8 +111,8 @@ class Kron(keras.optimizers.Optimizer):
       learning_rate: float, ``LearningRateSchedule`` or callable. Default 0.0003, seed 000's;
         0.003 with ``momentum_into_precond_update=False`` did better on the ``kron bench`` tasks
         (docs/benchmarks.md).
-      weight_decay: decoupled weight decay ``θ ← θ(1 − lr·wd)``; honours
-        ``exclude_from_weight_decay``. Default 0.0.
+      weight_decay: weight decay, decoupled ``θ ← θ(1 − lr·wd)`` unless
+        ``decoupled_weight_decay=False``; honours ``exclude_from_weight_decay``. Default 0.0.
       b1: momentum β in [0, 1) (an EMA with bias correction; 0 disables momentum). Default 0.9.
       preconditioner_update_probability: float in [0, 1], a ``LearningRateSchedule`` or callable
         of the step, or None for :class:`UpdateProbability` (1.0 for 500 steps, then decaying to
@@ -145,6 +146,8 @@ class Kron(keras.optimizers.Optimizer):
       beta_lipschitz, damping, damping_rule, norm_bound: ``kron.core.FitOptions``. Defaults 0.9,
         1e-9, ``"elementwise"``, ``"power"``.
       balance_probability: chance per fit of rebalancing the factors' norms. Default 0.01.
+      decoupled_weight_decay: ``θ ← θ(1 − lr·wd)`` (True, default) or ``g ← g + wd·θ`` before
+        the momentum and the preconditioner (False): seed 000's ``decoupled`` flag.
       seed: seed of every random draw, in [0, 2³¹). Default 0.
       nonfinite: ``"skip"`` (default): a variable whose gradient holds a NaN or Inf is left
         untouched, with its optimizer state; ``"raise"``: ``FloatingPointError``.
@@ -188,6 +191,7 @@ class Kron(keras.optimizers.Optimizer):
         damping_rule: str = "elementwise",
         norm_bound: str = "power",
         balance_probability: float = 0.01,
+        decoupled_weight_decay: bool = True,
         seed: int = 0,
         nonfinite: str = "skip",
         **kwargs: Any,
@@ -206,6 +210,30 @@ class Kron(keras.optimizers.Optimizer):
             name=name,
             **kwargs,
         )
+        _check_types(
+            numbers=dict(
+                b1=b1,
+                precond_lr=precond_lr,
+                balance_probability=balance_probability,
+                update_clip_value=update_clip_value,
+                max_size_triangular=max_size_triangular,
+                min_ndim_triangular=min_ndim_triangular,
+                max_skew_triangular=max_skew_triangular,
+                beta_lipschitz=beta_lipschitz,
+                damping=damping,
+            ),
+            optional_numbers=dict(
+                weight_decay=weight_decay,
+                precond_init_scale=precond_init_scale,
+                block_size=block_size,
+            ),
+            flags=dict(
+                momentum_into_precond_update=momentum_into_precond_update,
+                cached=cached,
+                decoupled_weight_decay=decoupled_weight_decay,
+            ),
+            optional_flags=dict(whiten_grad=whiten_grad),
+        )
         _check_ranges(
             b1=b1,
             weight_decay=weight_decay,
@@ -213,9 +241,13 @@ class Kron(keras.optimizers.Optimizer):
             precond_init_scale=precond_init_scale,
             balance_probability=balance_probability,
             update_clip_value=update_clip_value,
+            max_size_triangular=max_size_triangular,
+            min_ndim_triangular=min_ndim_triangular,
+            max_skew_triangular=max_skew_triangular,
             seed=seed,
             probability=preconditioner_update_probability,
         )
+        self.decoupled_weight_decay = decoupled_weight_decay
         self.b1 = b1
         self.preconditioner_update_probability = preconditioner_update_probability
         self.max_size_triangular = max_size_triangular
@@ -411,6 +443,11 @@ class Kron(keras.optimizers.Optimizer):
                 f"Kron: non-finite gradient for variable {index} of shape {plan.shape}.",
             )
         grad = kops.where(finite, grad, kops.zeros_like(grad))
+        if self._decays(index) and not self.decoupled_weight_decay:  # g ← g + wd·θ
+            theta = kops.expand_dims(kops.cast(variable, self.precond_dtype), 0)
+            grad = grad + kops.cast(self.weight_decay, self.precond_dtype) * theta * kops.cast(
+                finite, self.precond_dtype
+            )
         old, count = self._read(slots)
         fit, _ = self._decide()
 
@@ -522,12 +559,17 @@ class Kron(keras.optimizers.Optimizer):
             cache=tuple(p * kops.cast(per_factor * per_factor, p.dtype) for p in state.cache),
         )
 
+    def _decays(self, index: int) -> bool:
+        """Whether weight decay applies to variable ``index``."""
+        return bool(self.weight_decay) and self._use_weight_decay(self._trainable_variables[index])
+
     def _apply_update(self, variable, index, y, finite, learning_rate) -> None:
-        """``θ ← θ − lr·(y + wd·θ)``; the decay term is dropped for a non-finite gradient."""
+        """``θ ← θ − lr·(y + wd·θ)`` (decoupled; the coupled decay went into the gradient); the
+        decay term is dropped for a non-finite gradient."""
         dtype = keras.backend.standardize_dtype(variable.dtype)
         lr = kops.cast(learning_rate, dtype)
         step = kops.cast(y, dtype)
-        if self.weight_decay and self._use_weight_decay(self._trainable_variables[index]):
+        if self.decoupled_weight_decay and self._decays(index):
             decay = kops.cast(self.weight_decay, dtype) * kops.cast(finite, dtype)
             step = step + decay * kops.convert_to_tensor(variable)
         self.assign_sub(variable, lr * step)
@@ -564,6 +606,7 @@ class Kron(keras.optimizers.Optimizer):
             damping_rule=self.damping_rule,
             norm_bound=self.norm_bound,
             balance_probability=self.balance_probability,
+            decoupled_weight_decay=self.decoupled_weight_decay,
             seed=self.seed,
             nonfinite=self.nonfinite,
         )
@@ -592,6 +635,27 @@ def _where_tree(flag: Any, new: Any, old: Any) -> Any:
     return kops.where(flag, new, old)
 
 
+def _check_types(
+    numbers: dict[str, Any],
+    optional_numbers: dict[str, Any],
+    flags: dict[str, Any],
+    optional_flags: dict[str, Any],
+) -> None:
+    """ValueError naming the option for a value of the wrong type: a string where a number
+    belongs, ``"no"`` where a bool does (which would count as true)."""
+    for options, optional in ((numbers, False), (optional_numbers, True)):
+        for name, value in options.items():
+            is_number = isinstance(value, Real) and not isinstance(value, bool)
+            if not is_number and not (optional and value is None):
+                accepted = "a number or None" if optional else "a number"
+                raise ValueError(f"{name} must be {accepted}; got {value!r}.")
+    for options, optional in ((flags, False), (optional_flags, True)):
+        for name, value in options.items():
+            if not isinstance(value, bool) and not (optional and value is None):
+                accepted = "True, False or None" if optional else "True or False"
+                raise ValueError(f"{name} must be {accepted}; got {value!r}.")
+
+
 def _check_ranges(
     *,
     b1,
@@ -600,10 +664,19 @@ def _check_ranges(
     precond_init_scale,
     balance_probability,
     update_clip_value,
+    max_size_triangular,
+    min_ndim_triangular,
+    max_skew_triangular,
     seed,
     probability,
 ) -> None:
     """ValueError naming the option and the value for anything out of range."""
+    if not max_size_triangular >= 1:
+        raise ValueError(f"max_size_triangular must be >= 1; got {max_size_triangular!r}.")
+    if not min_ndim_triangular >= 0:
+        raise ValueError(f"min_ndim_triangular must be >= 0; got {min_ndim_triangular!r}.")
+    if not max_skew_triangular >= 0:
+        raise ValueError(f"max_skew_triangular must be >= 0; got {max_skew_triangular!r}.")
     if not 0 <= b1 < 1:
         raise ValueError(f"b1 must be in [0, 1); got {b1!r}.")
     if weight_decay is not None and not weight_decay >= 0:
