@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from numbers import Real
 from typing import Any, NamedTuple
 
 import keras
@@ -45,6 +44,7 @@ from kron.core import (
     make_plan,
     scale_from_moments,
 )
+from kron.core.option_types import check_option_types
 from kron.keras import native
 from kron.keras.schedules import UpdateProbability
 
@@ -210,7 +210,7 @@ class Kron(keras.optimizers.Optimizer):
             name=name,
             **kwargs,
         )
-        _check_types(
+        check_option_types(
             numbers=dict(
                 b1=b1,
                 precond_lr=precond_lr,
@@ -633,27 +633,6 @@ def _where_tree(flag: Any, new: Any, old: Any) -> Any:
     if isinstance(new, tuple):
         return tuple(kops.where(flag, a, b) for a, b in zip(new, old))
     return kops.where(flag, new, old)
-
-
-def _check_types(
-    numbers: dict[str, Any],
-    optional_numbers: dict[str, Any],
-    flags: dict[str, Any],
-    optional_flags: dict[str, Any],
-) -> None:
-    """ValueError naming the option for a value of the wrong type: a string where a number
-    belongs, ``"no"`` where a bool does (which would count as true)."""
-    for options, optional in ((numbers, False), (optional_numbers, True)):
-        for name, value in options.items():
-            is_number = isinstance(value, Real) and not isinstance(value, bool)
-            if not is_number and not (optional and value is None):
-                accepted = "a number or None" if optional else "a number"
-                raise ValueError(f"{name} must be {accepted}; got {value!r}.")
-    for options, optional in ((flags, False), (optional_flags, True)):
-        for name, value in options.items():
-            if not isinstance(value, bool) and not (optional and value is None):
-                accepted = "True, False or None" if optional else "True or False"
-                raise ValueError(f"{name} must be {accepted}; got {value!r}.")
 
 
 def _check_ranges(

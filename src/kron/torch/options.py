@@ -11,12 +11,12 @@ optimizer's defaults. :func:`check_types`, :func:`check_ranges` and :func:`core_
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Any
 
 import torch
 
 from kron.core import DECISION_RULES, FitOptions, LayoutOptions, StepOptions
+from kron.core.option_types import check_option_types, is_real_number
 from kron.torch.functional import clipper
 
 PRECONDITIONER_TYPES = ("whitening", "newton")
@@ -111,22 +111,20 @@ def is_number(value: Any) -> bool:
     """A real number (not a bool) or a one-element real tensor."""
     if isinstance(value, torch.Tensor):
         return value.numel() == 1 and not value.is_complex() and value.dtype != torch.bool
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    return is_real_number(value)
 
 
 def check_types(group: dict[str, Any]) -> None:
-    """Raise ``ValueError`` naming the option for a value of the wrong type: a string where a
-    number belongs, ``"False"`` where a bool does (which would count as true)."""
-    for key in BOOL_OPTIONS + OPTIONAL_BOOL_OPTIONS:
-        value = group[key]
-        if not isinstance(value, bool) and not (value is None and key in OPTIONAL_BOOL_OPTIONS):
-            accepted = "True, False or None" if key in OPTIONAL_BOOL_OPTIONS else "True or False"
-            raise ValueError(f"{key} must be {accepted}; got {value!r}.")
-    for key in NUMBER_OPTIONS + OPTIONAL_NUMBER_OPTIONS:
-        value = group[key]
-        if not is_number(value) and not (value is None and key in OPTIONAL_NUMBER_OPTIONS):
-            accepted = "a number or None" if key in OPTIONAL_NUMBER_OPTIONS else "a number"
-            raise ValueError(f"{key} must be {accepted}; got {value!r}.")
+    """Raise ``ValueError`` naming the option for a value of the wrong type (see
+    :func:`kron.core.option_types.check_option_types`); ``lr`` and the other numbers may also be
+    one-element tensors."""
+    check_option_types(
+        numbers={key: group[key] for key in NUMBER_OPTIONS},
+        optional_numbers={key: group[key] for key in OPTIONAL_NUMBER_OPTIONS},
+        flags={key: group[key] for key in BOOL_OPTIONS},
+        optional_flags={key: group[key] for key in OPTIONAL_BOOL_OPTIONS},
+        is_number=is_number,
+    )
 
 
 def group_with_our_names(group: dict[str, Any]) -> dict[str, Any]:
