@@ -123,3 +123,52 @@ def test_a_diverging_run_is_recorded_as_diverged():
     record = run(config)
     assert record["status"] == "diverged" and record["steps_done"] < 60
     assert not record["outcome"]["success"] and record["outcome"]["final"] == math.inf
+
+
+def test_resume_keeps_a_record_it_cannot_reuse(tmp_path):
+    """A record made under other settings (or unreadable) is renamed aside with everything the
+    user added to it, never overwritten."""
+    run_or_load(_config(), tmp_path)
+    path = _config().path(tmp_path)
+    old = json.loads(path.read_text())
+    old["config"]["settings"]["lr"] = 1.0
+    old["user_note"] = "keep me"
+    path.write_text(json.dumps(old))
+    moved = []
+    _, reused = run_or_load(_config(), tmp_path, on_set_aside=moved.append)
+    assert not reused and len(moved) == 1
+    assert moved[0].name.startswith(path.name + ".stale-")
+    assert json.loads(moved[0].read_text())["user_note"] == "keep me"
+    assert "user_note" not in json.loads(path.read_text())
+    assert records.load_all(tmp_path) == [records.load(path)]  # the kept file is not a record
+
+
+def test_resume_needs_the_same_torch_thread_count(tmp_path):
+    first, _ = run_or_load(_config(), tmp_path, threads=1)
+    assert first["machine"]["torch_threads"] == 1
+    second, reused = run_or_load(_config(), tmp_path, threads=2)
+    assert not reused and second["machine"]["torch_threads"] == 2
+    _, reused = run_or_load(_config(), tmp_path, threads=2)
+    assert reused
+
+
+def test_learning_rates_that_print_alike_get_their_own_files(tmp_path):
+    paths = {records.run_path(tmp_path, "t", "o", lr, 0, 10) for lr in (1e-3, 1.0000001e-3)}
+    assert len(paths) == 2
+    name = records.run_path(tmp_path, "t", "o", 3e-4, 0, 10).name
+    assert name == "o__lr-0.0003__seed-0__steps-10.json"  # the short form where it is unique
+
+
+def test_files_that_are_not_records_are_not_loaded(tmp_path):
+    folder = tmp_path / "runs" / "logistic"
+    folder.mkdir(parents=True)
+    for text in ("[1, 2]", '{"schema": 1, "config": {}}', '{"schema": 1}'):
+        (folder / "notes.json").write_text(text)
+        assert records.load(folder / "notes.json") is None
+        assert records.load_all(tmp_path) == []
+
+
+def test_outcome_a_run_that_reaches_the_target_and_then_diverges_fails():
+    result = records.outcome(_fake([5.0, 0.5, 3.0], status="diverged"))
+    assert result["final"] == math.inf and not result["success"]
+    assert result["steps_to_target"] is None

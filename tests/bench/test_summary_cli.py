@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -206,3 +207,79 @@ def test_python_dash_m_lists_tasks():
     )
     for name in ("xor64", "char_lm", "kron_quadratic_noisy"):
         assert name in result.stdout
+
+
+def _bench(tmp_path, *extra):
+    return ["bench", "--steps", "20", "--seeds", "0,", "--no-sweep", "--out", str(tmp_path), *extra]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (("--task", "nosuch"), "--task: unknown 'nosuch'; known: kron_quadratic"),
+        (("--task", "deep_linear", "--optimizer", "nosuch"), "unknown optimizer 'nosuch'"),
+        (("--task", "logistic", "--optimizer", "kron_jax"), "'kron_jax' has no --framework torch"),
+        (("--task", "xor16", "--framework", "jax"), "xor16 has no --framework jax runner"),
+        # heavyball cannot train float64 parameters, the only kind the logistic task has.
+        (("--task", "logistic", "--optimizer", "heavyball"), "nothing to run"),
+    ],
+)
+def test_cli_names_what_it_cannot_run(tmp_path, extra, message):
+    """A typo or a name the framework lacks stops the command with a message instead of a
+    traceback or a silently empty plan."""
+    with pytest.raises(SystemExit, match=message):
+        main(_bench(tmp_path / "out", *extra))
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("option", ["--steps", "--threads"])
+@pytest.mark.parametrize("text", ["0", "-5", "x"])
+def test_cli_rejects_counts_below_one(option, text, capsys):
+    """``--steps 0`` used to run the full budget, and a negative one wrote records that broke
+    every later report."""
+    with pytest.raises(SystemExit):
+        main(["bench", "--task", "deep_linear", option, text])
+    assert "is not a whole number >= 1" in capsys.readouterr().err
+
+
+def test_cli_rejects_an_output_folder_that_is_a_file(tmp_path):
+    (tmp_path / "out").write_text("mine")
+    with pytest.raises(SystemExit, match="is a file"):
+        main(_bench(tmp_path / "out", "--task", "deep_linear", "--optimizer", "kron"))
+    assert (tmp_path / "out").read_text() == "mine"
+
+
+def test_repeated_seeds_and_learning_rates_run_once(tmp_path):
+    assert seed_list("0,0,2,0") == (0, 2)
+    args = ["bench", "--task", "deep_linear", "--optimizer", "kron_lr", "--steps", "5"]
+    assert main([*args, "--seeds", "1", "--lr", "1e-3", "1e-3", "--out", str(tmp_path)]) == 0
+    assert len(records.load_all(tmp_path)) == 1
+
+
+def test_a_run_that_diverges_before_its_first_evaluation_is_reported(tmp_path):
+    """Its record has no metric column; the table and the plot are still made from it."""
+    args = _bench(tmp_path, "--task", "rosenbrock", "--optimizer", "sgd", "--lr", "1e6")
+    assert main(args) == 0
+    (record,) = records.load_all(tmp_path)
+    assert record["status"] == "diverged" and "f" not in record["history"]
+    assert "| rosenbrock |" in (tmp_path / "summary.md").read_text()
+    assert (tmp_path / "plots" / "rosenbrock.png").read_bytes().startswith(PNG)
+
+
+def test_report_uses_only_the_plans_matching_records(tmp_path, capsys):
+    """``--report`` takes the runs the same command would run, no other seed's and no record
+    made under another configuration, and lists the runs it found no record for."""
+    base = ["bench", "--task", "deep_linear", "--optimizer", "kron", "--steps", "10"]
+    assert main([*base, "--seeds", "2", "--out", str(tmp_path)]) == 0
+    capsys.readouterr()
+    assert main([*base, "--seeds", "0,", "--out", str(tmp_path), "--report"]) == 0
+    assert "1 runs" in capsys.readouterr().out
+    path = RunConfig(TASKS["deep_linear"], get_optimizer("kron"), None, 1, 10).path(tmp_path)
+    changed = records.load(path)
+    changed["config"]["settings"]["lr"] = 1.0
+    path.write_text(json.dumps(changed))
+    assert main([*base, "--seeds", "0,1,2", "--out", str(tmp_path), "--report"]) == 0
+    printed = capsys.readouterr()
+    assert "1 runs" in printed.out
+    assert "2 planned run(s) have no matching record" in printed.err
+    assert "seed=1" in printed.err and "seed=2" in printed.err

@@ -9,8 +9,8 @@ import sys
 import time
 from pathlib import Path
 
-from . import plots, records, summary
-from .optimizers import OPTIMIZERS, for_framework, get_optimizer
+from . import plots, summary
+from .optimizers import OPTIMIZERS, OptimizerSpec, for_framework, get_optimizer
 from .suite import Entry, execute, learning_rates
 from .tasks import TASKS, get_task
 from .tiers import TIERS, Tier
@@ -31,7 +31,13 @@ def build_parser() -> argparse.ArgumentParser:
             f"--{name}", dest="tier", action="store_const", const=name, help=t.description
         )
     bench.add_argument("--list", action="store_true", help="list tasks, optimizers and tiers")
-    bench.add_argument("--task", nargs="+", metavar="NAME", help="only these tasks")
+    bench.add_argument(
+        "--task",
+        nargs="+",
+        metavar="NAME",
+        help="only these tasks (without a tier option, at the --standard tier's seeds, sweeps "
+        "and optimizers)",
+    )
     bench.add_argument(
         "--optimizer",
         nargs="+",
@@ -51,7 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="run exactly these learning rates, each on every seed, instead of each "
         "optimizer's grid or default (no sweep)",
     )
-    bench.add_argument("--steps", type=int, help="step budget for every task (overrides tier)")
+    bench.add_argument(
+        "--steps", type=positive_int, help="step budget for every task (overrides tier)"
+    )
     bench.add_argument("--out", type=Path, default=Path("out/bench"), help="output folder")
     bench.add_argument(
         "--framework",
@@ -63,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument(
         "--threads",
-        type=int,
+        type=positive_int,
         default=1,
         help="torch threads per run (default 1: deterministic and fair on a shared CPU)",
     )
@@ -81,21 +89,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def positive_float(text: str) -> float:
-    """``--lr``: a learning rate > 0."""
+    """``--lr``: a finite learning rate > 0."""
     try:
         value = float(text)
     except ValueError:
         value = math.nan
-    if not value > 0:
+    if not 0 < value < math.inf:
         raise argparse.ArgumentTypeError(f"{text!r} is not a learning rate > 0")
     return value
 
 
+def positive_int(text: str) -> int:
+    """``--steps``, ``--threads``: a whole number ≥ 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
+    return value
+
+
 def seed_list(text: str) -> tuple[int, ...]:
-    """``--seeds``: a count ``N`` (seeds 0…N−1, N ≥ 1) or a comma list such as ``0,3``."""
+    """``--seeds``: a count ``N`` (seeds 0…N−1, N ≥ 1) or a comma list such as ``0,3``; a seed
+    listed twice is run once (counting it twice would inflate a success rate)."""
     try:
         if "," in text:
-            seeds = tuple(int(s) for s in text.split(",") if s)
+            seeds = tuple(dict.fromkeys(int(s) for s in text.split(",") if s))
         else:
             seeds = tuple(range(int(text)))
     except ValueError:
@@ -118,31 +138,76 @@ def _require(modules: tuple[str, ...], framework: str) -> None:
         )
 
 
-def plan(args: argparse.Namespace, tier: Tier) -> list[Entry]:
-    """The entries to run, from the tier narrowed or overridden by the command-line options."""
-    tasks = dict(tier.tasks)
-    if args.task:
-        tasks = {name: tier.tasks.get(name) for name in args.task}
+def _tasks(args: argparse.Namespace, tier: Tier) -> dict[str, int | None]:
+    """Task name → the tier's budget for it (``None``: the task's own). Tasks named on the
+    command line must exist and, off PyTorch, have a runner; the tier's are narrowed quietly."""
+    if not args.task:
+        tasks = dict(tier.tasks)
+    else:
+        unknown = [name for name in args.task if name not in TASKS]
+        if unknown:
+            raise SystemExit(
+                f"--task: unknown {', '.join(map(repr, unknown))}; known: {', '.join(TASKS)}"
+            )
+        tasks = {name: tier.tasks.get(name) for name in dict.fromkeys(args.task)}
     if args.framework in ("jax", "keras"):
         _require(("jax", "optax") if args.framework == "jax" else ("jax", "keras"), args.framework)
         from .jax_problems import PORTS
 
-        tasks = {name: budget for name, budget in tasks.items() if name in PORTS}
-    seeds_override = args.seeds
-    entries = []
-    for name, budget in tasks.items():
-        task = get_task(name)
-        names = args.optimizer or tier.optimizers_by_task.get(name, tier.optimizers)
-        for n in names:
-            get_optimizer(n)  # an unknown name raises, whatever the framework
-        found = (for_framework(n, args.framework) for n in names)
-        specs = tuple(
-            dict.fromkeys(
-                s
-                for s in found
-                if s is not None and s.available() and (s.float64 or not task.float64)
+        absent = [name for name in (args.task or ()) if name not in PORTS]
+        if absent:
+            raise SystemExit(
+                f"--task: {', '.join(absent)} has no --framework {args.framework} runner; "
+                f"tasks that have one: {', '.join(PORTS)}"
             )
-        )
+        tasks = {name: budget for name, budget in tasks.items() if name in PORTS}
+    return tasks
+
+
+def _named_optimizers(names: list[str], framework: str) -> list[OptimizerSpec]:
+    """The specs of the optimizers named on the command line, each checked to exist, to have a
+    ``framework`` version and to be installed."""
+    specs = []
+    for name in dict.fromkeys(names):
+        try:
+            get_optimizer(name)
+        except KeyError as error:
+            raise SystemExit(f"--optimizer: {error.args[0]}") from None
+        spec = for_framework(name, framework)
+        if spec is None:
+            offered = ", ".join(s.name for s in OPTIMIZERS.values() if s.framework == framework)
+            raise SystemExit(
+                f"--optimizer: {name!r} has no --framework {framework} version; "
+                f"the {framework} optimizers: {offered}"
+            )
+        if not spec.available():
+            raise SystemExit(
+                f"--optimizer: {spec.name} needs the package {spec.package}, which is not installed"
+            )
+        specs.append(spec)
+    return specs
+
+
+def plan(args: argparse.Namespace, tier: Tier) -> list[Entry]:
+    """The entries to run, from the tier narrowed or overridden by the command-line options.
+    Optimizers that cannot train float64 parameters are left out of the float64 tasks (with a
+    note on stderr when they were named on the command line)."""
+    named = _named_optimizers(args.optimizer, args.framework) if args.optimizer else None
+    entries, left_out = [], {}
+    for name, budget in _tasks(args, tier).items():
+        task = get_task(name)
+        if named is not None:
+            candidates = named
+        else:
+            found = (
+                for_framework(n, args.framework)
+                for n in tier.optimizers_by_task.get(name, tier.optimizers)
+            )
+            candidates = [s for s in found if s is not None and s.available()]
+        specs = tuple(dict.fromkeys(s for s in candidates if s.float64 or not task.float64))
+        for spec in candidates:
+            if spec not in specs:
+                left_out.setdefault(spec.name, []).append(name)
         if args.lr:
             fixed = [s.name for s in specs if s.grid(task) == (None,)]
             if fixed:
@@ -150,23 +215,24 @@ def plan(args: argparse.Namespace, tier: Tier) -> list[Entry]:
                     f"--lr: {', '.join(fixed)} run at their defaults only; for other learning "
                     "rates use the lr-swept twin (kron_lr, kron_lr_jax, kron_lr_keras)"
                 )
-        seeds = seeds_override or tuple(range(tier.seeds_by_task.get(name, tier.seeds)))
-        steps = args.steps or budget or task.steps
+        seeds = args.seeds or tuple(range(tier.seeds_by_task.get(name, tier.seeds)))
+        steps = args.steps if args.steps is not None else budget or task.steps
         sweep = tier.sweep and not args.no_sweep and name not in tier.unswept_tasks
-        lrs = tuple(args.lr) if args.lr else None
+        lrs = tuple(dict.fromkeys(args.lr)) if args.lr else None
         entries.append(Entry(task, steps, specs, seeds, sweep and not lrs, lrs))
+    if named is not None:
+        for spec_name, tasks in left_out.items():
+            print(
+                f"kron bench: {spec_name} cannot train float64 parameters; left out of "
+                f"{', '.join(tasks)}",
+                file=sys.stderr,
+            )
+    if not any(entry.optimizers for entry in entries):
+        raise SystemExit(
+            "kron bench: nothing to run: no task of the plan has an optimizer that can run it "
+            f"(--framework {args.framework})"
+        )
     return entries
-
-
-def planned_records(entries: list[Entry], out: Path) -> list[dict]:
-    """The records under ``out`` that belong to the plan (task, optimizer and step budget match
-    one of its entries), whatever their learning rate and seed."""
-    wanted = {(e.task.name, s.name, e.steps) for e in entries for s in e.optimizers}
-    return [
-        r
-        for r in records.load_all(out)
-        if (r["config"]["task"], r["config"]["optimizer"], r["config"]["steps"]) in wanted
-    ]
 
 
 def list_everything() -> str:
@@ -190,14 +256,14 @@ def bench(args: argparse.Namespace) -> int:
         print(list_everything())
         return 0
     tier = TIERS[args.tier or ("quick" if not args.task else "standard")]
+    if args.out.exists() and not args.out.is_dir():
+        raise SystemExit(f"--out: {args.out} is a file; give a folder (made if missing)")
     entries = plan(args, tier)
     started = time.perf_counter()
     # Exactly this plan's records (run now or resumed), so other tiers' records in the same
     # folder never mix in; a plan can be assembled from several interrupted invocations.
-    if args.report:
-        all_records = planned_records(entries, args.out)
-    else:
-        all_records = execute(entries, args.out, args.threads)
+    all_records = execute(entries, args.out, args.threads, report_only=args.report)
+    args.out.mkdir(parents=True, exist_ok=True)
     header = f"Command: `kron bench {' '.join(sys.argv[2:])}` (tier {tier.name})."
     text = summary.markdown(all_records, header)
     (args.out / "summary.md").write_text(text)

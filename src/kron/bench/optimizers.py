@@ -27,15 +27,14 @@ metric) runs on the remaining seeds. The grids:
   its ``torch.compile`` is switched off (on this CPU compile time dominates short runs).
 
 The JAX runner (``--framework jax``) has the same roles under the same names with ``_jax``
-appended: ``kron_jax`` is ``kron.optax.kron`` at its defaults (lr 3e-3 where psgdax has 1e-3,
-the preconditioner fitted on the gradient as in psgdax), ``kron_lr_jax`` the same with the
+appended: ``kron_jax`` is ``kron.optax.kron`` at its defaults (psgdax's: lr 1e-3, the
+preconditioner fitted on the gradient), ``kron_lr_jax`` the same with the
 lr swept over the same grid as ``kron_lr``, ``adamw_jax`` ``optax.adamw`` with AdamW's grid,
 and the peer ``psgdax`` is ``psgdax.kron`` at its defaults but lr ∈ {3e-4, 1e-3, 3e-3} (its
 ``key`` drawn from the run's seed, since its default key is one array shared by every instance).
 The Keras runner (``--framework keras``, Keras on its JAX backend) likewise has ``kron_keras``
-(``kron.keras.Kron`` at its defaults: lr 3e-3 and P fitted on the gradient, where seed 000 has
-3e-4 and the momentum), ``kron_lr_keras`` and ``adamw_keras`` (``keras.optimizers.AdamW``, no
-weight decay).
+(``kron.keras.Kron`` at its defaults, seed 000's: lr 3e-4 and P fitted on the momentum),
+``kron_lr_keras`` and ``adamw_keras`` (``keras.optimizers.AdamW``, no weight decay).
 
 Peers appear only when importable.
 """

@@ -18,10 +18,11 @@ COLORS = {
     "sgd": "#7f7f7f",
     "kron_torch": "#2ca02c",
     "heavyball": "#9467bd",
+    "psgdax": "#98df8a",
     "kron_jax": "#8c564b",
     "kron_lr_jax": "#c49c94",
     "adamw_jax": "#17becf",
-    "kron_keras": "#bcbd22",
+    "kron_keras": "#e7ba52",
     "kron_lr_keras": "#dbdb8d",
     "adamw_keras": "#9edae5",
 }
@@ -43,11 +44,9 @@ def plot_task(task: str, rows, path: Path) -> Path:
         lr = "default" if row.lr is None else f"{row.lr:g}"
         for i, run in enumerate(row.runs):
             hist = run["history"]
-            points = [
-                (s, t, v)
-                for s, t, v in zip(hist["step"], hist["seconds"], hist[metric])
-                if v is not None
-            ]
+            column = hist.get(metric, ())  # absent when the run diverged before evaluating
+            points = [(s, t, v) for s, t, v in zip(hist["step"], hist["seconds"], column)]
+            points = [p for p in points if p[2] is not None]
             if not points:
                 continue
             steps, seconds, values = zip(*points)
@@ -63,7 +62,8 @@ def plot_task(task: str, rows, path: Path) -> Path:
         if positive:
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
+    if axes[0].get_legend_handles_labels()[0]:  # no line when every run diverged at once
+        axes[0].legend(fontsize=7)
     fig.suptitle(f"{task}: {cfg['title']} (dashed: target)", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -3,8 +3,10 @@
 Layout: ``<out>/runs/<task>/<optimizer>__lr-<lr>__seed-<seed>__steps-<steps>.json``. A record holds
 
 * ``config``: everything that determines the run (task definition fields, optimizer, lr, seed,
-  step budget, threads); a record is reused by ``--resume`` only if its config is identical;
-* ``versions`` and ``machine``: interpreter, library and peer versions, platform, CPU count;
+  step budget, the optimizer's resolved settings); ``kron bench`` reuses a record only if its
+  config is identical and, for a PyTorch run, its thread count is the one asked for;
+* ``versions`` and ``machine``: interpreter, library and peer versions, platform, CPU count,
+  torch threads;
 * ``history``: columns at every evaluation point: ``step``, ``seconds`` (cumulative training
   time, evaluation excluded), ``loss`` (mean training loss since the previous point) and the
   task's evaluation metrics;
@@ -29,7 +31,9 @@ SCHEMA = 1
 
 def run_path(out: Path, task: str, optimizer: str, lr: float | None, seed: int, steps: int) -> Path:
     """Where the record of one run lives under the output folder ``out``."""
-    lr_part = "default" if lr is None else f"{lr:g}"
+    # repr: the shortest text that reads back as the same float, so two learning rates never
+    # share a file (``:g`` keeps six digits: 1e-3 and 1.0000001e-3 would).
+    lr_part = "default" if lr is None else repr(float(lr))
     name = f"{optimizer}__lr-{lr_part}__seed-{seed}__steps-{steps}.json"
     return Path(out) / "runs" / task / name
 
@@ -43,13 +47,25 @@ def save(record: Record, path: Path) -> None:
     os.replace(tmp, path)
 
 
+REQUIRED_CONFIG = ("task", "optimizer", "lr", "seed", "steps", "metric", "target", "rule")
+
+
 def load(path: Path) -> Record | None:
-    """The record at ``path``, or ``None`` when it is missing, unreadable or from another schema."""
+    """The record at ``path``, or ``None`` when it is missing, unreadable, from another schema
+    or not a complete record (any JSON file can land in the folder)."""
     try:
         record = json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return None
-    return record if record.get("schema") == SCHEMA else None
+    complete = (
+        isinstance(record, dict)
+        and record.get("schema") == SCHEMA
+        and isinstance(record.get("config"), dict)
+        and all(key in record["config"] for key in REQUIRED_CONFIG)
+        and isinstance(record.get("history"), dict)
+        and all(key in record for key in ("status", "outcome", "machine"))
+    )
+    return record if complete else None
 
 
 def load_all(out: Path) -> list[Record]:
@@ -91,9 +107,11 @@ def outcome(record: Record) -> dict[str, Any]:
     """Final metric, success and steps/seconds to target, from ``record`` alone.
 
     With rule ``"reach"`` the target counts as reached at the first history point whose metric
-    is ≤ target; with ``"final"`` success means the final value is ≤ target and the time to
-    target is the first point from which the metric stays ≤ target. A diverged run fails and its
-    final value is ``inf``.
+    is ≤ target; with ``"final"`` success means the final value (the mean over the last
+    ``final_window`` of the points) is ≤ target and the time to target is the first point from
+    which the metric stays ≤ target, or the last point when the mean meets the target but the
+    last point alone does not (the run has shown success only by its end). A diverged run fails,
+    even after reaching the target, and its final value is ``inf``.
     """
     cfg, hist = record["config"], record["history"]
     metric, target = cfg["metric"], cfg["target"]
@@ -105,7 +123,7 @@ def outcome(record: Record) -> dict[str, Any]:
     hit = None
     if cfg["rule"] == "reach":
         hit = next((p for p in points if p[2] <= target), None)
-        success = hit is not None
+        success = hit is not None and not diverged
     else:
         success = final <= target
         if success:

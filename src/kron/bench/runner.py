@@ -174,16 +174,51 @@ def _append(history: dict[str, list], step: int, seconds: float, loss: float, me
             column.append(None)
 
 
+def reusable(config: RunConfig, out: Path, threads: int = 1) -> records.Record | None:
+    """The finished record of ``config`` under ``out``, or ``None`` when there is none that
+    matches: a config identical but for wording, and for a PyTorch run the same thread count
+    (it changes both the timings and the rounding)."""
+    existing = records.load(config.path(out))
+    if existing is None or identity(existing["config"]) != identity(config.describe()):
+        return None
+    if config.optimizer.framework == "torch":
+        if existing["machine"].get("torch_threads") != threads:
+            return None
+    return existing
+
+
+def set_aside(path: Path) -> Path:
+    """Rename ``path`` to ``<name>.stale-<UTC time>``, out of the records' ``*.json`` pattern,
+    and return the new path: a record that cannot be reused is kept, never overwritten."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    target = path.with_name(f"{path.name}.stale-{stamp}")
+    index = 1
+    while target.exists():
+        target, index = path.with_name(f"{path.name}.stale-{stamp}-{index}"), index + 1
+    path.rename(target)
+    return target
+
+
 def run_or_load(
-    config: RunConfig, out: Path, threads: int = 1, on_progress=None
+    config: RunConfig,
+    out: Path,
+    threads: int = 1,
+    on_progress: Callable[[int], None] | None = None,
+    on_set_aside: Callable[[Path], None] | None = None,
 ) -> tuple[records.Record, bool]:
-    """The record of ``config`` under ``out``: reused when a finished record with the identical
-    config exists (resume), otherwise run and saved. Returns ``(record, was_reused)``."""
-    path = config.path(out)
-    existing = records.load(path)
-    if existing is not None and identity(existing.get("config", {})) == identity(config.describe()):
+    """The record of ``config`` under ``out``: reused when :func:`reusable` finds it (resume),
+    otherwise run and saved. A file already at the record's path that cannot be reused (another
+    config or thread count, or unreadable) is renamed by :func:`set_aside` before the new record
+    is written, and ``on_set_aside`` gets its new path. Returns ``(record, was_reused)``."""
+    existing = reusable(config, out, threads)
+    if existing is not None:
         return existing, True
     record = run(config, threads, on_progress)
+    path = config.path(out)
+    if path.exists():
+        moved = set_aside(path)
+        if on_set_aside is not None:
+            on_set_aside(moved)
     records.save(record, path)
     return record, False
 

@@ -10,9 +10,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from .optimizers import OptimizerSpec
+from .optimizers import OptimizerSpec, lr_label
 from .records import Record
-from .runner import RunConfig, run_or_load, score
+from .runner import RunConfig, reusable, run_or_load, score
 from .tasks import Task
 
 
@@ -41,29 +41,48 @@ def execute(
     out: Path,
     threads: int = 1,
     console: Console | None = None,
+    report_only: bool = False,
 ) -> list[Record]:
     """Run (or reuse) every run of the plan and return all their records.
 
     Sweep protocol per (task, optimizer): every learning rate on the first seed, then the best
     (``runner.score``) on the remaining seeds; entries with ``sweep`` off use the grid's middle,
-    and entries with ``lrs`` run each of them on every seed.
+    and entries with ``lrs`` run each of them on every seed. With ``report_only`` nothing runs:
+    the plan's records are taken from ``out`` where they match (``runner.reusable``), and the
+    runs without one are listed on ``console``.
     """
     console = console or Console(stderr=True)
     done: list[Record] = []
+    missing: list[str] = []
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
     )
-    with Progress(*columns, console=console) as progress:
+    with Progress(*columns, console=console, disable=report_only) as progress:
 
-        def one(config: RunConfig) -> Record:
-            lr = "default" if config.lr is None else f"{config.lr:g}"
-            name = f"{config.task.name} {config.optimizer.name} lr={lr} seed={config.seed}"
+        def one(config: RunConfig) -> Record | None:
+            name = (
+                f"{config.task.name} {config.optimizer.name} lr={lr_label(config.lr)} "
+                f"seed={config.seed}"
+            )
+            if report_only:
+                record = reusable(config, out, threads)
+                if record is None:
+                    missing.append(name)
+                else:
+                    done.append(record)
+                return record
             bar = progress.add_task(name, total=config.steps)
             record, reused = run_or_load(
-                config, out, threads, lambda step: progress.update(bar, completed=step)
+                config,
+                out,
+                threads,
+                lambda step: progress.update(bar, completed=step),
+                lambda moved: console.print(
+                    f"{name}: the record there did not match this run; kept as {moved}"
+                ),
             )
             suffix = " (resumed)" if reused else f" ({record['status']})"
             progress.update(bar, completed=config.steps, description=name + suffix)
@@ -89,7 +108,16 @@ def execute(
                     one(RunConfig(entry.task, spec, lr, first, entry.steps))
                     for lr in learning_rates(spec, entry.task, entry.sweep)
                 ]
-                best = min(sweep_runs, key=lambda r: (score(r), str(r["config"]["lr"])))
+                found = [r for r in sweep_runs if r is not None]
+                if not found:  # report only: no first-seed run, so no best lr to look up
+                    missing += [f"{entry.task.name} {spec.name} seed={s}" for s in rest]
+                    continue
+                best = min(found, key=lambda r: (score(r), str(r["config"]["lr"])))
                 for seed in rest:
                     one(RunConfig(entry.task, spec, best["config"]["lr"], seed, entry.steps))
+    if missing:
+        console.print(
+            f"{len(missing)} planned run(s) have no matching record in {out} (run the same "
+            "command without --report to make them): " + "; ".join(missing)
+        )
     return done

@@ -214,7 +214,11 @@ def _lm_verdict(rows: dict[str, list[Row]], mine: str, baseline: str) -> Verdict
     for run in ours.runs:
         hist = run["history"]
         hit = next(
-            (s for s, v in zip(hist["step"], hist["val_loss"]) if v is not None and v <= reference),
+            (
+                s
+                for s, v in zip(hist["step"], hist.get("val_loss", ()))
+                if v is not None and v <= reference
+            ),
             None,
         )
         reached.append(hit)
