@@ -146,8 +146,7 @@ class KronPsgd:
             damping=damping,
             damping_rule=damping_rule,
             norm_bound=norm_bound,
-            normalizer_floor=eps,
-        )
+        )  # normalizer_floor is eps, set per step from the field (checked there, by its name)
         if decision_rule not in DECISION_RULES:
             raise ValueError(
                 f"Unknown decision_rule {decision_rule!r}; accepted: {', '.join(DECISION_RULES)}."

@@ -287,6 +287,7 @@ def test_out_of_range_values_are_rejected(option, value):
         ("momentum", None, r"momentum must be a number; got None"),
         ("seed", -1, r"seed must be a non-negative int; got -1"),
         ("seed", 1.7, r"seed must be a non-negative int; got 1.7"),
+        ("eps", -1.0, r"eps must be >= 0; got -1.0"),  # not the core's normalizer_floor
     ],
 )
 def test_bad_values_are_named_at_construction(option, value, message):

@@ -194,8 +194,10 @@ def test_rejected_param_group_leaves_the_optimizer_unchanged():
 
 
 def test_non_positive_clip_thresholds_are_rejected():
-    with pytest.raises(ValueError, match="threshold must be > 0"):
+    with pytest.raises(ValueError, match="update_clip_value must be > 0"):
         Kron([nn.Parameter(torch.ones(2))], update_clip_value=-1.0)
+    with pytest.raises(ValueError, match="gradient_clip_value must be > 0"):
+        Kron([nn.Parameter(torch.ones(2))], gradient_clipping="rms", gradient_clip_value=0.0)
 
 
 def test_schedule_values_are_checked_every_step():
@@ -441,3 +443,16 @@ def test_one_cycle_lr_works_without_cycling_momentum():
         lrs.append(opt.param_groups[0]["lr"])
     assert lrs[0] == pytest.approx(0.1 / 25) and max(lrs) == pytest.approx(0.1)
     assert lrs[-1] < lrs[0]
+
+
+@pytest.mark.parametrize("name", ["seed", "nonfinite", "stack_params", "compile", "resync"])
+def test_an_optimizer_wide_setting_in_a_param_group_is_refused(name):
+    """These live on the optimizer; a group's own value would be silently ignored."""
+    value = {"seed": 1, "nonfinite": "raise", "stack_params": False}.get(name)
+    a, b = nn.Parameter(torch.ones(2, 2)), nn.Parameter(torch.ones(3))
+    with pytest.raises(ValueError, match=f"{name} cannot be set per param group"):
+        Kron([{"params": [a]}, {"params": [b], name: value}])
+    opt = Kron([a])
+    with pytest.raises(ValueError, match=f"{name} cannot be set per param group"):
+        opt.add_param_group({"params": [b], name: value})
+    assert len(opt.param_groups) == 1

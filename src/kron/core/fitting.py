@@ -57,7 +57,8 @@ class FitOptions:
         ``"Q0.5EQ1.5"``, psgd_torch's default since 2025-09.
       beta_lipschitz: β_L of the "EMA, never below the current value" normaliser (§4.0). ``0``
         gives kron_torch's per-step normaliser. Default 0.9.
-      damping: δ, the absolute damping of the ``"elementwise"`` rule. Default 1e-9.
+      damping: δ, the absolute damping of the ``"elementwise"`` and ``"absolute"`` rules.
+        Default 1e-9.
       damping_rule: ``"elementwise"``: ``x + (δ + eps·|x|)·ξ`` (psgd_torch, heavyball);
         ``"mean_abs"``: ``x + √eps_f32·mean|x|·ξ`` (kron_torch, psgd_jax); ``"absolute"``:
         ``x + δ·ξ`` (eformer's ``noise_scale``; δ = 0 fits on ``x`` itself). Default elementwise.

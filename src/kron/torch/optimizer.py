@@ -319,6 +319,12 @@ class Kron(torch.optim.Optimizer):
         # Validate the group as it will be (defaults filled in) before torch installs it, so a
         # rejected group leaves the optimizer unchanged.
         param_group = group_with_our_names(param_group)
+        global_only = [name for name in self._SETTINGS if name in param_group]
+        if global_only:
+            raise ValueError(
+                f"{', '.join(global_only)} cannot be set per param group (one value serves "
+                "the whole optimizer); pass it to the constructor."
+            )
         params = param_group["params"]
         if isinstance(params, torch.Tensor):
             params = [params]

@@ -17,7 +17,7 @@ import torch
 
 from kron.core import DECISION_RULES, FitOptions, LayoutOptions, StepOptions
 from kron.core.option_types import check_option_types, is_real_number
-from kron.torch.functional import clipper
+from kron.torch.functional import CLIPPING_NAMES, clipper
 
 PRECONDITIONER_TYPES = ("whitening", "newton")
 HVP_METHODS = ("double_backward", "finite_difference")
@@ -182,6 +182,21 @@ def check_ranges(group: dict[str, Any]) -> None:
         raise ValueError("split=True needs a finite max_size_triangular or a block_size.")
 
 
+def _check_clipping(group: dict[str, Any], kind: str) -> None:
+    """``{kind}_clipping`` and ``{kind}_clip_value`` make a clip, or ``ValueError`` names them."""
+    spec, threshold = group[f"{kind}_clipping"], group[f"{kind}_clip_value"]
+    if spec is not None and not callable(spec) and spec not in CLIPPING_NAMES:
+        raise ValueError(
+            f"{kind}_clipping must be None, a callable or one of {', '.join(CLIPPING_NAMES)}; "
+            f"got {spec!r}."
+        )
+    if spec is not None and not callable(spec) and not threshold > 0:
+        raise ValueError(
+            f"{kind}_clip_value must be > 0 for {kind}_clipping={spec!r}; got {threshold!r}."
+        )
+    clipper(spec, threshold)
+
+
 def core_records(group: dict[str, Any]) -> tuple[LayoutOptions, StepOptions]:
     """The core's option records for a group with every option filled in; ``ValueError``
     naming the option and value for anything the records or this front end do not accept."""
@@ -214,8 +229,8 @@ def core_records(group: dict[str, Any]) -> tuple[LayoutOptions, StepOptions]:
         )
     torch_dtype(group["mu_dtype"], "mu_dtype")
     torch_dtype(group["precond_dtype"], "precond_dtype")
-    clipper(group["gradient_clipping"], group["gradient_clip_value"])
-    clipper(group["update_clipping"], group["update_clip_value"])
+    for kind in ("gradient", "update"):
+        _check_clipping(group, kind)
     block = group["block_size"]
     if group["split"] and block is None:
         block = group["max_size_triangular"]
