@@ -91,3 +91,19 @@ def test_kron_state_moves_to_distributed_kron_and_through_dcp(world_of_one, tmp_
         load_template(kron, path, key="opt")
     with pytest.raises(ValueError, match="needs a checkpoint_id or a storage_reader"):
         load_template(kron)
+
+
+def test_empty_parameters_are_skipped_as_kron_skips_them(world_of_one):
+    """A (0, 4) parameter gets no owner's work, no state and no step, and a group holding only
+    empty parameters keeps its clock, as in Kron (it used to raise while assigning owners)."""
+    weight, empty = torch.nn.Parameter(torch.randn(3, 3)), torch.nn.Parameter(torch.zeros(0, 4))
+    opt = DistributedKron([{"params": [weight, empty]}, {"params": [torch.nn.Parameter(empty)]}])
+    single = Kron([torch.nn.Parameter(weight.detach().clone())])
+    for p in (weight, empty, opt.param_groups[1]["params"][0]):
+        p.grad = torch.ones_like(p)
+    single.param_groups[0]["params"][0].grad = torch.ones(3, 3)
+    opt.step()
+    single.step()
+    assert empty not in opt.state and empty.shape == (0, 4)
+    assert [g["step"] for g in opt.param_groups] == [1, 0]
+    assert torch.equal(weight, single.param_groups[0]["params"][0])

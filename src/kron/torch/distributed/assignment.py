@@ -71,7 +71,9 @@ _COARSE_STEP, _FINE_STEP = 0.05, 0.005
 def parameter_cost(shape: Sequence[int], layout: LayoutOptions) -> Cost:
     """Preconditioner work of one parameter of ``shape`` under ``layout`` on each kind of step,
     in multiply-adds up to a constant (see the module docstring), :data:`PARAM_OVERHEAD`
-    included."""
+    included. An empty parameter costs nothing: it is never stepped."""
+    if 0 in tuple(shape):
+        return Cost(0.0, 0.0)
     plan = make_plan(tuple(int(n) for n in shape), layout)
     block = math.prod(plan.block_shape)
     fit = apply = 0.0

@@ -64,6 +64,12 @@ class _Unpack:
             unpack(self.buffer, self.targets)
 
 
+def _has_step(p: torch.Tensor) -> bool:
+    """Whether ``p`` takes part in this step: it has a gradient and at least one element (an
+    empty parameter has nothing to precondition, as in ``Kron``)."""
+    return p.grad is not None and p.numel() > 0
+
+
 class DistributedKron(Kron):
     """PSGD-Kron whose preconditioner work and state are split across ranks.
 
@@ -210,7 +216,7 @@ class DistributedKron(Kron):
 
     def _step_all(self, decisions, probes, hvps) -> None:
         chunks = self._schedule()
-        active = [any(p.grad is not None for p in g["params"]) for g in self.param_groups]
+        active = [any(_has_step(p) for p in g["params"]) for g in self.param_groups]
         contexts = {
             gi: self._group_context(gi, group, decisions[gi])
             for gi, group in enumerate(self.param_groups)
@@ -242,7 +248,7 @@ class DistributedKron(Kron):
         arrivals: dict[int, Any] = {}
         for e in entries:
             p = e.param
-            if p.grad is None:
+            if not _has_step(p):
                 continue
             if e.spec is not None:
                 where = (e.spec, self.rank, e.owner, self._ranks, self.process_group)
@@ -266,7 +272,7 @@ class DistributedKron(Kron):
         members = []
         for e in chunk:
             p = e.param
-            if p.grad is None:
+            if not _has_step(p):
                 continue
             if e.spec is not None:
                 param_shards, grad_shards = arrivals[id(p)]
@@ -291,7 +297,7 @@ class DistributedKron(Kron):
         ``chunk[0].owner``): one broadcast of the plain parameters, packed; one scatter per
         DTensor into the local shards."""
         src, group = chunk[0].owner, self.process_group
-        entries = [e for e in chunk if e.param.grad is not None]
+        entries = [e for e in chunk if _has_step(e.param)]
         pending: list[Any] = []
         plain = [e.param for e in entries if e.spec is None]
         if plain:
