@@ -452,7 +452,8 @@ def test_kron_step_without_momentum_or_clips_is_p_times_g(backend, geometry, fit
 
     def p_times_g(factors):
         blocks = plan.to_blocks(g, ops, stacked=True)
-        out = precondition(list(factors), blocks, ops, options.fit.state_is_p)
+        fit = options.fit
+        out = precondition(list(factors), blocks, ops, fit.state_is_p, fit.symmetric_p)
         return backend.numpy(plan.from_blocks(out, ops, stacked=True))
 
     y, new = kron_step(

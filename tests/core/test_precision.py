@@ -132,3 +132,23 @@ def test_float16_updates_are_clipped_by_a_norm_taken_in_float32(clip, backend):
     size = np.sqrt(np.mean(top**2)) if clip == "rms" else np.linalg.norm(top)
     assert size == pytest.approx(1.1, rel=1e-2)
     np.testing.assert_array_equal(clipped[1], y[1])  # already below the cap
+
+
+@pytest.mark.parametrize("size", [1e-4, 3e-5])
+def test_procrustes_step3_in_float32_near_symmetry_matches_float64(size):
+    """Near symmetry the larger root (−t2 − √disc)/(0.75·t3) cancelled to 0 in float32 and the
+    step stopped moving Q (relative asymmetry 1e-4 stayed 1e-4); the cancellation-free form
+    2·t1/(√disc − t2) takes the float64 step."""
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(8, 8, generator=gen, dtype=torch.float64)
+    q = (
+        a @ a.mT / 8 + torch.eye(8) + size * torch.randn(8, 8, generator=gen, dtype=torch.float64)
+    )[None]
+    low, high = procrustes_step3(q.float(), OPS), procrustes_step3(q, OPS)
+
+    def asymmetry(m):
+        m = m.double()
+        return ((m - m.mT).abs().max() / m.abs().max()).item()
+
+    assert asymmetry(high) < 0.5 * asymmetry(q)
+    assert asymmetry(low) == pytest.approx(asymmetry(high), rel=0.05)

@@ -104,9 +104,11 @@ def loss(params, x, y):
     return jnp.mean((h @ params["head"] - y) ** 2)
 
 
-def make_step(tx):
+def make_step(tx, nan_in: str | None = None):
     def step(params, state, x, y):
         grads = jax.grad(loss)(params, x, y)
+        if nan_in is not None:
+            grads = {**grads, nan_in: grads[nan_in].at[0, 0].set(jnp.nan)}
         updates, state = tx.update(grads, state, params)
         return optax.apply_updates(params, updates), state
 
@@ -220,6 +222,14 @@ def run(name: str, devices: int, params, x, y) -> dict:
             .compile()
         )
         mesh_params, mesh_state = train(sharded, start, mesh_step, x, y)
+        # One step whose head gradient holds a NaN in device 0's shard: a maximum that XLA
+        # splits over the devices drops NaN, and that check once let it into the state.
+        nan_step = jax.jit(
+            make_step(tx, nan_in="head"),
+            in_shardings=(param_shardings, state_shardings, None, None),
+            out_shardings=(param_shardings, state_shardings),
+        )
+        after_nan, state_after_nan = nan_step(mesh_params, mesh_state, x, y)
         # The same run from another key (the compiled step is reused): how far the RNG alone
         # moves the params, i.e. what a sharded run drawing different noise would be off by.
         other_key = jax.device_put(jax.random.PRNGKey(7), NamedSharding(mesh, PartitionSpec()))
@@ -254,6 +264,20 @@ def run(name: str, devices: int, params, x, y) -> dict:
         "collectives_in_conditionals": collectives_in_conditionals(mesh_step.as_text()),
         "conditionals": mesh_step.as_text().count(" conditional("),
         "collectives": len(COLLECTIVE.findall(mesh_step.as_text())),
+        "nan_leaf_kept": bool(jnp.array_equal(after_nan["head"], mesh_params["head"])),
+        "nan_skips": int(
+            sum(jnp.sum(a) for a in jax.tree.leaves(state_after_nan[0].skipped))
+            - sum(jnp.sum(a) for a in jax.tree.leaves(kron_state.skipped))
+        ),
+        "nan_other_leaves_moved": max_diff(
+            {k: v for k, v in after_nan.items() if k != "head"},
+            {k: v for k, v in mesh_params.items() if k != "head"},
+        ),
+        "nan_state_finite": all(
+            bool(jnp.isfinite(leaf).all())
+            for leaf in jax.tree.leaves(state_after_nan)
+            if jnp.issubdtype(leaf.dtype, jnp.floating)
+        ),
     }
 
 
@@ -269,7 +293,27 @@ def main() -> None:
     }
     for name in OPTIMIZERS:
         report[name] = run(name, devices, params, x, y)
+    report["per_leaf_mu_mismatches"] = per_leaf_mu_mismatches(mesh, params, x, y)
     print(json.dumps(report))
+
+
+def per_leaf_mu_mismatches(mesh, params, x, y) -> list[str]:
+    """With ``params_partition_specs`` but no ``pipeline_axis_name`` (a state per leaf), the
+    momentum is still pinned to the params' specs, after ``init`` and after a step."""
+    is_spec = lambda s: isinstance(s, PartitionSpec)  # noqa: E731
+    tx = kron(learning_rate=1e-2, scanned_layers=SCANNED, params_partition_specs=SPECS)
+    with jax.set_mesh(mesh):
+        sharded = jax.device_put(
+            params, jax.tree.map(lambda s: NamedSharding(mesh, s), SPECS, is_leaf=is_spec)
+        )
+        state = jax.jit(tx.init)(sharded)
+        _, stepped = jax.jit(make_step(tx))(sharded, state, x, y)
+    return [
+        f"{when} {name}: {leaf.sharding.spec} != {SPECS[name]}"
+        for when, kron_state in (("init", state[0]), ("step", stepped[0]))
+        for name, leaf in kron_state.mu.items()
+        if not leaf.sharding.is_equivalent_to(NamedSharding(mesh, SPECS[name]), leaf.ndim)
+    ]
 
 
 if __name__ == "__main__":

@@ -129,3 +129,20 @@ def test_trains_digits(make, threshold):
     for _ in range(300):
         params, state = step(params, state)
     assert float(loss(params)) < threshold, float(loss(params))
+
+
+def test_a_state_of_another_structure_is_refused_readably():
+    """A state built with factor stacks (pipeline_axis_name) given to a per-leaf transformation,
+    or one built for other params, gets a message naming the cause, not JAX's dump of every
+    array; the stacked side already had one."""
+    params = {"w": jnp.ones((4, 4)), "b": jnp.ones(4)}
+    stacked = scale_by_kron(pipeline_axis_name="dp", pipeline_axis_size=2).init(params)
+    with pytest.raises(ValueError, match=r"not have these params' structure \(2 leaves\)"):
+        scale_by_kron().update(params, stacked, params)
+    other = scale_by_kron().init({"w": jnp.ones((4, 4))})
+    with pytest.raises(ValueError, match="built for other params"):
+        scale_by_kron().update(params, other, params)
+    with pytest.raises(ValueError, match="built for other params or another pipeline_axis"):
+        scale_by_kron(pipeline_axis_name="dp", pipeline_axis_size=2).update(
+            params, scale_by_kron().init(params), params
+        )

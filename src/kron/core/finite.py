@@ -9,8 +9,9 @@ from typing import Any
 def finite_rows(x: Any, ops: Any) -> Any:
     """``(S,)`` booleans: whether ``x[s]`` (``x`` is ``(S, ...)``) holds only finite numbers.
 
-    Computed as ``max|x[s]| < inf``: a NaN propagates through the maximum and ±inf reaches it,
-    and a maximum cannot overflow, so this equals ``all(isfinite(x[s]))`` exactly. It is one
+    Computed as ``max|x[s]| < inf`` (``ops.max_abs`` is not finite where an entry is NaN or
+    infinite, on a mesh too), and a maximum cannot overflow, so this equals
+    ``all(isfinite(x[s]))`` exactly. It is one
     vectorised reduction (two in PyTorch, with no temporary), where ``all(isfinite)`` is not:
     PyTorch's CPU ``isfinite`` is scalar code, and XLA:CPU lowers a boolean ``all`` over 65 536
     entries to five kernels (a 256x256 gradient checked 4x faster in JAX, see

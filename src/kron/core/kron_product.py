@@ -75,12 +75,15 @@ def apply_factors(
     return x
 
 
-def precondition(factors: Sequence[Any], x: Any, ops: Any, state_is_p: bool = False) -> Any:
+def precondition(
+    factors: Sequence[Any], x: Any, ops: Any, state_is_p: bool = False, symmetric: bool = True
+) -> Any:
     """``P x`` (§3.1). With Q factors, ``P x = Qᵀ(Q x)``; when the factors are P itself (PRO4P,
-    QUAD4P, or a cache from :func:`cache_preconditioner`), each is applied once, in whichever
-    orientation needs no transpose, since P is symmetric."""
+    QUAD4P, or a cache from :func:`cache_preconditioner`), each is applied once: in whichever
+    orientation needs no transpose when P is ``symmetric``, as itself otherwise (PRO4P's P_i
+    are symmetric only to its Procrustes tolerance)."""
     if state_is_p:
-        return apply_factors(factors, x, ops, symmetric=True)
+        return apply_factors(factors, x, ops, symmetric=symmetric)
     return apply_factors(factors, apply_factors(factors, x, ops), ops, transpose=True)
 
 

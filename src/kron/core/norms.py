@@ -58,9 +58,20 @@ def _times_transpose(rows: Any, m: Any, scale: Any, ops: Any) -> Any:
     return ops.mT(ops.matmul(m, ops.mT(rows))) / scale
 
 
+def _dominant(norms: Any, m: Any, ops: Any) -> Any:
+    """``(B,)`` index of the largest of ``norms`` (row or column norms of M). Norms of M itself
+    overflow to inf (or underflow to 0) once M's entries pass about 1e19 (or fall below about
+    1e-19) in float32, and argmax would then give index 0 whatever M is; there the index of the
+    largest diagonal entry is taken instead, the dominant row of the PSD matrices the fit
+    bounds (``M_ij² ≤ M_ii M_jj``)."""
+    top = ops.max(norms, axis=-1)
+    usable = ops.isfinite(top) & (top > 0)
+    return ops.where(usable, ops.argmax(norms, -1), ops.argmax(ops.diagonal(m), -1))
+
+
 def _top_row(m: Any, scale: Any, ops: Any) -> Any:
     """The row of largest Euclidean norm of ``M/scale``, as ``(B, 1, n)``."""
-    return ops.take_rows(m, ops.argmax(_norm_rows(m, ops), -1)) / scale
+    return ops.take_rows(m, _dominant(_norm_rows(m, ops), m, ops)) / scale
 
 
 def lb_rowcol(m: Any, ops: Any) -> Any:
@@ -69,10 +80,10 @@ def lb_rowcol(m: Any, ops: Any) -> Any:
     col_norms, row_norms = ops.norm(m, axis=-2), ops.norm(m, axis=-1)
     # Column branch: c = M[:, j], x = cᵀM, estimate ‖x Mᵀ‖. Row branch: r = M[i, :], x = M rᵀ,
     # estimate ‖Mᵀ x‖. Both are computed and one is kept, so there is no branch on values.
-    col = ops.take_rows(ops.mT(m), ops.argmax(col_norms, -1)) / scale
+    col = ops.take_rows(ops.mT(m), _dominant(col_norms, m, ops)) / scale
     x_col = _unit_rows(_times(col, m, scale, ops), ops)
     est_col = _norm_rows(_times_transpose(x_col, m, scale, ops), ops)[..., 0]
-    row = ops.take_rows(m, ops.argmax(row_norms, -1)) / scale
+    row = ops.take_rows(m, _dominant(row_norms, m, ops)) / scale
     x_row = _unit_rows(_times_transpose(row, m, scale, ops), ops)
     est_row = _norm_rows(_times(x_row, m, scale, ops), ops)[..., 0]
     use_col = ops.max(col_norms, axis=-1) > ops.max(row_norms, axis=-1)

@@ -73,7 +73,13 @@ def procrustes_step3(q: Any, ops: Any, max_step: float = 1.0 / 3.0) -> Any:
     ok = (t1 > 0) & (t3 < 0)
     safe_t3 = ops.where(ok, t3, -ops.ones(t3.shape, t3))
     disc = ops.maximum(t2 * t2 - 1.5 * t1 * safe_t3, 0.0)
-    a = ops.minimum((-t2 - ops.sqrt(disc)) / (0.75 * safe_t3), max_step)
+    # The larger root (−t2 − √disc)/(0.75·t3), written 2·t1/(√disc − t2) where t2 ≤ 0 (always,
+    # for a Q near SPD: R² is negative semidefinite): near symmetry t1·t3 is tiny, √disc ≈ |t2|,
+    # and the first form cancels to 0 in float32 while the second keeps its digits.
+    root = ops.sqrt(disc)
+    stable = 2.0 * t1 / ops.maximum(root - t2, ops.tiny(ops.dtype(root)))
+    a = ops.where(t2 <= 0, stable, (-t2 - root) / (0.75 * safe_t3))
+    a = ops.minimum(a, max_step)
     a = ops.where(ok, a, ops.zeros(a.shape, a))
     half, quarter = _in_dtype_of(a / 2, q, ops), _in_dtype_of(a / 4, q, ops)
     inner = ops.addcmul(rrq, quarter, rrrq, into=rrrq)

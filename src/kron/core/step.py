@@ -230,7 +230,7 @@ def kron_step(
     if use_cache:
         y = precondition(cache, blocks, ops, state_is_p=True)
     else:
-        y = precondition(factors, blocks, ops, options.fit.state_is_p)
+        y = precondition(factors, blocks, ops, options.fit.state_is_p, options.fit.symmetric_p)
     if do_fit and not options.fit_before_apply:
         refit()
     y = clip_update(plan.from_blocks(y, ops, stacked=True), options, ops)

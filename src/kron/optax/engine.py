@@ -288,6 +288,8 @@ def build(config: EngineConfig) -> optax.GradientTransformationExtraArgs:
         stacks = stacks_of(layouts, config.row_multiple)
         if stacked:
             _check_stacked(state, stacks)
+        else:
+            _check_per_leaf(state, treedef)
         count = state.count
 
         layered = [
@@ -446,6 +448,20 @@ def build(config: EngineConfig) -> optax.GradientTransformationExtraArgs:
             treedef.unflatten(new_updates), config.params_partition_specs
         )
         return new_updates, _constrain(new_state)
+
+    def _check_per_leaf(state: KronState, treedef: Any) -> None:
+        """A per-leaf state must have the params' structure: one made with a
+        ``pipeline_axis_name`` holds factor stacks instead, and JAX's own mismatch error would
+        print every array of it."""
+        try:
+            treedef.flatten_up_to(state.factors)
+        except (ValueError, TypeError):
+            raise ValueError(
+                f"the state's factors do not have these params' structure ({treedef.num_leaves} "
+                "leaves): the state was built for other params, or with pipeline_axis_name set "
+                "(it then holds factor stacks, and needs a transformation with the same "
+                "pipeline_axis_name and pipeline_axis_size)."
+            ) from None
 
     def _check_stacked(state: KronState, stacks: list[Stack]) -> None:
         """A stacked state must hold these stacks with these row counts: one made for another
@@ -676,7 +692,7 @@ def build(config: EngineConfig) -> optax.GradientTransformationExtraArgs:
     def _product(unit_factors, unit_cache, blocks):
         if caching:
             return precondition(list(unit_cache), blocks, OPS, state_is_p=True)
-        return precondition(list(unit_factors), blocks, OPS, state_is_p)
+        return precondition(list(unit_factors), blocks, OPS, state_is_p, options.fit.symmetric_p)
 
     def _clipped(plan: Plan, blocks: Any) -> Any:
         return clip_update(plan.from_blocks(blocks, OPS, stacked=True), options, OPS)

@@ -153,11 +153,15 @@ def constrain_spec(x: Any, spec: PartitionSpec) -> Any:
 
 def constrain(state: KronState, axis_name: str | None, axis_size: int, mu_specs: Any) -> KronState:
     """Pin ``state`` to its specs when a mesh with ``axis_name`` is active (``jax.set_mesh``);
-    otherwise return it unchanged, so the same transformation runs on one device."""
-    if not _mesh_has(axis_name):
+    under a mesh without that axis (or without an axis name) pin only the momentum, to
+    ``mu_specs`` when given; otherwise return it unchanged, so the same transformation runs on
+    one device."""
+    if _mesh_has(axis_name):
+        specs = kron_state_specs(state, axis_name, axis_size, mu_specs)
+        return jax.tree.map(jax.lax.with_sharding_constraint, state, specs)
+    if mu_specs is None or jax.sharding.get_abstract_mesh().empty:
         return state
-    specs = kron_state_specs(state, axis_name, axis_size, mu_specs)
-    return jax.tree.map(jax.lax.with_sharding_constraint, state, specs)
+    return state._replace(mu=jax.tree.map(jax.lax.with_sharding_constraint, state.mu, mu_specs))
 
 
 def constrain_like_params(updates: Any, params_partition_specs: Any) -> Any:

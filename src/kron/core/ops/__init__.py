@@ -22,8 +22,10 @@ Conventions shared by every backend:
   always use the returned array.
 * ``add_diagonal(x, values)`` is ``x + diag(values)`` for ``values`` a number or ``(..., n)``
   array: one pass in PyTorch, where forming the diagonal matrix first costs three.
-* ``max_abs(x, axis)`` is ``max(|x|)`` over ``axis``, NaN where any entry is NaN, without
-  writing ``|x|`` out (PyTorch takes the larger of the maximum and minus the minimum).
+* ``max_abs(x, axis)`` is ``max(|x|)`` over ``axis``, not finite (inf, or NaN in PyTorch) where
+  any entry is NaN or infinite, without writing ``|x|`` out (PyTorch takes the larger of the
+  maximum and minus the minimum; the others read NaN as inf first, because a maximum that XLA
+  splits over the devices of a mesh drops NaN in its cross-device step).
 * ``addcmul(x, scale, y)`` is ``x + scale·y`` with ``scale`` a number or an array that
   broadcasts against ``y`` in its dtype: one pass in PyTorch, where ``scale·y`` is written out
   first otherwise.

@@ -143,7 +143,8 @@ class KerasOps:
         return kops.max(x, axis=axis, keepdims=keepdims)
 
     def max_abs(self, x, axis):
-        return kops.max(kops.abs(x), axis=axis)
+        # NaN read as inf, as in the NumPy/JAX backend: a maximum split over devices drops NaN.
+        return kops.max(kops.where(kops.isnan(x), float("inf"), kops.abs(x)), axis=axis)
 
     def argmax(self, x, axis):
         return kops.argmax(x, axis=axis)

@@ -125,7 +125,10 @@ class NumpyOps:
         return self.xp.mean(x, axis=axis, keepdims=keepdims)
 
     def norm(self, x, axis=None, keepdims=False):
-        return self.xp.sqrt(self.xp.sum(x * x, axis=axis, keepdims=keepdims))
+        # Squares past the dtype's range are inf by design (the callers handle it); NumPy's
+        # overflow warning would only alarm the user. (No effect on JAX arrays.)
+        with np.errstate(over="ignore"):
+            return self.xp.sqrt(self.xp.sum(x * x, axis=axis, keepdims=keepdims))
 
     def lerp(self, start, end, weight, in_place=False):
         return start + weight * (end - start)
@@ -137,7 +140,11 @@ class NumpyOps:
         return self.xp.max(x, axis=axis, keepdims=keepdims)
 
     def max_abs(self, x, axis):
-        return self.xp.max(self.xp.abs(x), axis=axis)
+        # NaN is read as inf before the maximum: a maximum split over devices (XLA on a mesh)
+        # drops NaN in its cross-device step, while inf survives any maximum. XLA fuses the
+        # select into the reduction.
+        xp = self.xp
+        return xp.max(xp.where(xp.isnan(x), xp.inf, xp.abs(x)), axis=axis)
 
     def argmax(self, x, axis):
         return self.xp.argmax(x, axis=axis)
