@@ -107,3 +107,24 @@ def test_empty_parameters_are_skipped_as_kron_skips_them(world_of_one):
     assert empty not in opt.state and empty.shape == (0, 4)
     assert [g["step"] for g in opt.param_groups] == [1, 0]
     assert torch.equal(weight, single.param_groups[0]["params"][0])
+
+
+def test_loading_a_state_dict_that_lacks_an_owned_parameter_warns(world_of_one):
+    """One rank's state_dict() holds only that rank's parameters; loaded everywhere, the other
+    ranks' parameters would start fresh without a word. A frozen parameter has no state either,
+    and is not warned about."""
+    import warnings
+
+    model, kron = reference(2, fp64_options())
+    saved = kron.state_dict()
+    opt = DistributedKron(model.parameters(), **fp64_options())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.load_state_dict(saved)  # complete: silent
+    partial = {**saved, "state": {k: v for k, v in saved["state"].items() if k != 1}}
+    with pytest.warns(UserWarning, match="Rank 0 owns parameter 1 of group 0, for which"):
+        opt.load_state_dict(partial)
+    next(p for i, p in enumerate(model.parameters()) if i == 1).requires_grad_(False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.load_state_dict(partial)

@@ -22,6 +22,7 @@ DDP and FSDP guarantee).
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, NamedTuple
 
 import torch
@@ -366,4 +367,26 @@ class DistributedKron(Kron):
             position = int(key) if isinstance(key, str) and key.isdigit() else key
             if position in owned:
                 state[position] = value
+        self._warn_of_missing_state(state_dict, state, owned)
         super().load_state_dict({**state_dict, "state": state})
+
+    def _warn_of_missing_state(self, state_dict, found, owned) -> None:
+        """Warn when a trainable parameter this rank owns has no state in ``state_dict`` although
+        its group has stepped: the usual cause is one rank's ``state_dict()`` saved alone (it
+        holds only that rank's parameters), and those parameters would silently start fresh."""
+        missing = []
+        saved_groups = state_dict["param_groups"]
+        for gi, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            if not saved.get("step", 0):
+                continue
+            for index, (saved_id, p) in enumerate(zip(saved["params"], group["params"])):
+                if saved_id in owned and saved_id not in found and p.requires_grad:
+                    missing.append(f"parameter {index} of group {gi}")
+        if missing:
+            warnings.warn(
+                f"Rank {self.rank} owns {', '.join(missing)}, for which the loaded state dict "
+                "has no state although their groups have stepped; they start fresh. Save every "
+                "rank's state (DCP with load_template, or the union of each rank's "
+                "state_dict()), not one rank's.",
+                stacklevel=3,
+            )
