@@ -30,7 +30,6 @@ BAD_OPTIONS = [
     (dict(preconditioner_update_probability="often"), "a schedule or None"),
     (dict(mu_dtype="int32"), "float16, bfloat16, float32, float64"),
     (dict(precond_dtype="no_such_dtype"), "precond_dtype"),
-    (dict(max_size_triangular=0), "max_size"),
     (dict(weight_decay=-1.0), "weight_decay"),
     (dict(gradient_accumulation_steps=1), "gradient_accumulation_steps"),
     (dict(momentum=0.9), "not recognized"),

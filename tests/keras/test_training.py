@@ -129,16 +129,19 @@ def test_learning_rate_schedule_is_followed() -> None:
     variable = keras.Variable(np.ones((3, 3)), dtype="float32")
     optimizer = Kron(learning_rate=schedule)
     rng = np.random.default_rng(0)
-    values = []
+    values, factors = [], []
     for _ in range(4):
         optimizer.apply(
             [keras.ops.convert_to_tensor(rng.standard_normal((3, 3)), "float32")], [variable]
         )
         values.append(to_numpy(variable))
+        factors.append([to_numpy(f) for f in optimizer._slots[0].factors])
     assert not np.allclose(values[0], 1.0) and not np.allclose(values[1], values[0])
     np.testing.assert_array_equal(values[3], values[1])
     (slots,) = optimizer._slots
     assert float(to_numpy(slots.count)) == 4.0
+    # The first 500 steps fit on every step (the default schedule), with or without a step size.
+    assert not np.allclose(factors[3][0], factors[1][0])
 
 
 def test_seed_import_gives_the_keras_optimizer_lazily() -> None:

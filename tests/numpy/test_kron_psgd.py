@@ -198,9 +198,12 @@ def test_weight_decay_is_folded_into_the_gradient(rng):
 
 
 def test_clip_caps_every_entry(rng):
-    w = np.zeros((4, 4))
-    KronPsgd(lr=1.0, clip=0.25, init_scale=100.0).step("w", w, rng.standard_normal((4, 4)))
-    assert np.abs(w).max() == pytest.approx(0.25)
+    """With Q = 100·I every entry of P·g is far past the cap, so each one is cut to it, keeping
+    its sign (scaling the whole update down to the cap would leave one entry there)."""
+    w, g = np.zeros((4, 4)), rng.standard_normal((4, 4))
+    KronPsgd(lr=1.0, clip=0.25, init_scale=100.0).step("w", w, g)
+    np.testing.assert_array_equal(np.abs(w), np.full((4, 4), 0.25))
+    np.testing.assert_array_equal(np.sign(w), -np.sign(g))
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf])

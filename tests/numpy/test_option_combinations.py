@@ -63,6 +63,9 @@ def test_every_combination_is_refused_by_name_or_trains_resumes_and_skips(option
     straight = copy.deepcopy(start)
     run(KronPsgd(**options), straight, 8)
     assert all(np.isfinite(p).all() for p in straight.values())
+    # Every parameter moved (finite alone would pass an update of zeros); tests/numpy/
+    # test_parity.py checks the values against kron.core.
+    assert all(not np.array_equal(straight[k], start[k]) for k in straight)
 
     params = copy.deepcopy(start)
     first = KronPsgd(**options)

@@ -63,6 +63,7 @@ def test_every_combination_is_refused_by_name_or_steps_safely(options, shapes, d
     tx = scale_by_kron(**options)
     keys = jax.random.split(jax.random.PRNGKey(0), len(shapes))
     params = {f"p{i}": jax.random.normal(k, s, dtype) for i, (k, s) in enumerate(zip(keys, shapes))}
+    start = params
     state = tx.init(params)
     before = layout(state)
     update = jax.jit(tx.update)
@@ -71,6 +72,10 @@ def test_every_combination_is_refused_by_name_or_steps_safely(options, shapes, d
         params = optax.apply_updates(params, jax.tree.map(lambda u: -0.01 * u, updates))
         assert layout(state) == before
     assert all(bool(jnp.isfinite(x.astype(jnp.float32)).all()) for x in jax.tree.leaves(params))
+    # Every leaf moved: finite parameters alone would also pass for an update of zeros. (Not
+    # checked in bfloat16, where a step of 0.01·u can be below half an ulp.)
+    if dtype == jnp.float32:
+        assert all(bool(jnp.any(params[k] != start[k])) for k in params)
 
     grads = jax.grad(loss)(params)
     grads["p0"] = grads["p0"].at[(0,) * grads["p0"].ndim].set(jnp.nan)

@@ -198,7 +198,7 @@ def test_state_json_round_trip_resumes_exactly():
         _, state = update(g, state, params)
     kron_state = state[0]
     restored = KronState.from_json(kron_state.to_json())
-    assert restored.replace(count=kron_state.count).count == kron_state.count
+    assert int(restored.count) == int(kron_state.count) == 3
     resumed = (restored, *state[1:])
     for g in grads[3:]:
         a, state = update(g, state, params)
