@@ -224,6 +224,21 @@ def test_stochastic_rounding_of_bf16_momentum_is_unbiased():
     assert rounded.mean().item() == pytest.approx(1.0 + 2**-10, abs=2e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_noise_is_the_float32_noise_rounded(dtype):
+    """A run's noise does not depend on its factors' dtype beyond rounding."""
+    from kron.torch.functional import Streams
+
+    words, cpu = (7, 3, 0, 2, 1), torch.device("cpu")
+    wide = Streams().normal((64, 48), torch.float32, cpu, words)
+    half = Streams().normal((64, 48), dtype, cpu, words)
+    assert half.dtype == dtype
+    assert torch.equal(half, wide.to(dtype))
+    # Wider draws are made in their own dtype, not widened float32 ones.
+    wider = Streams().normal((64, 48), torch.float64, cpu, words)
+    assert not torch.equal(wider, wide.double())
+
+
 def test_params_without_gradients_are_skipped():
     model = make_model()
     model[4].weight.requires_grad_(False)

@@ -37,8 +37,9 @@ def _norm_rows(x: Any, ops: Any) -> Any:
 
 
 def _unit_rows(x: Any, ops: Any) -> Any:
+    """Rows scaled to unit norm; a zero row stays zero (divided by ``tiny``, not by 0)."""
     norms = ops.reshape(_norm_rows(x, ops), (*x.shape[:-1], 1))
-    return x / _safe_scale(norms, ops)
+    return x / ops.maximum(norms, ops.tiny(ops.dtype(x)))
 
 
 def _scale(m: Any, ops: Any) -> Any:
