@@ -47,7 +47,13 @@ def build_model(name: str):
     return keras.Sequential([keras.Input(MODELS[name][0]), *layers])
 
 
-def time_fit(model_name: str, optimizer_name: str, probability: float, windows: int) -> dict:
+def time_fit(
+    model_name: str,
+    optimizer_name: str,
+    probability: float,
+    windows: int,
+    precond_dtype: str = "float32",
+) -> dict:
     import keras
     import numpy as np
 
@@ -63,7 +69,11 @@ def time_fit(model_name: str, optimizer_name: str, probability: float, windows: 
     if optimizer_name == "adam":
         optimizer = keras.optimizers.Adam(1e-3)
     else:
-        optimizer = Kron(learning_rate=3e-4, preconditioner_update_probability=probability)
+        optimizer = Kron(
+            learning_rate=3e-4,
+            preconditioner_update_probability=probability,
+            precond_dtype=precond_dtype,
+        )
     model = build_model(model_name)
     model.compile(
         optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True)
@@ -81,6 +91,8 @@ def time_fit(model_name: str, optimizer_name: str, probability: float, windows: 
         start = time.perf_counter()
         model.fit(**fit)
         times.append((time.perf_counter() - start) / steps)
+    if optimizer_name == "kron" and precond_dtype != "float32":
+        optimizer_name = f"kron ({precond_dtype} factors)"
     return {
         "model": model_name,
         "optimizer": optimizer_name,
@@ -105,14 +117,14 @@ def _dataset_without_autotune(x, y, batch: int):
     return tf.data.Dataset.from_tensor_slices((x, y)).batch(batch).with_options(options)
 
 
-def run_backend(windows: int) -> list[dict]:
+def run_backend(windows: int, precond_dtype: str) -> list[dict]:
     import keras
 
     rows = []
     for model_name in MODELS:
         rows.append(time_fit(model_name, "adam", 1.0, windows))
         for probability in PROBABILITIES:
-            rows.append(time_fit(model_name, "kron", probability, windows))
+            rows.append(time_fit(model_name, "kron", probability, windows, precond_dtype))
     for row in rows:
         row["backend"] = keras.backend.backend()
         row["device"] = device_name(keras.backend.backend())
@@ -157,6 +169,12 @@ def main() -> None:
         "--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS), help="backends to run"
     )
     parser.add_argument("--windows", type=int, default=3)
+    parser.add_argument(
+        "--precond-dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="Kron's factor dtype (default float32, Kron's own default)",
+    )
     parser.add_argument("--json", help="write the rows of every backend to this file")
     parser.add_argument("--markdown-from", help="print the table of a JSON file and exit")
     args = parser.parse_args()
@@ -165,12 +183,17 @@ def main() -> None:
             print(markdown(json.load(f)))
         return
     if args.backend:  # child process: Keras imports with KERAS_BACKEND already set
-        print(json.dumps(run_backend(args.windows)))
+        print(json.dumps(run_backend(args.windows, args.precond_dtype)))
         return
     rows = []
     for backend in args.backends:
         env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3"}
-        command = [sys.executable, __file__, "--backend", backend, "--windows", str(args.windows)]
+        command = [
+            sys.executable,
+            __file__,
+            *("--backend", backend, "--windows", str(args.windows)),
+            *("--precond-dtype", args.precond_dtype),
+        ]
         out = subprocess.run(command, env=env, check=True, capture_output=True, text=True).stdout
         rows += json.loads(out.strip().splitlines()[-1])
         print(markdown(rows), file=sys.stderr)
