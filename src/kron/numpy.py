@@ -47,6 +47,7 @@ from kron.core import (
     probability_at,
     scale_from_moments,
 )
+from kron.core.option_types import is_real_number as _is_real
 
 _OPS = get_ops("numpy")
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
@@ -155,12 +156,17 @@ class KronPsgd:
             raise ValueError(
                 f"Unknown nonfinite {nonfinite!r}; accepted: {', '.join(NONFINITE_POLICIES)}."
             )
-        if not callable(update_probability) and not 0.0 < update_probability <= 1.0:
+        if not callable(update_probability) and not (
+            _is_real(update_probability) and 0.0 < update_probability <= 1.0
+        ):
             raise ValueError(
-                f"update_probability must be in (0, 1] or a callable; got {update_probability!r}."
+                f"update_probability must be a number in (0, 1] or a callable; got "
+                f"{update_probability!r}."
             )
-        if init_scale is not None and not init_scale > 0:
-            raise ValueError(f"init_scale must be > 0 or None; got {init_scale!r}.")
+        if init_scale is not None and not (
+            _is_real(init_scale) and 0 < init_scale and math.isfinite(init_scale)
+        ):
+            raise ValueError(f"init_scale must be a finite number > 0 or None; got {init_scale!r}.")
         if not 0.0 <= balance_probability <= 1.0:
             raise ValueError(f"balance_probability must be in [0, 1]; got {balance_probability!r}.")
         self.whiten_grad = whiten_grad
@@ -195,16 +201,22 @@ class KronPsgd:
         ``param`` and ``grad`` have the same shape, or are flat with ``shape`` giving the logical
         shape (as the Rust API passes ``shape`` with flat slices). float32 and float64 are accepted.
         Stepping a name a second time ends the iteration first, as :meth:`end_iteration` would.
+        A step that raises (bad input, a changed field out of range, ``nonfinite="raise"``)
+        changes nothing, so it can be retried.
         """
+        if not isinstance(name, str):
+            raise TypeError(f"name must be a str; got {type(name).__name__} {name!r}.")
         view, grad = self._check(name, param, grad, shape)
+        options = self._step_options()  # the fields may have been changed since the last step
+        finite = bool(np.isfinite(grad).all())
+        if not finite and self.nonfinite == "raise":
+            raise FloatingPointError(f"Non-finite gradient for {name!r}.")
         if name in self._stepped:
             # A loop written for the Rust trait, where end_iteration is a no-op, never calls it;
             # without this its noise and fit decisions would repeat every step.
             self.end_iteration()
         self._stepped.add(name)
-        if not np.isfinite(grad).all():
-            if self.nonfinite == "raise":
-                raise FloatingPointError(f"Non-finite gradient for {name!r}.")
+        if not finite:
             if name in self._slots:
                 self._slots[name].skipped += 1
             else:
@@ -212,7 +224,7 @@ class KronPsgd:
             return
         if self.weight_decay:
             grad = grad + self.weight_decay * view
-        slot = self._slots.get(name) or self._create(name, view, grad)
+        slot = self._slots.get(name) or self._new_slot(name, view, grad)
         rng = np.random.default_rng([self.seed, self._iteration, zlib.crc32(name.encode())])
         do_fit = self._do_fit()
         plan, dtype = slot.plan, view.dtype
@@ -230,7 +242,7 @@ class KronPsgd:
             slot.count,
             noise,
             plan=plan,
-            options=self._step_options(),
+            options=options,
             precond_lr=self.precond_lr,
             do_fit=do_fit,
             ops=_OPS,
@@ -239,9 +251,12 @@ class KronPsgd:
         )
         if do_fit and balance_draw < self.balance_probability:
             state = state._replace(factors=tuple(balance(state.factors, _OPS)))
+        view -= (self.lr * self.lr_scale(name)) * y[0].astype(dtype, copy=False)
         slot.state = state._replace(momentum=state.momentum[0])
         slot.count += 1
-        view -= (self.lr * self.lr_scale(name)) * y[0].astype(dtype, copy=False)
+        if name not in self._slots:
+            slot.skipped = self._pending_skips.pop(name, 0)
+            self._slots[name] = slot
 
     def end_iteration(self) -> None:
         """Advance the global iteration (schedules and noise depend on it)."""
@@ -344,8 +359,11 @@ class KronPsgd:
             if isinstance(value, bool) or not isinstance(value, numbers.Real):
                 raise ValueError(f"{name} must be a number; got {value!r}.")
         for name in ("lr", "precond_lr", "weight_decay", "eps"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"{name} must be >= 0; got {getattr(self, name)!r}.")
+            value = getattr(self, name)
+            if not (value >= 0 and math.isfinite(value)):
+                raise ValueError(f"{name} must be a finite number >= 0; got {value!r}.")
+        if not isinstance(self.whiten_grad, bool):
+            raise ValueError(f"whiten_grad must be True or False; got {self.whiten_grad!r}.")
         if self.clip is not None and not self.clip > 0:
             raise ValueError(f"clip must be > 0, inf or None; got {self.clip!r}.")
         clip = None if self.clip is None or self.clip == math.inf else self.clip
@@ -366,7 +384,14 @@ class KronPsgd:
                 f"param {name!r} must be a float32 or float64 numpy array; got "
                 f"{type(param).__name__} of dtype {getattr(param, 'dtype', None)}."
             )
+        if not param.flags.writeable:
+            raise ValueError(f"param {name!r} is read-only; step updates it in place.")
         grad = np.asarray(grad)
+        if np.iscomplexobj(grad):
+            raise TypeError(
+                f"grad of {name!r} is complex ({grad.dtype}); accepted: real gradients for "
+                "float32 or float64 parameters."
+            )
         if shape is not None:
             shape = tuple(int(n) for n in shape)
             if param.size != math.prod(shape) or grad.size != param.size:
@@ -387,7 +412,9 @@ class KronPsgd:
                 )
         return view, grad.astype(param.dtype, copy=False)
 
-    def _create(self, name: str, param: np.ndarray, grad: np.ndarray) -> _Slot:
+    def _new_slot(self, name: str, param: np.ndarray, grad: np.ndarray) -> _Slot:
+        """The initial state of ``name``; :meth:`step` registers it once the first step is
+        done."""
         plan = make_plan(param.shape, self._layout)
         like = np.zeros((), param.dtype)
         if self.init_scale is None:
@@ -399,14 +426,11 @@ class KronPsgd:
             plan, np.zeros((), np.promote_types(param.dtype, np.float32)), _OPS
         )
         mask = plan.mask()
-        slot = _Slot(
+        return _Slot(
             plan=plan,
             state=TensorState(tuple(factors), tuple(lipschitz), np.zeros_like(param)),
-            skipped=self._pending_skips.pop(name, 0),
             mask=None if mask is None else mask.astype(param.dtype),
         )
-        self._slots[name] = slot
-        return slot
 
     def _do_fit(self) -> bool:
         """The fit decision of the current iteration, made once and remembered."""

@@ -290,7 +290,11 @@ def test_out_of_range_values_are_rejected(option, value):
         ("momentum", None, r"momentum must be a number; got None"),
         ("seed", -1, r"seed must be a non-negative int; got -1"),
         ("seed", 1.7, r"seed must be a non-negative int; got 1.7"),
-        ("eps", -1.0, r"eps must be >= 0; got -1.0"),  # not the core's normalizer_floor
+        ("eps", -1.0, r"eps must be a finite number >= 0; got -1.0"),  # not normalizer_floor
+        ("lr", math.inf, r"lr must be a finite number >= 0; got inf"),
+        ("init_scale", math.inf, r"init_scale must be a finite number > 0 or None; got inf"),
+        ("update_probability", "0.5", r"update_probability must be a number in \(0, 1\]"),
+        ("whiten_grad", "False", r"whiten_grad must be True or False; got 'False'"),
     ],
 )
 def test_bad_values_are_named_at_construction(option, value, message):
@@ -338,3 +342,68 @@ def test_negative_fields_are_rejected_when_assigned(field):
     setattr(opt, field, -1.0)
     with pytest.raises(ValueError, match=field):
         opt.step("w", np.zeros((2, 2)), np.ones((2, 2)))
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("lr", -1.0, "lr must be a finite number >= 0; got -1.0"),
+        ("weight_decay", "0.1", "weight_decay must be a number; got '0.1'"),
+        ("whiten_grad", "no", "whiten_grad must be True or False; got 'no'"),
+    ],
+)
+def test_a_step_that_raises_changes_nothing_and_can_be_retried(rng, field, value, message):
+    """A field set out of range fails the step before anything moves: once it is fixed, the
+    retried step is the step a run that never failed takes (same iteration, state and count)."""
+    params = make_params(rng)
+    grad = rng.standard_normal(params["w"].shape)
+    clean, failing = KronPsgd(), KronPsgd()
+    w_clean, w_failing = params["w"].copy(), params["w"].copy()
+    run(clean, {"w": w_clean}, 2)
+    run(failing, {"w": w_failing}, 2)
+    good = getattr(failing, field)
+    setattr(failing, field, value)
+    before = w_failing.copy()
+    with pytest.raises(ValueError, match=message):
+        failing.step("w", w_failing, grad)
+    np.testing.assert_array_equal(w_failing, before)
+    setattr(failing, field, good)
+    clean.step("w", w_clean, grad)
+    failing.step("w", w_failing, grad)
+    np.testing.assert_array_equal(w_failing, w_clean)
+    assert failing.iteration == clean.iteration
+    assert failing.state_dict()["slots"]["w"]["count"] == clean.state_dict()["slots"]["w"]["count"]
+
+
+def test_a_nonfinite_gradient_with_raise_leaves_the_iteration_open(rng):
+    opt = KronPsgd(nonfinite="raise")
+    w, v = rng.standard_normal((3, 4)), rng.standard_normal(5)
+    opt.step("w", w, rng.standard_normal((3, 4)))
+    with pytest.raises(FloatingPointError, match="'v'"):
+        opt.step("v", v, np.full(5, np.nan))
+    opt.step("v", v, rng.standard_normal(5))  # the retry belongs to the same iteration
+    assert opt.iteration == 0 and opt.skipped("v") == 0
+    assert opt.state_dict()["stepped"] == ["v", "w"]
+
+
+@pytest.mark.parametrize(
+    ("name", "param", "grad", "error", "message"),
+    [
+        (0, np.zeros(3), np.ones(3), TypeError, "name must be a str; got int 0"),
+        ("w", np.zeros(3), np.ones(3) * 1j, TypeError, r"grad of 'w' is complex \(complex128\)"),
+    ],
+)
+def test_bad_step_arguments_are_named_and_leave_no_state(name, param, grad, error, message):
+    opt = KronPsgd()
+    with pytest.raises(error, match=message):
+        opt.step(name, param, grad)
+    assert opt.state_dict()["slots"] == {} and opt.state_dict()["stepped"] == []
+
+
+def test_a_read_only_param_is_refused_before_anything_moves():
+    opt = KronPsgd()
+    frozen = np.zeros(3)
+    frozen.flags.writeable = False
+    with pytest.raises(ValueError, match="param 'w' is read-only"):
+        opt.step("w", frozen, np.ones(3))
+    assert opt.state_dict()["slots"] == {} and opt.state_dict()["stepped"] == []

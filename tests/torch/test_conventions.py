@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import inspect
 import io
+import math
 
 import pytest
 import torch
@@ -342,6 +343,10 @@ def test_sparse_gradient_is_rejected_clearly():
         ("seed", "abc", r"seed must be an int; got 'abc'"),
         ("stack_params", None, r"stack_params must be True or False; got None"),
         ("compile", "yes", r"compile must be True, False or None; got 'yes'"),
+        ("lr", math.inf, r"Invalid lr: inf \(must be finite and >= 0\)"),
+        ("precond_init_scale", math.inf, r"precond_init_scale must be finite and > 0"),
+        ("warmup_steps", 1.5, r"Invalid warmup_steps: 1.5 \(must be a whole number >= 0\)"),
+        ("min_ndim_triangular", 1.5, r"Invalid min_ndim_triangular: 1.5"),
     ],
 )
 def test_invalid_options_raise_value_error(option, value, message):

@@ -161,18 +161,17 @@ def merge_alias(value: Any, name: str, alias: Any, alias_name: str, default: Any
 
 def check_ranges(group: dict[str, Any]) -> None:
     """Raise ``ValueError`` for a numeric option out of range (the records check the rest)."""
-    for key in ("lr", "weight_decay", "precond_lr", "warmup_steps", "mars_gamma"):
-        if not group[key] >= 0:
-            raise ValueError(f"Invalid {key}: {group[key]!r} (must be >= 0).")
+    for key in ("lr", "weight_decay", "precond_lr", "mars_gamma"):
+        if not (group[key] >= 0 and math.isfinite(group[key])):
+            raise ValueError(f"Invalid {key}: {group[key]!r} (must be finite and >= 0).")
+    for key in ("warmup_steps", "min_ndim_triangular"):
+        if not (group[key] >= 0 and float(group[key]).is_integer()):
+            raise ValueError(f"Invalid {key}: {group[key]!r} (must be a whole number >= 0).")
     if not 0 <= group["b1"] < 1:
         raise ValueError(f"Invalid b1: {group['b1']!r} (must be in [0, 1)).")
     if not group["max_size_triangular"] >= 1:
         raise ValueError(
             f"Invalid max_size_triangular: {group['max_size_triangular']!r} (must be >= 1)."
-        )
-    if not group["min_ndim_triangular"] >= 0:
-        raise ValueError(
-            f"Invalid min_ndim_triangular: {group['min_ndim_triangular']!r} (must be >= 0)."
         )
     if (
         group["split"]
@@ -221,8 +220,8 @@ def core_records(group: dict[str, Any]) -> tuple[LayoutOptions, StepOptions]:
             f"{probability!r}."
         )
     scale = group["precond_init_scale"]
-    if scale is not None and not scale > 0:
-        raise ValueError(f"precond_init_scale must be > 0 or None; got {scale!r}.")
+    if scale is not None and not (scale > 0 and math.isfinite(scale)):
+        raise ValueError(f"precond_init_scale must be finite and > 0, or None; got {scale!r}.")
     if not 0 <= group["balance_probability"] <= 1:
         raise ValueError(
             f"balance_probability must be in [0, 1]; got {group['balance_probability']!r}."
