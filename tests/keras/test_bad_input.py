@@ -42,6 +42,11 @@ BAD_OPTIONS = [
     (dict(cached="no"), "cached must be True or False; got 'no'"),
     (dict(momentum_into_precond_update="yes"), "momentum_into_precond_update must be True or"),
     (dict(decoupled_weight_decay=0), "decoupled_weight_decay must be True or False; got 0"),
+    (dict(weight_decay=float("inf")), "weight_decay must be finite and >= 0; got inf"),
+    (dict(precond_lr=float("inf")), "precond_lr must be finite and >= 0; got inf"),
+    (dict(precond_init_scale=float("inf")), "precond_init_scale must be finite and > 0"),
+    (dict(damping=float("inf")), "damping must be finite and >= 0; got inf"),
+    (dict(seed=1.5), "seed must be an int in [0, "),
 ]
 
 
@@ -50,6 +55,30 @@ def test_invalid_options_raise(options: dict, message: str) -> None:
     with pytest.raises(ValueError) as error:
         Kron(**options)
     assert message in str(error.value)
+
+
+def test_numpy_numbers_are_taken_as_python_ones() -> None:
+    """Values from a NumPy sweep work like Python numbers and serialise as them."""
+    optimizer = Kron(preconditioner_update_probability=np.float32(0.5), seed=np.int64(3))
+    config = optimizer.get_config()
+    assert config["preconditioner_update_probability"] == 0.5 and config["seed"] == 3
+    assert type(config["preconditioner_update_probability"]) is float
+    assert type(config["seed"]) is int
+    assert Kron.from_config(config).get_config() == config
+
+
+def test_float16_momentum_of_a_huge_finite_gradient_stays_finite() -> None:
+    """A finite gradient past float16's range must not store an inf momentum (the variable
+    would turn to NaN on the next step)."""
+    variable = keras.Variable(np.ones((4, 3)), dtype="float32")
+    optimizer = Kron(learning_rate=0.01, mu_dtype="float16")
+    optimizer.build([variable])
+    for grad in (np.full((4, 3), 1e6, np.float32), np.ones((4, 3), np.float32)):
+        optimizer.apply([keras.ops.convert_to_tensor(grad)], [variable])
+    momenta = [v for v in optimizer.variables if "momentum" in v.path]
+    assert momenta and all(np.isfinite(to_numpy(m)).all() for m in momenta)
+    values = to_numpy(variable)
+    assert np.isfinite(values).all() and not np.array_equal(values, np.ones((4, 3)))
 
 
 def _setup(**options):

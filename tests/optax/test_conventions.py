@@ -29,6 +29,87 @@ def test_masked_preconditions_only_the_selected_leaves():
     assert not np.allclose(updates["w"], grads_at(1)["w"])
 
 
+def test_masked_with_a_params_shaped_scanned_layers_tree_steps_the_selected_leaves():
+    """Under optax.masked the left-out leaves are MaskedNodes; a scanned_layers tree shaped like
+    the full params must still fit: the selected leaves step as they would alone."""
+    params = {"stack": jnp.zeros((3, 4, 4)), "w": jnp.zeros((5, 4)), "b": jnp.zeros(4)}
+    flags = {"stack": True, "w": False, "b": False}
+    rng = np.random.default_rng(0)
+    grads = jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape), p.dtype), params)
+    masked = optax.masked(
+        scale_by_kron(scanned_layers=flags), {"stack": True, "w": False, "b": True}
+    )
+    alone = scale_by_kron(scanned_layers={"stack": True, "b": False})
+    selected = {"stack": params["stack"], "b": params["b"]}
+    updates, _ = jax.jit(masked.update)(grads, masked.init(params), params)
+    expected, _ = alone.update({k: grads[k] for k in selected}, alone.init(selected), selected)
+    np.testing.assert_array_equal(updates["w"], grads["w"])
+    for name in selected:
+        np.testing.assert_allclose(updates[name], expected[name], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("make", [kron, scale_by_kron, quad])
+def test_no_parameters_to_precondition_is_a_no_op(make):
+    """optax.multi_transform or optax.masked may leave a Kron transform no leaf at all."""
+    tx = make()
+    state = tx.init({})
+    updates, new_state = jax.jit(tx.update)({}, state, {})
+    assert updates == {}
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.all(a == b)), new_state, state))
+    labels = {"w": "adam", "b": "adam"}
+    mixed = optax.multi_transform({"kron": make(), "adam": optax.adam(1e-3)}, labels)
+    updates, _ = jax.jit(mixed.update)(grads_at(1), mixed.init(PARAMS), PARAMS)
+    adam = optax.adam(1e-3)
+    expected, _ = adam.update(grads_at(1), adam.init(PARAMS), PARAMS)
+    for name in PARAMS:
+        np.testing.assert_allclose(updates[name], expected[name], rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "given",
+    [
+        dict(key=jax.random.PRNGKey(7)),
+        dict(seed=jax.random.PRNGKey(7)),
+        dict(key=jax.random.key(7)),
+        dict(seed=7),
+        dict(seed=np.int64(7)),
+    ],
+)
+def test_psgdax_key_or_an_int_seed_gives_the_state_key(given):
+    """psgdax takes the key itself (``key=PRNGKey(42)``); ours takes a seed or that key."""
+    state = scale_by_kron(**given).init(PARAMS)
+    np.testing.assert_array_equal(state.key, jax.random.PRNGKey(7))
+
+
+@pytest.mark.parametrize(
+    ("given", "message"),
+    [
+        (dict(seed="7"), r"seed must be an int or a JAX PRNG key \(psgdax's key\); got '7'"),
+        (dict(seed=3, key=jax.random.PRNGKey(7)), r"seed and key \(psgdax's name\) both set"),
+        (dict(seed=jnp.zeros(3, jnp.uint32)), "seed must be an int or a JAX PRNG key"),
+    ],
+)
+def test_a_bad_seed_or_key_is_named(given, message):
+    with pytest.raises(ValueError, match=message):
+        scale_by_kron(**given)
+
+
+def test_lax_map_batch_size_takes_a_numpy_integer():
+    tx = scale_by_kron(scanned_layers={"w": True, "b": False}, lax_map_scanned_layers=True)
+    numpy_sized = scale_by_kron(
+        scanned_layers={"w": True, "b": False},
+        lax_map_scanned_layers=True,
+        lax_map_batch_size=np.int64(2),
+    )
+    params = {"w": jnp.zeros((4, 3, 3)), "b": jnp.zeros(3)}
+    rng = np.random.default_rng(1)
+    grads = jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape), p.dtype), params)
+    ours, _ = numpy_sized.update(grads, numpy_sized.init(params), params)
+    reference, _ = tx.update(grads, tx.init(params), params)
+    for name in params:
+        np.testing.assert_allclose(ours[name], reference[name], rtol=1e-6, atol=1e-7)
+
+
 def test_multi_steps_accumulates_and_emits_every_k():
     tx = optax.MultiSteps(kron(learning_rate=1e-2), every_k_schedule=3)
     state = tx.init(PARAMS)

@@ -225,6 +225,19 @@ def test_stochastic_rounding_of_bf16_momentum_is_unbiased():
     assert rounded.mean().item() == pytest.approx(1.0 + 2**-10, abs=2e-4)
 
 
+def test_float16_momentum_of_a_huge_finite_gradient_stays_finite():
+    """A finite gradient past float16's range must not store an inf momentum (which would turn
+    the parameter to NaN on the next step): the momentum keeps float16's largest value."""
+    p = torch.nn.Parameter(torch.ones(4, 3))
+    opt = Kron([p], lr=0.01, mu_dtype=torch.float16)
+    for grad in (torch.full((4, 3), 1e6), torch.ones(4, 3)):
+        p.grad = grad
+        opt.step()
+    momentum = opt.state[p]["momentum"]
+    assert momentum.dtype == torch.float16 and torch.isfinite(momentum).all()
+    assert torch.isfinite(p).all() and not torch.equal(p.detach(), torch.ones(4, 3))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_noise_is_the_float32_noise_rounded(dtype):
     """A run's noise does not depend on its factors' dtype beyond rounding."""

@@ -79,8 +79,8 @@ class FitOptions:
         object.__setattr__(self, "geometry", canonical_geometry(self.geometry))
         if not 0.0 <= self.beta_lipschitz < 1.0:
             raise ValueError(f"beta_lipschitz must be in [0, 1); got {self.beta_lipschitz!r}.")
-        if not self.damping >= 0.0:
-            raise ValueError(f"damping must be >= 0; got {self.damping!r}.")
+        if not (self.damping >= 0.0 and math.isfinite(self.damping)):
+            raise ValueError(f"damping must be finite and >= 0; got {self.damping!r}.")
         if self.damping_rule not in DAMPING_RULES:
             raise ValueError(
                 f"Unknown damping_rule {self.damping_rule!r}; accepted: {', '.join(DAMPING_RULES)}."

@@ -19,6 +19,7 @@ and writing them around :func:`kron.core.kron_step` (run on the ``keras`` ops ba
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -44,9 +45,11 @@ from kron.core import (
     make_plan,
     scale_from_moments,
 )
-from kron.core.option_types import check_option_types
+from kron.core.option_types import check_option_types, is_real_number
 from kron.keras import native
 from kron.keras.schedules import UpdateProbability
+
+_FLOAT16_MAX = 65504.0
 
 OPS = get_ops("keras")
 NONFINITE_POLICIES = ("skip", "raise")
@@ -249,7 +252,11 @@ class Kron(keras.optimizers.Optimizer):
         )
         self.decoupled_weight_decay = decoupled_weight_decay
         self.b1 = b1
-        self.preconditioner_update_probability = preconditioner_update_probability
+        self.preconditioner_update_probability = (
+            float(preconditioner_update_probability)
+            if is_real_number(preconditioner_update_probability)
+            else preconditioner_update_probability
+        )
         self.max_size_triangular = max_size_triangular
         self.min_ndim_triangular = min_ndim_triangular
         self.memory_save_mode = memory_save_mode
@@ -404,7 +411,13 @@ class Kron(keras.optimizers.Optimizer):
         ):
             for variable, value in zip(variables, values):
                 self.assign(variable, value)
-        self.assign(slots.momentum, kops.cast(state.momentum[0], slots.momentum.dtype))
+        momentum = state.momentum[0]
+        stored = keras.backend.standardize_dtype(slots.momentum.dtype)
+        if stored == "float16" and keras.backend.standardize_dtype(momentum.dtype) != "float16":
+            # A finite momentum past float16's range would be stored as inf and turn the
+            # variable to NaN on the next step; the largest finite value is kept instead.
+            momentum = kops.clip(momentum, -_FLOAT16_MAX, _FLOAT16_MAX)
+        self.assign(slots.momentum, kops.cast(momentum, stored))
         self.assign_add(slots.count, kops.cast(finite, "float32"))
 
     # -- the step ------------------------------------------------------------------------------
@@ -658,20 +671,27 @@ def _check_ranges(
         raise ValueError(f"max_skew_triangular must be >= 0; got {max_skew_triangular!r}.")
     if not 0 <= b1 < 1:
         raise ValueError(f"b1 must be in [0, 1); got {b1!r}.")
-    if weight_decay is not None and not weight_decay >= 0:
-        raise ValueError(f"weight_decay must be >= 0; got {weight_decay!r}.")
-    if not precond_lr >= 0:
-        raise ValueError(f"precond_lr must be >= 0; got {precond_lr!r}.")
-    if precond_init_scale is not None and not precond_init_scale > 0:
-        raise ValueError(f"precond_init_scale must be > 0 or None; got {precond_init_scale!r}.")
+    # Infinities pass the comparisons below and reach the weights as inf or NaN.
+    if weight_decay is not None and not (weight_decay >= 0 and math.isfinite(weight_decay)):
+        raise ValueError(f"weight_decay must be finite and >= 0; got {weight_decay!r}.")
+    if not (precond_lr >= 0 and math.isfinite(precond_lr)):
+        raise ValueError(f"precond_lr must be finite and >= 0; got {precond_lr!r}.")
+    if precond_init_scale is not None and not (
+        precond_init_scale > 0 and math.isfinite(precond_init_scale)
+    ):
+        raise ValueError(
+            f"precond_init_scale must be finite and > 0, or None; got {precond_init_scale!r}."
+        )
     if not 0 <= balance_probability <= 1:
         raise ValueError(f"balance_probability must be in [0, 1]; got {balance_probability!r}.")
     if not update_clip_value > 0:
         raise ValueError(f"update_clip_value must be > 0; got {update_clip_value!r}.")
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= native.MAX_SEED:
+    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
+        raise ValueError(f"seed must be an int in [0, {native.MAX_SEED}]; got {seed!r}.")
+    if not 0 <= seed <= native.MAX_SEED:
         raise ValueError(f"seed must be an int in [0, {native.MAX_SEED}]; got {seed!r}.")
     if not (probability is None or callable(probability)):
-        if isinstance(probability, bool) or not isinstance(probability, (int, float)):
+        if not is_real_number(probability):
             raise ValueError(
                 "preconditioner_update_probability must be a float in [0, 1], a schedule or "
                 f"None; got {probability!r}."

@@ -61,6 +61,7 @@ def kron(
     pipeline_axis_name: str | None = None,
     pipeline_axis_size: int = 1,
     params_partition_specs: Any = None,
+    key: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     """PSGD-Kron: ``chain(scale_by_kron, add_decayed_weights, scale_by_learning_rate)``.
 

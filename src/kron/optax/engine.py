@@ -84,6 +84,19 @@ SUBSPACE_PROBES = 32
 PRECONDITIONER_TYPES = ("whitening", "newton")
 
 
+def _seed_or_key_data(seed: Any) -> int | tuple[int, ...]:
+    """An int seed as an int; a JAX PRNG key (psgdax passes one as ``key``) as the ints of its
+    raw key data, so the frozen config stays hashable; ``ValueError`` for anything else."""
+    if isinstance(seed, numbers.Integral) and not isinstance(seed, bool):
+        return int(seed)
+    if isinstance(seed, (jax.Array, np.ndarray)):
+        if jax.dtypes.issubdtype(seed.dtype, jax.dtypes.prng_key):
+            seed = jax.random.key_data(seed)
+        if seed.shape == (2,) and seed.dtype == np.uint32:
+            return tuple(int(word) for word in np.asarray(seed))
+    raise ValueError(f"seed must be an int or a JAX PRNG key (psgdax's key); got {seed!r}.")
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Everything static about one transformation; the public constructors fill it in.
@@ -117,7 +130,8 @@ class EngineConfig:
         multiple of ``block_axis_size``, and while a mesh with that axis is active each device
         stores, fits and applies only its rows (:mod:`kron.optax.sharding`). Default None, 1.
       params_partition_specs: specs of the params; the momentum and the updates follow them.
-      seed: seed of the state's PRNG key.
+      seed: seed of the state's PRNG key, or the key itself (psgdax's ``key``: a raw
+        ``uint32[2]`` key or a typed one), kept as its key data.
     """
 
     step: StepOptions
@@ -144,6 +158,7 @@ class EngineConfig:
     seed: int = 42
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "seed", _seed_or_key_data(self.seed))
         if self.decision_rule not in ("bernoulli", "counter"):
             raise ValueError(
                 f"Unknown decision_rule {self.decision_rule!r}; accepted: 'bernoulli', 'counter'."
@@ -157,10 +172,15 @@ class EngineConfig:
             raise ValueError(
                 f"preconditioner_init_scale must be > 0 or None; got {self.init_scale!r}."
             )
-        if not isinstance(self.lax_map_batch_size, int) or self.lax_map_batch_size < 1:
+        if (
+            isinstance(self.lax_map_batch_size, bool)
+            or not isinstance(self.lax_map_batch_size, numbers.Integral)
+            or self.lax_map_batch_size < 1
+        ):
             raise ValueError(
                 f"lax_map_batch_size must be a positive int; got {self.lax_map_batch_size!r}."
             )
+        object.__setattr__(self, "lax_map_batch_size", int(self.lax_map_batch_size))
         check_axis_options(self.block_axis_name, self.block_axis_size)
         if not 0.0 <= self.balance_probability <= 1.0:
             raise ValueError(
@@ -264,7 +284,11 @@ def build(config: EngineConfig) -> optax.GradientTransformationExtraArgs:
             decision_total=jnp.zeros((), jnp.float32),
             needs_scale_init=jnp.asarray(config.init_scale is None),
             skipped=treedef.unflatten([jnp.zeros((), jnp.int32) for _ in leaves]),
-            key=jax.random.PRNGKey(config.seed),
+            key=(
+                jax.random.PRNGKey(config.seed)
+                if isinstance(config.seed, int)
+                else jnp.asarray(config.seed, jnp.uint32)
+            ),
             cache=pack([_cached(f) for f in factors]),
         )
         return _constrain(state)
@@ -282,6 +306,8 @@ def build(config: EngineConfig) -> optax.GradientTransformationExtraArgs:
                 f"value_fn={'None' if value_fn is None else 'given'}."
             )
         grads, treedef = jax.tree.flatten(updates)
+        if not grads:  # nothing to precondition (optax.masked or multi_transform left none)
+            return updates, state
         layouts = leaf_layouts(
             grads, scanned_flags(config.scanned_layers, updates), config.step.layout
         )

@@ -12,6 +12,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from kron.core import LayoutOptions, Plan, make_plan
 
@@ -27,14 +28,25 @@ class LeafLayout(NamedTuple):
         return self.layers * self.plan.num_blocks
 
 
+def _is_masked(node: Any) -> bool:
+    return isinstance(node, optax.MaskedNode)
+
+
 def scanned_flags(scanned_layers: Any, tree: Any) -> list[bool]:
     """One bool per leaf of ``tree`` from a bool pytree or a function returning one."""
     count = len(jax.tree.leaves(tree))
     if scanned_layers is None:
         return [False] * count
     flags_tree = scanned_layers(tree) if callable(scanned_layers) else scanned_layers
+
+    # Under optax.masked the leaves left out are MaskedNodes (no leaves of their own) where a
+    # params-shaped flags tree has a bool: their flags are dropped.
+    def flag_of(leaf: Any, flag: Any) -> bool | None:
+        return None if _is_masked(leaf) else bool(flag)
+
     try:
-        flags = jax.tree.leaves(jax.tree.map(lambda _, flag: bool(flag), tree, flags_tree))
+        flagged = jax.tree.map(flag_of, tree, flags_tree, is_leaf=_is_masked)
+        flags = jax.tree.leaves(flagged)
     except (ValueError, TypeError) as error:
         raise ValueError(
             "scanned_layers must be a pytree of bools with the structure of the params (or a "

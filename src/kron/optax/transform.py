@@ -55,6 +55,7 @@ def scale_by_kron(
     pipeline_axis_name: str | None = None,
     pipeline_axis_size: int = 1,
     params_partition_specs: Any = None,
+    key: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     """PSGD-Kron preconditioning of the updates (psgdax's ``scale_by_kron`` contract).
 
@@ -92,7 +93,7 @@ def scale_by_kron(
       cached: keep ``P_i = Q_iᵀQ_i`` in the state so that steps without a fit apply P with one
         product per axis instead of two (more memory, fewer flops). None (default) caches when
         the update probability is a schedule or below 0.5.
-      seed: seed of the PRNG key in the state. Default 42.
+      seed: seed of the PRNG key in the state, or the key itself. Default 42.
       pipeline_axis_name, pipeline_axis_size: the mesh axis (eformer's names; any axis, typically
         the data-parallel one) that the factor stacks are split over, and its size. With a name,
         the state keeps one stack of factors per layout (``state.factors`` is a tuple of stacks,
@@ -101,7 +102,16 @@ def scale_by_kron(
         device stores, fits and applies only its rows. Defaults None, 1 (per-leaf state).
       params_partition_specs: ``PartitionSpec`` tree of the params; while a mesh is active the
         momentum and the updates are pinned to it. Default None (left to the compiler).
+      key: psgdax's name for the state's key (``psgdax.kron(..., key=PRNGKey(0))``): given,
+        it is used instead of ``seed``, which must then be left at its default. Default None.
     """
+    if key is not None:
+        if seed != 42:
+            raise ValueError(
+                f"seed and key (psgdax's name) both set the state's key; give one (got "
+                f"seed={seed!r}, key={key!r})."
+            )
+        seed = key
     if not whiten_grad and b1 <= 0:
         raise ValueError(f"whiten_grad=False whitens the momentum and needs b1 > 0; got {b1!r}.")
     # The core's records check these too, under their own names; these name psgdax's.

@@ -158,7 +158,12 @@ def stochastic_round(
     x: torch.Tensor, dtype: torch.dtype, generator_words: Sequence[int], streams: Streams
 ) -> torch.Tensor:
     """Round fp32 ``x`` to bfloat16 with probability proportional to the distance to each
-    neighbour (unbiased); other target dtypes are a plain cast."""
+    neighbour (unbiased); other target dtypes are a plain cast, float16 clamped to its finite
+    range first (a finite momentum past 65504 would be stored as inf and turn the parameter to
+    NaN on the next step)."""
+    if dtype == torch.float16 and x.dtype != torch.float16:
+        largest = torch.finfo(torch.float16).max
+        return x.clamp(-largest, largest).to(dtype)
     if dtype != torch.bfloat16 or x.dtype != torch.float32:
         return x.to(dtype)
     # bf16 keeps the high 16 bits of fp32: adding uniform low bits before truncating rounds the
