@@ -207,3 +207,13 @@ def test_a_missing_framework_names_the_extras_to_install(monkeypatch):
     args = build_parser().parse_args(["bench", "--framework", "keras", "--quick"])
     with pytest.raises(SystemExit, match=r"needs keras.*setup-venv\.sh bench,torch,jax,keras"):
         plan(args, TIERS["quick"])
+
+
+@pytest.mark.parametrize("name", ["adamw_keras", "kron_keras"])
+def test_keras_settings_are_the_same_on_every_call(name):
+    """A record is resumed when its settings match the plan's; Keras numbers its optimizers'
+    default names by how many the process has built, which must not count as a setting."""
+    spec = get_optimizer(name)
+    first, second = spec.settings(1e-3, 0), spec.settings(1e-3, 0)
+    assert first == second
+    assert "name" not in first and first["learning_rate"] == pytest.approx(1e-3)

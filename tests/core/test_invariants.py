@@ -393,6 +393,22 @@ def test_counter_decision(backend):
     assert set(np.diff(late)) == {34}
 
 
+def test_counter_decision_takes_a_python_counter_and_refuses_negative_array_probabilities(
+    backend,
+):
+    """The counter may start as a Python number whatever the backend (the docs' ``0.0``), and
+    a probability <= 0 never updates, given as a number or as an array."""
+    ops = backend.ops
+    update, counter = counter_decision(0.0, backend.array(np.asarray(0.5)), ops)
+    assert not bool(update) and float(counter) == 1.0
+    update, counter = counter_decision(counter, backend.array(np.asarray(0.5)), ops)
+    assert bool(update) and float(counter) == 0.0
+    for p in (-0.5, 0.0):
+        for given in (p, backend.array(np.asarray(p))):
+            update, counter = counter_decision(0.0, given, ops)
+            assert not bool(update) and float(counter) == 1.0
+
+
 def test_accumulator_decision(backend):
     like = backend.array(np.zeros(()))
     ops = backend.ops

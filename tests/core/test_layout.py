@@ -316,6 +316,8 @@ def test_plan_is_cached():
         ({"max_skew": -1.0}, "max_skew"),
         ({"min_ndim_dense": -1}, "min_ndim_dense"),
         ({"block_size": 2.5}, "block_size"),  # 0: tests/core/test_bad_input.py
+        ({"block_size": True}, "block_size"),
+        ({"min_ndim_dense": math.nan}, "min_ndim_dense"),
     ],
 )
 def test_invalid_layout_options(kwargs, name):
@@ -326,3 +328,9 @@ def test_invalid_layout_options(kwargs, name):
 def test_empty_tensor_is_rejected():
     with pytest.raises(ValueError, match="empty"):
         make_plan((3, 0))
+
+
+@pytest.mark.parametrize("shape", [(3.7, 4), (True, 4), ("3", 4)])
+def test_a_shape_of_other_than_whole_numbers_is_refused(shape):
+    with pytest.raises(ValueError, match="A shape holds whole numbers"):
+        make_plan(shape)

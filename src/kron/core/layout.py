@@ -16,6 +16,7 @@ Padding is tracked by :meth:`Plan.mask` so that it never enters any statistic.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -74,7 +75,7 @@ class LayoutOptions:
             raise ValueError(f"max_size must be >= 1; got {self.max_size!r}.")
         if not self.max_skew >= 0:
             raise ValueError(f"max_skew must be >= 0 (inf disables it); got {self.max_skew!r}.")
-        if self.min_ndim_dense < 0:
+        if not self.min_ndim_dense >= 0:
             raise ValueError(f"min_ndim_dense must be >= 0; got {self.min_ndim_dense!r}.")
         if self.memory_save_mode not in MEMORY_SAVE_MODES:
             raise ValueError(
@@ -82,7 +83,9 @@ class LayoutOptions:
                 f"{', '.join(repr(m) for m in MEMORY_SAVE_MODES)}."
             )
         if self.block_size is not None and (
-            not isinstance(self.block_size, int) or self.block_size < 1
+            isinstance(self.block_size, bool)
+            or not isinstance(self.block_size, int)
+            or self.block_size < 1
         ):
             raise ValueError(f"block_size must be a positive int or None; got {self.block_size!r}.")
 
@@ -189,6 +192,8 @@ def _marked_by_memory_mode(shape: tuple[int, ...], mode: str | None) -> set[int]
 @lru_cache(maxsize=4096)
 def make_plan(shape: tuple[int, ...], options: LayoutOptions = LayoutOptions()) -> Plan:
     """The :class:`Plan` for a parameter of ``shape`` (any order, including 0-d)."""
+    if not all(isinstance(n, numbers.Integral) and not isinstance(n, bool) for n in shape):
+        raise ValueError(f"A shape holds whole numbers; got {tuple(shape)!r}.")
     shape = tuple(int(n) for n in shape)
     if any(n < 1 for n in shape):
         raise ValueError(f"Cannot precondition an empty tensor of shape {shape}.")

@@ -65,9 +65,14 @@ def probability_at(schedule: float | Callable[[Any], Any], step: Any) -> Any:
 def counter_decision(counter: Any, p: Any, ops: Any) -> tuple[Any, Any]:
     """``(update?, new counter)``: the counter counts steps since the last update."""
     counter = counter + 1
-    if isinstance(p, (int, float)) and p <= 0:  # never (1/p would raise)
-        return False, counter
-    update = counter >= 1.0 / p
+    if isinstance(p, (int, float)):
+        if p <= 0:  # never (1/p would raise)
+            return False, counter
+        update = counter >= 1.0 / p
+    else:  # an array p <= 0 never updates either: 1/tiny is beyond any count
+        update = counter >= 1.0 / ops.maximum(p, ops.tiny(ops.dtype(p)))
+    if isinstance(update, bool):
+        return update, 0 * counter if update else counter
     return update, ops.where(update, 0 * counter, counter)
 
 

@@ -96,7 +96,8 @@ def update_momentum(
     in_place: bool = False,
 ) -> Any:
     """The new momentum, which is both stored and used; ``count`` is the number of earlier
-    updates (a number, or an array that broadcasts against ``grad``).
+    updates (a number, or a floating-point array that broadcasts against ``grad``; an integer
+    array would leave the weights' precision to the backend: float32 in PyTorch).
 
     Both rules are one interpolation ``m ← m + w_t (g - m)``. The running mean has
     ``w_t = 1 - min(t/(t+1), β)``. The debiased EMA keeps ``m̂_t = m_t / (1-β^t)`` rather than

@@ -89,7 +89,13 @@ class TorchOps:
         return torch.linalg.solve_triangular(lower, rhs, upper=False)
 
     def where(self, cond, x, y, into=None):
-        return torch.where(torch.as_tensor(cond), x, y, out=_writable(into, x, y))
+        cond = torch.as_tensor(cond)
+        # A counter kept as a Python number (counter_decision) meets a tensor condition.
+        if not isinstance(x, torch.Tensor):
+            x = torch.as_tensor(x, device=cond.device)
+        if not isinstance(y, torch.Tensor):
+            y = torch.as_tensor(y, device=cond.device)
+        return torch.where(cond, x, y, out=_writable(into, x, y))
 
     def sqrt(self, x):
         return torch.sqrt(torch.as_tensor(x))
