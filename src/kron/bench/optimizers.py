@@ -17,7 +17,8 @@ metric) runs on the remaining seeds. The grids:
   rectangular matrix gets a diagonal factor; lr 1e-3 unless swept), lr ∈ {3e-4, 1e-3, 3e-3}
   (full tier; the layout docs/torch.md suggests for transformers, against the dense default).
 * ``kron_f32``: the defaults with float32 factors (``precond_dtype=torch.float32``, the default
-  before bfloat16 was measured to match it; lr 1e-3 unless swept),
+  before bfloat16 was measured to match it; the default lr, 3e-3, when made with lr None; a
+  plan that does not sweep takes the grid's middle, 1e-3),
   lr ∈ {3e-4, 1e-3, 3e-3} (full tier; the other side of the measurement behind the dtype).
 * ``adamw``: ``torch.optim.AdamW`` (β = (0.9, 0.999), ε = 1e-8, no weight decay), lr over the
   task's ``adam_lrs`` (three values around the best lr measured in benchmarks.md).
@@ -229,7 +230,7 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
             "kron_f32",
             "kron (float32 factors)",
             "torch",
-            _kron_variant(precond_dtype=torch.float32),
+            _kron_variant(default_lr=3e-3, precond_dtype=torch.float32),
             lambda t: PSGD_GRID,
         ),
         OptimizerSpec("adamw", "AdamW", "torch", _adamw, lambda t: t.adam_lrs),

@@ -14,6 +14,8 @@ import keras
 import ml_dtypes
 from keras import ops as kops
 
+_HALF = ("bfloat16", "float16")
+
 
 def _is_number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
@@ -67,6 +69,13 @@ class KerasOps:
         return x[tuple(slice(0, s) for s in sizes)]
 
     def matmul(self, a, b):
+        if keras.backend.backend() == "jax" and self.dtype(a) in _HALF and self.dtype(b) in _HALF:
+            # XLA:CPU's own half-precision dot is slower than float32 there; kron.core's JAX
+            # backend accumulates in float32 instead (benchmarks/RESULTS.md: a bfloat16 Kron
+            # took longer than a float32 one on Keras's JAX backend before this).
+            from kron.core.ops import get_ops
+
+            return get_ops("jax").matmul(a, b)
         return kops.matmul(a, b)
 
     def mT(self, x):
