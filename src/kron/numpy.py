@@ -224,7 +224,7 @@ class KronPsgd:
             return
         if self.weight_decay:
             grad = grad + self.weight_decay * view
-        slot = self._slots.get(name) or self._new_slot(name, view, grad)
+        slot = self._slots.get(name) or self._new_slot(view, grad)
         rng = np.random.default_rng([self.seed, self._iteration, zlib.crc32(name.encode())])
         do_fit = self._do_fit()
         plan, dtype = slot.plan, view.dtype
@@ -412,9 +412,9 @@ class KronPsgd:
                 )
         return view, grad.astype(param.dtype, copy=False)
 
-    def _new_slot(self, name: str, param: np.ndarray, grad: np.ndarray) -> _Slot:
-        """The initial state of ``name``; :meth:`step` registers it once the first step is
-        done."""
+    def _new_slot(self, param: np.ndarray, grad: np.ndarray) -> _Slot:
+        """The initial state of a parameter first stepped with ``grad``; :meth:`step` registers
+        it under its name once that step is done."""
         plan = make_plan(param.shape, self._layout)
         like = np.zeros((), param.dtype)
         if self.init_scale is None:
