@@ -283,3 +283,14 @@ def test_report_uses_only_the_plans_matching_records(tmp_path, capsys):
     assert "1 runs" in printed.out
     assert "2 planned run(s) have no matching record" in printed.err
     assert "seed=1" in printed.err and "seed=2" in printed.err
+
+
+def test_report_without_records_stops_and_keeps_the_summary(tmp_path):
+    """``--report`` over a folder with none of the plan's records exits with a message and leaves
+    the folder's summary as it was, rather than writing an empty one beside the old plots."""
+    base = ["bench", "--task", "deep_linear", "--optimizer", "kron", "--steps", "10"]
+    assert main([*base, "--seeds", "1", "--out", str(tmp_path)]) == 0
+    before = (tmp_path / "summary.md").read_text()
+    with pytest.raises(SystemExit, match="holds no record of this command's runs"):
+        main([*base, "--seeds", "5,", "--out", str(tmp_path), "--report"])
+    assert (tmp_path / "summary.md").read_text() == before

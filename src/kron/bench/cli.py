@@ -263,6 +263,12 @@ def bench(args: argparse.Namespace) -> int:
     # Exactly this plan's records (run now or resumed), so other tiers' records in the same
     # folder never mix in; a plan can be assembled from several interrupted invocations.
     all_records = execute(entries, args.out, args.threads, report_only=args.report)
+    if not all_records:
+        # An empty summary would overwrite the folder's last one and sit beside its old plots.
+        raise SystemExit(
+            f"--report: {args.out / 'runs'} holds no record of this command's runs; "
+            "run it without --report first"
+        )
     args.out.mkdir(parents=True, exist_ok=True)
     header = f"Command: `kron bench {' '.join(sys.argv[2:])}` (tier {tier.name})."
     text = summary.markdown(all_records, header)
