@@ -80,6 +80,41 @@ def test_resume_is_bit_for_bit_through_weights_only_load():
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def test_a_resumed_run_keeps_its_seed_whatever_the_new_optimizer_was_given():
+    """The noise of a fit is drawn from (seed, step, ...), so the seed travels with the state:
+    resuming into an optimizer made with another seed continues the saved run exactly."""
+    options = dict(lr=1e-2, preconditioner_update_probability=0.5, seed=5)
+    straight = make_model()
+    train(straight, Kron(straight.parameters(), **options), 8)
+    first = make_model()
+    opt1 = Kron(first.parameters(), **options)
+    train(first, opt1, 4)
+    buffer = io.BytesIO()
+    torch.save(opt1.state_dict(), buffer)
+    buffer.seek(0)
+    resumed = copy.deepcopy(first)
+    opt2 = Kron(resumed.parameters(), **{**options, "seed": 0})
+    opt2.load_state_dict(torch.load(buffer, weights_only=True))
+    assert opt2.seed == 5
+    train(resumed, opt2, 4, start=4)
+    for a, b in zip(snapshot(resumed), snapshot(straight)):
+        assert torch.equal(a, b)
+
+
+def test_another_optimizers_state_dict_is_refused_by_name():
+    """Adam's state (or kron_torch's) would load and fail on the first step with a KeyError;
+    it is refused at once, naming the parameter and pointing to the kron_torch converter."""
+    model = make_model()
+    adam = torch.optim.Adam(model.parameters())
+    train(model, adam, 1)
+    opt = Kron(model.parameters())
+    with pytest.raises(
+        ValueError, match=r"parameter 0 of group 0 has keys .*exp_avg.*load_kron_torch_state"
+    ):
+        opt.load_state_dict(adam.state_dict())
+    assert opt.state_dict()["state"] == {}
+
+
 def test_stepping_after_load_state_dict_leaves_the_loaded_dict_untouched():
     """The optimizer updates its state in place, so ``load_state_dict`` copies what it is given:
     after ``load_state_dict(saved)`` every step leaves ``saved`` as it was (``torch.optim.Adam``

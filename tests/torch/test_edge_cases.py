@@ -457,3 +457,80 @@ def test_an_optimizer_wide_setting_in_a_param_group_is_refused(name):
     with pytest.raises(ValueError, match=f"{name} cannot be set per param group"):
         opt.add_param_group({"params": [b], name: value})
     assert len(opt.param_groups) == 1
+
+
+def test_a_float64_gradient_past_float32s_range_is_skipped_with_narrower_factors():
+    """The momentum and the products of bfloat16 or float32 factors are at most float32, which
+    cannot hold 1e39: the gradient counts as non-finite and changes nothing. Float64 factors
+    step it."""
+    for precond_dtype, skipped in [(None, 1), (torch.float32, 1), (torch.float64, 0)]:
+        q = nn.Parameter(torch.ones(3, 3, dtype=torch.float64))
+        opt = Kron([q], precond_dtype=precond_dtype)
+        q.grad = torch.full((3, 3), 1e39, dtype=torch.float64)
+        opt.step()
+        assert opt.state[q]["skipped"].item() == skipped
+        assert torch.isfinite(q).all()
+        assert torch.equal(q.detach(), torch.ones_like(q)) == bool(skipped)
+
+
+@pytest.mark.parametrize("precond_dtype", [torch.float32, torch.float64])
+def test_bfloat16_momentum_is_rounded_stochastically_from_any_wider_dtype(precond_dtype):
+    """Two seeds see the same gradients, so their bfloat16 momenta differ only by rounding."""
+
+    def momentum(seed):
+        gen = torch.Generator().manual_seed(0)
+        p = nn.Parameter(torch.randn(16, 16, generator=gen))
+        opt = Kron([p], mu_dtype=torch.bfloat16, precond_dtype=precond_dtype, seed=seed)
+        for _ in range(3):
+            p.grad = torch.randn(16, 16, generator=gen)
+            opt.step()
+        return opt.state[p]["momentum"]
+
+    assert not torch.equal(momentum(0), momentum(1))
+
+
+def test_newton_with_every_parameter_frozen_steps_nothing():
+    model = nn.Linear(4, 2)
+    opt = Kron(model.parameters(), preconditioner_type="newton")
+    before = [p.detach().clone() for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    x = torch.randn(8, 4)
+    loss = opt.step(lambda: model(x).square().mean())
+    torch.testing.assert_close(loss, model(x).square().mean())
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    assert opt.param_groups[0]["step"] == 0
+
+
+@pytest.mark.parametrize("kind", ["gradient", "update"])
+def test_a_clipping_callable_that_works_in_place_leaves_the_gradients_alone(kind):
+    """A lone parameter's stacked gradient is a view of ``p.grad``; a callable that clips in
+    place (heavyball's do) gets a copy."""
+    lone, pair = nn.Parameter(torch.ones(5)), [nn.Parameter(torch.ones(3, 3)) for _ in range(2)]
+    opt = Kron([lone, *pair], **{f"{kind}_clipping": lambda g: g.clamp_(-1.0, 1.0)})
+    grads = [10 * torch.randn(p.shape) for p in (lone, *pair)]
+    for p, g in zip((lone, *pair), grads):
+        p.grad = g.clone()
+    opt.step()
+    assert all(torch.equal(p.grad, g) for p, g in zip((lone, *pair), grads))
+
+
+def test_a_compiled_clipping_callable_serves_many_shapes_and_dtypes():
+    """heavyball's clips are compiled with ``fullgraph=True``; called per parameter they would
+    recompile for each of these 10 ranks and fail past dynamo's limit of 8. They run eagerly."""
+    heavyball_utils = pytest.importorskip("heavyball.utils")
+    shapes = [(), (3,), (3, 4), (2, 3, 4), (2, 3, 4, 5)] + [(2,) * n for n in range(5, 10)]
+    params = [nn.Parameter(torch.randn(s)) for s in shapes]
+    params += [nn.Parameter(torch.randn(3, 4).to(torch.bfloat16))]
+    opt = Kron(
+        params,
+        gradient_clipping=heavyball_utils.l2_clip_,
+        update_clipping=heavyball_utils.l2_clip_,
+    )
+    for p in params:
+        p.grad = 100 * torch.ones_like(p)
+    before = [p.detach().clone() for p in params]
+    opt.step()
+    for p, b in zip(params, before):
+        # An update of L2 norm at most 1 (heavyball's clip_at) times lr 3e-3.
+        assert (p.detach().float() - b.float()).norm() <= 3e-3 * 1.01

@@ -20,6 +20,7 @@ from kron.torch import (
 )
 from kron.torch.functional import state_bytes
 from kron.torch.heavyball_classes import USE_DEFAULT
+from kron.torch.options import torch_dtype
 
 # heavyball 1.5.0's ForeachPSGDKron.__init__, in order (shared/seeds/004, "ForeachPSGDKron").
 SEED_SIGNATURE = [
@@ -178,6 +179,10 @@ def test_pure_psgd_fits_and_preconditions_the_raw_gradient():
     assert_same_run(pure, as_kron)
 
 
+def _group_dtype(name):
+    return lambda opt: torch_dtype(opt.param_groups[0][name], name)
+
+
 def test_kron_options_pass_through_and_bad_values_are_named():
     opt = ForeachPSGDKron(make_model().parameters(), seed=7, preconditioner_mode="QUAD")
     assert opt.seed == 7 and opt.param_groups[0]["preconditioner_mode"] == "QUAD"
@@ -190,12 +195,25 @@ def test_kron_options_pass_through_and_bad_values_are_named():
 
 
 @pytest.mark.parametrize(
-    "ours", [{"b1": 0.8}, {"stack_params": False}, {"precond_dtype": "float64"}]
+    "ours, theirs, read",
+    [
+        ({"b1": 0.8}, {"beta": 0.7}, lambda opt: opt.param_groups[0]["b1"]),
+        ({"stack_params": False}, None, lambda opt: opt.stack_params),
+        ({"precond_dtype": "float64"}, {"q_dtype": "bfloat16"}, _group_dtype("precond_dtype")),
+        ({"mu_dtype": torch.bfloat16}, {"storage_dtype": "float16"}, _group_dtype("mu_dtype")),
+    ],
 )
-def test_our_spelling_of_a_heavyball_option_is_refused_by_name(ours):
-    (name,) = ours
-    with pytest.raises(ValueError, match=f"name the same option.*{name}="):
-        ForeachPSGDKron(make_model().parameters(), **ours)
+def test_our_spelling_of_a_heavyball_option_alone_sets_it_and_both_must_agree(ours, theirs, read):
+    """Kron's spelling given alone wins over the class's default for heavyball's; given with
+    heavyball's spelling at another value, ``ValueError`` names both."""
+    ((name, value),) = ours.items()
+    opt = ForeachPSGDKron(make_model().parameters(), **ours)
+    assert read(opt) == (getattr(torch, value) if isinstance(value, str) else value)
+    if theirs is None:  # foreach's only other value, False, agrees
+        return
+    ((alias, _),) = theirs.items()
+    with pytest.raises(ValueError, match=f"{alias} and {name} name the same option"):
+        ForeachPSGDKron(make_model().parameters(), **ours, **theirs)
 
 
 def test_step_releases_the_gradients_so_zero_grad_is_optional():
@@ -293,3 +311,22 @@ def test_store_triu_as_line_needs_the_triangular_geometry():
         Kron(make_model().parameters(), store_triu_as_line=True)
     quad = ForeachPSGDKron(make_model().parameters(), preconditioner_mode="QUAD")
     assert quad.param_groups[0]["store_triu_as_line"] is False
+
+
+def test_pickling_keeps_the_default_schedule_and_consume_grad():
+    """The default schedule lives on the class (the groups hold None), so the optimizer pickles;
+    a group of its own with None gets heavyball's schedule too."""
+    import copy
+    import pickle
+
+    model = make_model()
+    opt = ForeachPSGDKron(model.parameters())
+    opt.consume_grad = False
+    opt.add_param_group({"params": [nn.Parameter(torch.ones(3))]})
+    for copied in (pickle.loads(pickle.dumps(opt)), copy.deepcopy(opt)):
+        assert copied.consume_grad is False
+        for gi, group in enumerate(copied.param_groups):
+            group["step"] = 2000
+            assert copied._decide(gi, group).probability == pytest.approx(
+                heavyball_schedule()(2000)
+            )

@@ -42,7 +42,7 @@ DAMPING_RULES = ("elementwise", "mean_abs", "absolute")
 
 def canonical_geometry(name: str) -> str:
     """The canonical spelling of a geometry name; ``ValueError`` listing the accepted ones."""
-    name = GEOMETRY_ALIASES.get(name, name)
+    name = GEOMETRY_ALIASES.get(name, name) if isinstance(name, str) else name
     if name not in GEOMETRIES:
         accepted = ", ".join(GEOMETRIES + tuple(GEOMETRY_ALIASES))
         raise ValueError(f"Unknown preconditioner geometry {name!r}; accepted: {accepted}.")

@@ -4,6 +4,7 @@ that other front ends would also need."""
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -105,7 +106,7 @@ def clipper(
     if not callable(spec) and not threshold > 0:
         raise ValueError(f"A clipping threshold must be > 0; got {threshold!r} for {spec!r}.")
     if callable(spec):
-        return lambda x: torch.stack([_one_tensor(spec(item), spec) for item in x.unbind(0)])
+        return lambda x: _per_tensor(spec, x, copy=not in_place)
     if spec == "rms":
         if in_place:
             return lambda x: _shrink_rows_in_place(x, threshold, rms_per_parameter, read_norms)
@@ -139,6 +140,24 @@ def _shrink_rows_in_place(
     return x.mul_(factor)
 
 
+def _per_tensor(spec: Callable, x: torch.Tensor, copy: bool) -> torch.Tensor:
+    """``spec`` applied to each parameter's tensor ``x[s]``, restacked. With ``copy`` each gets a
+    copy: ``x`` may be a view of ``p.grad`` (a lone parameter's stack is), which a callable that
+    clips in place (heavyball's do) would otherwise overwrite. Compiled callables run eagerly:
+    heavyball's are compiled with ``fullgraph=True`` and would recompile for every shape and
+    dtype, failing once dynamo's recompile limit is reached."""
+    with _force_eager():
+        return torch.stack(
+            [_one_tensor(spec(item.clone() if copy else item), spec) for item in x.unbind(0)]
+        )
+
+
+def _force_eager() -> Any:
+    """``torch.compiler.set_stance("force_eager")`` where PyTorch has it (2.6 and later)."""
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
+
+
 def _one_tensor(result: Any, spec: Callable) -> torch.Tensor:
     if isinstance(result, (list, tuple)) and len(result) == 1:
         result = result[0]
@@ -157,15 +176,17 @@ def apply_caution(y: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
 def stochastic_round(
     x: torch.Tensor, dtype: torch.dtype, generator_words: Sequence[int], streams: Streams
 ) -> torch.Tensor:
-    """Round fp32 ``x`` to bfloat16 with probability proportional to the distance to each
-    neighbour (unbiased); other target dtypes are a plain cast, float16 clamped to its finite
-    range first (a finite momentum past 65504 would be stored as inf and turn the parameter to
-    NaN on the next step)."""
+    """Round float32 or float64 ``x`` to bfloat16 with probability proportional to the distance
+    to each neighbour (unbiased); other target dtypes are a plain cast, float16 clamped to its
+    finite range first (a finite momentum past 65504 would be stored as inf and turn the
+    parameter to NaN on the next step)."""
     if dtype == torch.float16 and x.dtype != torch.float16:
         largest = torch.finfo(torch.float16).max
         return x.clamp(-largest, largest).to(dtype)
-    if dtype != torch.bfloat16 or x.dtype != torch.float32:
+    if dtype != torch.bfloat16 or x.dtype not in (torch.float32, torch.float64):
         return x.to(dtype)
+    # A float64 source goes through float32, whose rounding is at most 2⁻¹⁷ of bfloat16's spacing.
+    x = x.to(torch.float32)
     # bf16 keeps the high 16 bits of fp32: adding uniform low bits before truncating rounds the
     # magnitude up with probability equal to the discarded fraction.
     low_bits = streams.low_bits(x.shape, x.device, generator_words)

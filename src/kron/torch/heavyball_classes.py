@@ -51,6 +51,9 @@ class ForeachPSGDKron(Kron):
     exp_avg_input: bool = True
     consume_grad: bool = True
 
+    _SETTINGS = (*Kron._SETTINGS, "consume_grad")
+    _default_schedule = staticmethod(heavyball_schedule())
+
     def __init__(
         self,
         params: Iterable[Any],
@@ -93,16 +96,23 @@ class ForeachPSGDKron(Kron):
         cached = self.cached if cached in (None, USE_DEFAULT) else cached
         if exp_avg_input in (None, USE_DEFAULT):
             exp_avg_input = self.exp_avg_input
+        # Kron's spelling given alone (precond_dtype for q_dtype, ...) wins over the class's
+        # default for heavyball's; both given must agree, as in Kron.
+        beta, q_dtype, storage_dtype, foreach = (
+            None if ours in kron_options and value == default else value
+            for value, default, ours in (
+                (beta, 0.9, "b1"),
+                (q_dtype, "float32", "precond_dtype"),
+                (storage_dtype, "float32", "mu_dtype"),
+                (foreach, True, "stack_params"),
+            )
+        )
         super().__init__(
             params,
             lr=lr,
             beta=beta,
             weight_decay=weight_decay,
-            preconditioner_update_probability=(
-                heavyball_schedule()
-                if preconditioner_update_probability is None
-                else preconditioner_update_probability
-            ),
+            preconditioner_update_probability=preconditioner_update_probability,
             max_size_triangular=max_size_triangular,
             min_ndim_triangular=min_ndim_triangular,
             memory_save_mode=memory_save_mode,

@@ -293,6 +293,9 @@ class Kron(torch.optim.Optimizer):
     # Options kept on the optimizer rather than in its groups: pickling and copy.deepcopy carry
     # them (torch.optim's own state is defaults, state and param_groups).
     _SETTINGS = ("seed", "nonfinite", "stack_params", "compile", "resync")
+    # What a group's preconditioner_update_probability=None means; subclasses with another
+    # peer's defaults replace it (kept on the class, so the groups hold nothing unpicklable).
+    _default_schedule = staticmethod(DEFAULT_SCHEDULE)
 
     def _reset_caches(self) -> None:
         """What the optimizer derives from its groups and state and rebuilds when it must."""
@@ -354,7 +357,10 @@ class Kron(torch.optim.Optimizer):
         """The core's option records for ``group`` (built once per distinct set of values);
         raises ``ValueError`` on a bad value."""
         key = tuple(group[name] for name in RECORD_KEYS)
-        records = self._records.get(key)
+        try:
+            records = self._records.get(key)
+        except TypeError:  # an unhashable value (a dataclass schedule, a list): build, not cache
+            return core_records(group)
         if records is None:
             if len(self._records) > 64:  # options changed by hand many times; start afresh
                 self._records.clear()
@@ -417,7 +423,7 @@ class Kron(torch.optim.Optimizer):
         device sync). Pure: ``_step_group`` commits the new counter once the group has stepped."""
         step = group["step"]
         schedule = group["preconditioner_update_probability"]
-        p = float(probability_at(DEFAULT_SCHEDULE if schedule is None else schedule, step))
+        p = float(probability_at(self._default_schedule if schedule is None else schedule, step))
         if not 0 < p <= 1:
             raise ValueError(
                 f"preconditioner_update_probability gave {p!r} at step {step} of group {gi}; "
@@ -442,6 +448,10 @@ class Kron(torch.optim.Optimizer):
             if not p.requires_grad:
                 p.grad = None  # frozen parameters must not step on a stale gradient
         params = [p for p in everything if p.requires_grad]
+        if not params:  # all frozen: nothing to differentiate or step, as in torch.optim
+            with torch.enable_grad():
+                loss = closure()
+            return loss.detach() if isinstance(loss, torch.Tensor) else loss
         newton_params = []
         for gi, group in newton:
             for index, p in enumerate(group["params"]):
@@ -616,7 +626,8 @@ class Kron(torch.optim.Optimizer):
         factor_dtype = states[0]["factors"][0].dtype
         # The gradient and momentum are handled in at least float32; only the products (and the
         # fit's inputs) are in the factors' dtype, so bfloat16 factors never round the momentum
-        # and the float32 state is still stepped in place.
+        # and the float32 state is still stepped in place. Not wider: a float64 gradient past
+        # float32's range would overflow the products, so it is skipped as non-finite.
         dtype = torch.promote_types(factor_dtype, torch.float32)
         size = len(params)
         grads, finite, all_finite = self._gather_gradients(gi, group, params, states, dtype)
@@ -854,10 +865,13 @@ class Kron(torch.optim.Optimizer):
             },
         }
         groups = state_dict["param_groups"]
+        _check_is_kron_state(state_dict["state"], groups)
         merged = []
         for saved, current in zip(groups, self.param_groups):
             merged.append({**{k: v for k, v in current.items() if k != "params"}, **saved})
         super().load_state_dict({**state_dict, "param_groups": merged})
+        # The noise is drawn from (seed, step, ...), so a run resumes only with its own seed.
+        self.seed = int(state_dict.get("seed", self.seed))
         self._stacks.clear()
         saved_ids = [i for g in groups for i in g["params"]]
         current = [p for g in self.param_groups for p in g["params"]]
@@ -868,13 +882,29 @@ class Kron(torch.optim.Optimizer):
             self.state[p] = {key: _to_device(value, p.device) for key, value in saved.items()}
 
     def state_dict(self) -> dict[str, Any]:
-        """As ``torch.optim.Optimizer.state_dict``; callables in the param groups (schedules,
-        clipping functions) are left out so that ``torch.load(weights_only=True)`` can read it."""
+        """As ``torch.optim.Optimizer.state_dict``, plus the ``seed`` the noise is drawn with;
+        callables in the param groups (schedules, clipping functions) are left out so that
+        ``torch.load(weights_only=True)`` can read it."""
         state = super().state_dict()
         for group in state["param_groups"]:
             for key in [k for k, v in group.items() if callable(v)]:
                 del group[key]
+        state["seed"] = self.seed
         return state
+
+
+def _check_is_kron_state(saved: dict[Any, Any], groups: list[dict[str, Any]]) -> None:
+    """``ValueError`` naming the parameter when a saved per-parameter state is not this
+    optimizer's (another optimizer's state dict would fail later, on the first step)."""
+    for gi, group in enumerate(groups):
+        for index, saved_id in enumerate(group["params"]):
+            entry = saved.get(saved_id, saved.get(str(saved_id)))
+            if entry is not None and not {"factors", "momentum"} <= set(entry):
+                raise ValueError(
+                    f"The saved state of parameter {index} of group {gi} has keys "
+                    f"{sorted(entry)}, not a kron.torch state (factors, momentum, ...). A "
+                    "kron_torch.Kron state dict loads with kron.torch.load_kron_torch_state."
+                )
 
 
 def initial_state(

@@ -214,7 +214,11 @@ def core_records(group: dict[str, Any]) -> tuple[LayoutOptions, StepOptions]:
             f"{', '.join(DECISION_RULES)}."
         )
     probability = group["preconditioner_update_probability"]
-    if not (probability is None or callable(probability) or 0 < probability <= 1):
+    if not (
+        probability is None
+        or callable(probability)
+        or (is_number(probability) and 0 < probability <= 1)
+    ):
         raise ValueError(
             "preconditioner_update_probability must be in (0, 1], a callable or None; got "
             f"{probability!r}."
@@ -233,6 +237,12 @@ def core_records(group: dict[str, Any]) -> tuple[LayoutOptions, StepOptions]:
     block = group["block_size"]
     if group["split"] and block is None:
         block = group["max_size_triangular"]
+        if not float(block).is_integer():
+            raise ValueError(
+                "split=True with block_size=None tiles by max_size_triangular, which must then "
+                f"be a whole number; got {block!r}."
+            )
+        block = int(block)
     layout = LayoutOptions(
         max_size=group["max_size_triangular"],
         max_skew=group["max_skew"],
