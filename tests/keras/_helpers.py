@@ -27,8 +27,10 @@ def to_numpy(x) -> np.ndarray:
     return np.asarray(keras.ops.convert_to_numpy(x))
 
 
-def draw_normal(seed: int, step: int, index: int, stream: int, shape: tuple) -> np.ndarray:
-    return to_numpy(native.normal(seed, step, index, stream, shape, "float32"))
+def draw_normal(
+    seed: int, step: int, index: int, stream: int, shape: tuple, dtype: str = "float32"
+) -> np.ndarray:
+    return to_numpy(native.normal(seed, step, index, stream, shape, dtype))
 
 
 def draw_uniform(seed: int, step: int, index: int, stream: int) -> float:
@@ -47,12 +49,14 @@ def reference_trajectory(
     precond_init_scale: float | None,
     balance_probability: float,
     seed: int,
+    dtype: str = "float32",
 ) -> list[np.ndarray]:
-    """Parameters after ``len(grads)`` steps of the front end's loop (counter rule, float32)."""
-    f32 = np.float32
-    params = [p.astype(f32) for p in params]
+    """Parameters after ``len(grads)`` steps of the front end's loop (counter rule), everything
+    in ``dtype``."""
+    real = np.dtype(dtype).type
+    params = [p.astype(real) for p in params]
     plans = [make_plan(p.shape, options.layout) for p in params]
-    like = np.zeros((), f32)
+    like = np.zeros((), real)
     states, counts = [], [0.0] * len(params)
     for plan, p in zip(plans, params):
         factors = init_factors(plan, precond_init_scale or 1.0, like, NP, options.fit.state_is_p)
@@ -60,36 +64,36 @@ def reference_trajectory(
             TensorState(
                 tuple(factors),
                 tuple(init_lipschitz(plan, like, NP)),
-                np.zeros((1, *p.shape), f32),
+                np.zeros((1, *p.shape), real),
             )
         )
     counter = np.float32(0.0)
     for step, step_grads in enumerate(grads):
         fit, counter = counter_decision(counter, probability, NP)
         for index, (plan, g) in enumerate(zip(plans, step_grads)):
-            g = g.astype(f32)[None]
+            g = g.astype(real)[None]
             state = states[index]
             if precond_init_scale is None and counts[index] == 0:
                 scale = scale_from_moments(fourth_moment(g, NP), NP)
                 state = state._replace(
-                    factors=tuple(f * f32(scale ** (1.0 / plan.order)) for f in state.factors)
+                    factors=tuple(f * real(scale ** (1.0 / plan.order)) for f in state.factors)
                 )
             noise = None
             if fit:
                 shape = (plan.num_blocks, *plan.block_shape)
-                noise = draw_normal(seed, step, index, native.NOISE, shape)
+                noise = draw_normal(seed, step, index, native.NOISE, shape, dtype)
             mask = plan.mask()
             y, state = kron_step(
                 state,
                 g,
-                f32(counts[index]),
+                np.float32(counts[index]),  # the front end's count is float32 in any dtype
                 noise,
                 plan=plan,
                 options=options,
                 precond_lr=precond_lr,
                 do_fit=bool(fit),
                 ops=NP,
-                mask=None if mask is None else mask.astype(f32),
+                mask=None if mask is None else mask.astype(real),
             )
             if fit and balance_probability > 0 and plan.order > 1:
                 if draw_uniform(seed, step, index, native.BALANCE) < balance_probability:
@@ -97,5 +101,5 @@ def reference_trajectory(
             states[index] = state
             counts[index] += 1
             p = params[index]
-            params[index] = p - f32(learning_rate) * (y[0] + f32(weight_decay) * p)
+            params[index] = p - real(learning_rate) * (y[0] + real(weight_decay) * p)
     return params

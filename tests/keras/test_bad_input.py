@@ -3,6 +3,8 @@ variable and its optimizer state untouched, or raise."""
 
 from __future__ import annotations
 
+import json
+
 import keras
 import numpy as np
 import pytest
@@ -59,11 +61,21 @@ def test_invalid_options_raise(options: dict, message: str) -> None:
 
 def test_numpy_numbers_are_taken_as_python_ones() -> None:
     """Values from a NumPy sweep work like Python numbers and serialise as them."""
-    optimizer = Kron(preconditioner_update_probability=np.float32(0.5), seed=np.int64(3))
+    optimizer = Kron(
+        preconditioner_update_probability=np.float32(0.5),
+        seed=np.int64(3),
+        block_size=np.int64(64),
+        b1=np.float32(0.5),
+        max_size_triangular=np.int64(128),
+        update_clip_value=np.float64(2.0),
+    )
     config = optimizer.get_config()
     assert config["preconditioner_update_probability"] == 0.5 and config["seed"] == 3
     assert type(config["preconditioner_update_probability"]) is float
     assert type(config["seed"]) is int
+    assert type(config["block_size"]) is int and config["block_size"] == 64
+    assert type(config["b1"]) is float and config["b1"] == 0.5
+    assert json.loads(json.dumps(config)) == config
     assert Kron.from_config(config).get_config() == config
 
 
@@ -211,3 +223,17 @@ def test_an_update_probability_of_zero_never_fits() -> None:
     optimizer.apply([keras.ops.ones((4, 3)), keras.ops.ones((3,))], variables)
     factors = [(to_numpy(v), b) for v, b in zip(optimizer.variables, before) if "_q" in v.name]
     assert len(factors) == 3 and all(np.array_equal(now, b) for now, b in factors)
+
+
+if keras.backend.backend() == "tensorflow":  # only TensorFlow has variables outside Keras
+
+    def test_plain_tensorflow_variables_are_stepped_as_with_adam() -> None:
+        """Custom loops over ``tf.Module`` hand the optimizer ``tf.Variable``s, which have a
+        name but no Keras ``path``."""
+        import tensorflow as tf
+
+        w = tf.Variable(tf.ones((4, 3)), name="w")
+        optimizer = Kron(learning_rate=0.01)
+        optimizer.apply_gradients([(tf.ones((4, 3)), w)])
+        assert float(tf.reduce_max(w)) < 1.0
+        assert any(v.name.startswith("w_0_momentum") for v in optimizer.variables)

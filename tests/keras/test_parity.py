@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import keras
@@ -64,9 +65,11 @@ def _expected_step_options(options: dict) -> StepOptions:
     )
 
 
-def _run_kron(options: dict, params: list, grads: list, compiled: bool = False) -> list:
+def _run_kron(
+    options: dict, params: list, grads: list, compiled: bool = False, dtype: str = "float32"
+) -> list:
     """Parameters after applying ``grads``, eagerly or in one compiled step."""
-    variables = [keras.Variable(p, dtype="float32") for p in params]
+    variables = [keras.Variable(p, dtype=dtype) for p in params]
     optimizer = Kron(**options)
     optimizer.build(variables)
     if compiled and keras.backend.backend() == "tensorflow":
@@ -96,7 +99,7 @@ def _run_kron(options: dict, params: list, grads: list, compiled: bool = False) 
             step([keras.ops.convert_to_tensor(g) for g in gs])
     else:
         for gs in grads:
-            optimizer.apply([keras.ops.convert_to_tensor(g) for g in gs], variables)
+            optimizer.apply([keras.ops.convert_to_tensor(g, dtype) for g in gs], variables)
     return [to_numpy(v) for v in variables]
 
 
@@ -129,6 +132,53 @@ def test_apply_matches_core(name: str) -> None:
         assert g.shape == w.shape
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
         assert not np.allclose(g, p)  # the parameters did move
+
+
+@pytest.mark.parametrize("name", ["Q0.5EQ1.5", "EQ-uncached-decay"])
+def test_apply_matches_core_in_float64(name: str) -> None:
+    """With float64 variables and factors every backend computes the fit in float64 (on PyTorch
+    Keras's own matmul, maximum and minimum would compute in float32, and Q0.5EQ1.5 never
+    fitted) and follows the core. Keras keeps the learning rate and the step count in float32
+    scalars, which is what the tolerance allows for (measured: 1e-12 on JAX, 2e-9 on
+    TensorFlow, 6e-8 on PyTorch). JAX needs x64, switched on here for the run."""
+    rng = np.random.default_rng(2)
+    params = [rng.standard_normal(s) for s in SHAPES]
+    grads = [[rng.standard_normal(s) for s in SHAPES] for _ in range(6)]
+    options = dict(
+        learning_rate=0.05,
+        preconditioner_update_probability=0.5,
+        balance_probability=1.0,
+        seed=7,
+        precond_dtype="float64",
+        **CASES[name],
+    )
+    with _float64_enabled():
+        got = _run_kron(options, params, grads, dtype="float64")
+        want = reference_trajectory(
+            params,
+            grads,
+            options=_expected_step_options(options),
+            # Keras keeps the learning rate (and so lr·wd) in a float32 variable.
+            learning_rate=float(np.float32(0.05)),
+            weight_decay=options.get("weight_decay", 0.0),
+            probability=0.5,
+            precond_lr=0.1,
+            precond_init_scale=1.0,
+            balance_probability=1.0,
+            seed=7,
+            dtype="float64",
+        )
+    for g, w in zip(got, want):
+        assert g.dtype == np.float64
+        np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-9)
+
+
+def _float64_enabled():
+    if keras.backend.backend() != "jax":
+        return contextlib.nullcontext()
+    import jax
+
+    return jax.enable_x64(True)
 
 
 def test_compiled_apply_matches_eager_without_retracing() -> None:

@@ -84,10 +84,12 @@ class LayoutOptions:
             )
         if self.block_size is not None and (
             isinstance(self.block_size, bool)
-            or not isinstance(self.block_size, int)
+            or not isinstance(self.block_size, numbers.Integral)
             or self.block_size < 1
         ):
             raise ValueError(f"block_size must be a positive int or None; got {self.block_size!r}.")
+        if self.block_size is not None:  # a NumPy integer is stored as the int it stands for
+            object.__setattr__(self, "block_size", int(self.block_size))
 
 
 @dataclass(frozen=True)

@@ -68,6 +68,12 @@ class _Slots(NamedTuple):
     count: Any  # float32 scalar: momentum updates taken (steps with a finite gradient)
 
 
+def _plain(value: Any) -> Any:
+    """A NumPy number as the Python number it stands for, so that ``get_config`` is plain JSON
+    (Python numbers have no ``item``)."""
+    return value.item() if isinstance(value, numbers.Number) and hasattr(value, "item") else value
+
+
 def _dtype_name(value: Any, name: str, default: str | None) -> str | None:
     """A Keras dtype name from any framework's dtype object or name; ValueError otherwise."""
     if value is None:
@@ -251,34 +257,34 @@ class Kron(keras.optimizers.Optimizer):
             probability=preconditioner_update_probability,
         )
         self.decoupled_weight_decay = decoupled_weight_decay
-        self.b1 = b1
+        self.b1 = _plain(b1)
         self.preconditioner_update_probability = (
             float(preconditioner_update_probability)
             if is_real_number(preconditioner_update_probability)
             else preconditioner_update_probability
         )
-        self.max_size_triangular = max_size_triangular
-        self.min_ndim_triangular = min_ndim_triangular
+        self.max_size_triangular = _plain(max_size_triangular)
+        self.min_ndim_triangular = _plain(min_ndim_triangular)
         self.memory_save_mode = memory_save_mode
         self.momentum_into_precond_update = momentum_into_precond_update
-        self.precond_lr = precond_lr
-        self.precond_init_scale = precond_init_scale
+        self.precond_lr = _plain(precond_lr)
+        self.precond_init_scale = _plain(precond_init_scale)
         self.mu_dtype = _dtype_name(mu_dtype, "mu_dtype", None)
         self.precond_dtype = _dtype_name(precond_dtype, "precond_dtype", "float32")
         self.preconditioner_mode = preconditioner_mode
         self.whiten_grad = whiten_grad
-        self.max_skew_triangular = max_skew_triangular
+        self.max_skew_triangular = _plain(max_skew_triangular)
         self.merge_dims = merge_dims
-        self.block_size = block_size
+        self.block_size = _plain(block_size)
         self.cached = cached
         self.update_clipping = _choice(update_clipping, "update_clipping", UPDATE_CLIPPINGS)
-        self.update_clip_value = update_clip_value
+        self.update_clip_value = _plain(update_clip_value)
         self.decision_rule = _choice(decision_rule, "decision_rule", DECISION_RULES)
-        self.beta_lipschitz = beta_lipschitz
-        self.damping = damping
+        self.beta_lipschitz = _plain(beta_lipschitz)
+        self.damping = _plain(damping)
         self.damping_rule = damping_rule
         self.norm_bound = norm_bound
-        self.balance_probability = balance_probability
+        self.balance_probability = _plain(balance_probability)
         self.seed = int(seed)
         self.nonfinite = _choice(nonfinite, "nonfinite", NONFINITE_POLICIES)
         self._step_options = self._build_step_options()  # the core validates the rest
@@ -349,7 +355,9 @@ class Kron(keras.optimizers.Optimizer):
         self._slots = tuple(self._add_slots(v, plan) for v, plan in zip(var_list, self._plans))
 
     def _add_slots(self, variable: Any, plan: Plan) -> _Slots:
-        prefix = variable.path.replace("/", "_")
+        # A plain tf.Variable has no path; Keras's own optimizers name its slots by its name.
+        prefix = getattr(variable, "path", None) or str(variable.name).replace(":", "_")
+        prefix = prefix.replace("/", "_")
         options = self._step_options
         momentum = self.add_variable(
             variable.shape,

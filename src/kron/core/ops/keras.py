@@ -76,7 +76,7 @@ class KerasOps:
             from kron.core.ops import get_ops
 
             return get_ops("jax").matmul(a, b)
-        return kops.matmul(a, b)
+        return _same_dtype(kops.matmul, "matmul", a, b)
 
     def mT(self, x):
         return kops.swapaxes(x, -1, -2)
@@ -119,10 +119,10 @@ class KerasOps:
         return kops.abs(x)
 
     def maximum(self, x, y):
-        return _binary(kops.maximum, max, x, y)
+        return _binary(kops.maximum, max, "maximum", x, y)
 
     def minimum(self, x, y):
-        return _binary(kops.minimum, min, x, y)
+        return _binary(kops.minimum, min, "minimum", x, y)
 
     def clip(self, x, lo, hi):
         return kops.clip(x, lo, hi)
@@ -163,7 +163,7 @@ class KerasOps:
         return kops.take_along_axis(x, index, axis=-2)
 
 
-def _binary(tensor_fn, scalar_fn, x, y):
+def _binary(tensor_fn, scalar_fn, torch_name, x, y):
     """Elementwise max/min where either side may be a Python number. Two numbers stay a number;
     a number meeting an array is converted to the array's dtype (not to ``floatx``), so a float64
     array is compared with the full-precision number and a float32 one is not promoted."""
@@ -174,4 +174,18 @@ def _binary(tensor_fn, scalar_fn, x, y):
         y = kops.convert_to_tensor(y, dtype=keras.backend.standardize_dtype(x.dtype))
     elif x_number:
         x = kops.convert_to_tensor(x, dtype=keras.backend.standardize_dtype(y.dtype))
-    return tensor_fn(x, y)
+    return _same_dtype(tensor_fn, torch_name, x, y)
+
+
+def _same_dtype(keras_fn, torch_name, x, y):
+    """``keras_fn(x, y)``, except on the PyTorch backend for two arrays of one dtype, where
+    ``torch.<torch_name>`` runs instead: Keras's type promotion turns 64-bit dtypes into 32-bit
+    ones on every backend but TensorFlow, so ``keras.ops.matmul``, ``maximum`` and ``minimum``
+    of two float64 torch tensors compute in float32 (JAX computes in float64 when x64 is on)."""
+    if keras.backend.backend() == "torch":
+        x, y = kops.convert_to_tensor(x), kops.convert_to_tensor(y)
+        if x.dtype == y.dtype:
+            import torch
+
+            return getattr(torch, torch_name)(x, y)
+    return keras_fn(x, y)
