@@ -237,3 +237,17 @@ if keras.backend.backend() == "tensorflow":  # only TensorFlow has variables out
         optimizer.apply_gradients([(tf.ones((4, 3)), w)])
         assert float(tf.reduce_max(w)) < 1.0
         assert any(v.name.startswith("w_0_momentum") for v in optimizer.variables)
+
+
+def test_an_empty_variable_is_left_alone_as_keras_optimizers_do() -> None:
+    """A variable with no elements gets no state and no update; the others step as without it."""
+    empty, full = keras.Variable(np.zeros((0, 3), "float32")), keras.Variable(np.ones(3, "float32"))
+    alone = keras.Variable(np.ones(3, "float32"))
+    with_empty, without = Kron(learning_rate=0.01), Kron(learning_rate=0.01)
+    for _ in range(2):
+        with_empty.apply([keras.ops.zeros((0, 3)), keras.ops.ones(3)], [empty, full])
+        without.apply([keras.ops.ones(3)], [alone])
+    assert tuple(empty.shape) == (0, 3)
+    np.testing.assert_array_equal(to_numpy(full), to_numpy(alone))
+    assert not np.allclose(to_numpy(full), 1.0)
+    assert len(with_empty.variables) == len(without.variables)

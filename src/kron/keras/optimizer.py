@@ -68,6 +68,10 @@ class _Slots(NamedTuple):
     count: Any  # float32 scalar: momentum updates taken (steps with a finite gradient)
 
 
+def _size(variable: Any) -> int:
+    return math.prod(int(n) for n in variable.shape)
+
+
 def _plain(value: Any) -> Any:
     """A NumPy number as the Python number it stands for, so that ``get_config`` is plain JSON
     (Python numbers have no ``item``)."""
@@ -351,8 +355,13 @@ class Kron(keras.optimizers.Optimizer):
             (), initializer=keras.initializers.Constant(self.seed), dtype="int32", name="seed"
         )
         self._decision_counter = self.add_variable((), dtype="float32", name="decision_counter")
-        self._plans = tuple(self.plan(v) for v in var_list)
-        self._slots = tuple(self._add_slots(v, plan) for v, plan in zip(var_list, self._plans))
+        # A variable without elements has nothing to precondition or update: no plan and no
+        # slots, as Keras's own optimizers treat it (a no-op).
+        self._plans = tuple(self.plan(v) if _size(v) else None for v in var_list)
+        self._slots = tuple(
+            None if plan is None else self._add_slots(v, plan)
+            for v, plan in zip(var_list, self._plans)
+        )
 
     def _add_slots(self, variable: Any, plan: Plan) -> _Slots:
         # A plain tf.Variable has no path; Keras's own optimizers name its slots by its name.
@@ -456,6 +465,8 @@ class Kron(keras.optimizers.Optimizer):
     def update_step(self, gradient: Any, variable: Any, learning_rate: Any) -> None:
         index = self._get_variable_index(variable)
         plan, slots = self._plans[index], self._slots[index]
+        if plan is None:  # an empty variable
+            return
         grad = kops.expand_dims(kops.cast(gradient, self.precond_dtype), 0)
         finite = finite_rows(grad, OPS)[0]
         if self.nonfinite == "raise":
