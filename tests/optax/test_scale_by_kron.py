@@ -153,6 +153,48 @@ def test_a_complex_leaf_is_refused_by_name(make):
         make().init(params)
 
 
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: kron(1e-3),
+        lambda: kron(1e-3, scanned_layers={"b": False, "w": True}),  # zero layers
+        quad,
+    ],
+)
+def test_an_empty_leaf_is_refused_by_name(make):
+    """An empty leaf has nothing to precondition; it is refused at init, naming it, rather than
+    failing at the first update (a scanned one of zero layers did, with a reduction error)."""
+    params = {"b": jnp.zeros(3), "w": jnp.zeros((0, 4, 4))}
+    with pytest.raises(ValueError, match=r"empty leaf; got shape \(0, 4, 4\) at \['w'\]"):
+        make().init(params)
+
+
+@pytest.mark.parametrize("make", [lambda: kron(1e-2), quad, skew])
+def test_a_python_number_leaf_is_stepped_like_a_0d_array(make):
+    params = {"w": jnp.ones((3, 4)), "temperature": 1.0}
+    as_array = {"w": jnp.ones((3, 4)), "temperature": jnp.asarray(1.0)}
+    grads = {"w": jnp.full((3, 4), 0.5), "temperature": jnp.asarray(0.25)}
+    got, _ = make().update(grads, make().init(params), params)
+    want, _ = make().update(grads, make().init(as_array), as_array)
+    for leaf in ("w", "temperature"):
+        np.testing.assert_array_equal(got[leaf], want[leaf])
+    assert float(got["temperature"]) != 0.0
+
+
+@pytest.mark.parametrize("make", [quad, skew])
+def test_quad_and_skew_take_a_weight_decay_schedule(make):
+    """As ``kron`` and ``optax.add_decayed_weights`` do: the decay follows the schedule."""
+    params = {"w": jnp.ones((4, 3))}
+    grads = {"w": jnp.zeros((4, 3))}  # only the decay moves the parameters
+    schedule = optax.linear_schedule(1e-1, 0.0, 10)
+    tx = make(learning_rate=1.0, lr_style=None, weight_decay=schedule)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    fixed = make(learning_rate=1.0, lr_style=None, weight_decay=1e-1)
+    want, _ = fixed.update(grads, fixed.init(params), params)
+    np.testing.assert_allclose(updates["w"], want["w"], rtol=1e-6)
+    assert float(jnp.abs(updates["w"]).max()) > 0
+
+
 def test_trains_a_rotated_least_squares_problem():
     """Least squares (256 samples, 8 rotated features scaled over 1.5 decades, 4 outputs),
     300 full-batch steps. Measured loss/start: kron (lr 3e-2) 1.4e-6; optax.adam 2.9e-4 at its
@@ -263,6 +305,14 @@ def test_the_probability_schedule_gets_psgdaxs_step_number():
         (lambda: quad(b1=1.0), r"b1 must be in \[0, 1\)"),
         (lambda: kron(weight_decay=-0.1), "weight_decay must be >= 0; got -0.1"),
         (lambda: skew(weight_decay=-0.1), "weight_decay must be >= 0; got -0.1"),
+        # Strings and None would be read as truth values ("no" turning an option on).
+        (lambda: kron(track_lipschitz="no"), "track_lipschitz must be True or False; got 'no'"),
+        (lambda: kron(cached="maybe"), "cached must be True, False or None; got 'maybe'"),
+        (lambda: scale_by_kron(whiten_grad=None), "whiten_grad must be True or False; got None"),
+        (
+            lambda: scale_by_kron(lax_map_scanned_layers="yes"),
+            "lax_map_scanned_layers must be True or False",
+        ),
     ],
 )
 def test_bad_options_are_named_as_the_caller_spelled_them(make, message):

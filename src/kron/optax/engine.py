@@ -231,10 +231,20 @@ class _NoContext:
         return None
 
 
-def _reject_complex(params: Any) -> None:
-    """Complex leaves would lose their imaginary part in the real-valued fit, so they are refused
-    by name rather than stepped wrongly."""
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+def _check_leaves(params: Any, flags: list[bool]) -> None:
+    """Refuse by name the leaves the fit cannot take: complex ones would lose their imaginary
+    part in the real-valued fit, and empty ones (a scanned leaf of zero layers too) have
+    nothing to precondition."""
+    for (path, leaf), scanned in zip(jax.tree_util.tree_flatten_with_path(params)[0], flags):
+        shape = jnp.shape(leaf)
+        if 0 in shape:
+            raise ValueError(
+                f"kron.optax cannot precondition an empty leaf; got shape {shape} at "
+                f"{jax.tree_util.keystr(path) or 'the root'}"
+                f"{' (scanned: zero layers)' if scanned and shape[0] == 0 else ''}. Leave it "
+                "out with optax.masked, or step it with another transformation "
+                "(optax.multi_transform)."
+            )
         if jnp.iscomplexobj(leaf):
             raise ValueError(
                 f"kron.optax does not support complex parameters; got {jnp.result_type(leaf)} "
@@ -263,11 +273,11 @@ def build(config: EngineConfig) -> optax.GradientTransformationExtraArgs:
 
     def init_fn(params: Any) -> KronState:
         check_mesh(axis, config.block_axis_size)
-        _reject_complex(params)
+        flags = scanned_flags(config.scanned_layers, params)
+        _check_leaves(params, flags)
         leaves, treedef = jax.tree.flatten(params)
-        layouts = leaf_layouts(
-            leaves, scanned_flags(config.scanned_layers, params), config.step.layout
-        )
+        leaves = [jnp.asarray(x) for x in leaves]  # a Python number is a leaf too
+        layouts = leaf_layouts(leaves, flags, config.step.layout)
         scale = 1.0 if config.init_scale is None else config.init_scale
         if stacked:
             shapes = [(s.plan, s.rows) for s in stacks_of(layouts, config.row_multiple)]

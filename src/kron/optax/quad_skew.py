@@ -189,7 +189,7 @@ def _full_optimizer(
     weight_decay_mask = options.pop("weight_decay_mask")
     require_option("weight_decay", weight_decay, lambda v: v >= 0, ">= 0")
     parts = [scale_by(**options)]
-    if weight_decay > 0:
+    if weight_decay:  # a number > 0 or a schedule, as optax.add_decayed_weights takes
         parts.append(optax.add_decayed_weights(weight_decay, weight_decay_mask))
     parts.append(optax.scale_by_learning_rate(learning_rate))
     return optax.chain(*parts)
@@ -213,8 +213,8 @@ def quad(
     params_partition_specs: Any = None,
     noise_scale: float = 1e-9,
 ) -> optax.GradientTransformationExtraArgs:
-    """``chain(scale_by_quad(...), add_decayed_weights(weight_decay, weight_decay_mask) if
-    weight_decay > 0, scale_by_learning_rate(learning_rate))``. ``learning_rate`` is a float or
+    """``chain(scale_by_quad(...), add_decayed_weights(weight_decay, weight_decay_mask) unless
+    weight_decay is 0, scale_by_learning_rate(learning_rate))``. ``learning_rate`` is a float or
     an optax schedule; the other options are :func:`scale_by_quad`'s."""
     return _full_optimizer(scale_by_quad, dict(locals()))
 

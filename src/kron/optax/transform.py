@@ -21,6 +21,7 @@ from kron.core import (
     exponential_schedule,
     get_ops,
 )
+from kron.core.option_types import check_option_types
 from kron.optax.engine import EngineConfig, build, require_option
 
 
@@ -112,6 +113,17 @@ def scale_by_kron(
                 f"seed={seed!r}, key={key!r})."
             )
         seed = key
+    # A string or None would be taken as its truth value ("no" switching an option on).
+    check_option_types(
+        numbers={},
+        optional_numbers={},
+        flags=dict(
+            whiten_grad=whiten_grad,
+            lax_map_scanned_layers=lax_map_scanned_layers,
+            track_lipschitz=track_lipschitz,
+        ),
+        optional_flags=dict(cached=cached),
+    )
     if not whiten_grad and b1 <= 0:
         raise ValueError(f"whiten_grad=False whitens the momentum and needs b1 > 0; got {b1!r}.")
     # The core's records check these too, under their own names; these name psgdax's.
