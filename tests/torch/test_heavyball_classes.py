@@ -330,3 +330,21 @@ def test_pickling_keeps_the_default_schedule_and_consume_grad():
             assert copied._decide(gi, group).probability == pytest.approx(
                 heavyball_schedule()(2000)
             )
+
+
+def test_a_groups_own_values_follow_the_class_rules():
+    """In a param group, as in the constructor: None takes the class's ``delayed``, ``cached``
+    and ``exp_avg_input``, and a geometry other than EQ keeps its factors square."""
+    a, b = nn.Parameter(torch.randn(4, 4)), nn.Parameter(torch.randn(4, 4))
+    opt = ForeachCachedDelayedPSGDKron(
+        [
+            {"params": [a], "preconditioner_mode": "QEQ"},
+            {"params": [b], "delayed": None, "cached": None, "exp_avg_input": None},
+        ]
+    )
+    first, second = opt.param_groups
+    assert first["preconditioner_mode"] == "QEQ" and first["store_triu_as_line"] is False
+    assert (second["delayed"], second["cached"], second["exp_avg_input"]) == (True, True, True)
+    a.grad, b.grad = torch.randn(4, 4), torch.randn(4, 4)
+    opt.step()
+    assert opt.state[a]["factors"][0].shape == (1, 4, 4)  # square, not a line of 10

@@ -144,6 +144,19 @@ class ForeachPSGDKron(Kron):
             **kron_options,
         )
 
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """As :meth:`Kron.add_param_group`, with the class's rules for a group's own values:
+        ``delayed``, ``cached`` and ``exp_avg_input`` given as None or ``USE_DEFAULT`` take the
+        class's value, and a geometry other than EQ stores its factors square unless the group
+        says otherwise (as the constructor does)."""
+        group = dict(param_group)
+        for name in ("delayed", "cached", "exp_avg_input"):
+            if name in group and group[name] in (None, USE_DEFAULT):
+                group[name] = getattr(self, name)
+        if group.get("preconditioner_mode", "EQ") != "EQ":  # only EQ's factors are triangular
+            group.setdefault("store_triu_as_line", False)
+        super().add_param_group(group)
+
     def _step_all(self, decisions, probes, hvps) -> None:
         super()._step_all(decisions, probes, hvps)
         if self.consume_grad:
