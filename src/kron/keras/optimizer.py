@@ -684,8 +684,10 @@ def _check_ranges(
     """ValueError naming the option and the value for anything out of range."""
     if not max_size_triangular >= 1:
         raise ValueError(f"max_size_triangular must be >= 1; got {max_size_triangular!r}.")
-    if not min_ndim_triangular >= 0:
-        raise ValueError(f"min_ndim_triangular must be >= 0; got {min_ndim_triangular!r}.")
+    if not (min_ndim_triangular >= 0 and float(min_ndim_triangular).is_integer()):
+        raise ValueError(
+            f"min_ndim_triangular must be a whole number >= 0; got {min_ndim_triangular!r}."
+        )
     if not max_skew_triangular >= 0:
         raise ValueError(f"max_skew_triangular must be >= 0; got {max_skew_triangular!r}.")
     if not 0 <= b1 < 1:
@@ -703,8 +705,8 @@ def _check_ranges(
         )
     if not 0 <= balance_probability <= 1:
         raise ValueError(f"balance_probability must be in [0, 1]; got {balance_probability!r}.")
-    if not update_clip_value > 0:
-        raise ValueError(f"update_clip_value must be > 0; got {update_clip_value!r}.")
+    if not (update_clip_value > 0 and math.isfinite(update_clip_value)):
+        raise ValueError(f"update_clip_value must be finite and > 0; got {update_clip_value!r}.")
     if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
         raise ValueError(f"seed must be an int in [0, {native.MAX_SEED}]; got {seed!r}.")
     if not 0 <= seed <= native.MAX_SEED:
