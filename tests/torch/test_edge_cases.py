@@ -534,3 +534,32 @@ def test_a_compiled_clipping_callable_serves_many_shapes_and_dtypes():
     for p, b in zip(params, before):
         # An update of L2 norm at most 1 (heavyball's clip_at) times lr 3e-3.
         assert (p.detach().float() - b.float()).norm() <= 3e-3 * 1.01
+
+
+@pytest.mark.parametrize("change", [dict(block_size=2), dict(merge_dims=True)])
+def test_a_layout_option_changed_after_the_first_step_is_named(change):
+    p = nn.Parameter(torch.randn(2, 3, 4))
+    opt = Kron([p])
+    p.grad = torch.randn(2, 3, 4)
+    opt.step()
+    opt.param_groups[0].update(change)
+    before = p.detach().clone()
+    with pytest.raises(ValueError, match="cannot change after a parameter's first step"):
+        opt.step()
+    assert torch.equal(p.detach(), before)
+
+
+def test_mars_switched_on_after_the_first_step_starts_from_a_zero_previous_gradient():
+    """As a parameter first stepped with ``mars=True`` would: the correction of its first MARS
+    step uses a zero previous gradient."""
+    gen = torch.Generator().manual_seed(0)
+    grads = [torch.randn(3, 3, generator=gen) for _ in range(2)]
+    p = nn.Parameter(torch.ones(3, 3))
+    opt = Kron([p], preconditioner_update_probability=1.0)
+    p.grad = grads[0].clone()
+    opt.step()
+    opt.param_groups[0]["mars"] = True
+    p.grad = grads[1].clone()
+    opt.step()
+    assert torch.equal(opt.state[p]["previous_grad"], grads[1])
+    assert torch.isfinite(p).all()

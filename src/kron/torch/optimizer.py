@@ -633,10 +633,14 @@ class Kron(torch.optim.Optimizer):
         grads, finite, all_finite = self._gather_gradients(gi, group, params, states, dtype)
         clipped_grads = grads  # what MARS remembers as the previous gradient
         if group["mars"]:
+            for p, s in zip(params, states):  # mars switched on after the first step: as at init
+                if "previous_grad" not in s:
+                    s["previous_grad"] = torch.zeros_like(p, dtype=s["momentum"].dtype)
             previous = stack([s["previous_grad"] for s in states]).to(dtype)
             grads = mars_correction(grads, previous, group["b1"], group["mars_gamma"], OPS)
         if group["weight_decay"] and not group["decoupled_weight_decay"]:
             grads = grads + group["weight_decay"] * stack([p.detach() for p in params]).to(dtype)
+        _check_layout(gi, members[0][0], plan, states[0]["factors"])
         bucket = (gi, tuple(plan.shape), dtype, grads.device)
         indices = tuple(index for index, _ in members)
         old = unpack_triangles(
@@ -891,6 +895,25 @@ class Kron(torch.optim.Optimizer):
                 del group[key]
         state["seed"] = self.seed
         return state
+
+
+def _check_layout(gi: int, index: int, plan: Any, factors: list[torch.Tensor]) -> None:
+    """``ValueError`` when a parameter's factors were made for another layout than ``plan``,
+    the group's options now give (a layout option changed after the first step)."""
+    found = [tuple(f.shape) for f in factors]
+    blocks = plan.num_blocks
+    fits = len(found) == plan.order and all(
+        shape in ((blocks, n, n), (blocks, n * (n + 1) // 2)) if dense else shape == (blocks, n)
+        for shape, n, dense in zip(found, plan.block_shape, plan.dense)
+    )
+    if not fits:
+        raise ValueError(
+            f"The factors of parameter {index} of group {gi} have shapes {found}, made for "
+            f"another layout than the group's options now give ({blocks} block(s) of "
+            f"{plan.block_shape}, dense axes {plan.dense}). Options that set the layout "
+            "(block_size, split, merge_dims, max_size_triangular, min_ndim_triangular, "
+            "memory_save_mode, max_skew) cannot change after a parameter's first step."
+        )
 
 
 def _check_is_kron_state(saved: dict[Any, Any], groups: list[dict[str, Any]]) -> None:
