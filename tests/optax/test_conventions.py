@@ -11,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 
-from kron.optax import kron, quad, scale_by_kron, static_args
+from kron.optax import kron, quad, scale_by_kron, skew, static_args
 
 PARAMS = {"w": jnp.zeros((6, 4)), "b": jnp.zeros(4)}
 
@@ -168,6 +168,15 @@ def test_inject_hyperparams_changes_the_learning_rate_in_the_state(factory):
     for a, b in zip(jax.tree.leaves(full_updates), jax.tree.leaves(half_updates)):
         np.testing.assert_allclose(b, 0.5 * a, rtol=1e-2 if factory is quad else 1e-6)
         assert float(jnp.abs(a).max()) > 0
+
+
+@pytest.mark.parametrize("factory", [kron, quad, skew], ids=["kron", "quad", "skew"])
+def test_inject_hyperparams_without_static_args_says_what_to_pass(factory):
+    """Without ``static_args`` every numeric option arrives as an array, and the structural ones
+    cannot be; the error names the fix."""
+    tx = optax.inject_hyperparams(factory)(learning_rate=1e-2)
+    with pytest.raises(ValueError, match=r"static_args=kron\.optax\.static_args\(kron\)"):
+        tx.init(PARAMS)
 
 
 @pytest.mark.parametrize(

@@ -84,6 +84,14 @@ SUBSPACE_PROBES = 32
 PRECONDITIONER_TYPES = ("whitening", "newton")
 
 
+# What a static option arriving as a 0-d array usually means.
+INJECTED_HINT = (
+    " optax.inject_hyperparams hands every numeric option over as an array unless it is "
+    "static: optax.inject_hyperparams(kron, static_args=kron.optax.static_args(kron)) (the "
+    "same for quad and skew)."
+)
+
+
 def _seed_or_key_data(seed: Any) -> int | tuple[int, ...]:
     """An int seed as an int; a JAX PRNG key (psgdax passes one as ``key``) as the ints of its
     raw key data, so the frozen config stays hashable; ``ValueError`` for anything else."""
@@ -94,7 +102,8 @@ def _seed_or_key_data(seed: Any) -> int | tuple[int, ...]:
             seed = jax.random.key_data(seed)
         if seed.shape == (2,) and seed.dtype == np.uint32:
             return tuple(int(word) for word in np.asarray(seed))
-    raise ValueError(f"seed must be an int or a JAX PRNG key (psgdax's key); got {seed!r}.")
+    hint = INJECTED_HINT if isinstance(seed, jax.Array) and seed.ndim == 0 else ""
+    raise ValueError(f"seed must be an int or a JAX PRNG key (psgdax's key); got {seed!r}.{hint}")
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import optax
 
 from kron.core import FitOptions, LayoutOptions, StepOptions
-from kron.optax.engine import EngineConfig, build, require_option
+from kron.optax.engine import INJECTED_HINT, EngineConfig, build, require_option
 from kron.optax.sharding import chain_state_specs, param_specs
 
 LR_STYLES = ("adam", None)
@@ -80,6 +80,8 @@ def _scale_by_white_kron(
     # The core's records check these too, under their own names; these name eformer's.
     require_option("b1", b1, lambda v: 0 <= v < 1, "in [0, 1)")
     require_option("max_size_dense", max_size_dense, lambda v: v >= 1, ">= 1")
+    if isinstance(block_size, jax.Array):
+        raise ValueError(f"block_size must be an int; got {block_size!r}.{INJECTED_HINT}")
     require_option("block_size", block_size, lambda v: v >= 1, ">= 1")
     require_option("noise_scale", noise_scale, lambda v: v >= 0, ">= 0")
     require_option("preconditioner_lr", preconditioner_lr, lambda v: v > 0, "> 0")
