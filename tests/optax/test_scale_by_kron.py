@@ -313,6 +313,9 @@ def test_the_probability_schedule_gets_psgdaxs_step_number():
             lambda: scale_by_kron(lax_map_scanned_layers="yes"),
             "lax_map_scanned_layers must be True or False",
         ),
+        # Refused by JAX only inside the first update, without the option's name.
+        (lambda: kron(precond_update_precision="bogus"), "precond_update_precision: .*bogus"),
+        (lambda: scale_by_kron(precond_grads_precision="fast"), "precond_grads_precision: "),
     ],
 )
 def test_bad_options_are_named_as_the_caller_spelled_them(make, message):

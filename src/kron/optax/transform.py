@@ -124,6 +124,11 @@ def scale_by_kron(
         ),
         optional_flags=dict(cached=cached),
     )
+    for name, precision in (
+        ("precond_update_precision", precond_update_precision),
+        ("precond_grads_precision", precond_grads_precision),
+    ):
+        _check_precision(name, precision)
     if not whiten_grad and b1 <= 0:
         raise ValueError(f"whiten_grad=False whitens the momentum and needs b1 > 0; got {b1!r}.")
     # The core's records check these too, under their own names; these name psgdax's.
@@ -185,5 +190,17 @@ def scale_by_kron(
     )
     return build(config)
 
+
+
+def _check_precision(name: str, precision: Any) -> None:
+    """``ValueError`` naming option ``name`` now, for a value ``jax.default_matmul_precision``
+    would refuse only inside the first update."""
+    if precision is None:
+        return
+    try:
+        with jax.default_matmul_precision(precision):
+            pass
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"{name}: {error}") from None
 
 __all__ = ["scale_by_kron"]
