@@ -101,6 +101,27 @@ def test_a_resumed_run_keeps_its_seed_whatever_the_new_optimizer_was_given():
         assert torch.equal(a, b)
 
 
+def test_numpy_numbers_as_options_keep_the_checkpoint_readable_with_weights_only():
+    """Values from a NumPy sweep are stored as Python numbers (``torch.load(weights_only=True)``
+    refuses NumPy scalars), with the same run as the Python numbers give."""
+    import numpy as np
+
+    runs = []
+    for number in (np.float32, float):
+        model = make_model()
+        opt = Kron(model.parameters(), lr=number(1e-2), b1=number(0.5))
+        opt.add_param_group({"params": [nn.Parameter(torch.ones(2))], "weight_decay": number(0.1)})
+        train(model, opt, 3)
+        buffer = io.BytesIO()
+        torch.save(opt.state_dict(), buffer)
+        buffer.seek(0)
+        saved = torch.load(buffer, weights_only=True)
+        assert type(saved["param_groups"][0]["lr"]) is float
+        runs.append(snapshot(model))
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
+
+
 def test_another_optimizers_state_dict_is_refused_by_name():
     """Adam's state (or kron_torch's) would load and fail on the first step with a KeyError;
     it is refused at once, naming the parameter and pointing to the kron_torch converter."""

@@ -17,6 +17,13 @@ def is_real_number(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+def as_python_number(value: Any) -> Any:
+    """A NumPy number as the Python number it stands for; anything else as it is. Options are
+    stored this way so that configs serialise as plain JSON and checkpoints load with
+    ``torch.load(weights_only=True)``."""
+    return value.item() if isinstance(value, numbers.Number) and hasattr(value, "item") else value
+
+
 def check_option_types(
     *,
     numbers: Mapping[str, Any],
@@ -40,4 +47,4 @@ def check_option_types(
                 raise ValueError(f"{name} must be {accepted}; got {value!r}.")
 
 
-__all__ = ["check_option_types", "is_real_number"]
+__all__ = ["as_python_number", "check_option_types", "is_real_number"]

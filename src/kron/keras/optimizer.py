@@ -45,7 +45,7 @@ from kron.core import (
     make_plan,
     scale_from_moments,
 )
-from kron.core.option_types import check_option_types, is_real_number
+from kron.core.option_types import as_python_number, check_option_types, is_real_number
 from kron.keras import native
 from kron.keras.schedules import UpdateProbability
 
@@ -70,12 +70,6 @@ class _Slots(NamedTuple):
 
 def _size(variable: Any) -> int:
     return math.prod(int(n) for n in variable.shape)
-
-
-def _plain(value: Any) -> Any:
-    """A NumPy number as the Python number it stands for, so that ``get_config`` is plain JSON
-    (Python numbers have no ``item``)."""
-    return value.item() if isinstance(value, numbers.Number) and hasattr(value, "item") else value
 
 
 def _dtype_name(value: Any, name: str, default: str | None) -> str | None:
@@ -261,34 +255,34 @@ class Kron(keras.optimizers.Optimizer):
             probability=preconditioner_update_probability,
         )
         self.decoupled_weight_decay = decoupled_weight_decay
-        self.b1 = _plain(b1)
+        self.b1 = as_python_number(b1)
         self.preconditioner_update_probability = (
             float(preconditioner_update_probability)
             if is_real_number(preconditioner_update_probability)
             else preconditioner_update_probability
         )
-        self.max_size_triangular = _plain(max_size_triangular)
-        self.min_ndim_triangular = _plain(min_ndim_triangular)
+        self.max_size_triangular = as_python_number(max_size_triangular)
+        self.min_ndim_triangular = as_python_number(min_ndim_triangular)
         self.memory_save_mode = memory_save_mode
         self.momentum_into_precond_update = momentum_into_precond_update
-        self.precond_lr = _plain(precond_lr)
-        self.precond_init_scale = _plain(precond_init_scale)
+        self.precond_lr = as_python_number(precond_lr)
+        self.precond_init_scale = as_python_number(precond_init_scale)
         self.mu_dtype = _dtype_name(mu_dtype, "mu_dtype", None)
         self.precond_dtype = _dtype_name(precond_dtype, "precond_dtype", "float32")
         self.preconditioner_mode = preconditioner_mode
         self.whiten_grad = whiten_grad
-        self.max_skew_triangular = _plain(max_skew_triangular)
+        self.max_skew_triangular = as_python_number(max_skew_triangular)
         self.merge_dims = merge_dims
-        self.block_size = _plain(block_size)
+        self.block_size = as_python_number(block_size)
         self.cached = cached
         self.update_clipping = _choice(update_clipping, "update_clipping", UPDATE_CLIPPINGS)
-        self.update_clip_value = _plain(update_clip_value)
+        self.update_clip_value = as_python_number(update_clip_value)
         self.decision_rule = _choice(decision_rule, "decision_rule", DECISION_RULES)
-        self.beta_lipschitz = _plain(beta_lipschitz)
-        self.damping = _plain(damping)
+        self.beta_lipschitz = as_python_number(beta_lipschitz)
+        self.damping = as_python_number(damping)
         self.damping_rule = damping_rule
         self.norm_bound = norm_bound
-        self.balance_probability = _plain(balance_probability)
+        self.balance_probability = as_python_number(balance_probability)
         self.seed = int(seed)
         self.nonfinite = _choice(nonfinite, "nonfinite", NONFINITE_POLICIES)
         self._step_options = self._build_step_options()  # the core validates the rest

@@ -191,7 +191,6 @@ def scale_by_kron(
     return build(config)
 
 
-
 def _check_precision(name: str, precision: Any) -> None:
     """``ValueError`` naming option ``name`` now, for a value ``jax.default_matmul_precision``
     would refuse only inside the first update."""
@@ -202,5 +201,6 @@ def _check_precision(name: str, precision: Any) -> None:
             pass
     except (ValueError, TypeError) as error:
         raise ValueError(f"{name}: {error}") from None
+
 
 __all__ = ["scale_by_kron"]

@@ -43,6 +43,7 @@ from kron.core import (
     scale_from_moments,
     select_state,
 )
+from kron.core.option_types import as_python_number
 from kron.torch.functional import (
     OPS,
     Streams,
@@ -282,6 +283,7 @@ class Kron(torch.optim.Optimizer):
             raise ValueError(f"stack_params must be True or False; got {stack_params!r}.")
         if compile is not None and not isinstance(compile, bool):
             raise ValueError(f"compile must be True, False or None; got {compile!r}.")
+        defaults = {k: as_python_number(v) for k, v in defaults.items()}
         self.seed = int(seed)
         self.nonfinite = nonfinite
         self.stack_params = stack_params
@@ -339,7 +341,9 @@ class Kron(torch.optim.Optimizer):
                     f"Kron does not support sparse parameters (parameter {index} of the new "
                     f"group, shape {tuple(p.shape)}); accepted: dense tensors."
                 )
-        param_group = {**param_group, "params": params}
+        # NumPy numbers are kept as Python ones: torch.load(weights_only=True) reads no others.
+        param_group = {k: as_python_number(v) for k, v in param_group.items()}
+        param_group["params"] = params
         self._validate({**self.defaults, **param_group})
         super().add_param_group(param_group)
         group = self.param_groups[-1]
