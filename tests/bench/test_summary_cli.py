@@ -294,3 +294,37 @@ def test_report_without_records_stops_and_keeps_the_summary(tmp_path):
     with pytest.raises(SystemExit, match="holds no record of this command's runs"):
         main([*base, "--seeds", "5,", "--out", str(tmp_path), "--report"])
     assert (tmp_path / "summary.md").read_text() == before
+
+
+def _histories(out):
+    """Record file → the run's history without its timings."""
+    found = {}
+    for path in (out / "runs").glob("*/*.json"):
+        history = records.load(path)["history"]
+        del history["seconds"]
+        found[path.relative_to(out)] = history
+    return found
+
+
+def test_jobs_run_the_same_sweep_as_one_process(tmp_path, capsys):
+    """``--jobs 2`` spreads the runs over worker processes: the same runs (the sweep's best lr
+    chosen on seed 0 before the later seeds start), the same metrics, the same table; a second
+    invocation resumes every run."""
+    args = ["bench", "--task", "deep_linear", "--optimizer", "kron_lr", "adamw"]
+    args += ["--steps", "30", "--seeds", "2"]
+    assert main([*args, "--out", str(tmp_path / "one")]) == 0
+    alone = capsys.readouterr().out
+    assert main([*args, "--out", str(tmp_path / "two"), "--jobs", "2"]) == 0
+    spread = capsys.readouterr().out
+    assert _histories(tmp_path / "two") == _histories(tmp_path / "one")
+    assert len(_histories(tmp_path / "one")) == 2 * (3 + 1)
+
+    def table(printed):  # without the seconds column, which differs between runs
+        rows = [line.split("|") for line in printed.splitlines() if line.startswith("| deep")]
+        return [row[:7] + row[8:] for row in rows]
+
+    assert table(spread) == table(alone) and table(alone)
+    runs = sorted((tmp_path / "two" / "runs").glob("*/*.json"))
+    stamps = [p.stat().st_mtime_ns for p in runs]
+    assert main([*args, "--out", str(tmp_path / "two"), "--jobs", "2"]) == 0
+    assert [p.stat().st_mtime_ns for p in runs] == stamps

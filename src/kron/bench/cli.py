@@ -76,6 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="torch threads per run (default 1: deterministic and fair on a shared CPU)",
     )
     bench.add_argument(
+        "--jobs",
+        type=positive_int,
+        default=1,
+        help="runs at a time, each in its own process (default 1); give at most the CPU "
+        "cores divided by --threads, or the runs slow each other down",
+    )
+    bench.add_argument(
         "--report",
         action="store_true",
         help="run nothing: rebuild summary.md and the plots from the plan's records in --out",
@@ -100,7 +107,7 @@ def positive_float(text: str) -> float:
 
 
 def positive_int(text: str) -> int:
-    """``--steps``, ``--threads``: a whole number ≥ 1."""
+    """``--steps``, ``--threads``, ``--jobs``: a whole number ≥ 1."""
     try:
         value = int(text)
     except ValueError:
@@ -262,7 +269,7 @@ def bench(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     # Exactly this plan's records (run now or resumed), so other tiers' records in the same
     # folder never mix in; a plan can be assembled from several interrupted invocations.
-    all_records = execute(entries, args.out, args.threads, report_only=args.report)
+    all_records = execute(entries, args.out, args.threads, report_only=args.report, jobs=args.jobs)
     if not all_records:
         # An empty summary would overwrite the folder's last one and sit beside its old plots.
         raise SystemExit(

@@ -1,19 +1,23 @@
 """Executing a plan: tasks × optimizers × seeds with the sweep protocol, a rich progress bar per
-run, and resume (records already on disk with the same config are reused, not rerun)."""
+run, resume (records already on disk with the same config are reused, not rerun), and runs spread
+over worker processes (``jobs``)."""
 
 from __future__ import annotations
 
+import multiprocessing
 from collections.abc import Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
+from queue import Empty
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from .optimizers import OptimizerSpec, lr_label
+from .optimizers import OptimizerSpec, get_optimizer, lr_label
 from .records import Record
 from .runner import RunConfig, reusable, run_or_load, score
-from .tasks import Task
+from .tasks import Task, get_task
 
 
 @dataclass(frozen=True)
@@ -36,88 +40,227 @@ def learning_rates(spec: OptimizerSpec, task: Task, sweep: bool) -> tuple[float 
     return grid if sweep else (grid[len(grid) // 2],)
 
 
+@dataclass(frozen=True)
+class Sweep:
+    """The runs of one optimizer on one entry, in two rounds: :meth:`first_runs`, then, once
+    their records are in, :meth:`later_runs` (the best learning rate on the remaining seeds)."""
+
+    entry: Entry
+    spec: OptimizerSpec
+
+    def first_runs(self) -> list[RunConfig]:
+        """Every learning rate of the sweep on the first seed; with ``lrs``, every run."""
+        task, steps, seeds = self.entry.task, self.entry.steps, self.entry.seeds
+        if self.entry.lrs:
+            return [
+                RunConfig(task, self.spec, lr, s, steps) for lr in self.entry.lrs for s in seeds
+            ]
+        lrs = learning_rates(self.spec, task, self.entry.sweep)
+        return [RunConfig(task, self.spec, lr, seeds[0], steps) for lr in lrs]
+
+    def later_runs(self, first: Sequence[Record]) -> list[RunConfig]:
+        """The remaining seeds at the learning rate that scored best (``runner.score``) in
+        ``first``, the records of :meth:`first_runs`."""
+        if self.entry.lrs or not first:
+            return []
+        best = min(first, key=lambda r: (score(r), str(r["config"]["lr"])))
+        lr, task, steps = best["config"]["lr"], self.entry.task, self.entry.steps
+        return [RunConfig(task, self.spec, lr, s, steps) for s in self.entry.seeds[1:]]
+
+
+def _name(config: RunConfig) -> str:
+    return f"{config.task.name} {config.optimizer.name} lr={lr_label(config.lr)} seed={config.seed}"
+
+
 def execute(
     entries: Sequence[Entry],
     out: Path,
     threads: int = 1,
     console: Console | None = None,
     report_only: bool = False,
+    jobs: int = 1,
 ) -> list[Record]:
-    """Run (or reuse) every run of the plan and return all their records.
+    """Run (or reuse) every run of the plan and return all their records, in plan order.
 
     Sweep protocol per (task, optimizer): every learning rate on the first seed, then the best
     (``runner.score``) on the remaining seeds; entries with ``sweep`` off use the grid's middle,
-    and entries with ``lrs`` run each of them on every seed. With ``report_only`` nothing runs:
-    the plan's records are taken from ``out`` where they match (``runner.reusable``), and the
-    runs without one are listed on ``console``.
+    and entries with ``lrs`` run each of them on every seed. ``jobs`` > 1 runs that many at a
+    time, each in its own process (with ``threads`` torch threads), a sweep's later seeds
+    starting as soon as its first round is in. With ``report_only`` nothing runs: the plan's
+    records are taken from ``out`` where they match (``runner.reusable``), and the runs without
+    one are listed on ``console``.
     """
-    console = console or Console(stderr=True)
-    done: list[Record] = []
-    missing: list[str] = []
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
+    # soft_wrap: a finished run's line stays one line in a log file
+    console = console or Console(stderr=True, soft_wrap=True)
+    sweeps = [Sweep(entry, spec) for entry in entries for spec in entry.optimizers]
+    if not report_only:
+        columns = (
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+        )
+        with Progress(*columns, console=console) as progress:
+            shown = _Shown(progress, console)
+            if jobs == 1:
+                _run_here(sweeps, out, threads, shown)
+            else:
+                _run_in_workers(sweeps, out, threads, jobs, shown)
+    return _collect(sweeps, out, threads, console)
+
+
+class _Shown:
+    """A progress bar per run while it runs, then one line saying how it ended."""
+
+    def __init__(self, progress: Progress, console: Console) -> None:
+        self.progress, self.console = progress, console
+        self.waiting: set[int] = set()  # bars whose run has not started yet
+
+    def start(self, config: RunConfig, started: bool = True) -> int:
+        """A bar for ``config``; its clock starts now, or with :meth:`step` if not ``started``
+        (a run queued for a worker)."""
+        bar = self.progress.add_task(_name(config), total=config.steps, start=started)
+        if not started:
+            self.waiting.add(bar)
+        return bar
+
+    def step(self, bar: int, step: int) -> None:
+        if bar in self.waiting:
+            self.waiting.discard(bar)
+            self.progress.start_task(bar)
+        self.progress.update(bar, completed=step)
+
+    def finish(self, bar: int, config: RunConfig, record: Record, reused: bool, moved) -> None:
+        name = _name(config)
+        if moved is not None:
+            self.console.print(f"{name}: the record there did not match this run; kept as {moved}")
+        # Finished runs leave the live display, which would otherwise grow by one bar per run
+        # (some 200 in the standard plan), and become one line above it.
+        self.progress.remove_task(bar)
+        result = record["outcome"]
+        status = "resumed" if reused else record["status"]
+        self.console.print(
+            f"{name} ({status}): final {result['final']:.4g}, "
+            f"success {result['success']}, {record['wall_seconds']:.1f} s"
+        )
+
+
+def _run_here(sweeps: Sequence[Sweep], out: Path, threads: int, shown: _Shown) -> None:
+    """Every run in this process, one after another, in plan order."""
+
+    def one(config: RunConfig) -> Record:
+        bar = shown.start(config)
+        moved: list[Path] = []
+        record, reused = run_or_load(
+            config,
+            out,
+            threads,
+            lambda step: shown.step(bar, step),
+            moved.append,
+        )
+        shown.finish(bar, config, record, reused, moved[0] if moved else None)
+        return record
+
+    for sweep in sweeps:
+        first = [one(config) for config in sweep.first_runs()]
+        for config in sweep.later_runs(first):
+            one(config)
+
+
+def _run_in_workers(
+    sweeps: Sequence[Sweep], out: Path, threads: int, jobs: int, shown: _Shown
+) -> None:
+    """The runs on ``jobs`` worker processes. Workers are spawned, not forked: a fork would
+    copy this process's torch and OpenMP thread state, which is not safe to inherit."""
+    context = multiprocessing.get_context("spawn")
+    with context.Manager() as manager, ProcessPoolExecutor(jobs, mp_context=context) as pool:
+        steps_done = manager.Queue()  # (bar, step) from the workers
+        running: dict[Future, tuple[int, int | None, RunConfig, int]] = {}
+        first_records: list[list[Record | None]] = []
+
+        def submit(index: int, position: int | None, config: RunConfig) -> None:
+            bar = shown.start(config, started=False)
+            future = pool.submit(_run_in_worker, _portable(config), out, threads, steps_done, bar)
+            running[future] = (index, position, config, bar)
+
+        for index, sweep in enumerate(sweeps):
+            configs = sweep.first_runs()
+            first_records.append([None] * len(configs))
+            for position, config in enumerate(configs):
+                submit(index, position, config)
+        try:
+            while running:
+                finished, _ = wait(running, timeout=0.2, return_when=FIRST_COMPLETED)
+                _show_steps(steps_done, shown)
+                for future in finished:
+                    index, position, config, bar = running.pop(future)
+                    record, reused, moved = future.result()
+                    shown.finish(bar, config, record, reused, moved)
+                    if position is None:
+                        continue
+                    first_records[index][position] = record
+                    if all(r is not None for r in first_records[index]):
+                        for later in sweeps[index].later_runs(first_records[index]):
+                            submit(index, None, later)
+        except BaseException:
+            pool.shutdown(cancel_futures=True)
+            raise
+
+
+def _show_steps(steps_done, shown: _Shown) -> None:
+    while True:
+        try:
+            bar, step = steps_done.get_nowait()
+        except Empty:
+            return
+        if bar in shown.progress.task_ids:  # not a late message from a finished run
+            shown.step(bar, step)
+
+
+def _portable(config: RunConfig) -> tuple:
+    """``config`` by name, for a worker process (specs hold functions that do not pickle)."""
+    return (config.task.name, config.optimizer.name, config.lr, config.seed, config.steps)
+
+
+def _run_in_worker(
+    portable: tuple, out: Path, threads: int, steps_done, bar: int
+) -> tuple[Record, bool, Path | None]:
+    """``run_or_load`` in a worker process: ``(record, was_reused, set-aside path or None)``."""
+    task, optimizer, lr, seed, steps = portable
+    config = RunConfig(get_task(task), get_optimizer(optimizer), lr, seed, steps)
+    moved: list[Path] = []
+    steps_done.put((bar, 0))  # starts the bar's clock
+    record, reused = run_or_load(
+        config, out, threads, lambda step: steps_done.put((bar, step)), moved.append
     )
-    with Progress(*columns, console=console, disable=report_only) as progress:
+    return record, reused, moved[0] if moved else None
 
-        def one(config: RunConfig) -> Record | None:
-            name = (
-                f"{config.task.name} {config.optimizer.name} lr={lr_label(config.lr)} "
-                f"seed={config.seed}"
-            )
-            if report_only:
-                record = reusable(config, out, threads)
-                if record is None:
-                    missing.append(name)
-                else:
-                    done.append(record)
-                return record
-            bar = progress.add_task(name, total=config.steps)
-            record, reused = run_or_load(
-                config,
-                out,
-                threads,
-                lambda step: progress.update(bar, completed=step),
-                lambda moved: console.print(
-                    f"{name}: the record there did not match this run; kept as {moved}"
-                ),
-            )
-            suffix = " (resumed)" if reused else f" ({record['status']})"
-            progress.update(bar, completed=config.steps, description=name + suffix)
-            if not console.is_terminal:
-                # A live bar is not drawn into a log file; leave one line per finished run.
-                result = record["outcome"]
-                console.print(
-                    f"{name}{suffix}: final {result['final']:.4g}, "
-                    f"success {result['success']}, {record['wall_seconds']:.1f} s"
-                )
-            done.append(record)
-            return record
 
-        for entry in entries:
-            for spec in entry.optimizers:
-                if entry.lrs:
-                    for lr in entry.lrs:
-                        for seed in entry.seeds:
-                            one(RunConfig(entry.task, spec, lr, seed, entry.steps))
-                    continue
-                first, rest = entry.seeds[0], entry.seeds[1:]
-                sweep_runs = [
-                    one(RunConfig(entry.task, spec, lr, first, entry.steps))
-                    for lr in learning_rates(spec, entry.task, entry.sweep)
-                ]
-                found = [r for r in sweep_runs if r is not None]
-                if not found:  # report only: no first-seed run, so no best lr to look up
-                    missing += [f"{entry.task.name} {spec.name} seed={s}" for s in rest]
-                    continue
-                best = min(found, key=lambda r: (score(r), str(r["config"]["lr"])))
-                for seed in rest:
-                    one(RunConfig(entry.task, spec, best["config"]["lr"], seed, entry.steps))
+def _collect(sweeps: Sequence[Sweep], out: Path, threads: int, console: Console) -> list[Record]:
+    """The plan's records found in ``out``, in plan order; the planned runs without one are
+    listed on ``console``."""
+    found: list[Record] = []
+    missing: list[str] = []
+
+    def look_up(config: RunConfig) -> Record | None:
+        record = reusable(config, out, threads)
+        if record is None:
+            missing.append(_name(config))
+        else:
+            found.append(record)
+        return record
+
+    for sweep in sweeps:
+        first = [r for r in map(look_up, sweep.first_runs()) if r is not None]
+        if first or sweep.entry.lrs:
+            for config in sweep.later_runs(first):
+                look_up(config)
+        else:  # no first-seed run, so no best lr to look up
+            entry = sweep.entry
+            missing += [f"{entry.task.name} {sweep.spec.name} seed={s}" for s in entry.seeds[1:]]
     if missing:
         console.print(
             f"{len(missing)} planned run(s) have no matching record in {out} (run the same "
             "command without --report to make them): " + "; ".join(missing)
         )
-    return done
+    return found

@@ -72,8 +72,8 @@ STANDARD = Tier(
         "(not swept on XOR L=64 and the LM: lr 1e-3 and 3e-3, the best measured); SGD swept on "
         "the cheap tasks, the autoencoder and add T=50; kron with lr swept and the peers "
         "(kron_torch, heavyball, psgdax, when installed) swept on the five cheap tasks. "
-        "Estimated at 90 CPU-minutes on idle cores (45 minutes as two parallel invocations; "
-        "the peers add about 3); far longer on a shared machine"
+        "45 CPU-minutes: 23 minutes with --jobs 2 on 2 idle cores (Intel Xeon, peers "
+        "included); longer on a shared machine"
     ),
     tasks=dict.fromkeys(
         (*CHEAP, "autoencoder", "cnn", "xor16", "xor32", "xor64", "add50", "add100", "char_lm")
