@@ -42,7 +42,7 @@ QUICK = Tier(
     description=(
         "1 seed; kron (defaults) and AdamW at its best measured lr, no sweep; the five cheap "
         "tasks, XOR L=16, and the autoencoder (300 steps) and CNN (100 steps) shortened; "
-        "about 1.5 minutes on 2 lightly loaded CPU cores, up to 7 when they are shared"
+        "under a minute on 2 idle CPU cores, several when they are shared"
     ),
     tasks={
         "kron_quadratic": None,
