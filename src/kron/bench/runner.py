@@ -207,15 +207,18 @@ def run_or_load(
     on_set_aside: Callable[[Path], None] | None = None,
 ) -> tuple[records.Record, bool]:
     """The record of ``config`` under ``out``: reused when :func:`reusable` finds it (resume),
-    otherwise run and saved. A file already at the record's path that cannot be reused (another
-    config or thread count, or unreadable) is renamed by :func:`set_aside` before the new record
-    is written, and ``on_set_aside`` gets its new path. Returns ``(record, was_reused)``."""
+    otherwise run and saved. A file at the record's path when the run ends that cannot be
+    reused (another config or thread count, or unreadable) is renamed by :func:`set_aside`
+    before the new record is written, and ``on_set_aside`` gets its new path. Returns
+    ``(record, was_reused)``."""
     existing = reusable(config, out, threads)
     if existing is not None:
         return existing, True
     record = run(config, threads, on_progress)
     path = config.path(out)
-    if path.exists():
+    # Another process may have finished the same run meanwhile: its record is this one's twin
+    # (runs are deterministic), so it is replaced, not set aside as a mismatch.
+    if path.exists() and reusable(config, out, threads) is None:
         moved = set_aside(path)
         if on_set_aside is not None:
             on_set_aside(moved)

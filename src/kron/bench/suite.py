@@ -1,23 +1,21 @@
 """Executing a plan: tasks × optimizers × seeds with the sweep protocol, a rich progress bar per
-run, resume (records already on disk with the same config are reused, not rerun), and runs spread
-over worker processes (``jobs``)."""
+run, and resume (records already on disk with the same config are reused, not rerun); in this
+process, or on worker processes (``jobs``, see ``workers``)."""
 
 from __future__ import annotations
 
-import multiprocessing
 from collections.abc import Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
-from queue import Empty
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from .optimizers import OptimizerSpec, get_optimizer, lr_label
+from .optimizers import OptimizerSpec, lr_label
 from .records import Record
 from .runner import RunConfig, reusable, run_or_load, score
-from .tasks import Task, get_task
+from .tasks import Task
+from .workers import run_in_workers
 
 
 @dataclass(frozen=True)
@@ -105,7 +103,7 @@ def execute(
             if jobs == 1:
                 _run_here(sweeps, out, threads, shown)
             else:
-                _run_in_workers(sweeps, out, threads, jobs, shown)
+                run_in_workers(sweeps, out, threads, jobs, shown)
     return _collect(sweeps, out, threads, console)
 
 
@@ -114,20 +112,11 @@ class _Shown:
 
     def __init__(self, progress: Progress, console: Console) -> None:
         self.progress, self.console = progress, console
-        self.waiting: set[int] = set()  # bars whose run has not started yet
 
-    def start(self, config: RunConfig, started: bool = True) -> int:
-        """A bar for ``config``; its clock starts now, or with :meth:`step` if not ``started``
-        (a run queued for a worker)."""
-        bar = self.progress.add_task(_name(config), total=config.steps, start=started)
-        if not started:
-            self.waiting.add(bar)
-        return bar
+    def start(self, config: RunConfig) -> int:
+        return self.progress.add_task(_name(config), total=config.steps)
 
     def step(self, bar: int, step: int) -> None:
-        if bar in self.waiting:
-            self.waiting.discard(bar)
-            self.progress.start_task(bar)
         self.progress.update(bar, completed=step)
 
     def finish(self, bar: int, config: RunConfig, record: Record, reused: bool, moved) -> None:
@@ -165,75 +154,6 @@ def _run_here(sweeps: Sequence[Sweep], out: Path, threads: int, shown: _Shown) -
         first = [one(config) for config in sweep.first_runs()]
         for config in sweep.later_runs(first):
             one(config)
-
-
-def _run_in_workers(
-    sweeps: Sequence[Sweep], out: Path, threads: int, jobs: int, shown: _Shown
-) -> None:
-    """The runs on ``jobs`` worker processes. Workers are spawned, not forked: a fork would
-    copy this process's torch and OpenMP thread state, which is not safe to inherit."""
-    context = multiprocessing.get_context("spawn")
-    with context.Manager() as manager, ProcessPoolExecutor(jobs, mp_context=context) as pool:
-        steps_done = manager.Queue()  # (bar, step) from the workers
-        running: dict[Future, tuple[int, int | None, RunConfig, int]] = {}
-        first_records: list[list[Record | None]] = []
-
-        def submit(index: int, position: int | None, config: RunConfig) -> None:
-            bar = shown.start(config, started=False)
-            future = pool.submit(_run_in_worker, _portable(config), out, threads, steps_done, bar)
-            running[future] = (index, position, config, bar)
-
-        for index, sweep in enumerate(sweeps):
-            configs = sweep.first_runs()
-            first_records.append([None] * len(configs))
-            for position, config in enumerate(configs):
-                submit(index, position, config)
-        try:
-            while running:
-                finished, _ = wait(running, timeout=0.2, return_when=FIRST_COMPLETED)
-                _show_steps(steps_done, shown)
-                for future in finished:
-                    index, position, config, bar = running.pop(future)
-                    record, reused, moved = future.result()
-                    shown.finish(bar, config, record, reused, moved)
-                    if position is None:
-                        continue
-                    first_records[index][position] = record
-                    if all(r is not None for r in first_records[index]):
-                        for later in sweeps[index].later_runs(first_records[index]):
-                            submit(index, None, later)
-        except BaseException:
-            pool.shutdown(cancel_futures=True)
-            raise
-
-
-def _show_steps(steps_done, shown: _Shown) -> None:
-    while True:
-        try:
-            bar, step = steps_done.get_nowait()
-        except Empty:
-            return
-        if bar in shown.progress.task_ids:  # not a late message from a finished run
-            shown.step(bar, step)
-
-
-def _portable(config: RunConfig) -> tuple:
-    """``config`` by name, for a worker process (specs hold functions that do not pickle)."""
-    return (config.task.name, config.optimizer.name, config.lr, config.seed, config.steps)
-
-
-def _run_in_worker(
-    portable: tuple, out: Path, threads: int, steps_done, bar: int
-) -> tuple[Record, bool, Path | None]:
-    """``run_or_load`` in a worker process: ``(record, was_reused, set-aside path or None)``."""
-    task, optimizer, lr, seed, steps = portable
-    config = RunConfig(get_task(task), get_optimizer(optimizer), lr, seed, steps)
-    moved: list[Path] = []
-    steps_done.put((bar, 0))  # starts the bar's clock
-    record, reused = run_or_load(
-        config, out, threads, lambda step: steps_done.put((bar, step)), moved.append
-    )
-    return record, reused, moved[0] if moved else None
 
 
 def _collect(sweeps: Sequence[Sweep], out: Path, threads: int, console: Console) -> list[Record]:
