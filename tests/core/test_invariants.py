@@ -422,6 +422,22 @@ def test_accumulator_decision(backend):
     assert set(np.diff(late)) <= {33, 34}  # p = 0.03
 
 
+def test_accumulator_decision_keeps_its_rate_in_float32_however_long_it_runs(backend):
+    """The total stays in [0, 1), so a float32 total decides at rate p forever; a total that
+    kept the whole sum stopped changing at 2²⁴ (2¹⁹ for p = 0.03), and with it the fits. A
+    total saved before (a large whole sum) recovers within a step."""
+    ops = backend.ops
+    p = backend.array(np.asarray(0.03, np.float32))
+    for start in (0.0, 2.0**19, 2.0**24):
+        total = backend.array(np.asarray(start, np.float32))
+        decisions = []
+        for _ in range(400):
+            update, total = accumulator_decision(total, p, ops)
+            decisions.append(bool(update))
+            assert 0.0 <= float(total) < 1.0
+        assert sum(decisions[2:]) in (11, 12), start  # 398 steps at p = 0.03
+
+
 @pytest.mark.parametrize("rms", [0.3, 1.05, 3.0, 40.0])
 def test_clip_rms(backend, rms):
     rng = np.random.default_rng(11)

@@ -79,6 +79,8 @@ def test_numpy_numbers_are_taken_as_python_ones() -> None:
     assert type(config["b1"]) is float and config["b1"] == 0.5
     assert json.loads(json.dumps(config)) == config
     assert Kron.from_config(config).get_config() == config
+    decayed = Kron(weight_decay=np.float32(0.25)).get_config()  # Keras's own option
+    assert type(decayed["weight_decay"]) is float and json.loads(json.dumps(decayed)) == decayed
 
 
 def test_float16_momentum_of_a_huge_finite_gradient_stays_finite() -> None:
@@ -93,6 +95,41 @@ def test_float16_momentum_of_a_huge_finite_gradient_stays_finite() -> None:
     assert momenta and all(np.isfinite(to_numpy(m)).all() for m in momenta)
     values = to_numpy(variable)
     assert np.isfinite(values).all() and not np.array_equal(values, np.ones((4, 3)))
+
+
+def test_half_precision_factors_leave_the_gradient_and_momentum_in_float32() -> None:
+    """Only the products and the fit run in ``precond_dtype``: a bfloat16 ``precond_dtype``
+    does not round the momentum's average (it stalled at 1.2734 for g = 1.3: bfloat16 cannot
+    hold the increments), and with float16 factors a gradient is non-finite only past
+    float16's range, whose products would overflow (the parameter turned to NaN)."""
+    variable = keras.Variable(np.ones((4, 3)), dtype="float32")
+    optimizer = Kron(learning_rate=1e-3, precond_dtype="float16")
+    optimizer.apply([keras.ops.full((4, 3), 1e5)], [variable])
+    (count,) = [v for v in optimizer.variables if v.path.endswith("_count")]
+    assert float(to_numpy(count)) == 0.0 and np.all(to_numpy(variable) == 1.0)
+    optimizer.apply([keras.ops.full((4, 3), 6e4)], [variable])
+    assert float(to_numpy(count)) == 1.0 and np.all(to_numpy(variable) < 1.0)
+
+    variable = keras.Variable(np.zeros((4, 3)), dtype="float32")
+    optimizer = Kron(learning_rate=1e-3, precond_dtype="bfloat16", b1=0.99)
+    for _ in range(300):
+        optimizer.apply([keras.ops.full((4, 3), 1.3)], [variable])
+    (momentum,) = [v for v in optimizer.variables if "momentum" in v.path]
+    # The debiased average of a constant 1.3 is 1.3 to float32's rounding.
+    np.testing.assert_allclose(to_numpy(momentum), 1.3, rtol=1e-5)
+
+
+def test_a_probability_callable_gets_a_float_step() -> None:
+    """Seed 000 called the schedule with a float32 step; one written with ``keras.ops`` and
+    float constants failed on TensorFlow, whose step counter is int64."""
+
+    def decaying(step):
+        return keras.ops.maximum(keras.ops.exp(-0.001 * (step - 500.0)), 0.03)
+
+    variable = keras.Variable(np.ones((4, 3)), dtype="float32")
+    optimizer = Kron(learning_rate=1e-3, preconditioner_update_probability=decaying)
+    optimizer.apply([keras.ops.ones((4, 3))], [variable])
+    assert np.all(to_numpy(variable) < 1.0)
 
 
 def _setup(**options):

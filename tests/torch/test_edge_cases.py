@@ -473,6 +473,24 @@ def test_a_float64_gradient_past_float32s_range_is_skipped_with_narrower_factors
         assert torch.equal(q.detach(), torch.ones_like(q)) == bool(skipped)
 
 
+def test_a_gradient_past_float16s_range_is_skipped_with_float16_factors():
+    """Their products would overflow to inf and turn the parameter to NaN (they did): such a
+    gradient counts as non-finite, skipped by default and raised by name with
+    ``nonfinite="raise"``. The next gradient in range steps as usual."""
+    q = nn.Parameter(torch.ones(4, 3))
+    opt = Kron([q], lr=1e-3, precond_dtype=torch.float16)
+    q.grad = torch.full((4, 3), 1e5)
+    opt.step()
+    assert opt.state[q]["skipped"].item() == 1 and torch.equal(q.detach(), torch.ones(4, 3))
+    q.grad = torch.full((4, 3), 6e4)
+    opt.step()
+    assert opt.state[q]["skipped"].item() == 1 and torch.all(q < 1.0)
+    opt = Kron([q], lr=1e-3, precond_dtype=torch.float16, nonfinite="raise")
+    q.grad = torch.full((4, 3), -1e5)
+    with pytest.raises(FloatingPointError, match="past float16's range"):
+        opt.step()
+
+
 @pytest.mark.parametrize("precond_dtype", [torch.float32, torch.float64])
 def test_bfloat16_momentum_is_rounded_stochastically_from_any_wider_dtype(precond_dtype):
     """Two seeds see the same gradients, so their bfloat16 momenta differ only by rounding."""

@@ -20,7 +20,7 @@ from kron.core.clipping import (
     shrink_factor,
     soft_clip,
 )
-from kron.core.finite import finite_rows
+from kron.core.finite import FLOAT16_OVERFLOW, finite_rows, overflow_limit
 from kron.core.fitting import (
     DAMPING_RULES,
     GEOMETRIES,
@@ -72,6 +72,7 @@ from kron.core.step import (
 __all__ = [
     "DAMPING_RULES",
     "DECISION_RULES",
+    "FLOAT16_OVERFLOW",
     "GEOMETRIES",
     "MEMORY_SAVE_MODES",
     "MOMENTUM_RULES",
@@ -112,6 +113,7 @@ __all__ = [
     "mode_product",
     "norm_lower_bound",
     "norm_per_parameter",
+    "overflow_limit",
     "precondition",
     "probability_at",
     "procrustes_repeat3",

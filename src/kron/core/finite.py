@@ -5,9 +5,27 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 
-def finite_rows(x: Any, ops: Any) -> Any:
-    """``(S,)`` booleans: whether ``x[s]`` (``x`` is ``(S, ...)``) holds only finite numbers.
+FLOAT16_OVERFLOW = 65520.0
+"""The smallest magnitude that rounds to infinity in float16: a gradient with an entry this
+large is non-finite to float16 factors, whose products it would turn into inf and NaN."""
+
+
+def overflow_limit(factor_dtype: Any) -> float:
+    """The ``limit`` of :func:`finite_rows` for a gradient headed for factors of
+    ``factor_dtype`` (a dtype or its name): :data:`FLOAT16_OVERFLOW` for float16, else inf (the
+    other factor dtypes have at least float32's range)."""
+    try:
+        name = np.dtype(factor_dtype).name  # NumPy's and JAX's dtypes and types, and names
+    except TypeError:
+        name = str(factor_dtype).rsplit(".", 1)[-1]  # torch.float16, or "bfloat16"
+    return FLOAT16_OVERFLOW if name == "float16" else math.inf
+
+
+def finite_rows(x: Any, ops: Any, limit: float = math.inf) -> Any:
+    """``(S,)`` booleans: whether ``x[s]`` (``x`` is ``(S, ...)``) holds only finite numbers,
+    each below ``limit`` in magnitude when one is given (see :func:`overflow_limit`).
 
     Computed as ``max|x[s]| < inf`` (``ops.max_abs`` is not finite where an entry is NaN or
     infinite, on a mesh too), and a maximum cannot overflow, so this equals
@@ -18,4 +36,4 @@ def finite_rows(x: Any, ops: Any) -> Any:
     benchmarks/RESULTS.md). ``sum(x·0) == 0``, as cheap, is not used: ``torch.compile``
     simplifies ``x·0`` to 0 and the test to True."""
     axes = tuple(range(1, len(x.shape)))
-    return (ops.max_abs(x, axes) if axes else ops.abs(x)) < math.inf
+    return (ops.max_abs(x, axes) if axes else ops.abs(x)) < limit

@@ -77,9 +77,12 @@ def counter_decision(counter: Any, p: Any, ops: Any) -> tuple[Any, Any]:
 
 
 def accumulator_decision(total: Any, p: Any, ops: Any) -> tuple[Any, Any]:
-    """``(update?, new total)``: update whenever the running sum of ``p`` crosses an integer."""
+    """``(update?, new total)``: update whenever the running sum of ``p`` crosses an integer.
+    Only the sum's fractional part is kept: a float32 sum that grew without bound would stop
+    changing at 2²⁴ (at 2¹⁹ for p = 0.03), and with it the updates."""
     new_total = total + p
-    return ops.floor(new_total) > ops.floor(total), new_total
+    whole = ops.floor(new_total)
+    return whole > ops.floor(total), new_total - whole
 
 
 def bernoulli_decision(uniform: Any, p: Any) -> Any:

@@ -43,6 +43,7 @@ from kron.core import (
     init_factors,
     kron_step,
     make_plan,
+    overflow_limit,
     scale_from_moments,
 )
 from kron.core.option_types import as_python_number, check_option_types, is_real_number
@@ -205,7 +206,7 @@ class Kron(keras.optimizers.Optimizer):
     ) -> None:
         super().__init__(
             learning_rate=learning_rate,
-            weight_decay=weight_decay,
+            weight_decay=as_python_number(weight_decay),
             clipnorm=clipnorm,
             clipvalue=clipvalue,
             global_clipnorm=global_clipnorm,
@@ -378,9 +379,7 @@ class Kron(keras.optimizers.Optimizer):
             for i, f in enumerate(start)
         )
         lipschitz = tuple(
-            self.add_variable(
-                (f.shape[0],), dtype=self._lipschitz_dtype, name=f"{prefix}_lipschitz{i}"
-            )
+            self.add_variable((f.shape[0],), dtype=self._work_dtype, name=f"{prefix}_lipschitz{i}")
             for i, f in enumerate(start)
         )
         cache = ()
@@ -399,13 +398,17 @@ class Kron(keras.optimizers.Optimizer):
         return self._step_options.cache and not self._step_options.fit.state_is_p
 
     @property
-    def _lipschitz_dtype(self) -> str:
+    def _work_dtype(self) -> str:
+        """The dtype of the gradient, the momentum's average and the Lipschitz estimates: the
+        wider of float32 and ``precond_dtype``. Only the products and the fit run in a
+        half-precision ``precond_dtype``, so it neither overflows a finite gradient (float16)
+        nor rounds the momentum's average (bfloat16)."""
         return "float64" if self.precond_dtype == "float64" else "float32"
 
     def _read(self, slots: _Slots) -> tuple[TensorState, Any]:
-        """The stored state as tensors (momentum stacked as ``(1, *shape)`` in precond_dtype)."""
+        """The stored state as tensors (momentum stacked as ``(1, *shape)`` in the work dtype)."""
         read = kops.convert_to_tensor
-        momentum = kops.cast(read(slots.momentum), self.precond_dtype)
+        momentum = kops.cast(read(slots.momentum), self._work_dtype)
         state = TensorState(
             tuple(read(f) for f in slots.factors),
             tuple(read(f) for f in slots.lipschitz),
@@ -447,8 +450,8 @@ class Kron(keras.optimizers.Optimizer):
         the stored counter, so every variable's ``update_step`` computes the same answer."""
         step = self.iterations
         probability = self._schedule
-        if callable(probability):
-            probability = kops.cast(probability(step), "float32")
+        if callable(probability):  # of a float32 step, as seed 000 called it
+            probability = kops.cast(probability(kops.cast(step, "float32")), "float32")
         counter = kops.convert_to_tensor(self._decision_counter)
         if self.decision_rule == "bernoulli":
             seed = kops.convert_to_tensor(self._seed_state)
@@ -461,19 +464,20 @@ class Kron(keras.optimizers.Optimizer):
         plan, slots = self._plans[index], self._slots[index]
         if plan is None:  # an empty variable
             return
-        grad = kops.expand_dims(kops.cast(gradient, self.precond_dtype), 0)
-        finite = finite_rows(grad, OPS)[0]
+        work = self._work_dtype
+        grad = kops.expand_dims(kops.cast(gradient, work), 0)
+        limit = overflow_limit(self.precond_dtype)
+        finite = finite_rows(grad, OPS, limit)[0]
         if self.nonfinite == "raise":
+            past = ", or past float16's range (precond_dtype)" if limit < math.inf else ""
             native.raise_if(
                 kops.logical_not(finite),
-                f"Kron: non-finite gradient for variable {index} of shape {plan.shape}.",
+                f"Kron: non-finite gradient{past} for variable {index} of shape {plan.shape}.",
             )
         grad = kops.where(finite, grad, kops.zeros_like(grad))
         if self._decays(index) and not self.decoupled_weight_decay:  # g ← g + wd·θ
-            theta = kops.expand_dims(kops.cast(variable, self.precond_dtype), 0)
-            grad = grad + kops.cast(self.weight_decay, self.precond_dtype) * theta * kops.cast(
-                finite, self.precond_dtype
-            )
+            theta = kops.expand_dims(kops.cast(variable, work), 0)
+            grad = grad + kops.cast(self.weight_decay, work) * theta * kops.cast(finite, work)
         old, count = self._read(slots)
         fit, _ = self._decide()
 

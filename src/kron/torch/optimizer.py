@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from kron.core import (
+    FLOAT16_OVERFLOW,
     LayoutOptions,
     StepOptions,
     accumulator_decision,
@@ -39,6 +40,7 @@ from kron.core import (
     kron_step,
     make_plan,
     mars_correction,
+    overflow_limit,
     probability_at,
     scale_from_moments,
     select_state,
@@ -507,10 +509,11 @@ class Kron(torch.optim.Optimizer):
         """A hook: ``DistributedKron`` agrees across ranks on the first bad gradient."""
         for gi, group in enumerate(self.param_groups):
             for index, p in enumerate(group["params"]):
-                if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
+                if p.grad is not None and not usable_gradient(p.grad, group):
                     raise FloatingPointError(
-                        f"Non-finite gradient in parameter {index} of group {gi} "
-                        f"(shape {tuple(p.shape)}); nothing was updated."
+                        f"Non-finite gradient{_PAST_FLOAT16 * _float16_factors(group)} in "
+                        f"parameter {index} of group {gi} (shape {tuple(p.shape)}); nothing was "
+                        "updated."
                     )
 
     def _step_group(self, gi, group, decision, probes, hvps) -> None:
@@ -764,11 +767,12 @@ class Kron(torch.optim.Optimizer):
         size = len(params)
         grads = stack([p.grad for p in params]).to(dtype)
         on_cpu = grads.device.type == "cpu"
+        limit = overflow_limit(states[0]["factors"][0].dtype)  # float16 factors: 65520
         # A finite sum proves every entry finite (NaN and ±inf survive addition), so on the CPU
         # one reduction usually settles it; a non-finite or overflowing sum takes the exact test.
-        if on_cpu and math.isfinite(grads.sum().item()):
+        if on_cpu and limit == math.inf and math.isfinite(grads.sum().item()):
             return self._clip_gradients(group, grads), torch.ones(size, dtype=torch.bool), True
-        finite = finite_rows(grads.reshape(size, -1), OPS)
+        finite = finite_rows(grads.reshape(size, -1), OPS, limit)
         all_finite = on_cpu and bool(finite.all())
         if not all_finite:
             grads = torch.where(finite.view(-1, *[1] * (grads.ndim - 1)), grads, 0.0)
@@ -899,6 +903,23 @@ class Kron(torch.optim.Optimizer):
                 del group[key]
         state["seed"] = self.seed
         return state
+
+
+_PAST_FLOAT16 = ", or past float16's range (the factors' dtype)"
+
+
+def _float16_factors(group: dict[str, Any]) -> bool:
+    dtype = torch_dtype(group["precond_dtype"], "precond_dtype") or DEFAULT_PRECOND_DTYPE
+    return dtype == torch.float16
+
+
+def usable_gradient(grad: torch.Tensor, group: dict[str, Any]) -> bool:
+    """Whether ``grad`` is finite, and within float16's range when the group's factors are
+    float16 (their products would overflow): the test ``nonfinite="raise"`` applies."""
+    if grad.numel() == 0:  # an empty parameter, or a rank's empty shard of one
+        return True
+    limit = FLOAT16_OVERFLOW if _float16_factors(group) else math.inf
+    return bool(finite_rows(grad.reshape(1, -1), OPS, limit)[0])
 
 
 def _check_layout(gi: int, index: int, plan: Any, factors: list[torch.Tensor]) -> None:

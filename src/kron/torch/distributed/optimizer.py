@@ -37,7 +37,7 @@ from kron.torch.distributed.replicas import (
     unpack,
 )
 from kron.torch.distributed.shards import Gather, Scatter, ShardSpec, is_dtensor, local_part
-from kron.torch.optimizer import Kron
+from kron.torch.optimizer import Kron, usable_gradient
 
 
 class _Entry(NamedTuple):
@@ -334,7 +334,7 @@ class DistributedKron(Kron):
             if grad is None:
                 continue
             local = grad.to_local() if is_dtensor(grad) else grad
-            if not bool(torch.isfinite(local).all()):
+            if not usable_gradient(local, self.param_groups[params[position][0]]):
                 first = position
                 break
         device = params[0][2].device if params else torch.device("cpu")
