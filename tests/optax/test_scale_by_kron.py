@@ -179,6 +179,11 @@ def test_a_python_number_leaf_is_stepped_like_a_0d_array(make):
     for leaf in ("w", "temperature"):
         np.testing.assert_array_equal(got[leaf], want[leaf])
     assert float(got["temperature"]) != 0.0
+    # The gradient a Python number too, outside jit (update read its .shape, as optax.adam
+    # does not).
+    number_grads = {"w": grads["w"], "temperature": 0.25}
+    got, _ = make().update(number_grads, make().init(params), params)
+    np.testing.assert_array_equal(got["temperature"], want["temperature"])
 
 
 @pytest.mark.parametrize("make", [quad, skew])
@@ -305,6 +310,19 @@ def test_the_probability_schedule_gets_psgdaxs_step_number():
         (lambda: quad(b1=1.0), r"b1 must be in \[0, 1\)"),
         (lambda: kron(weight_decay=-0.1), "weight_decay must be >= 0; got -0.1"),
         (lambda: skew(weight_decay=-0.1), "weight_decay must be >= 0; got -0.1"),
+        # Strings met a comparison and raised TypeError without the option's name.
+        (lambda: kron(b1="0.9"), "b1 must be a number in"),
+        (lambda: kron(weight_decay="0.1"), "weight_decay must be a number >= 0; got '0.1'"),
+        (lambda: kron(max_size_triangular="8"), "max_size_triangular must be a number"),
+        (
+            lambda: kron(preconditioner_update_probability="x"),
+            "preconditioner_update_probability must be a number",
+        ),
+        (lambda: quad(b1="x"), "b1 must be a number in"),
+        (lambda: kron(mu_dtype="bf16"), "mu_dtype must be a floating-point dtype or None"),
+        (lambda: kron(precond_dtype="bf16"), "precond_dtype must be a floating-point dtype"),
+        (lambda: quad(dtype="bf16"), "dtype must be a floating-point dtype"),
+        (lambda: quad(normalize_grads="no"), "normalize_grads must be True or False; got 'no'"),
         # Strings and None would be read as truth values ("no" turning an option on).
         (lambda: kron(track_lipschitz="no"), "track_lipschitz must be True or False; got 'no'"),
         (lambda: kron(cached="maybe"), "cached must be True, False or None; got 'maybe'"),
@@ -321,6 +339,39 @@ def test_the_probability_schedule_gets_psgdaxs_step_number():
 def test_bad_options_are_named_as_the_caller_spelled_them(make, message):
     with pytest.raises(ValueError, match=message):
         make()
+
+
+def test_half_precision_factors_leave_the_gradient_and_momentum_in_float32():
+    """Only the fit and the product take q_dtype: bfloat16 factors do not round the momentum's
+    average (it stayed at 1.0 for a gradient of 1.001, psgdax's 1.001), and with float16
+    factors a gradient is skipped only past float16's range, where its products overflow."""
+    params = {"w": jnp.zeros((4, 3))}
+    tx = scale_by_kron(mu_dtype=jnp.float32, precond_dtype=jnp.bfloat16)
+    state = tx.init(params)
+    for _ in range(5):
+        _, state = tx.update({"w": jnp.full((4, 3), 1.001)}, state, params)
+    np.testing.assert_allclose(state.mu["w"], 1.001, rtol=1e-6)
+    tx = scale_by_kron(precond_dtype=jnp.float16)
+    state = tx.init(params)
+    updates, state = tx.update({"w": jnp.full((4, 3), 7e4)}, state, params)
+    assert int(state.skipped["w"]) == 1 and not jnp.any(updates["w"])
+    updates, state = tx.update({"w": jnp.full((4, 3), 6e4)}, state, params)
+    assert int(state.skipped["w"]) == 1 and bool(jnp.all(jnp.isfinite(updates["w"])))
+    assert bool(jnp.all(updates["w"] != 0))
+
+
+def test_a_scanned_leaf_gets_the_automatic_scale_its_layers_would_get_apart():
+    """The init scale takes the largest 4th moment over layers as over leaves; over a scanned
+    leaf it took the mean of its layers', and the run differed from separate leaves."""
+    rng = np.random.default_rng(0)
+    layers = [jnp.asarray(rng.standard_normal((5, 4)) * scale) for scale in (1.0, 30.0)]
+    separate_tx = kron(1e-2, seed=0)
+    separate = {"a": layers[0], "b": layers[1]}
+    scanned_tx = kron(1e-2, seed=0, scanned_layers={"w": True})
+    scanned = {"w": jnp.stack(layers)}
+    got, _ = scanned_tx.update(scanned, scanned_tx.init(scanned), scanned)
+    want, _ = separate_tx.update(separate, separate_tx.init(separate), separate)
+    np.testing.assert_allclose(got["w"], jnp.stack([want["a"], want["b"]]), rtol=1e-6)
 
 
 def test_a_probability_above_one_fits_every_step_as_in_psgdax():

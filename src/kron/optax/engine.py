@@ -51,6 +51,7 @@ from kron.core import (
     get_ops,
     init_factors,
     init_lipschitz,
+    overflow_limit,
     precondition,
     scale_from_moments,
     shared_scale,
@@ -203,8 +204,8 @@ class EngineConfig:
         )
         require_option("preconditioner_lr", self.precond_lr, lambda v: v > 0, "> 0 or a schedule")
         for name, dtype in (("precond_dtype", self.q_dtype), ("mu_dtype", self.mu_dtype)):
-            if dtype is not None and not jnp.issubdtype(dtype, jnp.floating):
-                raise ValueError(f"{name} must be a floating-point dtype or None; got {dtype!r}.")
+            if dtype is not None:
+                float_dtype(name, dtype)
 
     @property
     def newton(self) -> bool:
@@ -222,10 +223,25 @@ class EngineConfig:
 
 
 def require_option(name: str, value: Any, ok: Callable[[Any], bool], accepted: str) -> None:
-    """``ValueError`` naming option ``name`` unless ``ok(value)``. Only Python numbers are
-    checked: a schedule, or a value traced by ``optax.inject_hyperparams``, passes."""
-    if isinstance(value, numbers.Real) and not ok(value):
-        raise ValueError(f"{name} must be {accepted}; got {value!r}.")
+    """``ValueError`` naming option ``name`` unless ``ok(value)``. Python numbers are checked;
+    a schedule, or an array (a value traced by ``optax.inject_hyperparams``), passes; anything
+    else (a string, say) is refused."""
+    if isinstance(value, numbers.Real):
+        if not ok(value):
+            raise ValueError(f"{name} must be {accepted}; got {value!r}.")
+    elif not (callable(value) or hasattr(value, "dtype")):
+        raise ValueError(f"{name} must be a number {accepted}; got {value!r}.")
+
+
+def float_dtype(name: str, value: Any) -> Any:
+    """``value`` as a JAX floating-point dtype, or ``ValueError`` naming option ``name``."""
+    try:
+        dtype = jnp.dtype(value)
+    except TypeError:
+        dtype = None
+    if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"{name} must be a floating-point dtype or None; got {value!r}.")
+    return dtype
 
 
 def _precision(name: str | None):
@@ -325,6 +341,7 @@ def build(config: EngineConfig) -> optax.GradientTransformationExtraArgs:
                 f"value_fn={'None' if value_fn is None else 'given'}."
             )
         grads, treedef = jax.tree.flatten(updates)
+        grads = [jnp.asarray(g) for g in grads]  # a Python number is a 0-d leaf, as in init
         if not grads:  # nothing to precondition (optax.masked or multi_transform left none)
             return updates, state
         layouts = leaf_layouts(
@@ -337,17 +354,21 @@ def build(config: EngineConfig) -> optax.GradientTransformationExtraArgs:
             _check_per_leaf(state, treedef)
         count = state.count
 
+        # The gradient and the momentum's average are handled in at least float32 (lip_dtype):
+        # only the fit and the product take their inputs in q_dtype, so half-precision factors
+        # neither round the average (bfloat16) nor overflow a finite gradient (float16).
         layered = [
-            jnp.reshape(g.astype(q_dtype), (lay.layers, *lay.plan.shape))
+            jnp.reshape(g.astype(lip_dtype), (lay.layers, *lay.plan.shape))
             for g, lay in zip(grads, layouts)
         ]
         # Non-finite layers are not zeroed here: each use below selects on `finite` instead (the
-        # momentum, the fit's inputs, the product's output), which costs no pass of its own.
-        finite = [finite_rows(g, OPS) for g in layered]
+        # momentum, the fit's inputs, the product's output), which costs no pass of its own. With
+        # float16 factors a gradient past float16's range counts as non-finite.
+        finite = [finite_rows(g, OPS, overflow_limit(q_dtype)) for g in layered]
         if config.normalize_grads:
             layered = [_normalize(g) for g in layered]
         mu = [
-            jnp.reshape(m.astype(q_dtype), g.shape)
+            jnp.reshape(m.astype(lip_dtype), g.shape)
             for m, g in zip(treedef.flatten_up_to(state.mu), layered)
         ]
         momenta = mu
@@ -364,6 +385,8 @@ def build(config: EngineConfig) -> optax.GradientTransformationExtraArgs:
         averaged = momenta if options.beta > 0 else layered
         targets = averaged if options.whiten_momentum else layered
         applied = averaged if options.precondition_momentum else layered
+        targets = [t.astype(q_dtype) for t in targets]
+        applied = [a.astype(q_dtype) for a in applied]
         if stacked and config.params_partition_specs is not None:
             specs = treedef.flatten_up_to(config.params_partition_specs)
             targets = _like_params(targets, specs, grads)
@@ -570,8 +593,14 @@ def build(config: EngineConfig) -> optax.GradientTransformationExtraArgs:
         return [jnp.where(_expand(ok, x), x, 0.0) for x, ok in zip(layered, finite)]
 
     def _whitening_scale(layered):
-        """The automatic scale from the first gradients, ``(max mean g⁴ + δ⁴)^(-1/8)``."""
-        moments = [fourth_moment(g.astype(jnp.float32), OPS) for g in layered]
+        """The automatic scale from the first gradients, ``(max mean g⁴ + δ⁴)^(-1/8)``, the
+        maximum taken over layers as well as leaves: a scanned leaf gets the scale its layers
+        would get as separate leaves."""
+        per_layer = jax.vmap(lambda g: fourth_moment(g.astype(jnp.float32), OPS))
+        moments = []
+        for g in layered:
+            layers = per_layer(g)  # a non-finite layer is left out, as a non-finite leaf is
+            moments.append(jnp.max(jnp.where(jnp.isfinite(layers), layers, 0.0)))
         return shared_scale(moments, OPS, options.fit.damping)
 
     def _rescaled(factors, scale):
@@ -825,6 +854,8 @@ def build(config: EngineConfig) -> optax.GradientTransformationExtraArgs:
 
     def _newton_pairs(key, count, params, value_fn, layouts):
         leaves, treedef = jax.tree.flatten(params)
+        leaves = [jnp.asarray(x) for x in leaves]
+        params = treedef.unflatten(leaves)
         probes = [
             jax.random.normal(leaf_key(key, count, i, NEWTON_PROBE), x.shape, x.dtype)
             for i, x in enumerate(leaves)

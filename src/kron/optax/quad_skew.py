@@ -20,7 +20,8 @@ import jax.numpy as jnp
 import optax
 
 from kron.core import FitOptions, LayoutOptions, StepOptions
-from kron.optax.engine import INJECTED_HINT, EngineConfig, build, require_option
+from kron.core.option_types import check_option_types
+from kron.optax.engine import INJECTED_HINT, EngineConfig, build, float_dtype, require_option
 from kron.optax.sharding import chain_state_specs, param_specs
 
 LR_STYLES = ("adam", None)
@@ -85,7 +86,14 @@ def _scale_by_white_kron(
     require_option("block_size", block_size, lambda v: v >= 1, ">= 1")
     require_option("noise_scale", noise_scale, lambda v: v >= 0, ">= 0")
     require_option("preconditioner_lr", preconditioner_lr, lambda v: v > 0, "> 0")
-    dtype = jnp.dtype(dtype)
+    # A string would be read as its truth value ("no" switching normalisation on).
+    check_option_types(
+        numbers={},
+        optional_numbers={},
+        flags=dict(normalize_grads=normalize_grads),
+        optional_flags={},
+    )
+    dtype = float_dtype("dtype", dtype)
     if dtype not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32), jnp.dtype(jnp.float64)):
         raise ValueError(f"dtype must be bfloat16, float32 or float64; got {dtype.name}.")
     step = StepOptions(

@@ -22,7 +22,7 @@ from kron.core import (
     get_ops,
 )
 from kron.core.option_types import check_option_types
-from kron.optax.engine import EngineConfig, build, require_option
+from kron.optax.engine import EngineConfig, build, float_dtype, require_option
 
 
 def scale_by_kron(
@@ -163,6 +163,12 @@ def scale_by_kron(
     )
     if preconditioner_update_probability is None:
         preconditioner_update_probability = exponential_schedule(ops=get_ops("jax"))
+    require_option(
+        "preconditioner_update_probability",
+        preconditioner_update_probability,
+        lambda v: v >= 0,
+        ">= 0 (>= 1: every step), a schedule or None",
+    )
     if cached is None:
         cached = (
             callable(preconditioner_update_probability) or preconditioner_update_probability < 0.5
@@ -173,7 +179,7 @@ def scale_by_kron(
         update_probability=preconditioner_update_probability,
         decision_rule=decision_rule,
         balance_probability=balance_probability,
-        q_dtype=jnp.dtype(precond_dtype or jnp.float32),
+        q_dtype=float_dtype("precond_dtype", precond_dtype or jnp.float32),
         mu_dtype=mu_dtype,
         init_scale=preconditioner_init_scale,
         fit_precision=precond_update_precision,
