@@ -9,7 +9,7 @@ import keras
 import numpy as np
 import pytest
 
-from kron.keras import Kron
+from kron.keras import Kron, UpdateProbability
 
 from ._helpers import to_numpy
 
@@ -59,6 +59,23 @@ def test_invalid_options_raise(options: dict, message: str) -> None:
     with pytest.raises(ValueError) as error:
         Kron(**options)
     assert message in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("options", "name"),
+    [
+        (dict(flat_start="x"), "flat_start"),
+        (dict(flat_start=float("nan")), "flat_start"),
+        (dict(decay=None), "decay"),
+        (dict(min_prob="0.1"), "min_prob"),
+    ],
+)
+def test_update_probability_refuses_what_is_not_a_finite_number(options, name) -> None:
+    """``"x"`` and NaN were taken and failed (or gave NaN probabilities) only while training."""
+    with pytest.raises(ValueError, match=f"UpdateProbability's {name} must be a finite number"):
+        UpdateProbability(**options)
+    config = UpdateProbability(flat_start=np.int64(20)).get_config()
+    assert type(config["flat_start"]) is int and json.loads(json.dumps(config)) == config
 
 
 def test_numpy_numbers_are_taken_as_python_ones() -> None:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import keras
 
 from kron.core import exponential_schedule, get_ops
+from kron.core.option_types import as_python_number, is_real_number
 
 
 @keras.saving.register_keras_serializable(package="kron")
@@ -27,6 +29,13 @@ class UpdateProbability(keras.optimizers.schedules.LearningRateSchedule):
         decay: float = 0.001,
         flat_start: int = 500,
     ) -> None:
+        given = dict(max_prob=max_prob, min_prob=min_prob, decay=decay, flat_start=flat_start)
+        for name, value in given.items():
+            if not is_real_number(value) or not math.isfinite(value):
+                raise ValueError(
+                    f"UpdateProbability's {name} must be a finite number; got {value!r}."
+                )
+        max_prob, min_prob, decay, flat_start = map(as_python_number, given.values())
         if not 0 < min_prob <= max_prob <= 1:
             raise ValueError(
                 "UpdateProbability needs 0 < min_prob <= max_prob <= 1; got "
