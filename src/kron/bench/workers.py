@@ -70,7 +70,8 @@ def run_in_workers(
                     waiting.extendleft((index, None, config) for config in reversed(later))
         pool.close()
     except BaseException:
-        if pool is not None:  # workers started before a failure inside Pool() exit with us
+        # (If Pool() itself failed, the workers it had started exit when this process does.)
+        if pool is not None:
             pool.terminate()
         raise
     finally:
