@@ -25,7 +25,6 @@ import numpy as np
 import torch
 
 from kron.core import (
-    FLOAT16_OVERFLOW,
     LayoutOptions,
     StepOptions,
     accumulator_decision,
@@ -510,10 +509,10 @@ class Kron(torch.optim.Optimizer):
         for gi, group in enumerate(self.param_groups):
             for index, p in enumerate(group["params"]):
                 if p.grad is not None and not usable_gradient(p.grad, group):
+                    past = "" if _gradient_limit(group) == math.inf else _PAST_FLOAT16
                     raise FloatingPointError(
-                        f"Non-finite gradient{_PAST_FLOAT16 * _float16_factors(group)} in "
-                        f"parameter {index} of group {gi} (shape {tuple(p.shape)}); nothing was "
-                        "updated."
+                        f"Non-finite gradient{past} in parameter {index} of group {gi} (shape "
+                        f"{tuple(p.shape)}); nothing was updated."
                     )
 
     def _step_group(self, gi, group, decision, probes, hvps) -> None:
@@ -908,9 +907,11 @@ class Kron(torch.optim.Optimizer):
 _PAST_FLOAT16 = ", or past float16's range (the factors' dtype)"
 
 
-def _float16_factors(group: dict[str, Any]) -> bool:
-    dtype = torch_dtype(group["precond_dtype"], "precond_dtype") or DEFAULT_PRECOND_DTYPE
-    return dtype == torch.float16
+def _gradient_limit(group: dict[str, Any]) -> float:
+    """``finite_rows``'s limit for the group's factor dtype (65520 for float16, else inf)."""
+    return overflow_limit(
+        torch_dtype(group["precond_dtype"], "precond_dtype") or DEFAULT_PRECOND_DTYPE
+    )
 
 
 def usable_gradient(grad: torch.Tensor, group: dict[str, Any]) -> bool:
@@ -918,8 +919,7 @@ def usable_gradient(grad: torch.Tensor, group: dict[str, Any]) -> bool:
     float16 (their products would overflow): the test ``nonfinite="raise"`` applies."""
     if grad.numel() == 0:  # an empty parameter, or a rank's empty shard of one
         return True
-    limit = FLOAT16_OVERFLOW if _float16_factors(group) else math.inf
-    return bool(finite_rows(grad.reshape(1, -1), OPS, limit)[0])
+    return bool(finite_rows(grad.reshape(1, -1), OPS, _gradient_limit(group))[0])
 
 
 def _check_layout(gi: int, index: int, plan: Any, factors: list[torch.Tensor]) -> None:
