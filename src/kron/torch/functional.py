@@ -131,13 +131,14 @@ def _shrink_rows_in_place(
     x: torch.Tensor, limit: float, size_of: Callable, read_norms: bool
 ) -> torch.Tensor:
     """``x[s] · shrink_factor(size_of(x[s]), limit)`` in place (``size_of`` is core's
-    ``rms_per_parameter`` or ``norm_per_parameter``). With ``read_norms`` the factors are read on
-    the host and ``x`` is left alone when all of them are 1 (the usual case for a whitened
+    ``rms_per_parameter`` or ``norm_per_parameter``). With ``read_norms`` the sizes are read on
+    the host and ``x`` is left alone when every factor would be 1 (the usual case for a whitened
     update): a full pass over ``x`` fewer. Otherwise nothing is read (no synchronisation)."""
-    factor = shrink_factor(size_of(x, OPS), limit, OPS)
-    if read_norms and float(factor.min()) == 1.0:
+    sizes = size_of(x, OPS)
+    # A size that passes this test has a factor of exactly 1; a NaN size fails it.
+    if read_norms and all(limit >= size + 1e-12 for size in sizes.flatten().tolist()):
         return x
-    return x.mul_(factor)
+    return x.mul_(shrink_factor(sizes, limit, OPS))
 
 
 def _per_tensor(spec: Callable, x: torch.Tensor, copy: bool) -> torch.Tensor:

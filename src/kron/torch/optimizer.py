@@ -732,7 +732,9 @@ class Kron(torch.optim.Optimizer):
             else:
                 factors = torch.where(finite, decay, 1.0)
                 torch._foreach_mul_(params, [factors[s].to(p.dtype) for s, p in enumerate(params)])
-        torch._foreach_add_(params, [y[s].to(p.dtype) for s, p in enumerate(params)], alpha=-lr)
+        # An in-place add promotes, so each parameter takes y in its own dtype with no cast (and
+        # no operation) per slice.
+        torch._foreach_add_(params, list(y.unbind(0)), alpha=-lr)
 
     def _compiled_step(self, plan, options, do_fit, size, dtype, device) -> Callable:
         """``kron_step``, compiled once per (plan, options, fit or not, stack size, dtype) when
