@@ -47,6 +47,7 @@ from kron.core import (
     probability_at,
     scale_from_moments,
 )
+from kron.core.option_types import check_option_types
 from kron.core.option_types import is_real_number as _is_real
 
 _OPS = get_ops("numpy")
@@ -127,6 +128,20 @@ class KronPsgd:
         nonfinite: str = "skip",
         seed: int = 0,
     ) -> None:
+        check_option_types(
+            numbers=dict(
+                max_size=max_size,
+                max_skew=max_skew,
+                beta_lipschitz=beta_lipschitz,
+                damping=damping,
+                balance_probability=balance_probability,
+            ),
+            optional_numbers=dict(clip_rms=clip_rms),
+            flags={},
+            optional_flags={},
+        )
+        if isinstance(min_ndim_dense, bool) or not isinstance(min_ndim_dense, numbers.Integral):
+            raise ValueError(f"min_ndim_dense must be a whole number >= 0; got {min_ndim_dense!r}.")
         self.lr = lr
         self.precond_lr = precond_lr
         self.momentum = momentum
@@ -211,6 +226,17 @@ class KronPsgd:
         finite = bool(np.isfinite(grad).all())
         if not finite and self.nonfinite == "raise":
             raise FloatingPointError(f"Non-finite gradient for {name!r}.")
+        clock = (self._iteration, set(self._stepped), self._decision_total, self._decided)
+        try:
+            self._step_checked(name, view, grad, options, finite)
+        except BaseException:
+            # What can still raise (a schedule's value, the step's arithmetic) comes before the
+            # parameter and its state are written, so winding the clock back undoes the step.
+            self._iteration, self._stepped, self._decision_total, self._decided = clock
+            raise
+
+    def _step_checked(self, name, view, grad, options, finite) -> None:
+        """:meth:`step` once its input has passed the checks."""
         if name in self._stepped:
             # A loop written for the Rust trait, where end_iteration is a no-op, never calls it;
             # without this its noise and fit decisions would repeat every step.
@@ -380,9 +406,15 @@ class KronPsgd:
 
     def _check(self, name, param, grad, shape):
         if not isinstance(param, np.ndarray) or param.dtype not in _FLOAT_DTYPES:
+            # The Rust trait's order is (name, shape, param, grad); this one's puts shape last.
+            hint = (
+                " The arguments are (name, param, grad, shape=None): the shape goes last."
+                if isinstance(param, (tuple, list))
+                else ""
+            )
             raise TypeError(
                 f"param {name!r} must be a float32 or float64 numpy array; got "
-                f"{type(param).__name__} of dtype {getattr(param, 'dtype', None)}."
+                f"{type(param).__name__} of dtype {getattr(param, 'dtype', None)}.{hint}"
             )
         if not param.flags.writeable:
             raise ValueError(f"param {name!r} is read-only; step updates it in place.")
@@ -393,6 +425,13 @@ class KronPsgd:
                 "float32 or float64 parameters."
             )
         if shape is not None:
+            if not isinstance(shape, (tuple, list)) or not all(
+                isinstance(n, numbers.Integral) and not isinstance(n, bool) and n >= 1
+                for n in shape
+            ):
+                raise ValueError(
+                    f"shape of {name!r} must be a tuple of positive whole numbers; got {shape!r}."
+                )
             shape = tuple(int(n) for n in shape)
             if param.size != math.prod(shape) or grad.size != param.size:
                 raise ValueError(
@@ -409,6 +448,15 @@ class KronPsgd:
                 raise ValueError(
                     f"grad shape {grad.shape} does not match param shape {param.shape} "
                     f"for {name!r}."
+                )
+        slot = self._slots.get(name)
+        if slot is not None:
+            known = slot.state.momentum
+            if view.shape != known.shape or view.dtype != known.dtype:
+                raise ValueError(
+                    f"param {name!r} was stepped as {known.shape} {known.dtype}; got "
+                    f"{view.shape} {view.dtype}. A name stands for one parameter: give a new "
+                    "parameter a new name."
                 )
         return view, grad.astype(param.dtype, copy=False)
 
@@ -437,6 +485,11 @@ class KronPsgd:
         if self._decided is not None and self._decided[0] == self._iteration:
             return self._decided[1]
         p = float(probability_at(self.update_probability, self._iteration))
+        if not 0.0 < p <= 1.0:
+            raise ValueError(
+                f"update_probability gave {p!r} at iteration {self._iteration}; it must be in "
+                "(0, 1]."
+            )
         if self.decision_rule == "counter":
             decide, total = counter_decision(self._decision_total, p, _OPS)
         elif self.decision_rule == "accumulator":

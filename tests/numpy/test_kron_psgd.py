@@ -295,6 +295,10 @@ def test_out_of_range_values_are_rejected(option, value):
         ("init_scale", math.inf, r"init_scale must be a finite number > 0 or None; got inf"),
         ("update_probability", "0.5", r"update_probability must be a number in \(0, 1\]"),
         ("whiten_grad", "False", r"whiten_grad must be True or False; got 'False'"),
+        ("damping", "x", r"damping must be a number; got 'x'"),
+        ("clip_rms", "a", r"clip_rms must be a number or None; got 'a'"),
+        ("balance_probability", "x", r"balance_probability must be a number; got 'x'"),
+        ("min_ndim_dense", 1.5, r"min_ndim_dense must be a whole number >= 0; got 1.5"),
     ],
 )
 def test_bad_values_are_named_at_construction(option, value, message):
@@ -407,3 +411,61 @@ def test_a_read_only_param_is_refused_before_anything_moves():
     with pytest.raises(ValueError, match="param 'w' is read-only"):
         opt.step("w", frozen, np.ones(3))
     assert opt.state_dict()["slots"] == {} and opt.state_dict()["stepped"] == []
+
+
+@pytest.mark.parametrize(
+    ("param", "message"),
+    [
+        (np.zeros((4, 3)), r"'w' was stepped as \(3, 4\) float64; got \(4, 3\) float64"),
+        (
+            np.zeros((3, 4), np.float32),
+            r"'w' was stepped as \(3, 4\) float64; got \(3, 4\) float32",
+        ),
+    ],
+)
+def test_a_name_stepped_with_another_shape_or_dtype_is_refused_before_anything_moves(
+    param, message
+):
+    """A name stands for one parameter: a different shape or dtype under it is a ValueError
+    naming both, and the iteration and state stay as they were."""
+    opt = KronPsgd()
+    opt.step("w", np.zeros((3, 4)), np.ones((3, 4)))
+    before = opt.state_dict()
+    with pytest.raises(ValueError, match=message):
+        opt.step("w", param, np.ones_like(param))
+    after = opt.state_dict()
+    assert after["iteration"] == before["iteration"] and after["stepped"] == before["stepped"]
+    assert after["slots"]["w"]["momentum"].dtype == np.float64
+
+
+@pytest.mark.parametrize("value", [2.0, -1.0, math.nan, 0.0])
+def test_a_schedule_out_of_range_raises_and_leaves_the_clock(rng, value):
+    """A callable update_probability is checked on every use; the step that met the bad value
+    changes nothing, so once the schedule is fixed the run continues as if it never failed."""
+    params = make_params(rng)
+    clean, failing = KronPsgd(update_probability=0.5), KronPsgd(update_probability=0.5)
+    w_clean, w = params["w"].copy(), params["w"].copy()
+    run(clean, {"w": w_clean}, 1)
+    run(failing, {"w": w}, 1)
+    failing.update_probability = lambda iteration: value
+    before = w.copy()
+    with pytest.raises(ValueError, match=r"update_probability gave .* at iteration 1"):
+        failing.step("w", w, np.ones_like(w))
+    np.testing.assert_array_equal(w, before)
+    assert failing.iteration == 1 and failing.state_dict()["stepped"] == []
+    failing.update_probability = 0.5
+    run(clean, {"w": w_clean}, 2, start=1)
+    run(failing, {"w": w}, 2, start=1)
+    np.testing.assert_array_equal(w, w_clean)
+    assert failing.state_dict()["decision_total"] == clean.state_dict()["decision_total"]
+
+
+@pytest.mark.parametrize("shape", [(-2, -3), (6, 0.5), 6])
+def test_a_bad_shape_is_named(shape):
+    with pytest.raises(ValueError, match="shape of 'w' must be a tuple of positive whole numbers"):
+        KronPsgd().step("w", np.zeros(6), np.zeros(6), shape=shape)
+
+
+def test_arguments_in_the_rust_order_say_where_the_shape_goes():
+    with pytest.raises(TypeError, match=r"\(name, param, grad, shape=None\): the shape goes last"):
+        KronPsgd().step("w", (2, 3), np.zeros(6), np.zeros(6))
