@@ -213,6 +213,24 @@ def test_block_grid(shape, block_size, grid, block, padded, dense):
     assert plan.dense == dense
 
 
+@pytest.mark.parametrize(
+    ("shape", "grid", "block", "dense"),
+    [
+        ((50257, 4096), (1, 16), (50257, 256), (False, True)),  # a vocabulary-sized embedding
+        ((4096, 50257), (16, 1), (256, 50257), (True, False)),
+        ((300, 300), (2, 2), (256, 256), (True, True)),
+        ((40000,), (1,), (40000,), (False,)),
+    ],
+)
+def test_an_axis_past_max_size_is_diagonal_and_left_whole(shape, grid, block, dense):
+    """max_size is the longest axis of the parameter that may be dense, whatever the tiling: a
+    longer one gets a diagonal factor and is not cut, so it does not multiply the dense blocks of
+    the other axis (eformer's rule; tiled, the embedding took 3152 pairs of 256² factors)."""
+    options = LayoutOptions(max_size=16384, max_skew=math.inf, min_ndim_dense=2, block_size=256)
+    plan = make_plan(shape, options)
+    assert (plan.grid, plan.block_shape, plan.dense) == (grid, block, dense)
+
+
 def test_blocks_hold_the_right_entries():
     plan = make_plan((20, 6), LayoutOptions(block_size=8))
     x = np.arange(120.0).reshape(20, 6) + 1

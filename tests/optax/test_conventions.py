@@ -170,6 +170,32 @@ def test_inject_hyperparams_changes_the_learning_rate_in_the_state(factory):
         assert float(jnp.abs(a).max()) > 0
 
 
+@pytest.mark.parametrize("factory", [kron, quad], ids=["kron", "quad"])
+def test_an_injected_weight_decay_decays_as_the_same_number_given_directly(factory):
+    """weight_decay is injectable, as optax.adamw's: injected at 0.1 it steps exactly as
+    ``factory(weight_decay=0.1)``, and set to 0 in the state as ``factory(weight_decay=0.0)``."""
+    params = {"w": jnp.ones((6, 4)), "b": jnp.full(4, 2.0)}
+    grads = jax.tree.map(lambda p: 0.5 * jnp.ones_like(p), params)
+
+    def updates(tx, state=None):
+        state = tx.init(params) if state is None else state
+        return jax.jit(tx.update)(grads, state, params)[0]
+
+    tx = optax.inject_hyperparams(factory, static_args=static_args(factory))(
+        learning_rate=1e-2, weight_decay=0.1
+    )
+    state = tx.init(params)
+    undecayed = state._replace(hyperparams={**state.hyperparams, "weight_decay": jnp.asarray(0.0)})
+    for injected, direct in (
+        (updates(tx, state), updates(factory(learning_rate=1e-2, weight_decay=0.1))),
+        (updates(tx, undecayed), updates(factory(learning_rate=1e-2, weight_decay=0.0))),
+    ):
+        for a, b in zip(jax.tree.leaves(injected), jax.tree.leaves(direct)):
+            np.testing.assert_allclose(a, b, rtol=1e-6)
+    decayed, plain = updates(tx, state), updates(tx, undecayed)
+    assert not np.allclose(decayed["w"], plain["w"])
+
+
 @pytest.mark.parametrize("factory", [kron, quad, skew], ids=["kron", "quad", "skew"])
 def test_inject_hyperparams_without_static_args_says_what_to_pass(factory):
     """Without ``static_args`` every numeric option arrives as an array, and the structural ones

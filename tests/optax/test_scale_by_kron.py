@@ -382,3 +382,19 @@ def test_a_probability_above_one_fits_every_step_as_in_psgdax():
         before = state.factors["w"][0]
         _, state = tx.update({"w": jnp.arange(9.0).reshape(3, 3)}, state, params)
         assert not np.array_equal(state.factors["w"][0], before)
+
+
+def test_grad_clip_max_amp_none_leaves_the_output_unclipped():
+    """None is psgdax's "no clip": the output equals an unreachable cap's, and differs from the
+    default cap of 1 on gradients whose preconditioned RMS is far above it."""
+    params = {"w": jnp.zeros((5, 3))}
+    grads = {"w": 100.0 * jnp.arange(15.0).reshape(5, 3)}
+
+    def output(cap):
+        tx = scale_by_kron(grad_clip_max_amp=cap, preconditioner_init_scale=1.0)
+        return tx.update(grads, tx.init(params), params)[0]["w"]
+
+    unclipped = output(None)
+    np.testing.assert_array_equal(unclipped, output(1e30))
+    assert float(jnp.sqrt(jnp.mean(unclipped**2))) > 2.0
+    assert float(jnp.sqrt(jnp.mean(output(1.0) ** 2))) <= 1.0 + 1e-5

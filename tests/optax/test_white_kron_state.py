@@ -16,22 +16,22 @@ from kron.optax.quad_skew import white_kron_layout
 from kron.optax.white_kron_state import DENSE_PATH, LARGE_PATH, ONE_D_PATH
 
 BLOCK = 8
-# Blocks of 8 and dense factors up to 7: an axis cut into blocks gets diagonal factors.
+# Blocks of 8 and dense factors up to 16: a longer axis gets a diagonal factor and stays whole.
 PARAMS = {
-    "tall": jnp.zeros((20, 5)),  # rows in blocks of 8 + 8 + 4 (diagonal), columns dense
-    "wide": jnp.zeros((3, 30)),  # columns in blocks of 8 + 8 + 8 + 6
-    "grid": jnp.zeros((12, 10)),  # a 2 × 2 grid of blocks: (8 + 4) × (8 + 2)
+    "tall": jnp.zeros((20, 12)),  # rows diagonal and whole; columns dense in blocks of 8 + 4
+    "wide": jnp.zeros((3, 30)),  # rows dense, columns diagonal and whole
+    "grid": jnp.zeros((12, 10)),  # a 2 × 2 grid of dense blocks: (8 + 4) × (8 + 2)
     "conv": jnp.zeros((3, 2, 2, 2)),  # merged to 2-D, both sides dense
     "scan": jnp.zeros((2, 6, 5)),  # two scanned layers, both sides dense
     "bias": jnp.zeros(11),  # blocks of 8 + 3
     "row": jnp.zeros((1, 6)),  # a size-1 axis: the 1-D path, with a dense factor
 }
 SCANNED = {name: name == "scan" for name in PARAMS}
-OPTIONS = dict(block_size=BLOCK, max_size_dense=7, scanned_layers=SCANNED, dtype=jnp.float32)
+OPTIONS = dict(block_size=BLOCK, max_size_dense=16, scanned_layers=SCANNED, dtype=jnp.float32)
 KINDS = {
     "tall": LARGE_PATH,
     "wide": LARGE_PATH,
-    "grid": LARGE_PATH,
+    "grid": DENSE_PATH,
     "conv": DENSE_PATH,
     "scan": DENSE_PATH,
     "bias": ONE_D_PATH,
@@ -72,16 +72,17 @@ def test_leaf_records_follow_the_layout(state):
     _, leaves = white_kron_states(PARAMS, state, **OPTIONS)
     assert {name: leaf.kind for name, leaf in leaves.items()} == KINDS
     tall, wide, scan, bias, row = (leaves[k] for k in ("tall", "wide", "scan", "bias", "row"))
-    assert (tall.merged, tall.nr, tall.nc, tall.stack) == ((20, 5), 3, 1, 3)
+    assert (tall.merged, tall.nr, tall.nc, tall.stack) == ((20, 12), 1, 2, 2)
     assert (tall.diag_left, tall.diag_right) == (True, False)
-    assert (wide.diag_left, wide.diag_right, wide.nr, wide.nc, wide.stack) == (False, True, 1, 4, 4)
+    assert tall.Ql.shape == (2, 20) and tall.Qr.shape == (2, 8, 8)
+    assert (wide.diag_left, wide.diag_right, wide.nr, wide.nc, wide.stack) == (False, True, 1, 1, 1)
     assert (scan.scanned, scan.B, scan.shape, scan.stack) == (1, 2, (6, 5), 2)
     assert leaves["conv"].merged in {(4, 6), (6, 4)}
     assert (bias.merged, bias.nr, bias.stack, bias.diag_left) == ((11,), 2, 2, True)
     assert (row.merged, row.nc, row.diag_left, row.diag_right) == ((6,), None, False, None)
     assert row.Qr is None
     assert row.Ql.shape == (1, 6, 6)
-    for name in ("tall", "wide", "grid", "bias", "row"):
+    for name in ("tall", "wide", "bias", "row"):  # the dense path keeps its counts in DenseState
         rows, cols = _real_rows_and_cols(name)
         np.testing.assert_array_equal(leaves[name].valid_rows, rows)
         if cols is None:
@@ -119,7 +120,7 @@ def test_records_hold_the_states_factors(state):
             np.testing.assert_array_equal(padded, identity)
         np.testing.assert_array_equal(dense.Ll[rows], lipschitz[0])
         np.testing.assert_array_equal(dense.Lr[rows], lipschitz[1])
-    assert dense.valid_count == start == 1 + 2  # conv, then the two scanned layers
+    assert dense.valid_count == start == 1 + 4 + 2  # conv, the grid's 2 × 2, two scan layers
     assert dense.Ql.shape == (start, BLOCK, BLOCK) and dense.block_size == BLOCK
 
 
@@ -151,7 +152,7 @@ def test_records_serialise_and_pass_through_jit():
     # The layout fields are static: jit sees only the six arrays, and returns the same record.
     assert len(jax.tree.leaves(wide)) == 6
     doubled = jax.jit(lambda r: r.replace(Ll=2 * r.Ll))(wide)
-    assert (doubled.kind, doubled.merged, doubled.nc) == (LARGE_PATH, (3, 30), 4)
+    assert (doubled.kind, doubled.merged, doubled.nc) == (LARGE_PATH, (3, 30), 1)
     np.testing.assert_array_equal(doubled.Ll, 2 * wide.Ll)
 
 

@@ -72,6 +72,24 @@ def test_a_one_element_tensor_probability_is_a_number():
     assert opt.state[p]["count"].item() == 1
 
 
+@pytest.mark.parametrize(
+    ("options", "factor_shapes"),
+    [
+        # split: an axis past the limit is cut into dense tiles (heavyball's split).
+        (dict(split=True, max_size_triangular=4), [(3, 4, 4), (3, 3, 3)]),
+        # block_size alone: an axis past max_size_triangular is diagonal and stays whole.
+        (dict(block_size=4, max_size_triangular=8), [(1, 10), (1, 3, 3)]),
+        (dict(block_size=4), [(3, 4, 4), (3, 3, 3)]),
+    ],
+)
+def test_split_tiles_long_axes_and_block_size_leaves_them_diagonal(options, factor_shapes):
+    p = nn.Parameter(torch.ones(10, 3))
+    opt = Kron([p], min_ndim_triangular=0, **options)
+    p.grad = torch.ones(10, 3)
+    opt.step()
+    assert [tuple(f.shape) for f in opt.state[p]["factors"]] == factor_shapes
+
+
 def test_split_tiles_by_a_whole_float_max_size_and_names_a_fractional_one():
     """With ``split=True`` and no ``block_size`` the tiles are ``max_size_triangular`` wide, so
     a float that is a whole number (1e4 spelled as a float) serves, and another is named."""

@@ -34,15 +34,17 @@ class LayoutOptions:
     psgd_torch's rule is ``max_size`` + ``max_skew``; kron_torch's is ``max_size`` (its
     ``max_size_triangular``) + ``min_ndim_dense`` (its ``min_ndim_triangular``) +
     ``memory_save_mode`` with ``max_skew=inf``. An axis of size ``n`` in a block of ``N`` elements,
-    of a parameter with ``ndim`` axes (before squeezing), is diagonal iff any of these holds:
+    of a parameter with ``ndim`` axes (before squeezing) whose axis is ``n_axis`` long before
+    tiling, is diagonal iff any of these holds:
 
-    * ``n == 1``; ``n > max_size``; ``n * n > max_skew * N``; ``ndim < min_ndim_dense``;
+    * ``n == 1``; ``n_axis > max_size``; ``n * n > max_skew * N``; ``ndim < min_ndim_dense``;
     * ``memory_save_mode`` marks it: ``"one_diag"`` the largest axis (the last one on ties),
       ``"smart_one_diag"`` the largest axis if it is strictly larger than the second largest,
       ``"one_triu"`` every axis but the smallest, ``"all_diag"`` every axis.
 
     Attributes:
-      max_size: largest axis that may get a dense factor. Default ``inf``.
+      max_size: longest axis that may get a dense factor; a longer one is diagonal and is not
+        cut into blocks. Default ``inf``.
       max_skew: an axis whose square exceeds ``max_skew`` times the block size gets a diagonal
         factor. ``1.0`` (default) makes vectors and the long side of a rectangular matrix diagonal;
         ``inf`` disables the rule; ``0`` makes everything diagonal.
@@ -54,8 +56,8 @@ class LayoutOptions:
         unsqueezed shape and picks ``(prod(shape[:-1]), shape[-1])`` unless
         ``(shape[0], prod(shape[1:]))`` has the smaller signed difference ``cols − rows``.
         Default ``False``.
-      block_size: cut axes longer than this into blocks with their own factors. Default ``None``
-        (never split).
+      block_size: cut axes longer than this (and no longer than ``max_size``) into blocks with
+        their own factors. Default ``None`` (never split).
     """
 
     max_size: float = math.inf
@@ -207,15 +209,19 @@ def make_plan(shape: tuple[int, ...], options: LayoutOptions = LayoutOptions()) 
         work = tuple(n for n in shape if n > 1) or (1,)
         if options.merge_dims and len(work) > 2:
             work = squarest_split(work)
+    # max_size speaks of the parameter's own axes: a longer one is diagonal however it would be
+    # tiled, and is left whole, since cutting a diagonal saves nothing and would multiply the
+    # other axes' dense blocks (a 50257×4096 embedding in 256-blocks: 3152 pairs of 256² factors).
+    long = tuple(n > options.max_size for n in work)
     bs = options.block_size
-    grid = tuple(1 if bs is None or n <= bs else -(-n // bs) for n in work)
+    grid = tuple(1 if bs is None or n <= bs or lg else -(-n // bs) for n, lg in zip(work, long))
     block = tuple(n if g == 1 else bs for n, g in zip(work, grid))
     size = math.prod(block)
     marked = _marked_by_memory_mode(block, options.memory_save_mode)
     dense = tuple(
         not (
             n == 1
-            or n > options.max_size
+            or long[i]
             or n * n > options.max_skew * size
             or len(shape) < options.min_ndim_dense
             or i in marked

@@ -9,21 +9,22 @@ from typing import Any
 import jax
 import optax
 
-from kron.optax.engine import require_option
+from kron.optax.engine import decays_weights, require_option
 from kron.optax.sharding import chain_state_specs, param_specs
 from kron.optax.transform import scale_by_kron
 
 # Options of kron that scale_by_kron does not take.
 CHAIN_ONLY = ("learning_rate", "weight_decay", "weight_decay_mask")
 # Options that may be traced values (optax.inject_hyperparams); the rest shape the computation.
-# weight_decay is static: whether it is 0 decides the chain's structure (and so the state's).
-INJECTABLE = ("learning_rate", "preconditioner_lr")
+# An injected weight_decay always brings add_decayed_weights into the chain (decays_weights), so
+# it may be scheduled as optax.adamw's is.
+INJECTABLE = ("learning_rate", "preconditioner_lr", "weight_decay")
 
 
 def static_args(factory: Callable[..., Any]) -> tuple[str, ...]:
     """The ``static_args`` of ``optax.inject_hyperparams(factory, static_args=...)`` for
     :func:`kron`, :func:`~kron.optax.quad` or :func:`~kron.optax.skew`: every option except
-    the learning rate and the preconditioner learning rate."""
+    the learning rate, the preconditioner learning rate and the weight decay."""
     return tuple(name for name in inspect.signature(factory).parameters if name not in INJECTABLE)
 
 
@@ -88,7 +89,7 @@ def kron(
     weight_decay_mask = options.pop("weight_decay_mask")
     require_option("weight_decay", weight_decay, lambda v: v >= 0, ">= 0")
     parts = [scale_by_kron(**options)]
-    if weight_decay:
+    if decays_weights(weight_decay):
         parts.append(optax.add_decayed_weights(weight_decay, weight_decay_mask))
     parts.append(optax.scale_by_learning_rate(learning_rate))
     return optax.chain(*parts)

@@ -233,6 +233,13 @@ def require_option(name: str, value: Any, ok: Callable[[Any], bool], accepted: s
         raise ValueError(f"{name} must be a number {accepted}; got {value!r}.")
 
 
+def decays_weights(weight_decay: Any) -> bool:
+    """Whether a chain needs ``optax.add_decayed_weights``: for a number > 0, a schedule, or an
+    array (``optax.inject_hyperparams`` hands the option over as one, to be changed between
+    steps, as with ``optax.adamw``), but not for a plain 0."""
+    return not isinstance(weight_decay, numbers.Real) or weight_decay > 0
+
+
 def float_dtype(name: str, value: Any) -> Any:
     """``value`` as a JAX floating-point dtype, or ``ValueError`` naming option ``name``."""
     try:

@@ -21,7 +21,14 @@ import optax
 
 from kron.core import FitOptions, LayoutOptions, StepOptions
 from kron.core.option_types import check_option_types
-from kron.optax.engine import INJECTED_HINT, EngineConfig, build, float_dtype, require_option
+from kron.optax.engine import (
+    INJECTED_HINT,
+    EngineConfig,
+    build,
+    decays_weights,
+    float_dtype,
+    require_option,
+)
 from kron.optax.sharding import chain_state_specs, param_specs
 
 LR_STYLES = ("adam", None)
@@ -199,7 +206,7 @@ def _full_optimizer(
     weight_decay_mask = options.pop("weight_decay_mask")
     require_option("weight_decay", weight_decay, lambda v: v >= 0, ">= 0")
     parts = [scale_by(**options)]
-    if weight_decay:  # a number > 0 or a schedule, as optax.add_decayed_weights takes
+    if decays_weights(weight_decay):
         parts.append(optax.add_decayed_weights(weight_decay, weight_decay_mask))
     parts.append(optax.scale_by_learning_rate(learning_rate))
     return optax.chain(*parts)

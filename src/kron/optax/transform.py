@@ -136,7 +136,8 @@ def scale_by_kron(
     require_option("max_size_triangular", max_size_triangular, lambda v: v >= 1, ">= 1")
     require_option("max_skew_triangular", max_skew_triangular, lambda v: v >= 0, ">= 0")
     require_option("min_ndim_triangular", min_ndim_triangular, lambda v: v >= 0, ">= 0")
-    require_option("grad_clip_max_amp", grad_clip_max_amp, lambda v: v > 0, "> 0 or None")
+    if grad_clip_max_amp is not None:
+        require_option("grad_clip_max_amp", grad_clip_max_amp, lambda v: v > 0, "> 0 or None")
     try:
         preconditioner_mode = canonical_geometry(preconditioner_mode)
     except ValueError as error:

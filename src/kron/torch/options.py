@@ -244,7 +244,9 @@ def core_records(group: dict[str, Any]) -> tuple[LayoutOptions, StepOptions]:
             )
         block = int(block)
     layout = LayoutOptions(
-        max_size=group["max_size_triangular"],
+        # split turns the size limit into tiling: every axis is cut to fit instead of an axis
+        # past the limit going diagonal (the core's rule for an unsplit long axis).
+        max_size=math.inf if group["split"] else group["max_size_triangular"],
         max_skew=group["max_skew"],
         min_ndim_dense=group["min_ndim_triangular"],
         memory_save_mode=group["memory_save_mode"],
