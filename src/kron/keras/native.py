@@ -8,8 +8,11 @@ seed and the step counter resumes with the very draws of the run that never stop
 ``stateless_apply`` needs no RNG state. ``keras.random`` is not used because it accepts only a
 Python int or a ``SeedGenerator`` (whose state is a separate, per-call variable) as the seed.
 
-* TensorFlow: ``tf.random.stateless_normal`` with the seed pair
-  ``(seed·2²⁴ + index·16 + stream, step)`` (Philox; traces under ``jit_compile``).
+* TensorFlow: SplitMix64 in ``uint64`` tensor ops, keyed by a chain over ``(seed, step,
+  index·16 + stream)`` and counted over the elements; normals by Box–Muller. Integer arithmetic
+  gives the same bits eagerly, in ``tf.function`` and under XLA (``jit_compile``), where
+  ``tf.random.stateless_*`` switch generators: a run compiled with XLA and its eager resume
+  would draw different numbers.
 * JAX: ``fold_in(fold_in(PRNGKey(seed), step), index·16 + stream)`` (threefry).
 * PyTorch: a ``torch.Generator`` seeded on the host with a SplitMix64 hash of the four integers.
 
@@ -18,6 +21,7 @@ The streams are independent within a backend; the backends draw different number
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -26,7 +30,7 @@ import keras
 # Random streams of one variable; ``PROBES + axis`` for the norm-bound probes of each axis.
 NOISE, BALANCE, DECISION, PROBES = 0, 1, 2, 3
 STREAMS = 16  # streams per variable
-MAX_VARIABLES = 1 << 20  # index·16 + stream must stay below 2²⁴ (the TF seed word layout)
+MAX_VARIABLES = 1 << 20  # index·16 + stream stays below 2²⁴, a word of every backend's key
 MAX_SEED = (1 << 31) - 1
 
 
@@ -46,7 +50,7 @@ def normal(seed: Any, step: Any, index: int, stream: int, shape: tuple, dtype: s
     if backend == "tensorflow":
         import tensorflow as tf
 
-        return tf.random.stateless_normal(shape, _tf_seed(seed, step, word), dtype=dtype)
+        return tf.cast(_tf_normal(seed, step, word, shape), dtype)
     if backend == "jax":
         import jax
 
@@ -67,7 +71,7 @@ def uniform(seed: Any, step: Any, index: int, stream: int) -> Any:
     if backend == "tensorflow":
         import tensorflow as tf
 
-        return tf.random.stateless_uniform((), _tf_seed(seed, step, word), dtype=tf.float32)
+        return tf.reshape(_tf_unit(_tf_bits(seed, step, word, ()), 40), ())
     if backend == "jax":
         import jax
 
@@ -80,11 +84,57 @@ def uniform(seed: Any, step: Any, index: int, stream: int) -> Any:
     raise ValueError(f"Unsupported Keras backend {backend!r}; accepted: tensorflow, jax, torch.")
 
 
-def _tf_seed(seed: Any, step: Any, word: int) -> Any:
+def _tf_mix(x: Any) -> Any:
+    """SplitMix64's step on a ``uint64`` tensor: add the golden-ratio increment, then mix."""
     import tensorflow as tf
 
-    first = tf.cast(seed, tf.int64) * (1 << 24) + word
-    return tf.stack([first, tf.cast(step, tf.int64)])
+    bits = tf.bitwise
+
+    def constant(value: int) -> Any:
+        return tf.constant(value, tf.uint64)
+
+    x = x + constant(0x9E3779B97F4A7C15)
+    x = bits.bitwise_xor(x, bits.right_shift(x, constant(30))) * constant(0xBF58476D1CE4E5B9)
+    x = bits.bitwise_xor(x, bits.right_shift(x, constant(27))) * constant(0x94D049BB133111EB)
+    return bits.bitwise_xor(x, bits.right_shift(x, constant(31)))
+
+
+def _tf_bits(seed: Any, step: Any, word: int, shape: tuple) -> Any:
+    """64 random bits per element of ``shape``: SplitMix64's sequence from a key that chains
+    ``seed``, ``step`` and ``word``, as ``_torch_generator`` chains them."""
+    import tensorflow as tf
+
+    key = tf.zeros((), tf.uint64)
+    for part in (seed, step, word):
+        part = tf.cast(tf.cast(part, tf.int64), tf.uint64)
+        key = _tf_mix(tf.bitwise.bitwise_xor(key, part))
+    count = 1
+    for n in shape:
+        count *= int(n)
+    counter = tf.cast(tf.range(count, dtype=tf.int64), tf.uint64)
+    return tf.reshape(_tf_mix(key + counter * tf.constant(0x9E3779B97F4A7C15, tf.uint64)), shape)
+
+
+def _tf_unit(bits: Any, shift: int) -> Any:
+    """The 24 bits of ``bits`` from ``shift`` up as a float32 in ``[0, 1)`` (exact)."""
+    import tensorflow as tf
+
+    field = tf.bitwise.bitwise_and(
+        tf.bitwise.right_shift(bits, tf.constant(shift, tf.uint64)),
+        tf.constant(0xFFFFFF, tf.uint64),
+    )
+    return tf.cast(field, tf.float32) * (1.0 / (1 << 24))
+
+
+def _tf_normal(seed: Any, step: Any, word: int, shape: tuple) -> Any:
+    """Standard normals by Box–Muller from two 24-bit uniforms of each element's bits (``1 - u``
+    keeps the logarithm finite). Only the last ulps can differ between XLA and the eager
+    kernels, whose ``log`` and ``cos`` are not bit-identical."""
+    import tensorflow as tf
+
+    bits = _tf_bits(seed, step, word, shape)
+    radius = tf.sqrt(-2.0 * tf.math.log(1.0 - _tf_unit(bits, 40)))
+    return radius * tf.cos((2.0 * math.pi) * _tf_unit(bits, 16))
 
 
 def _jax_key(seed: Any, step: Any, word: int) -> Any:
