@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-import types
 
 import torch
 from torch.profiler import profile
@@ -32,8 +31,8 @@ PRODUCTS = ("aten::mm", "aten::bmm", "aten::addmm")
 
 
 def compile_every_step() -> None:
-    """Make ``compile=True`` compile the steps that do not fit too (a fresh code object per
-    key, as ``Kron._compiled_step`` does for the ones that fit); other instances as before."""
+    """Make ``compile=True`` compile the steps that do not fit too (one fresh copy of the step
+    per key, as ``Kron._compiled_step`` compiles the ones that fit); others as before."""
 
     eager_on_cpu = kron_optimizer.Kron._compiled_step
 
@@ -42,16 +41,7 @@ def compile_every_step() -> None:
             return eager_on_cpu(self, plan, options, do_fit, size, dtype, device)
         key = (plan, options, do_fit, size, dtype, device)
         if key not in self._compiled:
-            step = kron_optimizer.kron_step
-            fresh = types.FunctionType(
-                step.__code__.replace(),
-                step.__globals__,
-                step.__name__,
-                step.__defaults__,
-                step.__closure__,
-            )
-            fresh.__kwdefaults__ = step.__kwdefaults__
-            self._compiled[key] = torch.compile(fresh, dynamic=False)
+            self._compiled[key] = torch.compile(kron_optimizer.fresh_kron_step(), dynamic=False)
         return self._compiled[key]
 
     kron_optimizer.Kron._compiled_step = compiled_step

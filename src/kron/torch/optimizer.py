@@ -747,18 +747,7 @@ class Kron(torch.optim.Optimizer):
             return kron_step
         key = (plan, options, do_fit, size, dtype, device)
         if key not in self._compiled:
-            # A fresh code object per key gives each its own compile cache, so models with many
-            # shapes never hit dynamo's per-function recompile limit (no global setting changes).
-            code = kron_step.__code__.replace()
-            fresh = types.FunctionType(
-                code,
-                kron_step.__globals__,
-                kron_step.__name__,
-                kron_step.__defaults__,
-                kron_step.__closure__,
-            )
-            fresh.__kwdefaults__ = kron_step.__kwdefaults__
-            self._compiled[key] = torch.compile(fresh, dynamic=False)
+            self._compiled[key] = torch.compile(fresh_kron_step(), dynamic=False)
         return self._compiled[key]
 
     def _gather_gradients(self, gi, group, params, states, dtype):
@@ -907,6 +896,21 @@ class Kron(torch.optim.Optimizer):
 
 
 _PAST_FLOAT16 = ", or past float16's range (the factors' dtype)"
+
+
+def fresh_kron_step() -> Callable:
+    """``kron_step`` under a fresh code object. Compiled once per key, each copy gets its own
+    compile cache, so models with many shapes never hit dynamo's per-function recompile limit
+    (and no global setting changes)."""
+    fresh = types.FunctionType(
+        kron_step.__code__.replace(),
+        kron_step.__globals__,
+        kron_step.__name__,
+        kron_step.__defaults__,
+        kron_step.__closure__,
+    )
+    fresh.__kwdefaults__ = kron_step.__kwdefaults__
+    return fresh
 
 
 def _gradient_limit(group: dict[str, Any]) -> float:
