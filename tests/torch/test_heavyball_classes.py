@@ -348,3 +348,32 @@ def test_a_groups_own_values_follow_the_class_rules():
     a.grad, b.grad = torch.randn(4, 4), torch.randn(4, 4)
     opt.step()
     assert opt.state[a]["factors"][0].shape == (1, 4, 4)  # square, not a line of 10
+
+
+def _trained(make, steps=6):
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.randn(5, 4))
+    opt = make([w])
+    for step in range(steps):
+        w.grad = torch.sin(torch.arange(20.0).reshape(5, 4) + step)
+        opt.step()
+    return w.detach(), opt
+
+
+@pytest.mark.parametrize(
+    "option",
+    [dict(exp_avg_input=False), dict(stochastic_schedule=False)],
+    ids=["exp_avg_input", "stochastic_schedule"],
+)
+def test_a_group_option_brings_the_rule_the_constructor_applies(option):
+    """exp_avg_input=False fits P on the raw gradient, stochastic_schedule=False takes the
+    accumulator rule: given in a group, each steps as when given to the constructor."""
+    probability = dict(preconditioner_update_probability=0.4)
+    by_constructor, _ = _trained(lambda ps: ForeachPSGDKron(ps, **probability, **option))
+    by_group, opt = _trained(lambda ps: ForeachPSGDKron([{"params": ps, **option}], **probability))
+    torch.testing.assert_close(by_group, by_constructor, rtol=0, atol=0)
+    group = opt.param_groups[0]
+    if "exp_avg_input" in option:
+        assert group["momentum_into_precond_update"] is False
+    else:
+        assert group["decision_rule"] == "accumulator"

@@ -99,3 +99,37 @@ def test_split_tiles_by_a_whole_float_max_size_and_names_a_fractional_one():
     assert as_float._options(as_float.param_groups[0]) == as_int._options(as_int.param_groups[0])
     with pytest.raises(ValueError, match="max_size_triangular, which must then be a whole number"):
         Kron([p], split=True, max_size_triangular=4.5)
+
+
+def test_split_with_a_block_size_keeps_a_long_axis_diagonal():
+    """split tiles by max_size_triangular only when no block_size is given: with one, an axis
+    past max_size_triangular stays diagonal and whole, as without split."""
+    p = nn.Parameter(torch.ones(10, 3))
+    opt = Kron([p], split=True, block_size=4, max_size_triangular=8, min_ndim_triangular=0)
+    p.grad = torch.ones(10, 3)
+    opt.step()
+    assert [tuple(f.shape) for f in opt.state[p]["factors"]] == [(1, 10), (1, 3, 3)]
+
+
+def test_a_one_element_tensor_lr_steps_as_the_number():
+    """torch.optim accepts a one-element tensor lr; so does Kron, with or without warm-up."""
+    results = []
+    for lr in (0.01, torch.tensor([0.01]), torch.tensor(0.01)):
+        torch.manual_seed(0)
+        p = nn.Parameter(torch.randn(4, 3))
+        opt = Kron([p], lr=lr, weight_decay=0.1, warmup_steps=3)
+        for step in range(3):
+            p.grad = torch.cos(torch.arange(12.0).reshape(4, 3) + step)
+            opt.step()
+        results.append(p.detach().clone())
+    torch.testing.assert_close(results[1], results[0])
+    torch.testing.assert_close(results[2], results[0])
+
+
+def test_an_unknown_preconditioner_mode_is_named_in_the_constructor_and_in_a_group():
+    p, q = nn.Parameter(torch.ones(2, 2)), nn.Parameter(torch.ones(2, 2))
+    with pytest.raises(ValueError, match=r"Unknown preconditioner_mode 'XX'; accepted: .*EQ"):
+        Kron([p], preconditioner_mode="XX")
+    opt = Kron([p])
+    with pytest.raises(ValueError, match=r"Unknown preconditioner_mode 'XX'"):
+        opt.add_param_group({"params": [q], "preconditioner_mode": "XX"})

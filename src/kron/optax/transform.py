@@ -138,10 +138,7 @@ def scale_by_kron(
     require_option("min_ndim_triangular", min_ndim_triangular, lambda v: v >= 0, ">= 0")
     if grad_clip_max_amp is not None:
         require_option("grad_clip_max_amp", grad_clip_max_amp, lambda v: v > 0, "> 0 or None")
-    try:
-        preconditioner_mode = canonical_geometry(preconditioner_mode)
-    except ValueError as error:
-        raise ValueError(f"preconditioner_mode: {error}") from None
+    preconditioner_mode = canonical_geometry(preconditioner_mode)
     layout = LayoutOptions(
         max_size=max_size_triangular,
         max_skew=max_skew_triangular,

@@ -89,6 +89,7 @@ class ForeachPSGDKron(Kron):
             update_clipping, clip_value = HEAVYBALL_UPDATE_CLIPPING
             kron_options.setdefault("update_clip_value", clip_value)
         kron_options.setdefault("preconditioner_mode", "EQ")
+        self._fit_on_momentum = momentum_into_precond_update  # before add_param_group runs
         if not stochastic_schedule:
             kron_options.setdefault("decision_rule", "accumulator")
         # heavyball's C.default: None, like USE_DEFAULT, takes the class's value.
@@ -147,12 +148,21 @@ class ForeachPSGDKron(Kron):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """As :meth:`Kron.add_param_group`, with the class's rules for a group's own values:
         ``delayed``, ``cached`` and ``exp_avg_input`` given as None or ``USE_DEFAULT`` take the
-        class's value, and a geometry other than EQ stores its factors square unless the group
-        says otherwise (as the constructor does)."""
+        class's value; P is fitted on the momentum only when the group's ``exp_avg_input`` makes
+        the momentum the preconditioned input; ``stochastic_schedule=False`` takes heavyball's
+        accumulator rule unless the group names a ``decision_rule``; and a geometry other than EQ
+        stores its factors square unless the group says otherwise (as the constructor does)."""
         group = dict(param_group)
         for name in ("delayed", "cached", "exp_avg_input"):
             if name in group and group[name] in (None, USE_DEFAULT):
                 group[name] = getattr(self, name)
+        if "exp_avg_input" in group or "momentum_into_precond_update" in group:
+            wanted = group.get("momentum_into_precond_update", self._fit_on_momentum)
+            exp_avg_input = group.get("exp_avg_input", self.defaults["exp_avg_input"])
+            if isinstance(wanted, bool) and isinstance(exp_avg_input, bool):  # else refused later
+                group["momentum_into_precond_update"] = wanted and exp_avg_input
+        if group.get("stochastic_schedule") is False:
+            group.setdefault("decision_rule", "accumulator")
         if group.get("preconditioner_mode", "EQ") != "EQ":  # only EQ's factors are triangular
             group.setdefault("store_triu_as_line", False)
         super().add_param_group(group)

@@ -723,6 +723,8 @@ class Kron(torch.optim.Optimizer):
         """``θ ← θ·(1 - lr·wd) - lr·y`` in each parameter's own dtype (a float64 parameter is
         never rounded through the float32 preconditioner)."""
         lr = group["lr"]
+        if isinstance(lr, torch.Tensor):  # one element, checked; alpha= takes only a 0-d tensor
+            lr = lr.reshape(())
         if group["warmup_steps"]:
             lr = lr * min(1.0, (group["step"] + 1) / group["warmup_steps"])
         decay = 1.0 - lr * group["weight_decay"] if group["decoupled_weight_decay"] else 1.0

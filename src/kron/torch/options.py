@@ -244,9 +244,13 @@ def core_records(group: dict[str, Any]) -> tuple[LayoutOptions, StepOptions]:
             )
         block = int(block)
     layout = LayoutOptions(
-        # split turns the size limit into tiling: every axis is cut to fit instead of an axis
-        # past the limit going diagonal (the core's rule for an unsplit long axis).
-        max_size=math.inf if group["split"] else group["max_size_triangular"],
+        # split without a block_size turns the size limit into the tile: every axis is cut to
+        # fit rather than going diagonal past it (the core's rule for a long axis).
+        max_size=(
+            math.inf
+            if group["split"] and group["block_size"] is None
+            else group["max_size_triangular"]
+        ),
         max_skew=group["max_skew"],
         min_ndim_dense=group["min_ndim_triangular"],
         memory_save_mode=group["memory_save_mode"],
