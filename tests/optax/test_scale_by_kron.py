@@ -304,7 +304,10 @@ def test_the_probability_schedule_gets_psgdaxs_step_number():
         (lambda: scale_by_kron(preconditioner_lr=-1.0), "preconditioner_lr must be > 0"),
         (lambda: scale_by_kron(mu_dtype=jnp.int32), "mu_dtype must be a floating-point dtype"),
         (lambda: scale_by_kron(precond_dtype="int32"), "precond_dtype must be a floating-point"),
-        (lambda: scale_by_kron(preconditioner_mode="foo"), "Unknown preconditioner_mode 'foo'"),
+        (
+            lambda: scale_by_kron(preconditioner_mode="foo"),
+            "Unknown preconditioner_mode \\(geometry\\) 'foo'",
+        ),
         (lambda: skew(max_size_dense=0), "max_size_dense must be >= 1; got 0"),
         (lambda: quad(noise_scale=-1.0), "noise_scale must be >= 0"),
         (lambda: quad(b1=1.0), r"b1 must be in \[0, 1\)"),

@@ -128,8 +128,10 @@ def test_a_one_element_tensor_lr_steps_as_the_number():
 
 def test_an_unknown_preconditioner_mode_is_named_in_the_constructor_and_in_a_group():
     p, q = nn.Parameter(torch.ones(2, 2)), nn.Parameter(torch.ones(2, 2))
-    with pytest.raises(ValueError, match=r"Unknown preconditioner_mode 'XX'; accepted: .*EQ"):
+    with pytest.raises(
+        ValueError, match=r"Unknown preconditioner_mode \(geometry\) 'XX'; accepted: .*EQ"
+    ):
         Kron([p], preconditioner_mode="XX")
     opt = Kron([p])
-    with pytest.raises(ValueError, match=r"Unknown preconditioner_mode 'XX'"):
+    with pytest.raises(ValueError, match=r"Unknown preconditioner_mode \(geometry\) 'XX'"):
         opt.add_param_group({"params": [q], "preconditioner_mode": "XX"})

@@ -45,7 +45,7 @@ def canonical_geometry(name: str) -> str:
     name = GEOMETRY_ALIASES.get(name, name) if isinstance(name, str) else name
     if name not in GEOMETRIES:
         accepted = ", ".join(GEOMETRIES + tuple(GEOMETRY_ALIASES))
-        raise ValueError(f"Unknown preconditioner_mode {name!r}; accepted: {accepted}.")
+        raise ValueError(f"Unknown preconditioner_mode (geometry) {name!r}; accepted: {accepted}.")
     return name
 
 
