@@ -69,9 +69,7 @@ def uniform(seed: Any, step: Any, index: int, stream: int) -> Any:
     word = _check(index, stream)
     backend = keras.backend.backend()
     if backend == "tensorflow":
-        import tensorflow as tf
-
-        return tf.reshape(_tf_unit(_tf_bits(seed, step, word, ()), 40), ())
+        return _tf_unit(_tf_bits(seed, step, word, 1), 40)[0]
     if backend == "jax":
         import jax
 
@@ -99,20 +97,17 @@ def _tf_mix(x: Any) -> Any:
     return bits.bitwise_xor(x, bits.right_shift(x, constant(31)))
 
 
-def _tf_bits(seed: Any, step: Any, word: int, shape: tuple) -> Any:
-    """64 random bits per element of ``shape``: SplitMix64's sequence from a key that chains
-    ``seed``, ``step`` and ``word``, as ``_torch_generator`` chains them."""
+def _tf_bits(seed: Any, step: Any, word: int, count: int) -> Any:
+    """``count`` words of 64 random bits: SplitMix64's sequence from a key that chains ``seed``,
+    ``step`` and ``word``, as ``_torch_generator`` chains them."""
     import tensorflow as tf
 
     key = tf.zeros((), tf.uint64)
     for part in (seed, step, word):
         part = tf.cast(tf.cast(part, tf.int64), tf.uint64)
         key = _tf_mix(tf.bitwise.bitwise_xor(key, part))
-    count = 1
-    for n in shape:
-        count *= int(n)
     counter = tf.cast(tf.range(count, dtype=tf.int64), tf.uint64)
-    return tf.reshape(_tf_mix(key + counter * tf.constant(0x9E3779B97F4A7C15, tf.uint64)), shape)
+    return _tf_mix(key + counter * tf.constant(0x9E3779B97F4A7C15, tf.uint64))
 
 
 def _tf_unit(bits: Any, shift: int) -> Any:
@@ -127,14 +122,18 @@ def _tf_unit(bits: Any, shift: int) -> Any:
 
 
 def _tf_normal(seed: Any, step: Any, word: int, shape: tuple) -> Any:
-    """Standard normals by Box–Muller from two 24-bit uniforms of each element's bits (``1 - u``
-    keeps the logarithm finite). Only the last ulps can differ between XLA and the eager
-    kernels, whose ``log`` and ``cos`` are not bit-identical."""
+    """Standard normals by Box–Muller, both of each pair (``r·cos θ`` and ``r·sin θ``) from one
+    word's two 24-bit uniforms, so the uint64 temporaries of an eager step are half the output's
+    count (``1 - u`` keeps the logarithm finite). Only the last ulps can differ between XLA and
+    the eager kernels, whose ``log``, ``cos`` and ``sin`` are not bit-identical."""
     import tensorflow as tf
 
-    bits = _tf_bits(seed, step, word, shape)
+    count = math.prod(int(n) for n in shape)
+    bits = _tf_bits(seed, step, word, (count + 1) // 2)
     radius = tf.sqrt(-2.0 * tf.math.log(1.0 - _tf_unit(bits, 40)))
-    return radius * tf.cos((2.0 * math.pi) * _tf_unit(bits, 16))
+    angle = (2.0 * math.pi) * _tf_unit(bits, 16)
+    pairs = tf.concat([radius * tf.cos(angle), radius * tf.sin(angle)], axis=0)
+    return tf.reshape(pairs[:count], shape)
 
 
 def _jax_key(seed: Any, step: Any, word: int) -> Any:
