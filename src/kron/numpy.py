@@ -223,6 +223,11 @@ class KronPsgd:
             raise TypeError(f"name must be a str; got {type(name).__name__} {name!r}.")
         view, grad = self._check(name, param, grad, shape)
         options = self._step_options()  # the fields may have been changed since the last step
+        if self.weight_decay:
+            # Coupled decay before the check: a finite gradient that the decay takes past the
+            # dtype's range is skipped like any non-finite one rather than stepped.
+            with np.errstate(over="ignore"):  # an overflow is caught just below
+                grad = grad + self.weight_decay * view
         finite = bool(np.isfinite(grad).all())
         if not finite and self.nonfinite == "raise":
             raise FloatingPointError(f"Non-finite gradient for {name!r}.")
@@ -248,8 +253,6 @@ class KronPsgd:
             else:
                 self._pending_skips[name] = self._pending_skips.get(name, 0) + 1
             return
-        if self.weight_decay:
-            grad = grad + self.weight_decay * view
         slot = self._slots.get(name) or self._new_slot(view, grad)
         rng = np.random.default_rng([self.seed, self._iteration, zlib.crc32(name.encode())])
         do_fit = self._do_fit()

@@ -469,3 +469,20 @@ def test_a_bad_shape_is_named(shape):
 def test_arguments_in_the_rust_order_say_where_the_shape_goes():
     with pytest.raises(TypeError, match=r"\(name, param, grad, shape=None\): the shape goes last"):
         KronPsgd().step("w", (2, 3), np.zeros(6), np.zeros(6))
+
+
+def test_a_gradient_the_weight_decay_takes_past_the_range_is_skipped():
+    """The coupled decay is added before the finiteness check: a finite float32 gradient that
+    g + wd·θ overflows is skipped and counted, and neither θ nor the state turns non-finite."""
+    opt = KronPsgd(weight_decay=2.0)
+    w = np.ones((2, 3), np.float32)
+    opt.step("w", w, np.ones((2, 3), np.float32))
+    opt.end_iteration()
+    huge = np.full((2, 3), 3e38, np.float32)
+    w[...] = np.float32(3e38)
+    opt.step("w", w, huge)
+    np.testing.assert_array_equal(w, np.float32(3e38))
+    assert opt.skipped("w") == 1
+    state = opt.state_dict()["slots"]["w"]
+    assert np.isfinite(state["momentum"]).all()
+    assert all(np.isfinite(f).all() for f in state["factors"])
