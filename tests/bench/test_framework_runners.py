@@ -209,6 +209,39 @@ def test_a_missing_framework_names_the_extras_to_install(monkeypatch):
         plan(args, TIERS["quick"])
 
 
+@pytest.mark.parametrize(
+    ("absent", "unavailable"),
+    [
+        ("jax", {"kron_jax", "kron_lr_jax", "adamw_jax", "psgdax", "kron_keras", "adamw_keras"}),
+        ("optax", {"kron_jax", "kron_lr_jax", "adamw_jax", "psgdax"}),
+        ("keras", {"kron_keras", "kron_lr_keras", "adamw_keras"}),
+    ],
+)
+def test_a_spec_is_available_only_with_its_runners_packages(monkeypatch, absent, unavailable):
+    """``kron bench --list`` said ``yes`` for kron_jax and kron_keras without JAX or Keras."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == absent else real(name, *a)
+    )
+    for name in unavailable:
+        assert not get_optimizer(name).available(), name
+    assert get_optimizer("kron").available() and get_optimizer("adamw").available()
+
+
+def test_keras_runner_picks_jax_over_the_shells_backend():
+    """docs/benchmarks.md: ``--framework keras`` runs Keras on JAX; a ``KERAS_BACKEND`` left set
+    in the shell made the run fail instead."""
+    script = (
+        "from kron.bench.keras_session import keras_on_jax\n"
+        "print(keras_on_jax().backend.backend())\n"
+    )
+    done = _python(script, "tensorflow")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split()[-1] == "jax"
+
+
 @pytest.mark.parametrize("name", ["adamw_keras", "kron_keras"])
 def test_keras_settings_are_the_same_on_every_call(name):
     """A record is resumed when its settings match the plan's; Keras numbers its optimizers'

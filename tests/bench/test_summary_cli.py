@@ -185,7 +185,7 @@ def test_cli_rejects_a_learning_rate_that_is_not_positive(text, capsys):
     assert "is not a learning rate > 0" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("text", ["0", "-1", "a", ",", "1,-2"])
+@pytest.mark.parametrize("text", ["0", "-1", "a", ",", "1,-2", "2147483648,", "0,1e30"])
 def test_cli_rejects_seeds_that_name_no_run(text, capsys):
     """A count of 0 used to fall back silently to the tier's seeds."""
     with pytest.raises(SystemExit):
@@ -240,6 +240,30 @@ def test_cli_rejects_counts_below_one(option, text, capsys):
     with pytest.raises(SystemExit):
         main(["bench", "--task", "deep_linear", option, text])
     assert "is not a whole number >= 1" in capsys.readouterr().err
+
+
+def test_cli_stops_before_training_when_the_output_folder_cannot_be_made(tmp_path):
+    """An ``--out`` below a file failed with a traceback after the first run had trained."""
+    (tmp_path / "file").write_text("mine")
+    out = tmp_path / "file" / "out"
+    with pytest.raises(SystemExit, match="cannot make the folder"):
+        main(_bench(out, "--task", "deep_linear", "--optimizer", "kron"))
+    assert (tmp_path / "file").read_text() == "mine"
+
+
+def test_the_kron_command_names_the_missing_extra(monkeypatch, capsys):
+    """Installed without the bench extra, ``kron --help`` failed on ``import torch``."""
+    import importlib.util
+
+    import kron.bench
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "rich" else real(name, *a)
+    )
+    assert kron.bench.main(["--help"]) == 2
+    err = capsys.readouterr().err
+    assert "needs rich" in err and "kron[bench]" in err
 
 
 def test_cli_rejects_an_output_folder_that_is_a_file(tmp_path):

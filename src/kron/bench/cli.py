@@ -10,10 +10,19 @@ import time
 from pathlib import Path
 
 from . import plots, summary
-from .optimizers import OPTIMIZERS, OptimizerSpec, for_framework, get_optimizer
+from .optimizers import (
+    OPTIMIZERS,
+    RUNNER_PACKAGES,
+    OptimizerSpec,
+    for_framework,
+    get_optimizer,
+)
 from .suite import Entry, execute, learning_rates
 from .tasks import TASKS, get_task
 from .tiers import TIERS, Tier
+
+# Every runner takes the same seeds; Keras's seed (and so kron.keras.Kron's) is a 31-bit int.
+MAX_SEED = 2**31 - 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -127,10 +136,10 @@ def seed_list(text: str) -> tuple[int, ...]:
             seeds = tuple(range(int(text)))
     except ValueError:
         seeds = ()
-    if not seeds or min(seeds) < 0:
+    if not seeds or min(seeds) < 0 or max(seeds) > MAX_SEED:
         raise argparse.ArgumentTypeError(
             f"{text!r} is neither a seed count N >= 1 (seeds 0…N−1) nor a comma list of "
-            "seeds >= 0 (for seed 0 alone: 0,)"
+            f"seeds in [0, {MAX_SEED}] (for seed 0 alone: 0,)"
         )
     return seeds
 
@@ -158,7 +167,7 @@ def _tasks(args: argparse.Namespace, tier: Tier) -> dict[str, int | None]:
             )
         tasks = {name: tier.tasks.get(name) for name in dict.fromkeys(args.task)}
     if args.framework in ("jax", "keras"):
-        _require(("jax", "optax") if args.framework == "jax" else ("jax", "keras"), args.framework)
+        _require(RUNNER_PACKAGES[args.framework], args.framework)
         from .jax_problems import PORTS
 
         absent = [name for name in (args.task or ()) if name not in PORTS]
@@ -266,6 +275,10 @@ def bench(args: argparse.Namespace) -> int:
     if args.out.exists() and not args.out.is_dir():
         raise SystemExit(f"--out: {args.out} is a file; give a folder (made if missing)")
     entries = plan(args, tier)
+    try:  # made before any run trains, so that a folder that cannot be made costs no run
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise SystemExit(f"--out: cannot make the folder {args.out} ({error.strerror})") from None
     started = time.perf_counter()
     # Exactly this plan's records (run now or resumed), so other tiers' records in the same
     # folder never mix in; a plan can be assembled from several interrupted invocations.
@@ -276,7 +289,6 @@ def bench(args: argparse.Namespace) -> int:
             f"--report: {args.out / 'runs'} holds no record of this command's runs; "
             "run it without --report first"
         )
-    args.out.mkdir(parents=True, exist_ok=True)
     header = f"Command: `kron bench {' '.join(sys.argv[2:])}` (tier {tier.name})."
     text = summary.markdown(all_records, header)
     (args.out / "summary.md").write_text(text)

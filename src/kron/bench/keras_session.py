@@ -11,6 +11,7 @@ cannot switch backends in a running process).
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
 import jax
@@ -21,7 +22,10 @@ from .runner import RunConfig
 
 
 def keras_on_jax():
-    os.environ.setdefault("KERAS_BACKEND", "jax")
+    """``keras``, imported on its JAX backend whatever ``KERAS_BACKEND`` the shell set; an error
+    if this process already imported Keras on another backend."""
+    if "keras" not in sys.modules:
+        os.environ["KERAS_BACKEND"] = "jax"
     import keras
 
     if keras.backend.backend() != "jax":

@@ -55,6 +55,9 @@ from .tasks import Task
 
 Params = list[torch.Tensor]
 
+# The packages each framework's runner imports (the Keras runner runs Keras on JAX).
+RUNNER_PACKAGES = {"torch": ("torch",), "jax": ("jax", "optax"), "keras": ("keras", "jax")}
+
 
 @dataclass(frozen=True)
 class OptimizerSpec:
@@ -89,7 +92,9 @@ class OptimizerSpec:
     factory: str | None = None
 
     def available(self) -> bool:
-        return self.package is None or importlib.util.find_spec(self.package) is not None
+        """Whether the framework's runner and the spec's own package are installed."""
+        needed = (*RUNNER_PACKAGES[self.framework], *filter(None, (self.package,)))
+        return all(importlib.util.find_spec(name) is not None for name in needed)
 
     def settings(self, lr: float | None, seed: int) -> dict[str, Any]:
         """The hyperparameters a run at ``lr`` gets, defaults resolved (a torch optimizer's
