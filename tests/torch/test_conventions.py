@@ -136,6 +136,20 @@ def test_another_optimizers_state_dict_is_refused_by_name():
     assert opt.state_dict()["state"] == {}
 
 
+def test_a_state_dict_with_more_param_groups_is_refused():
+    """The saved groups were zipped with the current ones, so a third saved group was dropped
+    without a word and its state left behind under integer keys (torch's Adam raises)."""
+    weights = [torch.nn.Parameter(torch.randn(3, 3)) for _ in range(3)]
+    saved = Kron([{"params": [w]} for w in weights])
+    for w in weights:
+        w.grad = torch.randn(3, 3)
+    saved.step()
+    opt = Kron([{"params": [w]} for w in weights[:2]])
+    with pytest.raises(ValueError, match="has 3 parameter groups; this optimizer has 2"):
+        opt.load_state_dict(saved.state_dict())
+    assert opt.state_dict()["state"] == {}
+
+
 def test_stepping_after_load_state_dict_leaves_the_loaded_dict_untouched():
     """The optimizer updates its state in place, so ``load_state_dict`` copies what it is given:
     after ``load_state_dict(saved)`` every step leaves ``saved`` as it was (``torch.optim.Adam``

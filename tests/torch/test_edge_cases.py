@@ -170,6 +170,25 @@ def test_state_updated_in_place_matches_state_restacked_every_step():
     assert fast_state[1]["count"].item() == 23 and fast_state[0]["count"].item() == 25
 
 
+def test_a_parameter_steps_the_same_stacked_or_alone_when_its_mate_missed_a_step():
+    """A stack whose counts differ (one parameter had no gradient on step 0) computed the
+    momentum's weights in float32 where a shared count gives a float64 number: the other
+    parameter's trajectory depended on stack_params (and Kron and DistributedKron differed)."""
+
+    def run(stack_params: bool) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        params = [nn.Parameter(torch.randn(8, 8)) for _ in range(2)]
+        opt = Kron(params, lr=0.01, stack_params=stack_params)
+        for step in range(10):
+            gen = torch.Generator().manual_seed(100 + step)
+            for i, p in enumerate(params):
+                p.grad = None if step == 0 and i == 1 else torch.randn(8, 8, generator=gen)
+            opt.step()
+        return [t.detach().clone() for p in params for t in (p, opt.state[p]["momentum"])]
+
+    assert all(torch.equal(a, b) for a, b in zip(run(True), run(False)))
+
+
 def test_in_place_edits_of_state_are_seen_by_the_next_step():
     p = nn.Parameter(torch.ones(4, 4))
     opt = Kron([p], lr=0.1, preconditioner_update_probability=1e-6, seed=0)

@@ -710,13 +710,17 @@ class Kron(torch.optim.Optimizer):
         as from a number; a bfloat16 stack's counts stay exact past 256). An eager CPU step
         whose parameters share one count gets it as a number: the weights are then host
         arithmetic rather than five tiny tensor operations (a CPU tensor reads for free; a
-        compiled step would specialise on the number and recompile every step)."""
+        compiled step would specialise on the number and recompile every step). Its counts
+        that differ are float64, the precision of a number, so that a parameter's weight does
+        not depend on whether its stack mates missed a step (stacked or not, Kron or
+        DistributedKron, the same bits)."""
         counts = [state["count"] for state in states]
+        wide = torch.promote_types(dtype, torch.float32)
         if eager and counts[0].device.type == "cpu":
             first = counts[0].item()
             if all(c.item() == first for c in counts[1:]):
                 return first
-        wide = torch.promote_types(dtype, torch.float32)
+            wide = torch.float64
         return stack(counts).to(wide).view(-1, *[1] * ndim)
 
     def _update_params(self, group, params, y, finite, all_finite) -> None:
@@ -869,6 +873,11 @@ class Kron(torch.optim.Optimizer):
             },
         }
         groups = state_dict["param_groups"]
+        if len(groups) != len(self.param_groups):  # zip below would drop the extra groups
+            raise ValueError(
+                f"loaded state dict has {len(groups)} parameter groups; this optimizer has "
+                f"{len(self.param_groups)}"
+            )
         _check_is_kron_state(state_dict["state"], groups)
         merged = []
         for saved, current in zip(groups, self.param_groups):

@@ -101,8 +101,8 @@ def load_template(
             if position not in wanted:
                 continue
             device = params[position].device
-        elif path[1] != "param_groups":
-            continue
+        # Everything else is taken: the param groups and the top-level entries such as the
+        # ``seed`` the noise is drawn with (without it a resumed run draws other noise).
         if isinstance(item, TensorStorageMetadata):
             value: Any = torch.empty(item.size, dtype=item.properties.dtype, device=device)
         else:
