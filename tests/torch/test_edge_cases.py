@@ -61,6 +61,35 @@ def test_newton_with_unused_and_frozen_parameters():
     assert (w.detach() - w_before).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("method", ["double_backward", "finite_difference"])
+def test_newton_products_of_gradients_that_do_not_depend_on_the_parameters(method):
+    """A Newton group the loss does not use, and a parameter the loss is linear in, have zero
+    Hessian-vector products; double backward raised (autograd refuses an empty input list and
+    a gradient without a graph) instead."""
+    used, unused = nn.Parameter(torch.randn(4, 3)), nn.Parameter(torch.randn(3, 3))
+    x = torch.randn(5, 4)
+    opt = Kron(
+        [{"params": [used]}, {"params": [unused], "preconditioner_type": "newton"}],
+        hvp_method=method,
+    )
+    before = unused.detach().clone()
+    opt.step(lambda: (x @ used).square().sum())
+    assert [g["step"] for g in opt.param_groups] == [1, 0]
+    assert torch.equal(unused.detach(), before)
+
+    linear, curved = nn.Parameter(torch.randn(3)), nn.Parameter(torch.randn(3))
+    probes = [torch.ones(3), torch.ones(3)]
+    _, _, hvps = hessian_vector_products(
+        lambda: (2 * linear).sum() + curved.square().sum(),
+        [linear, curved],
+        [linear, curved],
+        probes,
+        method,
+    )
+    torch.testing.assert_close(hvps[0], torch.zeros(3), rtol=0, atol=1e-6)
+    torch.testing.assert_close(hvps[1], torch.full((3,), 2.0), rtol=1e-3, atol=0)
+
+
 def test_mixed_hvp_methods_are_rejected():
     a, b = nn.Parameter(torch.ones(2, 2)), nn.Parameter(torch.ones(2, 2))
     opt = Kron(

@@ -96,3 +96,57 @@ def test_a_layout_that_does_not_match_is_refused(capsys):
     with pytest.raises(ValueError, match=r"45×45, 3×3\].*\[15×15, 9×9\]"):
         load_kron_torch_state(ours, peer.state_dict())
     capsys.readouterr()
+
+
+def test_fits_fall_on_kron_torchs_steps_after_the_load(capsys):
+    """kron_torch's fit counter is not in its state dict; it was reset to 0, so at p = 0.3 the
+    fits fell three steps off kron_torch's own continuation. It is replayed from the step count."""
+    torch.manual_seed(0)
+    peer_params = _params([(4, 6)])
+    peer = kron_torch.Kron(peer_params, lr=1e-2, preconditioner_update_probability=0.3)
+    for step in range(5):
+        _step(peer, peer_params, _grads(step, [(4, 6)]))
+    ours_params = [torch.nn.Parameter(p.detach().clone()) for p in peer_params]
+    ours = Kron(ours_params, **KRON_TORCH_OPTIONS, preconditioner_update_probability=0.3)
+    load_kron_torch_state(ours, peer.state_dict())
+
+    def fitted(optimizer, params, key, step) -> bool:
+        before = optimizer.state[params[0]][key][0].clone()
+        _step(optimizer, params, _grads(step, [(4, 6)]))
+        return not torch.equal(before, optimizer.state[params[0]][key][0])
+
+    peer_fits = [fitted(peer, peer_params, "Q", step) for step in range(5, 12)]
+    ours_fits = [fitted(ours, ours_params, "factors", step) for step in range(5, 12)]
+    assert ours_fits == peer_fits and sum(peer_fits) == 2
+    capsys.readouterr()
+
+
+def test_the_momentum_is_debiased_with_kron_torchs_b1(capsys):
+    """kron_torch's buffer is an EMA under its own b1; dividing it by 1 − b1^t with the new
+    optimizer's b1 made it 9× too large for b1 0.9 against 0.99."""
+    torch.manual_seed(0)
+    params = _params([(4, 6)])
+    peer = kron_torch.Kron(params, lr=1e-2, b1=0.9)
+    for step in range(3):
+        _step(peer, params, _grads(step, [(4, 6)]))
+    ours = Kron(
+        [torch.nn.Parameter(params[0].detach().clone())], **{**KRON_TORCH_OPTIONS, "b1": 0.99}
+    )
+    load_kron_torch_state(ours, peer.state_dict())
+    buffer = peer.state[params[0]]["momentum_buffer"].reshape(4, 6)
+    (state,) = ours.state.values()
+    torch.testing.assert_close(state["momentum"], buffer / (1 - 0.9**3))
+    capsys.readouterr()
+
+
+def test_weight_decay_on_vectors_is_warned_of(capsys):
+    """kron_torch decays only parameters of two or more dimensions."""
+    peer, params = _started_run([(4, 6), (4,)])
+    ours = Kron(
+        [torch.nn.Parameter(p.detach().clone()) for p in params],
+        **KRON_TORCH_OPTIONS,
+        weight_decay=0.1,
+    )
+    with pytest.warns(UserWarning, match=r"indices \[1\]\), which kron_torch did not decay"):
+        load_kron_torch_state(ours, peer.state_dict())
+    capsys.readouterr()

@@ -255,15 +255,21 @@ def hessian_vector_products(
             try:
                 grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
                 chosen = _select(grads, params, newton_params)
+                # A gradient that does not depend on the parameters (the loss does not use
+                # them, or is linear in them) has a zero product, and autograd refuses it.
                 used = [
-                    (g, p, v) for g, p, v in zip(chosen, newton_params, probes) if g is not None
+                    (g, p, v)
+                    for g, p, v in zip(chosen, newton_params, probes)
+                    if g is not None and g.requires_grad
                 ]
-                products = torch.autograd.grad(
-                    [g for g, _, _ in used],
-                    [p for _, p, _ in used],
-                    grad_outputs=[v for _, _, v in used],
-                    allow_unused=True,
-                )
+                products = ()
+                if used:
+                    products = torch.autograd.grad(
+                        [g for g, _, _ in used],
+                        [p for _, p, _ in used],
+                        grad_outputs=[v for _, _, v in used],
+                        allow_unused=True,
+                    )
                 by_id = {id(p): h for (_, p, _), h in zip(used, products)}
                 hvps = [_zero_if_none(by_id.get(id(p)), p) for p in newton_params]
                 return loss.detach(), _detached(grads), hvps

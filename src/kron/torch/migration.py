@@ -12,17 +12,23 @@ that into this optimizer's state:
   square root of P; PRO4P and QUAD4P, which keep P, take P;
 * a size-1 axis, which kron_torch gives a 1×1 diagonal factor and ``Kron`` drops, is folded
   into the first remaining factor, so P is unchanged;
-* the step count continues, so does the update-probability schedule (kron_torch does not save
-  its schedule counter; it equals the step count);
+* the step count continues, and so do the update-probability schedule and the counter that
+  decides the fits (kron_torch does not save the counter; it is replayed from the step count,
+  so the fits fall on the steps kron_torch's own continuation would take);
+* the momentum is debiased with kron_torch's ``b1``, the one it was averaged with;
 * the Lipschitz estimates, which kron_torch has not got, start afresh, as in a new optimizer.
 
 :data:`KRON_TORCH_OPTIONS` are the options under which ``Kron`` computes kron_torch's update; with
-others (the default geometry, say) the run continues under those.
+others (the default geometry, say) the run continues under those. One difference no option
+covers: kron_torch decays only parameters of two or more dimensions, ``Kron`` every parameter of
+a group with ``weight_decay``, so a run with weight decay continues exactly only with its vectors
+in a group of their own with ``weight_decay=0`` (loading warns otherwise).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -72,24 +78,47 @@ def load_kron_torch_state(optimizer: Kron, state_dict: dict[str, Any]) -> None:
     converted = optimizer.state_dict()
     converted["state"] = {}
     index = 0
-    for group, saved_group, our_group in zip(
-        optimizer.param_groups, groups, converted["param_groups"]
+    for gi, (group, saved_group, our_group) in enumerate(
+        zip(optimizer.param_groups, groups, converted["param_groups"])
     ):
+        _warn_of_decayed_vectors(group, gi)
+        b1 = float(saved_group.get("b1", group["b1"]))
         steps = [0]
         for p, saved_id in zip(group["params"], saved_group["params"]):
             peer = saved.get(saved_id)
             if peer:
-                converted["state"][index] = _param_state(group, p, peer, index)
+                converted["state"][index] = _param_state(group, p, peer, index, b1)
                 steps.append(int(peer["step"]))
             index += 1
         our_group["step"] = max(steps)
-        our_group["decision_total"] = 0.0
+        our_group["decision_total"] = _replayed_counter(optimizer, gi, group, max(steps))
     optimizer.load_state_dict(converted)
 
 
+def _replayed_counter(optimizer: Kron, gi: int, group: dict[str, Any], steps: int) -> float:
+    """The fit-decision counter after ``steps`` steps from a fresh start: kron_torch's
+    ``_update_counter``, which its state dict leaves out, under this group's schedule."""
+    clock = {**group, "step": 0, "decision_total": 0.0}
+    for _ in range(steps):
+        Kron._advance_clock(clock, optimizer._decide(gi, clock))
+    return clock["decision_total"]
+
+
+def _warn_of_decayed_vectors(group: dict[str, Any], gi: int) -> None:
+    vectors = [i for i, p in enumerate(group["params"]) if p.dim() < 2]
+    if group["weight_decay"] and vectors:
+        warnings.warn(
+            f"Group {gi} has weight_decay={group['weight_decay']} and parameters of fewer "
+            f"than two dimensions (indices {vectors}), which kron_torch did not decay and Kron "
+            "will; to continue as kron_torch would, put them in a group with weight_decay=0.",
+            stacklevel=3,
+        )
+
+
 def _param_state(
-    group: dict[str, Any], p: torch.Tensor, peer: dict[str, Any], index: int
+    group: dict[str, Any], p: torch.Tensor, peer: dict[str, Any], index: int, b1: float
 ) -> dict[str, Any]:
+    """``p``'s state from kron_torch's ``peer``, whose momentum was averaged with ``b1``."""
     if p.is_complex():
         raise ValueError(f"parameter {index} is complex; kron_torch has no complex parameters.")
     layout, options = core_records(group)
@@ -103,7 +132,7 @@ def _param_state(
     step = int(peer["step"])
     momentum = peer["momentum_buffer"].to(torch.float64).reshape(p.shape)
     if step > 0:
-        momentum = momentum / (1 - group["b1"] ** step)
+        momentum = momentum / (1 - b1**step)
     state["momentum"] = momentum.to(state["momentum"].dtype).to(p.device)
     state["count"] = torch.full((), float(step), dtype=torch.float32, device=p.device)
     return state

@@ -95,7 +95,8 @@ class Kron(torch.optim.Optimizer):
     same), with its defaults except three: the learning rate and the fitting target, chosen
     together by measurement, and ``merge_dims``, heavyball's default; then, keyword-only, those
     of heavyball's ``PSGDKron``; then kron's own. Every option except ``seed``, ``nonfinite``,
-    ``stack_params``, ``compile`` and ``resync`` can be overridden per param group. ``docs/torch.md`` lists each one.
+    ``stack_params``, ``compile`` and ``resync`` can be overridden per param group.
+    ``docs/torch.md`` lists each one.
 
     Args:
       params: parameters or param groups.

@@ -100,6 +100,10 @@ def test_empty_parameters_are_skipped_as_kron_skips_them(world_of_one):
     empty parameters keeps its clock, as in Kron (it used to raise while assigning owners)."""
     weight, empty = torch.nn.Parameter(torch.randn(3, 3)), torch.nn.Parameter(torch.zeros(0, 4))
     opt = DistributedKron([{"params": [weight, empty]}, {"params": [torch.nn.Parameter(empty)]}])
+    # A group with no parameters at all (a decay / no-decay split of a model without biases),
+    # as Kron and torch.optim take it: it used to fail assigning owners, and stayed added.
+    opt.add_param_group({"params": [], "weight_decay": 0.0})
+    assert len(opt.param_groups) == 3
     single = Kron([torch.nn.Parameter(weight.detach().clone())])
     for p in (weight, empty, opt.param_groups[1]["params"][0]):
         p.grad = torch.ones_like(p)
@@ -107,7 +111,7 @@ def test_empty_parameters_are_skipped_as_kron_skips_them(world_of_one):
     opt.step()
     single.step()
     assert empty not in opt.state and empty.shape == (0, 4)
-    assert [g["step"] for g in opt.param_groups] == [1, 0]
+    assert [g["step"] for g in opt.param_groups] == [1, 0, 0]
     assert torch.equal(weight, single.param_groups[0]["params"][0])
 
 

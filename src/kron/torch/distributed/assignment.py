@@ -107,8 +107,10 @@ def assign_owners(
 ) -> list[int]:
     """Owner ranks that balance every kind of step (module docstring: *Packing*).
 
-    Without ``overhead`` no rank's load exceeds the mean by more than the largest single cost:
-    the first capacity tried is the mean, and a parameter over it goes to the least loaded rank.
+    With scalar costs and no ``overhead`` no rank's load exceeds the mean by more than the
+    largest single cost: the first capacity tried is the mean, and a parameter over it goes to
+    the least loaded rank. With several kinds a placement weighs all of them, and one kind may
+    exceed that bound.
 
     Args:
       costs: one cost per parameter: a number, or one number per kind of step (e.g. a
@@ -127,6 +129,8 @@ def assign_owners(
     """
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"world_size must be an int >= 1; got {world_size!r}.")
+    if not costs:  # an empty param group: nothing to place, whatever the overhead's kinds
+        return []
     scalar = all(isinstance(c, (int, float)) for c in costs)
     kinds = 1 if scalar or not costs else len(costs[0])
     rows = [_as_vector(c, kinds, "a cost") for c in costs]

@@ -385,8 +385,8 @@ class DistributedKron(Kron):
         if missing:
             warnings.warn(
                 f"Rank {self.rank} owns {', '.join(missing)}, for which the loaded state dict "
-                "has no state although their groups have stepped; they start fresh. Save every "
-                "rank's state (DCP with load_template, or the union of each rank's "
-                "state_dict()), not one rank's.",
+                "has no state although their groups have stepped; they start fresh. If they "
+                "never had a gradient, nothing is lost; otherwise save every rank's state (DCP "
+                "with load_template, or the union of each rank's state_dict()), not one rank's.",
                 stacklevel=3,
             )
