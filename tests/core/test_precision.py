@@ -7,6 +7,7 @@ import torch
 
 from kron.core import (
     GEOMETRIES,
+    NORM_BOUNDS,
     FitOptions,
     LayoutOptions,
     clip_l2,
@@ -152,3 +153,46 @@ def test_procrustes_step3_in_float32_near_symmetry_matches_float64(size):
 
     assert asymmetry(high) < 0.5 * asymmetry(q)
     assert asymmetry(low) == pytest.approx(asymmetry(high), rel=0.05)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+@pytest.mark.parametrize("bound", NORM_BOUNDS)
+def test_float16_fit_normalises_by_a_norm_past_float16s_range(bound, backend):
+    """A flat rank-1 gradient on a 320-wide axis: every entry of T1 fits float16, but its norm
+    estimates (‖T1 x‖, and ‖T1‖² for the power estimator) do not. They came out 0 or NaN, so the
+    step was far too large (Q lost its positive definiteness) or the fit was refused for good.
+    Estimated in float32, L and the new Q are the float32 fit's, rounded."""
+    import numpy as np
+
+    ops = get_ops(backend)
+    convert = np.asarray if backend == "numpy" else torch.from_numpy
+    n = 320
+    plan = make_plan((n, n))
+    rng = np.random.default_rng(0)
+    signs = np.sign(rng.standard_normal((2, n)))
+    gradient = 1e-2 * np.outer(*signs)[None]
+    noise = rng.standard_normal(gradient.shape)
+    probes = [rng.standard_normal((1, 8, n)) for _ in range(2)]
+    options = FitOptions(norm_bound=bound)
+    results = {}
+    for dtype in ("float32", "float16"):
+        like = convert(np.zeros((), dtype))
+        factors = init_factors(plan, 5.0, like, ops)
+        lipschitz = init_lipschitz(plan, convert(np.zeros((), "float32")), ops)
+        results[dtype] = fit(
+            factors,
+            lipschitz,
+            convert(gradient.astype(dtype)),
+            convert(noise.astype(dtype)),
+            lr=0.1,
+            options=options,
+            ops=ops,
+            norm_probes=[convert(p.astype(dtype)) for p in probes],
+        )
+    (wide_factors, wide_lips), (half_factors, half_lips) = results["float32"], results["float16"]
+    for wide, half in zip(wide_lips, half_lips):
+        np.testing.assert_allclose(np.asarray(half, float), np.asarray(wide, float), rtol=2e-3)
+    for wide, half in zip(wide_factors, half_factors):
+        half = np.asarray(half, np.float64)[0]
+        assert np.linalg.eigvalsh(0.5 * (half + half.T)).min() > 0
+        np.testing.assert_allclose(half, np.asarray(wide, np.float64)[0], rtol=0, atol=0.025)

@@ -227,12 +227,27 @@ def test_nonfinite_gradient_raises_when_asked(rng):
 
 
 def test_nonfinite_first_gradient_creates_no_state():
-    opt = KronPsgd()
+    """The skipped first step leaves nothing behind: no slot, and the next step is a fresh
+    optimizer's first (its automatic scale comes from that gradient, 10·ones, not from ones),
+    up to the damping noise, which is drawn for the iteration the skipped step advanced."""
+    opt = KronPsgd(seed=3)
     w = np.ones((3, 3))
     opt.step("w", w, np.full((3, 3), np.inf))
+    assert opt.skipped("w") == 1 and "w" not in opt.state_dict()["slots"]
+    opt.step("w", w, np.full((3, 3), 10.0))
+    fresh, w_fresh = KronPsgd(seed=3), np.ones((3, 3))
+    fresh.step("w", w_fresh, np.full((3, 3), 10.0))
+    np.testing.assert_allclose(w, w_fresh, rtol=1e-9)
+    for mine, theirs in zip(opt.preconditioner("w"), fresh.preconditioner("w")):
+        np.testing.assert_allclose(mine, theirs, rtol=1e-9)
     assert opt.skipped("w") == 1
-    opt.step("w", w, np.ones((3, 3)))
-    assert np.all(np.isfinite(w)) and opt.skipped("w") == 1
+
+
+def test_a_numpy_scalar_init_scale_keeps_the_parameters_dtype():
+    """A NumPy float64 scale is a float subclass, and promoted float32 factors to float64."""
+    opt = KronPsgd(init_scale=np.float64(0.5))
+    opt.step("w", np.ones((4, 6), np.float32), np.ones((4, 6), np.float32))
+    assert [f.dtype for f in opt.preconditioner("w")] == [np.float32, np.float32]
 
 
 def test_zero_first_gradient_gives_a_finite_start():

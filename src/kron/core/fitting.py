@@ -184,9 +184,16 @@ def _bound(m: Any, dense: bool, options: FitOptions, ops: Any, probes: Any) -> A
     """A lower bound of ‖M‖₂ for the PSD matrices the fit normalises by (diagonal: the largest
     entry). The largest diagonal entry is one too, and a floor under the estimate: near the top of
     float32's range XLA:CPU divides by ``max|M|`` through its reciprocal, a subnormal it flushes
-    to zero, and the estimate collapses to 0, which would make the step μ/L enormous."""
+    to zero, and the estimate collapses to 0, which would make the step μ/L enormous.
+
+    A float16 M is estimated in float32: its norm exceeds its largest entry up to n-fold (and
+    the power estimator squares it), so the estimate overflowed float16's range (65504) for
+    matrices whose every entry fits, and came out 0 or NaN."""
     if not dense:
         return ops.max(m, axis=-1)
+    if ops.tiny(ops.dtype(m)) > 1e-30:  # float16's narrow exponent range (bfloat16 has float32's)
+        m = ops.astype(m, "float32")
+        probes = None if probes is None else ops.astype(probes, "float32")
     estimate = norm_lower_bound(m, options.norm_bound, ops, probes)
     return ops.maximum(estimate, ops.max(ops.diagonal(m), axis=-1))
 

@@ -8,6 +8,7 @@ RMS of about 0.76 for Gaussian ``g``.
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 from kron.core.layout import Plan
@@ -24,7 +25,9 @@ def init_factors(
     if state_is_p:
         scale = scale * scale
     per_factor = scale ** (1.0 / plan.order)
-    if not isinstance(per_factor, (int, float)):
+    if isinstance(per_factor, numbers.Real):  # a NumPy float64 scalar would promote the factors
+        per_factor = float(per_factor)
+    else:
         per_factor = ops.astype(per_factor, ops.dtype(like))  # factors take like's dtype
     per_block = not isinstance(per_factor, (int, float)) and len(per_factor.shape) == 1
     blocks = stack * plan.num_blocks
