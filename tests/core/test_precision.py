@@ -26,20 +26,29 @@ OPS = get_ops("torch")
 
 
 @pytest.mark.parametrize("geometry", GEOMETRIES)
-def test_bfloat16_factors_stay_bfloat16_and_finite(geometry):
+def test_bfloat16_factors_stay_bfloat16_and_follow_the_float32_fit(geometry):
+    """Twenty bfloat16 fits stay bfloat16, move the factors (by 6–12 % of their largest entry)
+    and stay within 4 % of the float32 fits from the same start and inputs (at most 2.7 %
+    measured, a few bfloat16 ulps; a fit that did nothing in bfloat16 would be 6 % off)."""
     plan = make_plan((6, 5), LayoutOptions(max_skew=float("inf")))
     options = FitOptions(geometry=geometry)
-    factors = init_factors(
-        plan, 1.0, torch.zeros((), dtype=torch.bfloat16), OPS, options.state_is_p
-    )
-    lipschitz = init_lipschitz(plan, torch.zeros(()), OPS)
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(20):
-        x = torch.randn(1, 6, 5, generator=gen).to(torch.bfloat16)
-        noise = torch.randn(1, 6, 5, generator=gen).to(torch.bfloat16)
-        factors, lipschitz = fit(factors, lipschitz, x, noise, lr=0.1, options=options, ops=OPS)
-    assert all(f.dtype == torch.bfloat16 and torch.isfinite(f).all() for f in factors)
-    assert all(lip.dtype == torch.float32 for lip in lipschitz)
+    runs = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        factors = init_factors(plan, 1.0, torch.zeros((), dtype=dtype), OPS, options.state_is_p)
+        start = [f.clone() for f in factors]
+        lipschitz = init_lipschitz(plan, torch.zeros(()), OPS)
+        gen = torch.Generator().manual_seed(0)
+        for _ in range(20):
+            x = torch.randn(1, 6, 5, generator=gen).to(torch.bfloat16).to(dtype)
+            noise = torch.randn(1, 6, 5, generator=gen).to(torch.bfloat16).to(dtype)
+            factors, lipschitz = fit(factors, lipschitz, x, noise, lr=0.1, options=options, ops=OPS)
+        runs[dtype] = factors, start
+    (half, start), (wide, _) = runs[torch.bfloat16], runs[torch.float32]
+    for h, w, s in zip(half, wide, start):
+        assert h.dtype == torch.bfloat16
+        scale = w.abs().max()
+        assert (w - s.float()).abs().max() > 0.05 * scale
+        assert (h.float() - w).abs().max() < 0.04 * scale
 
 
 def test_solve_with_bfloat16_factor_and_float32_vector():

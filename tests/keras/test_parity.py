@@ -168,9 +168,12 @@ def test_apply_matches_core_in_float64(name: str) -> None:
             seed=7,
             dtype="float64",
         )
+    # Each backend's measured error, times a few: a float32 product anywhere (1e-7) fails on
+    # JAX and TensorFlow.
+    rtol = {"jax": 1e-10, "tensorflow": 1e-8, "torch": 3e-7}[keras.backend.backend()]
     for g, w in zip(got, want):
         assert g.dtype == np.float64
-        np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-9)
+        np.testing.assert_allclose(g, w, rtol=rtol, atol=rtol * 1e-3)
 
 
 def _float64_enabled():

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from kron.core import clip_l2, clip_rms
+from kron.core import clip_l2, clip_rms, mars_correction
 from kron.torch import Kron
 from kron.torch.functional import OPS, clipper, hessian_vector_products
 
@@ -617,15 +617,23 @@ def test_a_layout_option_changed_after_the_first_step_is_named(change):
 
 def test_mars_switched_on_after_the_first_step_starts_from_a_zero_previous_gradient():
     """As a parameter first stepped with ``mars=True`` would: the correction of its first MARS
-    step uses a zero previous gradient."""
+    step uses a zero previous gradient. Checked against a run without MARS fed that corrected
+    gradient; the gradients are small, so the correction's unit-norm clip leaves them as they
+    are, and a previous gradient of g₂ (no correction) or of the momentum would step elsewhere."""
     gen = torch.Generator().manual_seed(0)
-    grads = [torch.randn(3, 3, generator=gen) for _ in range(2)]
-    p = nn.Parameter(torch.ones(3, 3))
-    opt = Kron([p], preconditioner_update_probability=1.0)
-    p.grad = grads[0].clone()
-    opt.step()
-    opt.param_groups[0]["mars"] = True
-    p.grad = grads[1].clone()
-    opt.step()
-    assert torch.equal(opt.state[p]["previous_grad"], grads[1])
-    assert torch.isfinite(p).all()
+    grads = [0.05 * torch.randn(3, 3, generator=gen) for _ in range(2)]
+    corrected = mars_correction(grads[1][None], torch.zeros(1, 3, 3), 0.9, 0.0025, OPS)[0]
+    assert not torch.allclose(corrected, grads[1], rtol=1e-3, atol=0)
+    params = []
+    for switched in (True, False):
+        p = nn.Parameter(torch.ones(3, 3))
+        opt = Kron([p], preconditioner_update_probability=1.0, b1=0.9, mars_gamma=0.0025)
+        p.grad = grads[0].clone()
+        opt.step()
+        opt.param_groups[0]["mars"] = switched
+        p.grad = (grads[1] if switched else corrected).clone()
+        opt.step()
+        if switched:
+            assert torch.equal(opt.state[p]["previous_grad"], grads[1])
+        params.append(p.detach().clone())
+    torch.testing.assert_close(params[0], params[1], rtol=1e-6, atol=0)

@@ -46,8 +46,11 @@ def loss_fn(params: list[torch.Tensor]) -> torch.Tensor:
     return total
 
 
-def reference_run(geometry, newton, cached, delayed, block_size, on_momentum=True):
-    """The loop Kron promises, written directly against kron.core."""
+def reference_run(
+    geometry, newton, cached, delayed, block_size, on_momentum=True, balance_probability=0.01
+):
+    """The loop Kron promises, written directly against kron.core: the final parameters and
+    states, and how many steps balanced the factors."""
     params = [p.detach().clone() for p in make_params()]
     layout = LayoutOptions(
         max_size=8192, max_skew=float("inf"), min_ndim_dense=2, block_size=block_size
@@ -74,11 +77,12 @@ def reference_run(geometry, newton, cached, delayed, block_size, on_momentum=Tru
         )
         for pl, p in zip(plans, params)
     ]
-    total = 0.0
+    total, balanced = 0.0, 0
     for step in range(STEPS):
         do_fit, total = counter_decision(total, PROBABILITY, np)
         do_fit = bool(do_fit)
-        do_balance = do_fit and uniform_for(0, step, 0, 4) < 0.01
+        do_balance = do_fit and uniform_for(0, step, 0, 4) < balance_probability
+        balanced += do_balance
         leaves = [p.clone().requires_grad_(True) for p in params]
         probes = [
             streams.normal(p.shape, torch.float64, p.device, (0, step, 0, i, 1))
@@ -111,7 +115,7 @@ def reference_run(geometry, newton, cached, delayed, block_size, on_momentum=Tru
             y = clip_rms(y, 1.1, OPS)
             states[i] = new
             params[i] = p - LR * y[0]
-    return params, states
+    return params, states, balanced
 
 
 @pytest.mark.parametrize("geometry", GEOMETRIES)
@@ -142,9 +146,25 @@ def test_fitting_on_the_gradient_matches_the_core(geometry):
     _check(geometry, False, False, False, None, True, on_momentum=False)
 
 
-def _check(geometry, newton, cached, delayed, block_size, stack, on_momentum=True):
-    expected_params, expected_states = reference_run(
-        geometry, newton, cached, delayed, block_size, on_momentum
+@pytest.mark.parametrize("geometry", ["EQ", "Q0.5EQ1.5", "PRO4P"])
+def test_balancing_matches_the_core(geometry):
+    """At the default balance probability (0.01) the 50 steps never balance; at 0.5 they do."""
+    assert _check(geometry, False, False, False, None, True, balance_probability=0.5) >= 5
+
+
+def _check(
+    geometry,
+    newton,
+    cached,
+    delayed,
+    block_size,
+    stack,
+    on_momentum=True,
+    balance_probability=0.01,
+):
+    """Kron against :func:`reference_run`; returns how many steps balanced."""
+    expected_params, expected_states, balanced = reference_run(
+        geometry, newton, cached, delayed, block_size, on_momentum, balance_probability
     )
     params = make_params()
     opt = Kron(
@@ -160,6 +180,7 @@ def _check(geometry, newton, cached, delayed, block_size, stack, on_momentum=Tru
         stack_params=stack,
         preconditioner_type="newton" if newton else "whitening",
         momentum_into_precond_update=on_momentum,
+        balance_probability=balance_probability,
     )
     for _ in range(STEPS):
         if newton:
@@ -173,3 +194,4 @@ def _check(geometry, newton, cached, delayed, block_size, stack, on_momentum=Tru
     for p, state in zip(params, expected_states):
         for f, g in zip(opt.state[p]["factors"], state.factors):
             torch.testing.assert_close(f, g, rtol=1e-10, atol=1e-12)
+    return balanced

@@ -79,7 +79,7 @@ def test_fsdp2_training_matches_the_unsharded_run(saved):
     model, _ = reference(TOTAL, fp64_options())
     expected = params_of(model)
     for r in results:
-        assert max_difference(r["params"], expected) < 1e-5
+        assert max_difference(r["params"], expected) < 1e-12  # float64: rounding only
     # The parameters really were sharded (7 rows of 24 -> 12 + 12; 3 rows -> 2 + 1) ...
     assert results[0]["local_shapes"][0] == (12, 6) and results[1]["local_shapes"][-2] == (1, 24)
     # ... and owners kept full-size state for whole matrices.
@@ -95,7 +95,7 @@ def test_checkpoint_from_world_2_resumes_at_another_world_size(saved, world):
     path, uninterrupted = saved
     results = _launch.run(_resume, world, path)
     for rank, r in enumerate(results):
-        assert max_difference(r["params"], uninterrupted[0]["params"]) < 1e-5
+        assert max_difference(r["params"], uninterrupted[0]["params"]) < 1e-12
         # Each rank loaded exactly the state it owns under the new world size.
         assert r["owned"] == [i for i, owner in enumerate(r["owners"]) if owner == rank]
     assert sorted(i for r in results for i in r["owned"]) == list(range(len(results[0]["owners"])))
