@@ -134,3 +134,15 @@ def test_loading_a_state_dict_that_lacks_an_owned_parameter_warns(world_of_one):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         opt.load_state_dict(partial)
+
+
+def test_a_copy_is_refused_with_the_way_to_carry_the_state(world_of_one):
+    """A deep copy (or pickle) lost the ownership tables and failed on its first step with an
+    AttributeError."""
+    import copy
+    import pickle
+
+    opt = DistributedKron([torch.nn.Parameter(torch.randn(3, 3))])
+    for duplicate in (copy.deepcopy, pickle.dumps):
+        with pytest.raises(TypeError, match=r"cannot be copied or pickled.*state_dict"):
+            duplicate(opt)

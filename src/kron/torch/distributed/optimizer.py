@@ -133,6 +133,15 @@ class DistributedKron(Kron):
         self._full: dict[int, torch.Tensor] = {}  # id(parameter) -> its updated stand-in
         super().__init__(params, *args, **kwargs)
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Owners, shard specs and stand-ins are keyed by id() of this process's parameters, and
+        # a process group does not travel: a copy would fail on its first step.
+        raise TypeError(
+            "DistributedKron cannot be copied or pickled (its parameter ownership belongs to "
+            "this process and its process group); save state_dict() and load it into a new "
+            "DistributedKron."
+        )
+
     # -- ownership -----------------------------------------------------------------------------
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
