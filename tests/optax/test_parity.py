@@ -15,6 +15,7 @@ from kron.core import (
     LayoutOptions,
     StepOptions,
     TensorState,
+    balance,
     get_ops,
     init_factors,
     init_lipschitz,
@@ -22,7 +23,7 @@ from kron.core import (
     make_plan,
 )
 from kron.optax import leaf_key, scale_by_kron
-from kron.optax.engine import NEWTON_PROBE, NOISE
+from kron.optax.engine import BALANCE, NEWTON_PROBE, NOISE
 
 OPS = get_ops("jax")
 STEPS = 50
@@ -48,12 +49,12 @@ def grads_at(step: int):
     return {k: jnp.asarray(rng.standard_normal(s)) for k, s in SHAPES.items()}
 
 
-def transform(geometry: str, newton: bool, **kwargs):
+def transform(geometry: str, newton: bool, balance_probability: float = 0.0, **kwargs):
     return scale_by_kron(
         preconditioner_mode=geometry,
         preconditioner_update_probability=1.0,
         norm_bound="power",
-        balance_probability=0.0,
+        balance_probability=balance_probability,
         precond_dtype=jnp.float64,
         max_skew_triangular=float("inf"),
         min_ndim_triangular=2,
@@ -65,7 +66,26 @@ def transform(geometry: str, newton: bool, **kwargs):
 @pytest.mark.parametrize("newton", [False, True], ids=["whitening", "newton"])
 @pytest.mark.parametrize("geometry", GEOMETRIES)
 def test_reproduces_the_core(geometry, newton):
-    tx = transform(geometry, newton)
+    _check_against_the_core(geometry, newton)
+
+
+# One geometry: the engine's balancing does not depend on it (the NumPy parity test balances
+# PRO4P's P factors too), and each run here is mostly a few seconds of compiling.
+@pytest.mark.parametrize("geometry", ["Q0.5EQ1.5"])
+def test_balancing_reproduces_the_core(geometry):
+    """At balance probability 0.5 the (5, 3) leaf's two factors are rebalanced on the fits whose
+    balance draw (one uniform per stack from the state's key) says so (6 of the 12 here), as the
+    core's loop does. Balancing leaves the preconditioner, hence the updates, unchanged: the
+    factors, compared after every step, are what tell a run that balances on the wrong steps, or
+    never, from this one."""
+    balanced = _check_against_the_core(geometry, False, balance_probability=0.5, steps=12)
+    assert 3 <= balanced < 12  # the branch ran, on the steps the draws chose
+
+
+def _check_against_the_core(geometry, newton, balance_probability=0.0, steps=STEPS):
+    """scale_by_kron against kron.core's loop, step by step; returns how many steps balanced the
+    (5, 3) leaf (the (4,) leaf has one factor: nothing to balance)."""
+    tx = transform(geometry, newton, balance_probability)
     params = {
         k: jnp.asarray(np.random.default_rng(9).standard_normal(s)) for k, s in SHAPES.items()
     }
@@ -110,10 +130,13 @@ def test_reproduces_the_core(geometry, newton):
         return jax.jit(run)
 
     core_steps = {k: core_step(plans[k]) for k in names}
-    for step in range(STEPS):
+    balanced = 0
+    for step in range(steps):
         grads = grads_at(step)
         updates, new_state = update(grads, state, params)
         count = jnp.int32(step)
+        # One balance uniform per stack; every step fits (update probability 1).
+        draws = jax.random.uniform(leaf_key(state.key, count, 0, BALANCE), (len(names),))
         for index, k in enumerate(names):
             plan = plans[k]
             batch = (1, *plan.block_shape)
@@ -127,12 +150,20 @@ def test_reproduces_the_core(geometry, newton):
                 }
             noise = jax.random.normal(leaf_key(state.key, count, index, NOISE), batch, jnp.float64)
             y, reference[k] = core_steps[k](reference[k], grads[k][None], float(step), noise, pair)
+            if draws[index] < balance_probability and len(reference[k].factors) > 1:
+                reference[k] = reference[k]._replace(
+                    factors=tuple(balance(reference[k].factors, OPS))
+                )
+                balanced += 1
             np.testing.assert_allclose(updates[k], y[0], rtol=1e-9, atol=1e-12)
+            for a, b in zip(new_state.factors[k], reference[k].factors, strict=True):
+                np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12, err_msg=f"step {step}")
         state = new_state
     for k in names:
-        for a, b in zip(state.factors[k], reference[k].factors):
+        for a, b in zip(state.factors[k], reference[k].factors, strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
         np.testing.assert_allclose(state.mu[k], reference[k].momentum[0], rtol=1e-12)
+    return balanced
 
 
 def _run(tx, params, steps=8, key=0):
