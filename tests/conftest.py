@@ -6,7 +6,9 @@ import ast
 import inspect
 import math
 import re
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import numpy as np
@@ -97,17 +99,35 @@ def check_options_table():
     return check
 
 
-def refused_by_name(build, options: dict) -> bool:
-    """Whether ``build(**options)`` refuses the combination with a ``ValueError``, which must name
-    one of the options given. For the property tests over option combinations; records the
-    outcome as a hypothesis event (``--hypothesis-show-statistics``)."""
+class Conflict(NamedTuple):
+    """A documented conflict among options: when ``applies(options)``, the front end must refuse
+    the combination with a ``ValueError`` naming one of ``names``."""
+
+    names: tuple[str, ...]
+    applies: Callable[[dict], bool]
+
+
+def refused_as_documented(build, options: dict, conflicts: Sequence[Conflict] = ()) -> bool:
+    """Whether ``build(**options)`` refused the combination, which it must do exactly when one of
+    ``conflicts`` applies: then with a ``ValueError`` naming one of that conflict's options;
+    every other combination must be accepted, so a front end that refuses a valid combination
+    fails with the refusal's message. For the property tests over option combinations; records
+    the outcome as a hypothesis event (``--hypothesis-show-statistics``)."""
     from hypothesis import event
 
+    expected = [c for c in conflicts if c.applies(options)]
+    names = sorted({name for c in expected for name in c.names})
     try:
         build(**options)
     except ValueError as refused:
-        assert any(name in str(refused) for name in options), refused
+        if not expected:
+            raise AssertionError(
+                f"refused a combination no documented conflict covers: {refused}"
+            ) from refused
+        named = [n for n in names if re.search(rf"\b{re.escape(n)}\b", str(refused))]
+        assert named, f"refusal names none of the conflicting options {names}: {refused}"
         event("refused")
         return True
+    assert not expected, f"accepted a documented conflict of {names}"
     event("accepted")
     return False
