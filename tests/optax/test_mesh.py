@@ -134,6 +134,39 @@ def test_kron_partition_specs_match_the_state(kwargs):
     assert all(s == PartitionSpec() for s in jax.tree.leaves(plain[0].factors))
 
 
+@pytest.mark.parametrize("make", [kron, quad])
+def test_one_partition_spec_stands_for_every_param(make):
+    """eformer's ``params_partition_specs`` may be one ``PartitionSpec`` for every param; under
+    a mesh, or with a pipeline axis, that was a pytree structure error. A tree shaped like the
+    full params also serves ``optax.masked``, whose momentum leaves the masked-out leaves out.
+    Each run takes the steps of the run without specs (a one-device mesh: the structures, not
+    the placement, are what failed)."""
+    one = PartitionSpec()
+    full = jax.tree.map(lambda _: one, PARAMS)
+    mask = {"a": True, "b": False, "s": True, "v": False}
+    expected, _ = _run(make(learning_rate=1e-2))
+    expected_masked, _ = _run(optax.masked(make(learning_rate=1e-2), mask))
+    mesh = jax.make_mesh((1,), (AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
+    with jax.set_mesh(mesh):
+        runs = [
+            (_run(make(learning_rate=1e-2, params_partition_specs=one))[0], expected),
+            (
+                _run(optax.masked(make(learning_rate=1e-2, params_partition_specs=full), mask))[0],
+                expected_masked,
+            ),
+        ]
+    axis = dict(pipeline_axis_name=AXIS, pipeline_axis_size=1, params_partition_specs=one)
+    runs.append((_run(make(learning_rate=1e-2, **axis))[0], expected))
+    for got, want in runs:
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    specs = kron_partition_specs(PARAMS, params_partition_specs=one)
+    assert specs[0].mu == full
+    with pytest.raises(ValueError, match=r"no PartitionSpec at \['v'\]"):
+        with jax.set_mesh(mesh):
+            kron(params_partition_specs={k: one for k in "abs"}).init(PARAMS)
+
+
 def test_bad_axis_options_raise():
     with pytest.raises(ValueError, match="pipeline_axis_size must be a positive int; got 0"):
         kron(pipeline_axis_name=AXIS, pipeline_axis_size=0)

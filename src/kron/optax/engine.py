@@ -65,6 +65,7 @@ from kron.optax.sharding import (
     constrain_like_params,
     constrain_rows,
     constrain_spec,
+    specs_like,
 )
 from kron.optax.stacks import (
     LeafLayout,
@@ -395,7 +396,7 @@ def build(config: EngineConfig) -> optax.GradientTransformationExtraArgs:
         targets = [t.astype(q_dtype) for t in targets]
         applied = [a.astype(q_dtype) for a in applied]
         if stacked and config.params_partition_specs is not None:
-            specs = treedef.flatten_up_to(config.params_partition_specs)
+            specs = jax.tree.leaves(specs_like(updates, config.params_partition_specs))
             targets = _like_params(targets, specs, grads)
             applied = _like_params(applied, specs, grads)
 

@@ -54,10 +54,34 @@ def block_spec(shape: tuple[int, ...], axis_name: str | None, axis_size: int) ->
     return PartitionSpec(axis_name, *([None] * (len(shape) - 1)))
 
 
+def specs_like(tree: Any, params_partition_specs: Any) -> Any:
+    """``params_partition_specs`` in ``tree``'s structure (``tree`` is the params, the momentum or
+    the updates). It is one ``PartitionSpec`` for every leaf (eformer's single-spec form) or a
+    tree shaped like the params, read by each leaf's path, so a tree that ``optax.masked``
+    thinned out (``MaskedNode`` in place of the leaves it left out) takes the specs of the leaves
+    it kept."""
+    if isinstance(params_partition_specs, PartitionSpec):
+        return jax.tree.map(lambda _: params_partition_specs, tree)
+    given = jax.tree_util.tree_flatten_with_path(
+        params_partition_specs, is_leaf=lambda x: isinstance(x, PartitionSpec)
+    )[0]
+    by_path = dict(given)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    missing = [path for path, _ in leaves if not isinstance(by_path.get(path), PartitionSpec)]
+    if missing:
+        raise ValueError(
+            "params_partition_specs must be one PartitionSpec or a tree of them shaped like the "
+            f"params; it has no PartitionSpec at {jax.tree_util.keystr(missing[0]) or 'the root'} "
+            f"(its leaves: {[jax.tree_util.keystr(path) for path, _ in given]})."
+        )
+    return treedef.unflatten([by_path[path] for path, _ in leaves])
+
+
 def param_specs(params: Any, params_partition_specs: Any = None) -> Any:
-    """The given specs, or each param's own ``.sharding.spec`` (``P()`` when it has none)."""
+    """The given specs in the params' structure, or each param's own ``.sharding.spec``
+    (``P()`` when it has none)."""
     if params_partition_specs is not None:
-        return params_partition_specs
+        return specs_like(params, params_partition_specs)
     return jax.tree.map(
         lambda p: getattr(getattr(p, "sharding", None), "spec", None) or PartitionSpec(), params
     )
@@ -74,7 +98,11 @@ def kron_state_specs(
 
     return KronState(
         count=replicated,
-        mu=mu_specs if mu_specs is not None else jax.tree.map(lambda _: replicated, state.mu),
+        mu=(
+            specs_like(state.mu, mu_specs)
+            if mu_specs is not None
+            else jax.tree.map(lambda _: replicated, state.mu)
+        ),
         factors=rows(state.factors),
         lipschitz=rows(state.lipschitz),
         decision_total=replicated,
@@ -161,7 +189,8 @@ def constrain(state: KronState, axis_name: str | None, axis_size: int, mu_specs:
         return jax.tree.map(jax.lax.with_sharding_constraint, state, specs)
     if mu_specs is None or jax.sharding.get_abstract_mesh().empty:
         return state
-    return state._replace(mu=jax.tree.map(jax.lax.with_sharding_constraint, state.mu, mu_specs))
+    specs = specs_like(state.mu, mu_specs)
+    return state._replace(mu=jax.tree.map(jax.lax.with_sharding_constraint, state.mu, specs))
 
 
 def constrain_like_params(updates: Any, params_partition_specs: Any) -> Any:
@@ -169,7 +198,8 @@ def constrain_like_params(updates: Any, params_partition_specs: Any) -> Any:
     mesh = jax.sharding.get_abstract_mesh()
     if params_partition_specs is None or mesh.empty:
         return updates
-    return jax.tree.map(jax.lax.with_sharding_constraint, updates, params_partition_specs)
+    specs = specs_like(updates, params_partition_specs)
+    return jax.tree.map(jax.lax.with_sharding_constraint, updates, specs)
 
 
 def bytes_on(device: Any, tree: Any) -> int:
@@ -195,4 +225,5 @@ __all__ = [
     "constrain_spec",
     "kron_state_specs",
     "param_specs",
+    "specs_like",
 ]
