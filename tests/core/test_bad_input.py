@@ -99,7 +99,7 @@ def test_geometry_aliases():
         (lambda: StepOptions(beta=-0.5), "beta"),
         (lambda: StepOptions(clip_rms=0.0), "clip_rms"),
         (lambda: StepOptions(clip_max=-1.0), "clip_max"),
-        (lambda: LayoutOptions(max_size=0.5), "max_size"),
+        (lambda: LayoutOptions(max_size=-0.5), "max_size"),
         (lambda: LayoutOptions(block_size=0), "block_size"),
     ],
 )

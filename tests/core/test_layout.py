@@ -326,10 +326,18 @@ def test_plan_is_cached():
     assert make_plan((5, 7), options) is not make_plan((5, 7), LayoutOptions())
 
 
+@pytest.mark.parametrize("block_size", [None, 4])
+def test_max_size_zero_makes_every_axis_diagonal(block_size):
+    """As in kron_torch and psgdax ("dimensions larger than this are diagonal"): 0 is a valid
+    size, and no axis is dense (nor cut into blocks). It was refused."""
+    plan = make_plan((6, 5, 3), LayoutOptions(**{**KT, "max_size": 0, "block_size": block_size}))
+    assert plan.dense == (False, False, False) and plan.num_blocks == 1
+
+
 @pytest.mark.parametrize(
     ("kwargs", "name"),
     [
-        ({"max_size": 0}, "max_size"),
+        ({"max_size": -1}, "max_size"),
         ({"max_size": math.nan}, "max_size"),
         ({"max_skew": -1.0}, "max_skew"),
         ({"min_ndim_dense": -1}, "min_ndim_dense"),

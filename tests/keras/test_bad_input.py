@@ -35,7 +35,7 @@ BAD_OPTIONS = [
     (dict(weight_decay=-1.0), "weight_decay"),
     (dict(gradient_accumulation_steps=1), "gradient_accumulation_steps"),
     (dict(momentum=0.9), "not recognized"),
-    (dict(max_size_triangular=0), "max_size_triangular must be >= 1; got 0"),
+    (dict(max_size_triangular=-1), "max_size_triangular must be >= 0; got -1"),
     (dict(min_ndim_triangular=-1), "min_ndim_triangular must be a whole number >= 0; got -1"),
     (dict(min_ndim_triangular=1.5), "min_ndim_triangular must be a whole number >= 0; got 1.5"),
     (dict(update_clip_value=float("inf")), "update_clip_value must be finite and > 0; got inf"),

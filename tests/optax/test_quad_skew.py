@@ -184,6 +184,14 @@ def test_partition_specs_match_the_state(kwargs):
     assert kron_specs.count == PartitionSpec()
 
 
+def test_partition_specs_read_weight_decay_none_as_no_decay():
+    """eformer's helper reads ``weight_decay=None`` as 0; ours raised (quad refuses None)."""
+    params = {"w": jnp.zeros((8, 6)), "b": jnp.zeros(6)}
+    specs = get_opt_state_partition_specs(params, weight_decay=None)
+    assert jax.tree.structure(specs) == jax.tree.structure(quad(weight_decay=0.0).init(params))
+    assert jax.tree.structure(specs) != jax.tree.structure(quad().init(params))
+
+
 def test_state_json_round_trip_resumes_exactly():
     params = {"w": jnp.zeros((6, 5)), "b": jnp.zeros(5, jnp.bfloat16)}
     tx = quad(learning_rate=1e-2, block_size=4)

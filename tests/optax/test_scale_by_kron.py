@@ -299,16 +299,21 @@ def test_the_probability_schedule_gets_psgdaxs_step_number():
     ("make", "message"),
     [
         (lambda: scale_by_kron(b1=1.5), r"b1 must be in \[0, 1\); got 1.5"),
-        (lambda: scale_by_kron(max_size_triangular=0), "max_size_triangular must be >= 1"),
+        (lambda: scale_by_kron(max_size_triangular=-1), "max_size_triangular must be >= 0"),
         (lambda: scale_by_kron(grad_clip_max_amp=0.0), "grad_clip_max_amp must be > 0"),
-        (lambda: scale_by_kron(preconditioner_lr=-1.0), "preconditioner_lr must be > 0"),
+        (lambda: scale_by_kron(preconditioner_lr=-1.0), "preconditioner_lr must be finite and"),
+        # inf passed: the fits were all discarded (lr), or every update was NaN (scale).
+        (lambda: kron(preconditioner_lr=np.inf), "preconditioner_lr must be finite and > 0"),
+        (lambda: quad(preconditioner_lr=np.inf), "preconditioner_lr must be finite and > 0"),
+        (lambda: kron(preconditioner_init_scale=np.inf), "init_scale must be finite and > 0"),
+        (lambda: quad(preconditioner_init_scale=np.inf), "init_scale must be finite and > 0"),
         (lambda: scale_by_kron(mu_dtype=jnp.int32), "mu_dtype must be a floating-point dtype"),
         (lambda: scale_by_kron(precond_dtype="int32"), "precond_dtype must be a floating-point"),
         (
             lambda: scale_by_kron(preconditioner_mode="foo"),
             "Unknown preconditioner_mode \\(geometry\\) 'foo'",
         ),
-        (lambda: skew(max_size_dense=0), "max_size_dense must be >= 1; got 0"),
+        (lambda: skew(max_size_dense=-1), "max_size_dense must be >= 0; got -1"),
         (lambda: quad(noise_scale=-1.0), "noise_scale must be >= 0"),
         (lambda: quad(b1=1.0), r"b1 must be in \[0, 1\)"),
         (lambda: kron(weight_decay=-0.1), "weight_decay must be >= 0; got -0.1"),
@@ -401,3 +406,32 @@ def test_grad_clip_max_amp_none_leaves_the_output_unclipped():
     np.testing.assert_array_equal(unclipped, output(1e30))
     assert float(jnp.sqrt(jnp.mean(unclipped**2))) > 2.0
     assert float(jnp.sqrt(jnp.mean(output(1.0) ** 2))) <= 1.0 + 1e-5
+
+
+def test_values_the_seeds_accept_are_accepted():
+    """psgdax and eformer read 0 as a size below every axis (all factors diagonal) and a
+    lax.map batch below 2 as one layer at a time; NumPy integers are integers. All were
+    refused."""
+    params = {"w": jnp.ones((3, 6, 5)), "b": jnp.ones(5)}
+    state = scale_by_kron(max_size_triangular=0).init(params)
+    assert all(f.ndim == 2 for f in jax.tree.leaves(state.factors))  # (blocks, n): diagonal
+    grads = jax.tree.map(lambda p: jnp.linspace(-1.0, 1.0, p.size).reshape(p.shape), params)
+
+    def scanned(batch):
+        tx = kron(
+            scanned_layers={"w": True, "b": False},
+            lax_map_scanned_layers=True,
+            lax_map_batch_size=batch,
+            preconditioner_update_probability=1.0,
+        )
+        return tx.update(grads, tx.init(params), params)[0]
+
+    for a, b in zip(jax.tree.leaves(scanned(0)), jax.tree.leaves(scanned(1))):
+        np.testing.assert_array_equal(a, b)
+
+    def shapes(make, axis_size, **options):
+        tx = make(pipeline_axis_name="dp", pipeline_axis_size=axis_size, **options)
+        return jax.tree.map(jnp.shape, jax.eval_shape(tx.init, params))
+
+    assert shapes(quad, np.int64(4), max_size_dense=0) == shapes(quad, 4, max_size_dense=0)
+    assert shapes(kron, np.int64(4)) == shapes(kron, 4)

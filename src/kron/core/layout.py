@@ -73,8 +73,8 @@ class LayoutOptions:
                 f"Unknown merge_dims {self.merge_dims!r}; accepted: "
                 f"{', '.join(repr(m) for m in MERGE_RULES)}."
             )
-        if not self.max_size >= 1:
-            raise ValueError(f"max_size must be >= 1; got {self.max_size!r}.")
+        if not self.max_size >= 0:  # 0: every axis diagonal, as in the peers
+            raise ValueError(f"max_size must be >= 0; got {self.max_size!r}.")
         if not self.max_skew >= 0:
             raise ValueError(f"max_skew must be >= 0 (inf disables it); got {self.max_skew!r}.")
         if not self.min_ndim_dense >= 0:

@@ -680,8 +680,8 @@ def _check_ranges(
     probability,
 ) -> None:
     """ValueError naming the option and the value for anything out of range."""
-    if not max_size_triangular >= 1:
-        raise ValueError(f"max_size_triangular must be >= 1; got {max_size_triangular!r}.")
+    if not max_size_triangular >= 0:
+        raise ValueError(f"max_size_triangular must be >= 0; got {max_size_triangular!r}.")
     if not (min_ndim_triangular >= 0 and float(min_ndim_triangular).is_integer()):
         raise ValueError(
             f"min_ndim_triangular must be a whole number >= 0; got {min_ndim_triangular!r}."

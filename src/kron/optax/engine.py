@@ -179,20 +179,23 @@ class EngineConfig:
                 f"Unknown preconditioner_type {self.preconditioner_type!r}; accepted: "
                 f"{', '.join(repr(t) for t in PRECONDITIONER_TYPES)}."
             )
-        if self.init_scale is not None and not self.init_scale > 0:
+        if self.init_scale is not None and not 0 < self.init_scale < math.inf:
             raise ValueError(
-                f"preconditioner_init_scale must be > 0 or None; got {self.init_scale!r}."
+                f"preconditioner_init_scale must be finite and > 0, or None; got "
+                f"{self.init_scale!r}."
             )
         if (
             isinstance(self.lax_map_batch_size, bool)
             or not isinstance(self.lax_map_batch_size, numbers.Integral)
-            or self.lax_map_batch_size < 1
+            or self.lax_map_batch_size < 0
         ):
             raise ValueError(
-                f"lax_map_batch_size must be a positive int; got {self.lax_map_batch_size!r}."
+                f"lax_map_batch_size must be an int >= 0; got {self.lax_map_batch_size!r}."
             )
-        object.__setattr__(self, "lax_map_batch_size", int(self.lax_map_batch_size))
+        # 0 maps one layer at a time, as 1 does (psgdax's reading of any size below 2).
+        object.__setattr__(self, "lax_map_batch_size", max(1, int(self.lax_map_batch_size)))
         check_axis_options(self.block_axis_name, self.block_axis_size)
+        object.__setattr__(self, "block_axis_size", int(self.block_axis_size))  # NumPy ints too
         if not 0.0 <= self.balance_probability <= 1.0:
             raise ValueError(
                 f"balance_probability must be in [0, 1]; got {self.balance_probability!r}."
@@ -203,7 +206,12 @@ class EngineConfig:
             lambda v: v >= 0,
             ">= 0 (>= 1: every step) or a schedule",
         )
-        require_option("preconditioner_lr", self.precond_lr, lambda v: v > 0, "> 0 or a schedule")
+        require_option(
+            "preconditioner_lr",
+            self.precond_lr,
+            lambda v: 0 < v < math.inf,
+            "finite and > 0, or a schedule",
+        )
         for name, dtype in (("precond_dtype", self.q_dtype), ("mu_dtype", self.mu_dtype)):
             if dtype is not None:
                 float_dtype(name, dtype)

@@ -87,12 +87,14 @@ def _scale_by_white_kron(
         raise ValueError(f"Unknown lr_style {lr_style!r}; accepted: 'adam', None.")
     # The core's records check these too, under their own names; these name eformer's.
     require_option("b1", b1, lambda v: 0 <= v < 1, "in [0, 1)")
-    require_option("max_size_dense", max_size_dense, lambda v: v >= 1, ">= 1")
+    require_option("max_size_dense", max_size_dense, lambda v: v >= 0, ">= 0")
     if isinstance(block_size, jax.Array):
         raise ValueError(f"block_size must be an int; got {block_size!r}.{INJECTED_HINT}")
     require_option("block_size", block_size, lambda v: v >= 1, ">= 1")
     require_option("noise_scale", noise_scale, lambda v: v >= 0, ">= 0")
-    require_option("preconditioner_lr", preconditioner_lr, lambda v: v > 0, "> 0")
+    require_option(
+        "preconditioner_lr", preconditioner_lr, lambda v: 0 < v < math.inf, "finite and > 0"
+    )
     # A string would be read as its truth value ("no" switching normalisation on).
     check_option_types(
         numbers={},
@@ -266,7 +268,10 @@ def get_opt_state_partition_specs(params: Any, **quad_kwargs: Any) -> Any:
     Block stacks (padded to a multiple of ``pipeline_axis_size``) are split over
     ``pipeline_axis_name``; the momentum takes ``params_partition_specs`` (or the params' own
     shardings); everything else is replicated. ``skew`` has the same state layout.
+    ``weight_decay=None`` means no decay, as in eformer's helper.
     """
+    if "weight_decay" in quad_kwargs and quad_kwargs["weight_decay"] is None:
+        quad_kwargs["weight_decay"] = 0.0
     state = jax.eval_shape(quad(**quad_kwargs).init, params)
     return chain_state_specs(
         state,

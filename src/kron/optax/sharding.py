@@ -10,6 +10,7 @@ the momentum is replicated.
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 import jax
@@ -28,7 +29,7 @@ def check_axis_options(axis_name: Any, axis_size: Any) -> None:
         raise ValueError(
             f"pipeline_axis_name must be a mesh axis name (str) or None; got {axis_name!r}."
         )
-    if isinstance(axis_size, bool) or not isinstance(axis_size, int) or axis_size < 1:
+    if isinstance(axis_size, bool) or not isinstance(axis_size, numbers.Integral) or axis_size < 1:
         raise ValueError(f"pipeline_axis_size must be a positive int; got {axis_size!r}.")
     if axis_name is None and axis_size > 1:
         raise ValueError(

@@ -133,7 +133,7 @@ def scale_by_kron(
         raise ValueError(f"whiten_grad=False whitens the momentum and needs b1 > 0; got {b1!r}.")
     # The core's records check these too, under their own names; these name psgdax's.
     require_option("b1", b1, lambda v: 0 <= v < 1, "in [0, 1)")
-    require_option("max_size_triangular", max_size_triangular, lambda v: v >= 1, ">= 1")
+    require_option("max_size_triangular", max_size_triangular, lambda v: v >= 0, ">= 0")
     require_option("max_skew_triangular", max_skew_triangular, lambda v: v >= 0, ">= 0")
     require_option("min_ndim_triangular", min_ndim_triangular, lambda v: v >= 0, ">= 0")
     if grad_clip_max_amp is not None:

@@ -169,9 +169,9 @@ def check_ranges(group: dict[str, Any]) -> None:
             raise ValueError(f"Invalid {key}: {group[key]!r} (must be a whole number >= 0).")
     if not 0 <= group["b1"] < 1:
         raise ValueError(f"Invalid b1: {group['b1']!r} (must be in [0, 1)).")
-    if not group["max_size_triangular"] >= 1:
+    if not group["max_size_triangular"] >= 0:
         raise ValueError(
-            f"Invalid max_size_triangular: {group['max_size_triangular']!r} (must be >= 1)."
+            f"Invalid max_size_triangular: {group['max_size_triangular']!r} (must be >= 0)."
         )
     if (
         group["split"]
