@@ -218,6 +218,25 @@ def test_a_parameter_steps_the_same_stacked_or_alone_when_its_mate_missed_a_step
     assert all(torch.equal(a, b) for a, b in zip(run(True), run(False)))
 
 
+@pytest.mark.parametrize("mate_is_fresh", [False, True])
+def test_an_edited_precond_dtype_converts_the_factors_on_the_next_step(mate_is_fresh):
+    """The factors kept their dtype, unless a same-shape parameter without state joined the
+    stack, which then converted every factor in it."""
+    a, b = nn.Parameter(torch.randn(6, 6)), nn.Parameter(torch.randn(6, 6))
+    opt = Kron([a, b], preconditioner_update_probability=1.0)
+    a.grad, b.grad = torch.randn(6, 6), None if mate_is_fresh else torch.randn(6, 6)
+    opt.step()
+    before = opt.state[a]["factors"][0].clone()
+    opt.param_groups[0].update(precond_dtype=torch.float32, preconditioner_update_probability=1e-9)
+    a.grad, b.grad = torch.randn(6, 6), torch.randn(6, 6)
+    opt.step()  # no fit: a's factors are its bfloat16 ones, converted
+    for p in (a, b):
+        assert [f.dtype for f in opt.state[p]["factors"]] == [torch.float32] * 2
+        assert all(lip.dtype == torch.float32 for lip in opt.state[p]["lipschitz"])
+    assert before.dtype == torch.bfloat16
+    assert torch.equal(opt.state[a]["factors"][0], before.float())
+
+
 def test_in_place_edits_of_state_are_seen_by_the_next_step():
     p = nn.Parameter(torch.ones(4, 4))
     opt = Kron([p], lr=0.1, preconditioner_update_probability=1e-6, seed=0)

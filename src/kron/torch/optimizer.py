@@ -630,7 +630,10 @@ class Kron(torch.optim.Optimizer):
             self._state_for(p) or self._init_state(group, p, plan, options, probes, hvps)
             for p in params
         ]
-        factor_dtype = states[0]["factors"][0].dtype
+        factor_dtype = torch_dtype(group["precond_dtype"], "precond_dtype") or DEFAULT_PRECOND_DTYPE
+        for state in states:  # precond_dtype edited since the state was made: it converts now
+            if state["factors"][0].dtype != factor_dtype:
+                _convert_preconditioner(state, factor_dtype)
         # The gradient and momentum are handled in at least float32; only the products (and the
         # fit's inputs) are in the factors' dtype, so bfloat16 factors never round the momentum
         # and the float32 state is still stepped in place. Not wider: a float64 gradient past
@@ -971,6 +974,14 @@ def _check_is_kron_state(saved: dict[Any, Any], groups: list[dict[str, Any]]) ->
                     f"{sorted(entry)}, not a kron.torch state (factors, momentum, ...). A "
                     "kron_torch.Kron state dict loads with kron.torch.load_kron_torch_state."
                 )
+
+
+def _convert_preconditioner(state: dict[str, Any], dtype: torch.dtype) -> None:
+    """``state``'s factors and cache in ``dtype``, its Lipschitz estimates in at least float32."""
+    state["factors"] = [f.to(dtype) for f in state["factors"]]
+    state["cache"] = [c.to(dtype) for c in state["cache"]]
+    wide = torch.promote_types(dtype, torch.float32)
+    state["lipschitz"] = [lip.to(wide) for lip in state["lipschitz"]]
 
 
 def initial_state(
