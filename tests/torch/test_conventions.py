@@ -150,6 +150,59 @@ def test_a_state_dict_with_more_param_groups_is_refused():
     assert opt.state_dict()["state"] == {}
 
 
+def test_a_state_dict_with_the_empty_entry_of_a_read_state_loads():
+    """Reading ``opt.state[p]`` (monitoring code, a frozen parameter) leaves ``{}``, which
+    ``state_dict()`` saves; loading it was refused as "not a kron.torch state"."""
+    model = make_model()
+    opt = Kron(model.parameters(), lr=1e-2)
+    frozen = next(model.parameters()).requires_grad_(False)
+    train(model, opt, 2)
+    assert opt.state[frozen].get("skipped", 0) == 0 and opt.state[frozen] == {}
+    saved = opt.state_dict()
+    resumed_model = make_model()
+    resumed_model.load_state_dict(model.state_dict())
+    next(resumed_model.parameters()).requires_grad_(False)
+    resumed = Kron(resumed_model.parameters(), lr=1e-2)
+    resumed.load_state_dict(saved)
+    train(model, opt, 2, start=2)
+    train(resumed_model, resumed, 2, start=2)
+    assert all(torch.equal(a, b) for a, b in zip(snapshot(model), snapshot(resumed_model)))
+
+
+def test_checkpoint_hooks_run_as_torch_runs_them():
+    """A load pre-hook's dict is the one loaded, a load post-hook's edits of the state stay,
+    and a state-dict post-hook sees the finished dict (seed included); the state used to be
+    rebuilt from the caller's dict after the hooks had run."""
+    model = make_model()
+    opt = Kron(model.parameters(), lr=1e-2)
+    train(model, opt, 2)
+    saved = opt.state_dict()
+
+    def zero_momenta(optimizer, state_dict):
+        state = {
+            k: {**v, "momentum": torch.zeros_like(v["momentum"])}
+            for k, v in state_dict["state"].items()
+        }
+        return {**state_dict, "state": state}
+
+    def halve_factors(optimizer):
+        for state in optimizer.state.values():
+            state["factors"] = [f / 2 for f in state["factors"]]
+
+    fresh = Kron(make_model().parameters(), lr=1e-2)
+    fresh.register_load_state_dict_pre_hook(zero_momenta)
+    fresh.register_load_state_dict_post_hook(halve_factors)
+    fresh.load_state_dict(saved)
+    for index, p in enumerate(p for g in fresh.param_groups for p in g["params"]):
+        assert not fresh.state[p]["momentum"].any()
+        for mine, theirs in zip(fresh.state[p]["factors"], saved["state"][index]["factors"]):
+            assert torch.equal(mine, theirs / 2)
+    seen = []
+    opt.register_state_dict_post_hook(lambda optimizer, state: seen.append(state["seed"]))
+    opt.state_dict()
+    assert seen == [opt.seed]
+
+
 def test_stepping_after_load_state_dict_leaves_the_loaded_dict_untouched():
     """The optimizer updates its state in place, so ``load_state_dict`` copies what it is given:
     after ``load_state_dict(saved)`` every step leaves ``saved`` as it was (``torch.optim.Adam``

@@ -237,6 +237,55 @@ def test_an_edited_precond_dtype_converts_the_factors_on_the_next_step(mate_is_f
     assert torch.equal(opt.state[a]["factors"][0], before.float())
 
 
+def test_an_edited_mu_dtype_converts_the_momentum_on_the_next_step():
+    p = nn.Parameter(torch.randn(5, 4))
+    opt = Kron([p], mu_dtype=torch.bfloat16)
+    p.grad = torch.randn(5, 4)
+    opt.step()
+    assert opt.state[p]["momentum"].dtype == torch.bfloat16
+    opt.param_groups[0]["mu_dtype"] = None  # the parameter's own dtype
+    p.grad = torch.randn(5, 4)
+    opt.step()
+    assert opt.state[p]["momentum"].dtype == torch.float32
+
+
+def test_a_tensor_precond_lr_edited_in_place_is_used():
+    """Schedulers edit a tensor lr in place; a tensor precond_lr so edited was held at its
+    first value."""
+
+    def run(edit):
+        torch.manual_seed(0)
+        p = nn.Parameter(torch.randn(5, 4))
+        opt = Kron([p], precond_lr=torch.tensor(0.1), preconditioner_update_probability=1.0)
+        for step in range(4):
+            p.grad = torch.randn(5, 4, generator=torch.Generator().manual_seed(step))
+            opt.step()
+            if step == 1:
+                edit(opt.param_groups[0])
+        return p.detach().clone()
+
+    in_place = run(lambda group: group["precond_lr"].fill_(0.5))
+    replaced = run(lambda group: group.update(precond_lr=torch.tensor(0.5)))
+    unchanged = run(lambda group: None)
+    assert torch.equal(in_place, replaced) and not torch.equal(in_place, unchanged)
+
+
+def test_a_step_under_autocast_keeps_the_precond_dtype():
+    """Under ``torch.autocast`` the factor products ran in bfloat16 even with float32 factors."""
+
+    def run(autocast: bool):
+        torch.manual_seed(0)
+        p = nn.Parameter(torch.randn(16, 12))
+        opt = Kron([p], precond_dtype=torch.float32, preconditioner_update_probability=1.0)
+        for step in range(3):
+            p.grad = torch.randn(16, 12, generator=torch.Generator().manual_seed(step))
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                opt.step()
+        return p.detach().clone()
+
+    assert torch.equal(run(True), run(False))
+
+
 def test_in_place_edits_of_state_are_seen_by_the_next_step():
     p = nn.Parameter(torch.ones(4, 4))
     opt = Kron([p], lr=0.1, preconditioner_update_probability=1e-6, seed=0)

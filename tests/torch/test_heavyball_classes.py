@@ -332,6 +332,36 @@ def test_pickling_keeps_the_default_schedule_and_consume_grad():
             )
 
 
+def test_a_copy_keeps_the_fitting_target_its_new_groups_read():
+    """The constructor's momentum_into_precond_update was lost by a copy, and adding a group
+    with exp_avg_input then raised AttributeError."""
+    import copy
+    import pickle
+
+    opt = ForeachPSGDKron(make_model().parameters(), momentum_into_precond_update=False)
+    group = {"params": [nn.Parameter(torch.ones(3, 3))], "exp_avg_input": True}
+    for copied in (pickle.loads(pickle.dumps(opt)), copy.deepcopy(opt)):
+        copied.add_param_group(dict(group))
+        assert copied.param_groups[-1]["momentum_into_precond_update"] is False
+
+
+def test_heavyballs_group_names_set_between_steps_take_effect():
+    """Groups keep our names; heavyball's ``beta`` set on a group later was ignored without a
+    word, and ``foreach`` (our stack_params, one value for the optimizer) was accepted."""
+
+    def run(key):
+        def make(params):
+            opt = ForeachPSGDKron(params, preconditioner_update_probability=1.0)
+            opt.param_groups[0][key] = 0.5
+            return opt
+
+        return train(make, steps=4)[1]
+
+    assert run("beta") == run("b1") != train(ForeachPSGDKron, steps=4)[1]
+    with pytest.raises(ValueError, match="foreach cannot be set per param group"):
+        ForeachPSGDKron([{"params": make_model().parameters(), "foreach": False}])
+
+
 def test_a_groups_own_values_follow_the_class_rules():
     """In a param group, as in the constructor: None takes the class's ``delayed``, ``cached``
     and ``exp_avg_input``, and a geometry other than EQ keeps its factors square."""

@@ -145,6 +145,10 @@ class ForeachPSGDKron(Kron):
             **kron_options,
         )
 
+    def __getstate__(self) -> dict[str, Any]:
+        # add_param_group reads the constructor's fitting target, so a copy must carry it.
+        return {**super().__getstate__(), "_fit_on_momentum": self._fit_on_momentum}
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """As :meth:`Kron.add_param_group`, with the class's rules for a group's own values:
         ``delayed``, ``cached`` and ``exp_avg_input`` given as None or ``USE_DEFAULT`` take the

@@ -14,11 +14,13 @@ The class does bookkeeping only: options, param groups, state, when to fit, stac
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import dataclasses
 import math
 import numbers
 import types
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -57,6 +59,7 @@ from kron.torch.functional import (
     uniform_for,
 )
 from kron.torch.options import (
+    GROUP_ALIASES,
     NONFINITE_POLICIES,
     RECORD_KEYS,
     check_ranges,
@@ -326,7 +329,8 @@ class Kron(torch.optim.Optimizer):
         # Validate the group as it will be (defaults filled in) before torch installs it, so a
         # rejected group leaves the optimizer unchanged.
         param_group = group_with_our_names(param_group)
-        global_only = [name for name in self._SETTINGS if name in param_group]
+        # heavyball's foreach is stack_params, one value for the whole optimizer too.
+        global_only = [name for name in (*self._SETTINGS, "foreach") if name in param_group]
         if global_only:
             raise ValueError(
                 f"{', '.join(global_only)} cannot be set per param group (one value serves "
@@ -382,6 +386,9 @@ class Kron(torch.optim.Optimizer):
         ``backward`` as usual; for Newton-type groups it must return the loss *without* calling
         ``backward`` (the optimizer differentiates it to get gradients and Hessian-vector
         products)."""
+        for group in self.param_groups:  # heavyball's name set on a group since it was added
+            for alias in GROUP_ALIASES.keys() & group.keys():
+                group[GROUP_ALIASES[alias]] = group.pop(alias)
         decisions = [self._decide(gi, group) for gi, group in enumerate(self.param_groups)]
         probes: dict[int, torch.Tensor] = {}
         hvps: dict[int, torch.Tensor] = {}
@@ -400,7 +407,8 @@ class Kron(torch.optim.Optimizer):
                 loss = closure()
         self._check_gradients()
         clocks = [group["step"] for group in self.param_groups]
-        self._step_all(decisions, probes, hvps)
+        with _autocast_disabled():  # the products run in precond_dtype, as the user chose
+            self._step_all(decisions, probes, hvps)
         if self.resync:
             self._resync_if_due(clocks)
         return loss
@@ -614,6 +622,12 @@ class Kron(torch.optim.Optimizer):
         argument): a CPU tensor or ``torch.tensor(value, device=...)`` would cost a blocking
         host-to-device copy per bucket and step."""
         key = (gi, dtype, device)
+        if isinstance(value, torch.Tensor):  # may be edited in place, as schedulers edit lr
+            held = self._precond_lrs.get(key, (None, None))[1]
+            if held is None:
+                held = torch.empty((), dtype=dtype, device=device)
+                self._precond_lrs[key] = (None, held)
+            return held.copy_(value.reshape(()))
         if key not in self._precond_lrs:
             self._precond_lrs[key] = (value, torch.full((), value, dtype=dtype, device=device))
         held_value, held = self._precond_lrs[key]
@@ -631,9 +645,14 @@ class Kron(torch.optim.Optimizer):
             for p in params
         ]
         factor_dtype = torch_dtype(group["precond_dtype"], "precond_dtype") or DEFAULT_PRECOND_DTYPE
-        for state in states:  # precond_dtype edited since the state was made: it converts now
+        mu_dtype = torch_dtype(group["mu_dtype"], "mu_dtype")
+        for p, state in zip(params, states):  # dtypes edited since the state was made convert now
             if state["factors"][0].dtype != factor_dtype:
                 _convert_preconditioner(state, factor_dtype)
+            if state["momentum"].dtype != (mu_dtype or p.dtype):
+                for key in ("momentum", "previous_grad"):
+                    if key in state:
+                        state[key] = state[key].to(mu_dtype or p.dtype)
         # The gradient and momentum are handled in at least float32; only the products (and the
         # fit's inputs) are in the factors' dtype, so bfloat16 factors never round the momentum
         # and the float32 state is still stepped in place. Not wider: a float64 gradient past
@@ -867,7 +886,22 @@ class Kron(torch.optim.Optimizer):
         state keep the dtype they were saved with (torch would cast them to the parameter dtype,
         turning a float32 Q into bfloat16 for bfloat16 parameters), and the state is copied (torch
         would alias the caller's tensors and update them in place). Options missing from the saved
-        groups (callables are not saved) keep their current values."""
+        groups (callables are not saved) keep their current values. The load hooks run as
+        torch runs them: the pre-hooks on the dict before anything is read from it, the
+        post-hooks once the state is in place."""
+        state_dict = dict(state_dict)
+        for hook in list(self._optimizer_load_state_dict_pre_hooks.values()):
+            changed = hook(self, state_dict)
+            state_dict = state_dict if changed is None else changed
+        with _hooks_suspended(
+            self, "_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks"
+        ):
+            self._load(state_dict)
+        for hook in list(self._optimizer_load_state_dict_post_hooks.values()):
+            hook(self)
+
+    def _load(self, state_dict: dict[str, Any]) -> None:
+        """``load_state_dict`` without its hooks."""
         # A torch.distributed.checkpoint round trip turns the integer state keys into strings.
         state_dict = {
             **state_dict,
@@ -894,20 +928,48 @@ class Kron(torch.optim.Optimizer):
         current = [p for g in self.param_groups for p in g["params"]]
         for saved_id, p in zip(saved_ids, current):
             saved = state_dict["state"].get(saved_id)
-            if saved is None:
+            if not saved:  # none, or the empty entry that reading opt.state[p] leaves
                 continue
             self.state[p] = {key: _to_device(value, p.device) for key, value in saved.items()}
 
     def state_dict(self) -> dict[str, Any]:
         """As ``torch.optim.Optimizer.state_dict``, plus the ``seed`` the noise is drawn with;
         callables in the param groups (schedules, clipping functions) are left out so that
-        ``torch.load(weights_only=True)`` can read it."""
-        state = super().state_dict()
+        ``torch.load(weights_only=True)`` can read it. The post-hooks see the finished dict."""
+        with _hooks_suspended(self, "_optimizer_state_dict_post_hooks"):
+            state = super().state_dict()
         for group in state["param_groups"]:
             for key in [k for k, v in group.items() if callable(v)]:
                 del group[key]
         state["seed"] = self.seed
+        for hook in list(self._optimizer_state_dict_post_hooks.values()):
+            changed = hook(self, state)
+            state = state if changed is None else changed
         return state
+
+
+def _autocast_disabled() -> contextlib.ExitStack:
+    """A context without the autocast that is on (CPU or CUDA), if any: under it the factor
+    products would run in bfloat16 or float16 whatever ``precond_dtype`` says."""
+    stack = contextlib.ExitStack()
+    for device_type in ("cpu", "cuda"):
+        if torch.is_autocast_enabled(device_type):
+            stack.enter_context(torch.autocast(device_type, enabled=False))
+    return stack
+
+
+@contextlib.contextmanager
+def _hooks_suspended(optimizer: torch.optim.Optimizer, *names: str) -> Iterator[None]:
+    """``optimizer``'s hook tables ``names`` emptied for the block: the checkpoint methods run
+    the user's hooks themselves, around their own work rather than inside torch's."""
+    saved = {name: getattr(optimizer, name) for name in names}
+    try:
+        for name in names:
+            setattr(optimizer, name, collections.OrderedDict())
+        yield
+    finally:
+        for name, hooks in saved.items():
+            setattr(optimizer, name, hooks)
 
 
 _PAST_FLOAT16 = ", or past float16's range (the factors' dtype)"
@@ -968,7 +1030,7 @@ def _check_is_kron_state(saved: dict[Any, Any], groups: list[dict[str, Any]]) ->
     for gi, group in enumerate(groups):
         for index, saved_id in enumerate(group["params"]):
             entry = saved.get(saved_id, saved.get(str(saved_id)))
-            if entry is not None and not {"factors", "momentum"} <= set(entry):
+            if entry and not {"factors", "momentum"} <= set(entry):
                 raise ValueError(
                     f"The saved state of parameter {index} of group {gi} has keys "
                     f"{sorted(entry)}, not a kron.torch state (factors, momentum, ...). A "

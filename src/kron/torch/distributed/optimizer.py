@@ -359,7 +359,7 @@ class DistributedKron(Kron):
 
     # -- checkpoints ---------------------------------------------------------------------------
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+    def _load(self, state_dict: dict[str, Any]) -> None:
         """Load the param groups, and the state of the parameters this rank owns (entries for
         other parameters are ignored; owned parameters missing from ``state_dict`` start fresh).
         ``state_dict`` may come from any world size: a rank's own, a single-process ``Kron``'s, or
@@ -377,7 +377,7 @@ class DistributedKron(Kron):
             if position in owned:
                 state[position] = value
         self._warn_of_missing_state(state_dict, state, owned)
-        super().load_state_dict({**state_dict, "state": state})
+        super()._load({**state_dict, "state": state})
 
     def _warn_of_missing_state(self, state_dict, found, owned) -> None:
         """Warn when a trainable parameter this rank owns has no state in ``state_dict`` although
