@@ -98,6 +98,21 @@ def reference(
     return theta, state.factors, balanced
 
 
+def _optimizer_and_gradients(mode, damping_rule, norm_bound, whiten_grad, balance_probability):
+    """A ``KronPsgd`` with these options and the gradients of the parity runs."""
+    rng = np.random.default_rng(0)
+    grads = [rng.standard_normal(SHAPE) * np.linspace(0.1, 3.0, SHAPE[1]) for _ in range(STEPS)]
+    opt = KronPsgd(
+        preconditioner_mode=mode,
+        damping_rule=damping_rule,
+        norm_bound=norm_bound,
+        whiten_grad=whiten_grad,
+        balance_probability=balance_probability,
+        seed=SEED,
+    )
+    return opt, grads
+
+
 @pytest.mark.parametrize(
     ("mode", "damping_rule", "norm_bound", "whiten_grad"),
     [
@@ -109,16 +124,7 @@ def reference(
     ],
 )
 def test_kron_psgd_follows_the_core(mode, damping_rule, norm_bound, whiten_grad):
-    rng = np.random.default_rng(0)
-    grads = [rng.standard_normal(SHAPE) * np.linspace(0.1, 3.0, SHAPE[1]) for _ in range(STEPS)]
-    opt = KronPsgd(
-        preconditioner_mode=mode,
-        damping_rule=damping_rule,
-        norm_bound=norm_bound,
-        whiten_grad=whiten_grad,
-        balance_probability=0.0,
-        seed=SEED,
-    )
+    opt, grads = _optimizer_and_gradients(mode, damping_rule, norm_bound, whiten_grad, 0.0)
     theta = np.zeros(SHAPE)
     for g in grads:
         opt.step(NAME, theta, g)
@@ -143,16 +149,7 @@ def test_balancing_follows_the_core(mode, damping_rule, norm_bound, whiten_grad)
     hence θ, unchanged, and a balanced step erases the factors' earlier scale history, so the
     factors are compared after every step: a front end that never balances, or balances on
     other steps (every fit, say), differs in them."""
-    rng = np.random.default_rng(0)
-    grads = [rng.standard_normal(SHAPE) * np.linspace(0.1, 3.0, SHAPE[1]) for _ in range(STEPS)]
-    opt = KronPsgd(
-        preconditioner_mode=mode,
-        damping_rule=damping_rule,
-        norm_bound=norm_bound,
-        whiten_grad=whiten_grad,
-        balance_probability=0.5,
-        seed=SEED,
-    )
+    opt, grads = _optimizer_and_gradients(mode, damping_rule, norm_bound, whiten_grad, 0.5)
     theta = np.zeros(SHAPE)
     for t, g in enumerate(grads):
         opt.step(NAME, theta, g)
