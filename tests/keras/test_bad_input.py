@@ -191,13 +191,20 @@ def test_nonfinite_gradient_leaves_variable_and_state_untouched(bad: float) -> N
     assert float(to_numpy(kron_slots.count)) == 2.0
 
 
+def _last_gradient_nan(variables) -> list:
+    """Gradients finite for every variable but the last: the ones before it must not move
+    either (each variable used to check its own gradient as it was updated)."""
+    grads = [np.ones(v.shape, np.float32) for v in variables]
+    grads[-1][0] = np.nan
+    return [keras.ops.convert_to_tensor(g) for g in grads]
+
+
 def test_nonfinite_raise_policy_raises_eagerly() -> None:
     variables, optimizer = _setup(nonfinite="raise")
-    before = _snapshot(variables)
-    grads = [np.full(v.shape, np.nan, np.float32) for v in variables]
-    with pytest.raises(FloatingPointError, match="non-finite gradient for variable 0"):
-        optimizer.apply([keras.ops.convert_to_tensor(g) for g in grads], variables)
-    for a, b in zip(before, _snapshot(variables)):
+    before = _snapshot([*variables, *optimizer.variables])
+    with pytest.raises(FloatingPointError, match="non-finite gradient for variable 1"):
+        optimizer.apply(_last_gradient_nan(variables), variables)
+    for a, b in zip(before, _snapshot([*variables, *optimizer.variables])):
         np.testing.assert_array_equal(a, b)
 
 
@@ -219,8 +226,11 @@ def test_nonfinite_raise_policy_inside_a_compiled_step() -> None:
         import tensorflow as tf
 
         graph_step = tf.function(lambda gs: optimizer.apply(gs, variables))
-        with pytest.raises(tf.errors.InvalidArgumentError, match="non-finite gradient"):
-            graph_step(grads)
+        before = _snapshot([*variables, *optimizer.variables])
+        with pytest.raises(tf.errors.InvalidArgumentError, match="gradient for variable 1"):
+            graph_step(_last_gradient_nan(variables))
+        for a, b in zip(before, _snapshot([*variables, *optimizer.variables])):
+            np.testing.assert_array_equal(a, b)  # the graph's other updates waited too
         xla_step = tf.function(lambda gs: optimizer.apply(gs, variables), jit_compile=True)
         with pytest.raises(ValueError, match="jit_compile=False"):
             xla_step(grads)

@@ -21,6 +21,7 @@ The streams are independent within a backend; the backends draw different number
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from typing import Any
@@ -180,12 +181,14 @@ def cond(pred: Any, true_fn: Callable[[], Any], false_fn: Callable[[], Any]) -> 
     return keras.ops.cond(pred, true_fn, false_fn)
 
 
-def raise_if(bad: Any, message: str) -> None:
+def raise_if(bad: Any, message: str) -> Any:
     """Raise ``FloatingPointError(message)`` when the boolean scalar ``bad`` holds, from wherever
     the step runs: eagerly (PyTorch, TensorFlow eager) at once; inside ``tf.function`` through
-    ``tf.debugging.Assert`` (``InvalidArgumentError``); inside ``jax.jit`` through a host
-    callback (``JaxRuntimeError`` wrapping the ``FloatingPointError``). XLA-compiled TensorFlow
-    drops assertions, so there it raises ``ValueError`` while tracing rather than never."""
+    ``tf.debugging.Assert`` (``InvalidArgumentError``), whose op is returned for :func:`after`;
+    inside ``jax.jit`` through a host callback (``JaxRuntimeError`` wrapping the
+    ``FloatingPointError``; the failed step's results are discarded). XLA-compiled TensorFlow
+    drops assertions, so there it raises ``ValueError`` while tracing rather than never.
+    Returns None but in a ``tf.function``."""
     backend = keras.backend.backend()
     if backend == "tensorflow":
         import tensorflow as tf
@@ -193,14 +196,14 @@ def raise_if(bad: Any, message: str) -> None:
         if tf.executing_eagerly():
             if bool(bad):
                 raise FloatingPointError(message)
-            return
+            return None
         if _in_xla_context():
             raise ValueError(
                 "nonfinite='raise' cannot raise inside an XLA-compiled TensorFlow step (XLA drops "
                 "assertions); use nonfinite='skip' or compile the model with jit_compile=False."
             )
-        tf.debugging.Assert(tf.logical_not(bad), [message])
-    elif backend == "jax":
+        return tf.debugging.Assert(tf.logical_not(bad), [message])
+    if backend == "jax":
         import jax
 
         def check(flag: Any) -> None:
@@ -210,6 +213,17 @@ def raise_if(bad: Any, message: str) -> None:
         jax.debug.callback(check, bad)
     elif bool(bad):
         raise FloatingPointError(message)
+    return None
+
+
+def after(ops: list) -> Any:
+    """A context in which the ops created run after ``ops`` (TensorFlow graph ops from
+    :func:`raise_if`); nothing to wait for when ``ops`` is empty."""
+    if not ops:
+        return contextlib.nullcontext()
+    import tensorflow as tf
+
+    return tf.control_dependencies(ops)
 
 
 def _in_xla_context() -> bool:

@@ -440,10 +440,33 @@ class Kron(keras.optimizers.Optimizer):
         """Weight decay is applied in :meth:`update_step`, gated on a finite gradient."""
 
     def _backend_update_step(self, grads: list, trainable_variables: list, learning_rate) -> None:
-        super()._backend_update_step(grads, trainable_variables, learning_rate)
-        if self.decision_rule != "bernoulli":  # every update_step has read the old counter
-            _, counter = self._decide()
-            self.assign(self._decision_counter, counter)
+        checks = self._nonfinite_checks(grads, trainable_variables)
+        with native.after(checks):  # nothing moves until every gradient has passed
+            super()._backend_update_step(grads, trainable_variables, learning_rate)
+            if self.decision_rule != "bernoulli":  # every update_step has read the old counter
+                _, counter = self._decide()
+                self.assign(self._decision_counter, counter)
+
+    def _nonfinite_checks(self, grads: list, variables: list) -> list:
+        """With ``nonfinite="raise"``, check every gradient before any variable is updated:
+        eagerly this raises at once; in a ``tf.function`` it returns the assertions the updates
+        wait on (checked inside ``update_step`` instead, the variables before the bad one, and
+        with TensorFlow's graph all the others, had already moved)."""
+        if self.nonfinite != "raise":
+            return []
+        limit = overflow_limit(self.precond_dtype)
+        past = ", or past float16's range (precond_dtype)" if limit < math.inf else ""
+        checks = []
+        for gradient, variable in zip(grads, variables):
+            index = self._get_variable_index(variable)
+            plan = self._plans[index]
+            if plan is None:  # an empty variable
+                continue
+            grad = kops.expand_dims(kops.cast(gradient, self._work_dtype), 0)
+            bad = kops.logical_not(finite_rows(grad, OPS, limit)[0])
+            message = f"Kron: non-finite gradient{past} for variable {index} of shape {plan.shape}."
+            checks.append(native.raise_if(bad, message))
+        return [check for check in checks if check is not None]
 
     def _decide(self) -> tuple[Any, Any]:
         """``(fit?, new decision counter)`` for this step: a pure function of the iteration and
@@ -467,13 +490,7 @@ class Kron(keras.optimizers.Optimizer):
         work = self._work_dtype
         grad = kops.expand_dims(kops.cast(gradient, work), 0)
         limit = overflow_limit(self.precond_dtype)
-        finite = finite_rows(grad, OPS, limit)[0]
-        if self.nonfinite == "raise":
-            past = ", or past float16's range (precond_dtype)" if limit < math.inf else ""
-            native.raise_if(
-                kops.logical_not(finite),
-                f"Kron: non-finite gradient{past} for variable {index} of shape {plan.shape}.",
-            )
+        finite = finite_rows(grad, OPS, limit)[0]  # "raise" checked them all before this step
         grad = kops.where(finite, grad, kops.zeros_like(grad))
         if self._decays(index) and not self.decoupled_weight_decay:  # g ← g + wd·θ
             theta = kops.expand_dims(kops.cast(variable, work), 0)
