@@ -448,10 +448,9 @@ class Kron(keras.optimizers.Optimizer):
                 self.assign(self._decision_counter, counter)
 
     def _nonfinite_checks(self, grads: list, variables: list) -> list:
-        """With ``nonfinite="raise"``, check every gradient before any variable is updated:
-        eagerly this raises at once; in a ``tf.function`` it returns the assertions the updates
-        wait on (checked inside ``update_step`` instead, the variables before the bad one, and
-        with TensorFlow's graph all the others, had already moved)."""
+        """With ``nonfinite="raise"``, check every gradient before any variable is updated, so
+        the step that raises moves nothing: eagerly this raises at once; in a ``tf.function`` it
+        returns the assertions that the updates wait on."""
         if self.nonfinite != "raise":
             return []
         limit = overflow_limit(self.precond_dtype)
