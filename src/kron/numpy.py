@@ -223,6 +223,11 @@ class KronPsgd:
             raise TypeError(f"name must be a str; got {type(name).__name__} {name!r}.")
         view, grad = self._check(name, param, grad, shape)
         options = self._step_options()  # the fields may have been changed since the last step
+        scale = self.lr_scale(name)
+        if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not (
+            scale >= 0 and math.isfinite(scale)
+        ):
+            raise ValueError(f"lr_scale({name!r}) must be a finite number >= 0; got {scale!r}.")
         if self.weight_decay:
             # Coupled decay before the check: a finite gradient that the decay takes past the
             # dtype's range is skipped like any non-finite one rather than stepped.
@@ -230,18 +235,22 @@ class KronPsgd:
                 grad = grad + self.weight_decay * view
         finite = bool(np.isfinite(grad).all())
         if not finite and self.nonfinite == "raise":
-            raise FloatingPointError(f"Non-finite gradient for {name!r}.")
+            decayed = " plus weight_decay·param" if self.weight_decay else ""
+            raise FloatingPointError(
+                f"Non-finite gradient for {name!r} (as stepped: cast to {view.dtype}{decayed})."
+            )
         clock = (self._iteration, set(self._stepped), self._decision_total, self._decided)
         try:
-            self._step_checked(name, view, grad, options, finite)
+            self._step_checked(name, view, grad, options, finite, self.lr * scale)
         except BaseException:
             # What can still raise (a schedule's value, the step's arithmetic) comes before the
             # parameter and its state are written, so winding the clock back undoes the step.
             self._iteration, self._stepped, self._decision_total, self._decided = clock
             raise
 
-    def _step_checked(self, name, view, grad, options, finite) -> None:
-        """:meth:`step` once its input has passed the checks."""
+    def _step_checked(self, name, view, grad, options, finite, step_size) -> None:
+        """:meth:`step` once its input has passed the checks; ``step_size`` is
+        ``lr·lr_scale(name)``."""
         if name in self._stepped:
             # A loop written for the Rust trait, where end_iteration is a no-op, never calls it;
             # without this its noise and fit decisions would repeat every step.
@@ -280,7 +289,7 @@ class KronPsgd:
         )
         if do_fit and balance_draw < self.balance_probability:
             state = state._replace(factors=tuple(balance(state.factors, _OPS)))
-        view -= (self.lr * self.lr_scale(name)) * y[0].astype(dtype, copy=False)
+        view -= step_size * y[0].astype(dtype, copy=False)
         slot.state = state._replace(momentum=state.momentum[0])
         slot.count += 1
         if name not in self._slots:
@@ -421,11 +430,16 @@ class KronPsgd:
             )
         if not param.flags.writeable:
             raise ValueError(f"param {name!r} is read-only; step updates it in place.")
-        grad = np.asarray(grad)
+        given, grad = grad, np.asarray(grad)
         if np.iscomplexobj(grad):
             raise TypeError(
                 f"grad of {name!r} is complex ({grad.dtype}); accepted: real gradients for "
                 "float32 or float64 parameters."
+            )
+        if grad.dtype.kind not in "biuf":  # NumPy would turn None into NaN, a silent skip
+            raise TypeError(
+                f"grad of {name!r} must be a real numeric array; got {type(given).__name__} of "
+                f"dtype {grad.dtype}."
             )
         if shape is not None:
             if not isinstance(shape, (tuple, list)) or not all(

@@ -138,6 +138,30 @@ def test_lr_scale_is_honoured_when_overridden(rng):
     assert KronPsgd().lr_scale("anything") == 1.0
 
 
+@pytest.mark.parametrize("scale", [math.nan, math.inf, -1.0, "1"])
+def test_a_bad_lr_scale_is_refused_before_anything_moves(rng, scale):
+    class BadScale(KronPsgd):
+        def lr_scale(self, name):
+            return scale
+
+    opt, w = BadScale(), np.ones(3)
+    with pytest.raises(ValueError, match=r"lr_scale\('w'\) must be a finite number >= 0"):
+        opt.step("w", w, rng.standard_normal(3))
+    np.testing.assert_array_equal(w, np.ones(3))
+    assert opt.state_dict()["slots"] == {} and opt.iteration == 0
+
+
+def test_the_nonfinite_check_sees_the_decayed_gradient():
+    """With weight decay, a finite gradient of a non-finite parameter is what the step would use
+    non-finite: skipped, or named with what was checked."""
+    param = np.array([np.nan, 1.0, 2.0])
+    opt = KronPsgd(weight_decay=0.1)
+    opt.step("w", param, np.ones(3))
+    assert opt.skipped("w") == 1
+    with pytest.raises(FloatingPointError, match=r"'w' \(as stepped: cast to float64 plus weight"):
+        KronPsgd(weight_decay=0.1, nonfinite="raise").step("w", param, np.ones(3))
+
+
 def test_fields_are_plain_mutable_attributes(rng):
     params = make_params(rng)
     opt = KronPsgd()
@@ -410,6 +434,9 @@ def test_a_nonfinite_gradient_with_raise_leaves_the_iteration_open(rng):
     [
         (0, np.zeros(3), np.ones(3), TypeError, "name must be a str; got int 0"),
         ("w", np.zeros(3), np.ones(3) * 1j, TypeError, r"grad of 'w' is complex \(complex128\)"),
+        # NumPy reads None as NaN: it must not pass for a non-finite gradient and be skipped
+        ("s", np.zeros(()), None, TypeError, "grad of 's' must be a real numeric array; got None"),
+        ("w", np.zeros(2), np.array([1.0, None]), TypeError, "ndarray of dtype object"),
     ],
 )
 def test_bad_step_arguments_are_named_and_leave_no_state(name, param, grad, error, message):
