@@ -1,7 +1,7 @@
 """eformer's state records (``DenseState``, ``LeafState``) read from a ``quad``/``skew`` state:
 each leaf's path and block counts follow its layout, the records hold exactly the state's factors
-(dense-path blocks padded with the identity), a stacked state reads the same as a per-leaf one,
-and the records serialise and travel through ``jit``."""
+(zeros past each block's real rows and columns, as eformer pads), a stacked state reads the same
+as a per-leaf one, and the records serialise and travel through ``jit``."""
 
 from __future__ import annotations
 
@@ -68,6 +68,17 @@ def _real_rows_and_cols(name: str) -> tuple[np.ndarray, np.ndarray | None]:
     return rows, cols
 
 
+def _real_part(factor, real, size: int) -> np.ndarray:
+    """What a record holds for a stored ``factor`` (``(R, k, k)`` or ``(R, k)``): per block, its
+    ``real[r]`` real rows and columns, zeros everywhere else (eformer's padding), ``size`` wide."""
+    factor = np.asarray(factor)
+    out = np.zeros((factor.shape[0], *(size,) * (factor.ndim - 1)), factor.dtype)
+    for r, n in enumerate(real):
+        block = (r, *(slice(0, n),) * (factor.ndim - 1))
+        out[block] = factor[block]
+    return out
+
+
 def test_leaf_records_follow_the_layout(state):
     _, leaves = white_kron_states(PARAMS, state, **OPTIONS)
     assert {name: leaf.kind for name, leaf in leaves.items()} == KINDS
@@ -101,23 +112,22 @@ def test_records_hold_the_states_factors(state):
     for name in sorted(PARAMS):  # a dict flattens in key order, and so do DenseState's rows
         leaf = leaves[name]
         factors, lipschitz = kron_state.factors[name], kron_state.lipschitz[name]
+        real_rows, real_cols = _real_rows_and_cols(name)
         if leaf.kind != DENSE_PATH:
             order = len(factors)
             records = (leaf.Ql, leaf.Qr)[:order] + (leaf.Ll, leaf.Lr)[:order]
-            for record, stored in zip(records, (*factors, *lipschitz), strict=True):
+            for record, stored, real in zip(records[:order], factors, (real_rows, real_cols)):
+                np.testing.assert_array_equal(record, _real_part(stored, real, record.shape[-1]))
+            for record, stored in zip(records[order:], lipschitz, strict=True):
                 np.testing.assert_array_equal(record, stored)
             continue
         rows = slice(start, start + leaf.stack)
         start += leaf.stack
-        real_rows, real_cols = _real_rows_and_cols(name)
         np.testing.assert_array_equal(dense.valid_rows[rows], real_rows)
         np.testing.assert_array_equal(dense.valid_cols[rows], real_cols)
-        for padded, stored in zip((dense.Ql[rows], dense.Qr[rows]), factors):
-            k = stored.shape[-1]
-            np.testing.assert_array_equal(padded[:, :k, :k], stored)
-            identity = np.broadcast_to(np.eye(BLOCK), padded.shape).copy()
-            identity[:, :k, :k] = padded[:, :k, :k]
-            np.testing.assert_array_equal(padded, identity)
+        pairs = zip((dense.Ql[rows], dense.Qr[rows]), factors, (real_rows, real_cols))
+        for padded, stored, real in pairs:
+            np.testing.assert_array_equal(padded, _real_part(stored, real, BLOCK))
         np.testing.assert_array_equal(dense.Ll[rows], lipschitz[0])
         np.testing.assert_array_equal(dense.Lr[rows], lipschitz[1])
     assert dense.valid_count == start == 1 + 4 + 2  # conv, the grid's 2 × 2, two scan layers
@@ -176,3 +186,14 @@ def test_mismatched_input_is_refused(state):
         white_kron_states(PARAMS, (), **OPTIONS)
     with pytest.raises(TypeError, match="lr"):
         white_kron_states(PARAMS, state, lr=1e-3)
+
+
+def test_a_python_number_leaf_reads_as_a_0d_array():
+    """``quad`` takes a Python number as a 0-d leaf, so its records must too."""
+    as_number = {"w": jnp.ones((3, 4)), "s": 1.5}
+    as_array = {"w": jnp.ones((3, 4)), "s": jnp.asarray(1.5)}
+    tx = quad(learning_rate=1e-2)
+    _, from_number = white_kron_states(as_number, tx.init(as_number))
+    _, from_array = white_kron_states(as_array, tx.init(as_array))
+    assert from_number["s"].kind == from_array["s"].kind == ONE_D_PATH
+    np.testing.assert_array_equal(from_number["s"].Ql, from_array["s"].Ql)

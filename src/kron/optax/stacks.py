@@ -59,7 +59,7 @@ def leaf_layouts(leaves: list[Any], flags: list[bool], layout: LayoutOptions) ->
     """Each leaf's plan under ``layout``; a scanned leaf's leading axis counts its layers."""
     layouts = []
     for leaf, scanned in zip(leaves, flags):
-        shape = tuple(leaf.shape)
+        shape = tuple(jnp.shape(leaf))  # a Python number is a 0-d leaf
         if scanned and not shape:
             raise ValueError("a scanned leaf needs a leading layer axis; got a scalar leaf.")
         layer_shape = shape[1:] if scanned else shape

@@ -101,8 +101,8 @@ class DenseState(_Record):
 
     Attributes:
       Ql, Qr: ``(valid_count, block_size, block_size)`` left and right factors in the state's
-        dtype; a block smaller than ``block_size`` sits in the top-left corner, the identity
-        fills the rest.
+        dtype; each block's real rows and columns (``valid_rows``, ``valid_cols``) in the
+        top-left corner, zeros in the rest (eformer's padding).
       Ll, Lr: ``(valid_count,)`` Lipschitz estimates of the left and right fits (float32).
       valid_rows, valid_cols: ``(valid_count,)`` int32, the real rows and columns of each block.
       valid_count: the number of blocks.
@@ -201,15 +201,17 @@ def white_kron_states(params: Any, opt_state: Any, **quad_kwargs: Any) -> tuple[
             dense.append((factors, lipschitz, rows, cols))
         elif record.kind == LARGE_PATH:
             record = record.replace(
-                Ql=factors[0],
-                Qr=factors[1],
+                Ql=_zero_padding(factors[0], rows),
+                Qr=_zero_padding(factors[1], cols),
                 Ll=lipschitz[0],
                 Lr=lipschitz[1],
                 valid_rows=rows,
                 valid_cols=cols,
             )
         else:
-            record = record.replace(Ql=factors[0], Ll=lipschitz[0], valid_rows=rows)
+            record = record.replace(
+                Ql=_zero_padding(factors[0], rows), Ll=lipschitz[0], valid_rows=rows
+            )
         records.append(record)
     return _dense_state(dense, options["block_size"], state), treedef.unflatten(records)
 
@@ -317,10 +319,10 @@ def _dense_state(blocks: list, block_size: int, state: KronState) -> DenseState:
         no_rows = jnp.zeros((0,), jnp.int32)
         return DenseState(empty_q, empty_q, empty_l, empty_l, no_rows, no_rows, 0, block_size)
     pad = partial(_pad_to, size=block_size)
-    left = jnp.concatenate([pad(factors[0]) for factors, _, _, _ in blocks])
+    left = jnp.concatenate([pad(_zero_padding(f[0], rows)) for f, _, rows, _ in blocks])
     return DenseState(
         Ql=left,
-        Qr=jnp.concatenate([pad(factors[1]) for factors, _, _, _ in blocks]),
+        Qr=jnp.concatenate([pad(_zero_padding(f[1], cols)) for f, _, _, cols in blocks]),
         Ll=jnp.concatenate([lipschitz[0] for _, lipschitz, _, _ in blocks]),
         Lr=jnp.concatenate([lipschitz[1] for _, lipschitz, _, _ in blocks]),
         valid_rows=jnp.concatenate([rows for _, _, rows, _ in blocks]),
@@ -331,12 +333,23 @@ def _dense_state(blocks: list, block_size: int, state: KronState) -> DenseState:
 
 
 def _pad_to(q: Any, size: int) -> Any:
-    """``(R, k, k)`` -> ``(R, size, size)``: ``q`` in the top-left corner, the identity below."""
+    """``(R, k, k)`` -> ``(R, size, size)``: ``q`` in the top-left corner, zeros around it."""
     k = q.shape[-1]
     if k == size:
         return q
-    eye = jnp.broadcast_to(jnp.eye(size, dtype=q.dtype), (q.shape[0], size, size))
-    return eye.at[:, :k, :k].set(q)
+    return jnp.zeros((q.shape[0], size, size), q.dtype).at[:, :k, :k].set(q)
+
+
+def _zero_padding(q: Any, valid: Any) -> Any:
+    """``q`` (``(R, k, k)`` or diagonal ``(R, k)``) with the rows and columns past each block's
+    ``valid`` count zeroed, as eformer keeps them. Our own state leaves them at whatever the fit
+    made of them (masked out of every statistic, they never reach a real entry), but eformer's
+    QUAD update grows a nonzero padded corner without bound, so a record it reads must not hold
+    one."""
+    inside = jnp.arange(q.shape[-1])[None, :] < valid[:, None]
+    if q.ndim == 3:
+        inside = inside[:, :, None] & inside[:, None, :]
+    return jnp.where(inside, q, jnp.zeros((), q.dtype))
 
 
 def _factor_dtype(state: KronState) -> Any:
