@@ -326,9 +326,9 @@ def test_pickling_keeps_the_default_schedule_and_consume_grad():
     for copied in (pickle.loads(pickle.dumps(opt)), copy.deepcopy(opt)):
         assert copied.consume_grad is False
         for gi, group in enumerate(copied.param_groups):
-            group["step"] = 2000
+            group["step"] = 2000  # 2000 steps taken: heavyball's count is 2001
             assert copied._decide(gi, group).probability == pytest.approx(
-                heavyball_schedule()(2000)
+                heavyball_schedule()(2001)
             )
 
 
@@ -407,3 +407,125 @@ def test_a_group_option_brings_the_rule_the_constructor_applies(option):
         assert group["momentum_into_precond_update"] is False
     else:
         assert group["decision_rule"] == "accumulator"
+
+
+def _factor_shapes(opt, p):
+    p.grad = torch.ones_like(p)
+    opt.step()
+    return [tuple(f.shape) for f in opt.state[p]["factors"]]
+
+
+def test_split_cuts_axes_only_with_merge_dims_as_in_heavyball():
+    """heavyball splits inside its dimension merger, which ``utils.merge_group`` skips without
+    ``merge_dims``: there an axis past max_size_triangular stays whole and diagonal. With
+    merge_dims on, in the constructor or in a group, split cuts it into blocks."""
+    p = nn.Parameter(torch.ones(10, 3))
+    opt = ForeachPSGDKron([p], max_size_triangular=4, split=True)
+    assert opt.param_groups[0]["split"] is False
+    assert _factor_shapes(opt, p) == [(1, 10), (1, 6)]  # diagonal 10, triangle of 3 as a line
+    p = nn.Parameter(torch.ones(10, 3))
+    opt = ForeachPSGDKron([p], max_size_triangular=4, split=True, merge_dims=True)
+    assert _factor_shapes(opt, p) == [(3, 10), (3, 6)]  # three blocks of (4, 3)
+    # A group's own merge_dims brings the constructor's split into play, and a group's own
+    # split without merging stays off.
+    a, b = nn.Parameter(torch.ones(10, 3)), nn.Parameter(torch.ones(10, 3))
+    opt = ForeachPSGDKron(
+        [{"params": [a], "merge_dims": True}, {"params": [b], "merge_dims": False}],
+        max_size_triangular=4,
+        split=True,
+    )
+    assert [g["split"] for g in opt.param_groups] == [True, False]
+    assert _factor_shapes(opt, a) == [(3, 10), (3, 6)]
+    opt.add_param_group({"params": [c := nn.Parameter(torch.ones(10, 3))], "split": True})
+    assert opt.param_groups[-1]["split"] is False
+    assert _factor_shapes(opt, c) == [(1, 10), (1, 6)]
+    # Kron's own split keeps its meaning: it cuts without merging.
+    p = nn.Parameter(torch.ones(10, 3))
+    assert _factor_shapes(Kron([p], max_size_triangular=4, split=True), p) == [
+        (3, 4, 4),
+        (3, 3, 3),
+    ]
+
+
+def _recorder(into):
+    def schedule(n):
+        into.append(int(n))
+        return 1.0
+
+    return schedule
+
+
+def test_the_schedule_gets_heavyballs_step_count_from_one():
+    """heavyball's ``psgd_should_update`` counts the step before calling the schedule (1 on the
+    first step); kron_torch's ``Kron`` calls it with 0 on the first step, and ours keeps that."""
+    ours, kron = [], []
+    _trained(lambda ps: ForeachPSGDKron(ps, preconditioner_update_probability=_recorder(ours)), 3)
+    _trained(lambda ps: Kron(ps, preconditioner_update_probability=_recorder(kron)), 3)
+    assert ours == [1, 2, 3] and kron == [0, 1, 2]
+    # The built-in schedule too: after 1000 steps heavyball's count is 1001, p = 0.999.
+    opt = ForeachPSGDKron(make_model().parameters())
+    opt.param_groups[0]["step"] = 1000
+    assert opt._decide(0, opt.param_groups[0]).probability == pytest.approx(0.999)
+
+
+def test_heavyballs_clipping_names_are_its_functions(monkeypatch):
+    """``"l2_clip_"``, ``"rmsnorm_clip_"`` and ``"trust_region_clip_"`` (heavyball.utils's
+    functions, which heavyball resolves by name) clip as those functions do at their default
+    thresholds, the trust region's clamp at ±2 included."""
+    import heavyball.utils
+
+    from kron.torch.functional import clipper
+
+    monkeypatch.setattr(heavyball.utils, "compile_mode", None)  # eager
+    x = torch.randn(3, 5, 4, generator=torch.Generator().manual_seed(0))
+    x[0] *= 0.05  # below the L2 and RMS thresholds: left alone
+    x[2] *= 100.0  # far past the trust region: clamped at ±2
+    for name in ("l2_clip_", "rmsnorm_clip_", "trust_region_clip_"):
+        theirs = torch.stack([getattr(heavyball.utils, name)(row.clone())[0] for row in x])
+        ours = clipper(name, 123.0)(x)  # the value given is not heavyball's: ignored
+        torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-7)
+    assert clipper("trust_region_clip_", 1.0)(x).abs().max() == 2.0
+
+
+def test_the_update_clipping_named_as_in_heavyball_is_the_default():
+    named = train(lambda ps: ForeachPSGDKron(ps, lr=0.05, update_clipping="trust_region_clip_"))
+    assert_same_run(named, train(lambda ps: ForeachPSGDKron(ps, lr=0.05)))
+
+
+def test_mars_is_heavyballs_correction(monkeypatch):
+    """heavyball's ``mars_correction`` (its option, its math): no unit-norm cap."""
+    import heavyball.utils
+
+    from kron.core import mars_correction
+    from kron.torch.functional import OPS
+
+    monkeypatch.setattr(heavyball.utils, "compile_mode", None)  # eager
+    gen = torch.Generator().manual_seed(0)
+    grad, previous = 10.0 * torch.randn(4, 5, generator=gen), torch.randn(4, 5, generator=gen)
+    ours = mars_correction(grad[None], previous[None], 0.9, 0.0025, OPS)[0]
+    theirs = grad.clone()
+    heavyball.utils.mars_correction([theirs], [previous.clone()], 0.9, 0.0025)
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
+    assert ours.norm() > 10.0
+
+
+def test_merge_dims_is_heavyballs_dim_merger():
+    """heavyball's merge_dims=True keeps axis 0 and folds the trailing axes from the last while
+    the product stays within max_size_triangular: an (8, 4, 3, 3) kernel is (8, 36), where
+    Kron's merge_dims=True takes the squarest view, (32, 9). In a group too."""
+    kernel = nn.Parameter(torch.ones(8, 4, 3, 3))
+    opt = ForeachPSGDKron([kernel], merge_dims=True, store_triu_as_line=False)
+    assert opt.param_groups[0]["merge_dims"] == "heavyball"
+    assert _factor_shapes(opt, kernel) == [(1, 8, 8), (1, 36, 36)]
+    kernel = nn.Parameter(torch.ones(8, 4, 3, 3))
+    assert _factor_shapes(Kron([kernel], merge_dims=True), kernel) == [(1, 32, 32), (1, 9, 9)]
+    # With split, the merge's limit is still max_size_triangular (heavyball splits after it).
+    a, b = nn.Parameter(torch.ones(4, 5, 6, 7)), nn.Parameter(torch.ones(4, 5, 6, 7))
+    opt = ForeachPSGDKron(
+        [{"params": [a], "merge_dims": True}, {"params": [b]}],
+        max_size_triangular=40,
+        split=True,
+        store_triu_as_line=False,
+    )
+    assert _factor_shapes(opt, a) == [(1, 4, 4), (1, 7, 7), (1, 30, 30)]  # 1.5's reshape
+    assert _factor_shapes(opt, b) == [(1, 4, 4), (1, 5, 5), (1, 6, 6), (1, 7, 7)]

@@ -135,3 +135,86 @@ def test_an_unknown_preconditioner_mode_is_named_in_the_constructor_and_in_a_gro
     opt = Kron([p])
     with pytest.raises(ValueError, match=r"Unknown preconditioner_mode \(geometry\) 'XX'"):
         opt.add_param_group({"params": [q], "preconditioner_mode": "XX"})
+
+
+def test_caution_comes_after_the_update_clip():
+    """As in heavyball, where the update clip is the last link of the chain and caution part of
+    the parameter update: the clip sees the whole update, and caution's rescale by the inverse
+    kept fraction applies to the clipped one."""
+    from kron.core import cautious
+    from kron.torch.functional import OPS
+
+    seen = []
+
+    def clip(x):
+        seen.append(x.clone())
+        return x.clamp(-0.01, 0.01)
+
+    p = nn.Parameter(torch.zeros(6, 5))
+    opt = Kron([p], lr=1.0, caution=True, update_clipping=clip)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        grad = torch.randn(6, 5, generator=gen)
+        before = p.detach().clone()
+        p.grad = grad.clone()
+        opt.step()
+    clipped = seen[-1].clamp(-0.01, 0.01)
+    assert (clipped * grad <= 0).any()  # caution drops something, so the order shows
+    expected = before - cautious(clipped[None], grad[None], OPS)[0]
+    torch.testing.assert_close(p.detach(), expected, rtol=1e-6, atol=1e-7)
+
+
+def test_warmup_is_heavyballs():
+    """heavyball's warm-up, ``lr·t/max(t, warmup_steps + 1)`` with ``t`` counted from 1: with
+    3 warm-up steps the first four steps take 1/4, 2/4, 3/4 and 4/4 of the learning rate."""
+    gen = torch.Generator().manual_seed(0)
+    grads = [torch.randn(4, 3, generator=gen) for _ in range(5)]
+    warm, plain = nn.Parameter(torch.zeros(4, 3)), nn.Parameter(torch.zeros(4, 3))
+    with_warmup = Kron([warm], lr=0.1, warmup_steps=3)
+    by_hand = Kron([plain], lr=0.1)
+    for step, (grad, fraction) in enumerate(zip(grads, [0.25, 0.5, 0.75, 1.0, 1.0])):
+        by_hand.param_groups[0]["lr"] = 0.1 * fraction
+        warm.grad, plain.grad = grad.clone(), grad.clone()
+        with_warmup.step()
+        by_hand.step()
+        torch.testing.assert_close(warm.detach(), plain.detach(), rtol=1e-6, atol=0, msg=step)
+
+
+@pytest.mark.parametrize(
+    ("heavyball_name", "ours", "value"),
+    [
+        ("l2_clip_", "l2_norm", 1.0),
+        ("rmsnorm_clip_", "rms", 1.0),
+        ("trust_region_clip_", "soft", 1.5),
+    ],
+)
+@pytest.mark.parametrize("kind", ["gradient", "update"])
+def test_heavyballs_clipping_names_are_our_clips_at_its_thresholds(
+    heavyball_name, ours, value, kind
+):
+    """heavyball.utils's function names (heavyball 3 resolves them) are accepted as the named
+    clip they compute, at heavyball's default threshold whatever ``*_clip_value`` says."""
+
+    def run(**clipping):
+        p = nn.Parameter(torch.zeros(4, 3))
+        opt = Kron([p], lr=0.1, **clipping)
+        for step in range(3):
+            p.grad = 3.0 * torch.cos(torch.arange(12.0).reshape(4, 3) + step)
+            opt.step()
+        return p.detach()
+
+    named = run(**{f"{kind}_clipping": heavyball_name, f"{kind}_clip_value": 0.2})
+    torch.testing.assert_close(
+        named, run(**{f"{kind}_clipping": ours, f"{kind}_clip_value": value}), rtol=0, atol=0
+    )
+
+
+def test_an_unknown_clipping_name_lists_heavyballs_names_too():
+    p = nn.Parameter(torch.ones(2, 2))
+    for kind in ("gradient", "update"):
+        with pytest.raises(
+            ValueError,
+            match=f"{kind}_clipping must be None, a callable or one of rms, l2_norm, value, soft, "
+            "l2_clip_, rmsnorm_clip_, trust_region_clip_; got 'l2'",
+        ):
+            Kron([p], **{f"{kind}_clipping": "l2"})

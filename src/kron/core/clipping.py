@@ -42,11 +42,17 @@ def clip_elementwise(y: Any, max_abs: float, ops: Any) -> Any:
     return ops.clip(y, -max_abs, max_abs)
 
 
+SOFT_CLIP_BOUND = 2.0  # heavyball's trust_region_clip_ ends with clamp(-2, 2), whatever the scale
+
+
 def soft_clip(y: Any, ops: Any, scale: float = 1.5, lerp: float = 0.9) -> Any:
-    """The trust-region soft clip ``s·φ(y/s)`` with
-    ``φ(x) = (1-lerp)·sign(x)·log(1+|x|) + lerp·tanh(x)`` (kron_torch 2024, heavyball)."""
+    """The trust-region soft clip ``clip(s·φ(y/s), -2, 2)`` with
+    ``φ(x) = (1-lerp)·sign(x)·log(1+|x|) + lerp·tanh(x)``: heavyball's ``trust_region_clip_``,
+    clamp included (kron_torch 2024's trust region is the same ``φ``). The log term grows without
+    bound, so without the clamp an entry of 10⁶ would still come out at 3.4 with ``s = 1.5``."""
     x = y / scale
-    return scale * ((1.0 - lerp) * ops.sign(x) * ops.log1p(ops.abs(x)) + lerp * ops.tanh(x))
+    soft = scale * ((1.0 - lerp) * ops.sign(x) * ops.log1p(ops.abs(x)) + lerp * ops.tanh(x))
+    return ops.clip(soft, -SOFT_CLIP_BOUND, SOFT_CLIP_BOUND)
 
 
 def l2_clip_factor(y: Any, max_norm: float, ops: Any) -> Any:
@@ -60,10 +66,11 @@ def clip_l2(y: Any, max_norm: float, ops: Any) -> Any:
 
 
 def mars_correction(grad: Any, previous: Any, beta: float, gamma: float, ops: Any) -> Any:
-    """MARS variance reduction (Yuan et al., 2024): ``c = g + γ·β/(1-β)·(g - g_prev)``, rescaled to
-    unit L2 norm when larger. Shapes ``(S, ...)``; the norm is per leading index."""
-    corrected = grad + (gamma * beta / (1.0 - beta)) * (grad - previous)
-    return clip_l2(corrected, 1.0, ops)
+    """MARS variance reduction (Yuan et al., 2024): ``g + γ·β/(1-β)·(g - g_prev)``, elementwise,
+    as heavyball's ``mars_correction`` (whose option this is) computes it. Not rescaled: the
+    paper caps the corrected gradient's norm at 1, heavyball does not, and a front end that wants
+    the cap applies a gradient clip of its own."""
+    return grad + (gamma * beta / (1.0 - beta)) * (grad - previous)
 
 
 def cautious(y: Any, grad: Any, ops: Any) -> Any:

@@ -3,7 +3,8 @@
 A :class:`Plan` is pure Python, computed once per ``(shape, LayoutOptions)`` and cached. It says:
 
 1. the *work shape*: the parameter with size-1 axes squeezed out (a scalar becomes ``(1,)``), and,
-   with ``merge_dims``, a tensor of order > 2 reshaped to its squarest 2-D view;
+   with ``merge_dims``, a tensor of order > 2 reshaped to its squarest 2-D view (or by another
+   merge rule: kron_torch's, heavyball's);
 2. the *block grid*: with ``block_size`` set, every work axis longer than ``block_size`` is cut
    into blocks of ``block_size`` (the last one zero-padded); every block gets its own factors;
 3. per block axis, whether its factor is a dense ``n×n`` matrix or a diagonal (a vector).
@@ -24,7 +25,7 @@ from typing import Any
 import numpy as np
 
 MEMORY_SAVE_MODES = (None, "one_diag", "smart_one_diag", "one_triu", "all_diag")
-MERGE_RULES = (False, True, "first_last")
+MERGE_RULES = (False, True, "first_last", "heavyball")
 
 
 @dataclass(frozen=True)
@@ -54,8 +55,13 @@ class LayoutOptions:
       merge_dims: ``True`` reshapes tensors of order > 2 (after squeezing) to their squarest 2-D
         view, over every split point; ``"first_last"`` is kron_torch's rule, which looks at the
         unsqueezed shape and picks ``(prod(shape[:-1]), shape[-1])`` unless
-        ``(shape[0], prod(shape[1:]))`` has the smaller signed difference ``cols − rows``.
-        Default ``False``.
+        ``(shape[0], prod(shape[1:]))`` has the smaller signed difference ``cols − rows``;
+        ``"heavyball"`` is heavyball 1.5's ``dim_merger`` (see :func:`heavyball_merge`), on the
+        unsqueezed shape with ``merge_size`` as its limit, and ``min_ndim_dense`` then counts
+        the merged axes, as heavyball's does. Default ``False``.
+      merge_size: the limit of the ``"heavyball"`` rule; ``None`` (default) is ``max_size``.
+        A front end that tiles by its size limit (and so sets ``max_size`` to ``inf``) passes
+        the limit here.
       block_size: cut axes longer than this (and no longer than ``max_size``) into blocks with
         their own factors. Default ``None`` (never split).
     """
@@ -66,6 +72,7 @@ class LayoutOptions:
     memory_save_mode: str | None = None
     merge_dims: bool | str = False
     block_size: int | None = None
+    merge_size: float | None = None
 
     def __post_init__(self) -> None:
         if self.merge_dims not in MERGE_RULES:
@@ -75,6 +82,8 @@ class LayoutOptions:
             )
         if not self.max_size >= 0:  # 0: every axis diagonal, as in the peers
             raise ValueError(f"max_size must be >= 0; got {self.max_size!r}.")
+        if self.merge_size is not None and not self.merge_size >= 0:
+            raise ValueError(f"merge_size must be >= 0 or None; got {self.merge_size!r}.")
         if not self.max_skew >= 0:
             raise ValueError(f"max_skew must be >= 0 (inf disables it); got {self.max_skew!r}.")
         if not self.min_ndim_dense >= 0:
@@ -177,6 +186,28 @@ def first_last_split(shape: tuple[int, ...]) -> tuple[int, int]:
     return last if last[1] - last[0] <= first[1] - first[0] else first
 
 
+def heavyball_merge(shape: tuple[int, ...], limit: float) -> tuple[int, ...]:
+    """heavyball 1.5's ``utils.dim_merger``: axis 0 is kept, and the other axes, from the last,
+    are folded into one while their product stays within ``limit``; an axis that would take it
+    past starts the next fold (or, after an empty fold, stays alone). The folds are listed in
+    heavyball's order, the one left open at the end last, and the tensor is reshaped to that
+    shape: a reshape that, from four axes on, need not merge neighbours ((4, 5, 6, 7) at 40
+    becomes (4, 7, 30)), as in heavyball."""
+    folds, current = [], 1
+    for n in reversed(shape[1:]):
+        if current * n <= limit:
+            current *= n
+        elif current > 1:
+            folds.append(current)
+            current = n
+        else:
+            folds.append(n)
+    merged = [*shape[:1], *reversed(folds)]
+    if current > 1 or not merged:
+        merged.append(current)
+    return tuple(merged)
+
+
 def _marked_by_memory_mode(shape: tuple[int, ...], mode: str | None) -> set[int]:
     k = len(shape)
     ascending = sorted(range(k), key=lambda i: shape[i])  # stable: ties keep axis order
@@ -201,10 +232,16 @@ def make_plan(shape: tuple[int, ...], options: LayoutOptions = LayoutOptions()) 
     shape = tuple(int(n) for n in shape)
     if any(n < 1 for n in shape):
         raise ValueError(f"Cannot precondition an empty tensor of shape {shape}.")
+    order = len(shape)  # what min_ndim_dense counts
     if options.merge_dims == "first_last":
         # kron_torch merges before dropping size-1 axes.
         merged = first_last_split(shape) if len(shape) > 2 else shape
         work = tuple(n for n in merged if n > 1) or (1,)
+    elif options.merge_dims == "heavyball":
+        # heavyball merges before dropping size-1 axes, and counts the merged tensor's axes.
+        limit = options.max_size if options.merge_size is None else options.merge_size
+        merged = heavyball_merge(shape, limit)
+        work, order = tuple(n for n in merged if n > 1) or (1,), len(merged)
     else:
         work = tuple(n for n in shape if n > 1) or (1,)
         if options.merge_dims and len(work) > 2:
@@ -223,7 +260,7 @@ def make_plan(shape: tuple[int, ...], options: LayoutOptions = LayoutOptions()) 
             n == 1
             or long[i]
             or n * n > options.max_skew * size
-            or len(shape) < options.min_ndim_dense
+            or order < options.min_ndim_dense
             or i in marked
         )
         for i, n in enumerate(block)

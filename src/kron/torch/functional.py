@@ -24,7 +24,14 @@ from kron.core import (
 )
 
 OPS = get_ops("torch")
-CLIPPING_NAMES = ("rms", "l2_norm", "value", "soft")
+# heavyball.utils's clipping functions by name (heavyball resolves a string to the function with
+# its default threshold): each is one of ours at that threshold, whatever ``*_clip_value`` says.
+HEAVYBALL_CLIPPING = {
+    "l2_clip_": ("l2_norm", 1.0),  # x / max(‖x‖, 1): our l2_norm at 1
+    "rmsnorm_clip_": ("rms", 1.0),  # x / max(RMS(x), 1): our rms at 1
+    "trust_region_clip_": ("soft", 1.5),  # scale=1.5, lerp=0.9, clamp at ±2: our soft at 1.5
+}
+CLIPPING_NAMES = ("rms", "l2_norm", "value", "soft", *HEAVYBALL_CLIPPING)
 
 
 _MASK64 = (1 << 64) - 1
@@ -96,13 +103,17 @@ def clipper(
 ) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """A per-parameter clip for ``(S, ...)`` tensors from a name in :data:`CLIPPING_NAMES`, a
     callable of one parameter's tensor, or None. The callable may also return a one-element list,
-    as heavyball's ``l2_clip_``, ``rmsnorm_clip_`` and ``trust_region_clip_`` do. With ``in_place``
-    the named clips except ``"soft"`` overwrite their input (for a temporary the caller owns; on
-    the CPU each fresh large temporary costs page faults). ``read_norms`` (in place only, and
+    as heavyball's ``l2_clip_``, ``rmsnorm_clip_`` and ``trust_region_clip_`` do; their names
+    are the named clips of :data:`HEAVYBALL_CLIPPING`, at heavyball's thresholds (``threshold``
+    is ignored for them). With ``in_place`` the named clips except ``"soft"`` overwrite their
+    input (for a temporary the caller owns; on the CPU each fresh large temporary costs page
+    faults). ``read_norms`` (in place only, and
     only where reading a tensor is free: the CPU) lets ``"rms"`` and ``"l2_norm"`` read the
     norms on the host and leave the input alone when no row exceeds the threshold."""
     if spec is None:
         return None
+    if isinstance(spec, str) and spec in HEAVYBALL_CLIPPING:
+        spec, threshold = HEAVYBALL_CLIPPING[spec]
     if not callable(spec) and not threshold > 0:
         raise ValueError(f"A clipping threshold must be > 0; got {threshold!r} for {spec!r}.")
     if callable(spec):

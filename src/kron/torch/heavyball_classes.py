@@ -8,7 +8,14 @@ with heavyball's defaults and heavyball's rules where ours differ:
 
 * the geometry is ``"EQ"`` (heavyball's triangular Q update);
 * the fit schedule, when ``preconditioner_update_probability`` is None, is heavyball's
-  ``max(0.03, 0.999^max(step - 1000, 0))``;
+  ``max(0.03, 0.999^max(n - 1000, 0))``; this one and a callable given are called with heavyball's
+  count ``n``, 1 on the first step (``Kron`` passes kron_torch's, 0 on the first step);
+* ``merge_dims=True`` is heavyball's merge, ``merge_dims="heavyball"`` (its ``dim_merger``:
+  axis 0 kept, the trailing axes folded from the last while the product stays within
+  ``max_size_triangular``), not ``Kron``'s squarest view;
+* ``split`` cuts axes only when ``merge_dims`` is on: heavyball splits inside its dimension
+  merger, so without merging an axis longer than ``max_size_triangular`` stays whole and
+  diagonal;
 * ``stochastic_schedule=False`` takes heavyball's deterministic accumulator rule;
 * the update is clipped by heavyball's trust-region clip (``update_clipping="soft"`` at 1.5)
   unless ``update_clipping`` is given; ``None`` turns clipping off, as in heavyball;
@@ -53,6 +60,7 @@ class ForeachPSGDKron(Kron):
 
     _SETTINGS = (*Kron._SETTINGS, "consume_grad")
     _default_schedule = staticmethod(heavyball_schedule())
+    _schedule_first_step = 1  # utils.psgd_should_update counts the step before calling
 
     def __init__(
         self,
@@ -89,7 +97,9 @@ class ForeachPSGDKron(Kron):
             update_clipping, clip_value = HEAVYBALL_UPDATE_CLIPPING
             kron_options.setdefault("update_clip_value", clip_value)
         kron_options.setdefault("preconditioner_mode", "EQ")
-        self._fit_on_momentum = momentum_into_precond_update  # before add_param_group runs
+        # Read by add_param_group, so set before it runs.
+        self._fit_on_momentum = momentum_into_precond_update
+        self._split = split
         if not stochastic_schedule:
             kron_options.setdefault("decision_rule", "accumulator")
         # heavyball's C.default: None, like USE_DEFAULT, takes the class's value.
@@ -120,8 +130,8 @@ class ForeachPSGDKron(Kron):
             # heavyball fits P on its chain's input: the momentum only when that is the input.
             momentum_into_precond_update=momentum_into_precond_update and exp_avg_input,
             warmup_steps=warmup_steps,
-            merge_dims=merge_dims,
-            split=split,
+            merge_dims=_heavyball_merge(merge_dims),
+            split=_split_if_merging(split, merge_dims),
             # Only EQ's factors are triangular; another geometry given here stores them square.
             store_triu_as_line=(
                 False
@@ -146,16 +156,23 @@ class ForeachPSGDKron(Kron):
         )
 
     def __getstate__(self) -> dict[str, Any]:
-        # add_param_group reads the constructor's fitting target, so a copy must carry it.
-        return {**super().__getstate__(), "_fit_on_momentum": self._fit_on_momentum}
+        # add_param_group reads the constructor's fitting target and split, so a copy must
+        # carry them.
+        return {
+            **super().__getstate__(),
+            "_fit_on_momentum": self._fit_on_momentum,
+            "_split": self._split,
+        }
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """As :meth:`Kron.add_param_group`, with the class's rules for a group's own values:
         ``delayed``, ``cached`` and ``exp_avg_input`` given as None or ``USE_DEFAULT`` take the
         class's value; P is fitted on the momentum only when the group's ``exp_avg_input`` makes
-        the momentum the preconditioned input; ``stochastic_schedule=False`` takes heavyball's
-        accumulator rule unless the group names a ``decision_rule``; and a geometry other than EQ
-        stores its factors square unless the group says otherwise (as the constructor does)."""
+        the momentum the preconditioned input; ``merge_dims=True`` is heavyball's merge;
+        ``split`` (the group's or the constructor's) acts only where the group's ``merge_dims``
+        is on; ``stochastic_schedule=False`` takes heavyball's accumulator rule unless the group
+        names a ``decision_rule``; and a geometry other than EQ stores its factors square unless
+        the group says otherwise (as the constructor does)."""
         group = dict(param_group)
         for name in ("delayed", "cached", "exp_avg_input"):
             if name in group and group[name] in (None, USE_DEFAULT):
@@ -165,6 +182,13 @@ class ForeachPSGDKron(Kron):
             exp_avg_input = group.get("exp_avg_input", self.defaults["exp_avg_input"])
             if isinstance(wanted, bool) and isinstance(exp_avg_input, bool):  # else refused later
                 group["momentum_into_precond_update"] = wanted and exp_avg_input
+        if "split" in group or "merge_dims" in group:
+            group["split"] = _split_if_merging(
+                group.get("split", self._split),
+                group.get("merge_dims", self.defaults["merge_dims"]),
+            )
+        if "merge_dims" in group:
+            group["merge_dims"] = _heavyball_merge(group["merge_dims"])
         if group.get("stochastic_schedule") is False:
             group.setdefault("decision_rule", "accumulator")
         if group.get("preconditioner_mode", "EQ") != "EQ":  # only EQ's factors are triangular
@@ -177,6 +201,19 @@ class ForeachPSGDKron(Kron):
             for group in self.param_groups:
                 for p in group["params"]:
                     p.grad = None
+
+
+def _heavyball_merge(merge_dims: Any) -> Any:
+    """heavyball's ``merge_dims=True`` as ``Kron``'s rule of that name: ``"heavyball"``, its
+    ``dim_merger``, rather than ``Kron``'s squarest 2-D view. Other values are ``Kron``'s."""
+    return "heavyball" if merge_dims is True else merge_dims
+
+
+def _split_if_merging(split: Any, merge_dims: Any) -> Any:
+    """heavyball's ``split`` as ``Kron``'s: heavyball cuts axes inside its dimension merger,
+    which ``merge_dims=False`` skips (``utils.merge_group`` returns the tensor as it is), so there
+    a long axis stays whole and diagonal. A value that is not a bool is left for validation."""
+    return False if split is True and not merge_dims else split
 
 
 class ForeachPurePSGD(ForeachPSGDKron):

@@ -122,7 +122,8 @@ class Kron(torch.optim.Optimizer):
         (the momentum stored in ``mu_dtype``); triangular solves and Procrustes rotations run in
         float32 whatever it is.
       merge_dims: view parameters of more than two axes as a matrix: ``True``, the squarest one;
-        ``"first_last"``, kron_torch's choice (see :class:`kron.core.LayoutOptions`). Default
+        ``"first_last"``, kron_torch's choice; or, ``"heavyball"``, fold the trailing axes as
+        heavyball's ``merge_dims=True`` does (see :class:`kron.core.LayoutOptions`). Default
         False (heavyball's; kron_torch merges by its rule).
       split: cut axes longer than ``max_size_triangular`` into blocks (as ``block_size``).
       store_triu_as_line: keep each dense factor as the line of its upper triangle between
@@ -134,14 +135,17 @@ class Kron(torch.optim.Optimizer):
       delayed: apply the previous step's P, then fit (heavyball's ``delayed``). Default False.
       exp_avg_input: precondition the momentum (True) or the raw gradient. Default True.
       stochastic_schedule: draw the fit decision (True) instead of the deterministic rule.
-      warmup_steps: linear learning-rate warm-up length. Default 0.
+      warmup_steps: linear learning-rate warm-up, heavyball's ``lr·t/max(t, warmup_steps + 1)``
+        on step ``t`` counted from 1. Default 0.
       caution: cautious updates. mars, mars_gamma: MARS gradient correction.
       q_dtype, storage_dtype: heavyball's names for ``precond_dtype`` and ``mu_dtype``.
       beta, foreach: heavyball's names for ``b1`` and ``stack_params``.
       gradient_clipping, gradient_clip_value: clip each gradient before use: ``"rms"``,
-        ``"l2_norm"``, ``"value"``, ``"soft"``, a callable, or None (default).
-      update_clipping, update_clip_value: same for the preconditioned update. Default ``"rms"``
-        at 1.1, kron_torch's clip.
+        ``"l2_norm"``, ``"value"``, ``"soft"``, heavyball's names ``"rmsnorm_clip_"``,
+        ``"l2_clip_"`` and ``"trust_region_clip_"`` (``"rms"`` and ``"l2_norm"`` at 1.0,
+        ``"soft"`` at 1.5, whatever the value), a callable, or None (default).
+      update_clipping, update_clip_value: same for the preconditioned update, before
+        ``caution``. Default ``"rms"`` at 1.1, kron_torch's clip.
       preconditioner_mode: geometry, one of ``kron.core.GEOMETRIES``. Default ``"Q0.5EQ1.5"``.
       whiten_grad: psgd_torch's name for ``not momentum_into_precond_update``; overrides it when
         given.
@@ -303,6 +307,9 @@ class Kron(torch.optim.Optimizer):
     # What a group's preconditioner_update_probability=None means; subclasses with another
     # peer's defaults replace it (kept on the class, so the groups hold nothing unpicklable).
     _default_schedule = staticmethod(DEFAULT_SCHEDULE)
+    # The count a schedule is called with on a group's first step: kron_torch's 0 (its
+    # ``_prob_step`` starts at 0 and grows after the call); heavyball's classes count from 1.
+    _schedule_first_step = 0
 
     def _reset_caches(self) -> None:
         """What the optimizer derives from its groups and state and rebuilds when it must."""
@@ -437,7 +444,9 @@ class Kron(torch.optim.Optimizer):
         device sync). Pure: ``_step_group`` commits the new counter once the group has stepped."""
         step = group["step"]
         schedule = group["preconditioner_update_probability"]
-        p = float(probability_at(self._default_schedule if schedule is None else schedule, step))
+        if schedule is None:
+            schedule = self._default_schedule
+        p = float(probability_at(schedule, step + self._schedule_first_step))
         if not 0 < p <= 1:
             raise ValueError(
                 f"preconditioner_update_probability gave {p!r} at step {step} of group {gi}; "
@@ -698,8 +707,6 @@ class Kron(torch.optim.Optimizer):
         )
         if do_balance:
             new = new._replace(factors=tuple(balance(new.factors, OPS)))
-        if group["caution"]:
-            y = apply_caution(y, grads)
         # y is a fresh temporary of the step's, so the named clips may overwrite it; all_finite
         # holds only on the CPU (see _gather_gradients), where reading the norms is free.
         clip_update = clipper(
@@ -710,6 +717,11 @@ class Kron(torch.optim.Optimizer):
         )
         if clip_update is not None:
             y = clip_update(y)
+        # Caution is heavyball's option and comes after the clip, as in heavyball (the clip is
+        # the last link of its chain, caution part of the parameter update): its rescale by the
+        # inverse kept fraction may take the update past the clip's bound.
+        if group["caution"]:
+            y = apply_caution(y, grads)
         if not all_finite:
             new = select_state(finite, new, old, plan.num_blocks, OPS)
             y = y * finite.view(-1, *[1] * len(plan.shape)).to(dtype)
@@ -753,7 +765,7 @@ class Kron(torch.optim.Optimizer):
         if isinstance(lr, torch.Tensor):  # one element, checked; alpha= takes only a 0-d tensor
             lr = lr.reshape(())
         if group["warmup_steps"]:
-            lr = lr * min(1.0, (group["step"] + 1) / group["warmup_steps"])
+            lr = lr * warmup_factor(group["step"] + 1, group["warmup_steps"])
         decay = 1.0 - lr * group["weight_decay"] if group["decoupled_weight_decay"] else 1.0
         if decay != 1.0:
             if all_finite:
@@ -946,6 +958,13 @@ class Kron(torch.optim.Optimizer):
             changed = hook(self, state)
             state = state if changed is None else changed
         return state
+
+
+def warmup_factor(t: int, warmup_steps: int) -> float:
+    """heavyball's warm-up, ``t / max(t, warmup_steps + 1)`` on step ``t`` counted from 1 (its
+    option, so its formula): ``1/(W+1), …, W/(W+1)``, then 1 from step ``W + 1``. With
+    ``warmup_steps=1`` the first step takes half the learning rate."""
+    return t / max(t, warmup_steps + 1)
 
 
 def _autocast_disabled() -> contextlib.ExitStack:

@@ -17,7 +17,7 @@ import torch
 
 from kron.core import DECISION_RULES, FitOptions, LayoutOptions, StepOptions
 from kron.core.option_types import check_option_types, is_real_number
-from kron.torch.functional import CLIPPING_NAMES, clipper
+from kron.torch.functional import CLIPPING_NAMES, HEAVYBALL_CLIPPING, clipper
 
 PRECONDITIONER_TYPES = ("whitening", "newton")
 HVP_METHODS = ("double_backward", "finite_difference")
@@ -189,6 +189,8 @@ def _check_clipping(group: dict[str, Any], kind: str) -> None:
             f"{kind}_clipping must be None, a callable or one of {', '.join(CLIPPING_NAMES)}; "
             f"got {spec!r}."
         )
+    if isinstance(spec, str) and spec in HEAVYBALL_CLIPPING:  # with heavyball's threshold
+        return
     if spec is not None and not callable(spec) and not threshold > 0:
         raise ValueError(
             f"{kind}_clip_value must be > 0 for {kind}_clipping={spec!r}; got {threshold!r}."
@@ -256,6 +258,8 @@ def core_records(group: dict[str, Any]) -> tuple[LayoutOptions, StepOptions]:
         memory_save_mode=group["memory_save_mode"],
         merge_dims=group["merge_dims"],
         block_size=block,
+        # heavyball merges up to max_size_triangular, which split has just turned into the tile.
+        merge_size=group["max_size_triangular"] if group["merge_dims"] == "heavyball" else None,
     )
     whiten = group["whiten_grad"]
     whiten_momentum = (not whiten) if whiten is not None else group["momentum_into_precond_update"]
