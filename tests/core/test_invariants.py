@@ -162,6 +162,37 @@ def test_scale_equivariance(backend, geometry, newton):
     assert np.abs(runs[0][-1] - runs[0][0]).max() > 1e-2 * np.abs(runs[0][0]).max()  # P moved
 
 
+@pytest.mark.parametrize("geometry", ALL_GEOMETRIES)
+def test_newton_pairs_scaled_together_leave_p_unchanged(backend, geometry):
+    """§7.4's second half: (v, h) -> (a·v, a·h) scales T1 and T2 by a², and the step, divided by
+    the Lipschitz estimate (which scales by a² too, from L₀ = 0), undoes it."""
+    rng = np.random.default_rng(5)
+    plan = make_plan((4, 6))
+    options = FitOptions(geometry=geometry, damping=0.0)
+    steps = 20
+    h_factors, _ = kron_hessian(rng, plan)
+    probes = [rng.standard_normal((1, *plan.block_shape)) for _ in range(steps)]
+    xs = [apply_hessian(h_factors, v) for v in probes]
+    noises = [rng.standard_normal(x.shape) for x in xs]
+    like = np.zeros(1)
+    runs = []
+    for a in (1.0, SCALE):
+        history, _ = fit_trajectory(
+            backend,
+            init_factors(plan, 1.0, like, NP, options.state_is_p),
+            init_lipschitz(plan, like, NP),
+            [a * x for x in xs],
+            noises,
+            options=options,
+            lrs=[0.3] * steps,
+            probes=[a * v for v in probes],
+        )
+        runs.append([batched_p(f, options.state_is_p) for f in history])
+    for p, p_scaled in zip(*runs):
+        np.testing.assert_allclose(p_scaled, p, rtol=1e-11, atol=1e-12 * np.abs(p).max())
+    assert np.abs(runs[0][-1] - runs[0][0]).max() > 1e-2 * np.abs(runs[0][0]).max()  # P moved
+
+
 # --------------------------------------------------------------------------------------------
 # (5) Factor-split invariance and balancing.
 # --------------------------------------------------------------------------------------------
