@@ -27,6 +27,18 @@ from typing import Any
 
 import numpy as np
 
+from kron._numpy_checkpoint import (
+    check_keys,
+    same_option,
+    saved_array,
+    saved_arrays,
+    saved_decided,
+    saved_keys,
+    saved_names,
+    saved_pending_skips,
+    saved_shape,
+    whole_number,
+)
 from kron.core import (
     DECISION_RULES,
     FitOptions,
@@ -54,6 +66,18 @@ _OPS = get_ops("numpy")
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 NONFINITE_POLICIES = ("skip", "raise")
 _HYPERPARAMETERS = ("lr", "precond_lr", "momentum", "weight_decay", "eps", "clip")
+_CHECKPOINT_KEYS = (
+    "hyperparameters",
+    "seed",
+    "iteration",
+    "decision_total",
+    "decided",
+    "pending_skips",
+    "slots",
+)
+# Absent from checkpoints saved before they existed; such a checkpoint still loads.
+_LATER_CHECKPOINT_KEYS = ("stepped", "options")
+_SLOT_KEYS = ("factors", "lipschitz", "momentum", "count", "skipped", "shape")
 
 
 @dataclass
@@ -224,8 +248,10 @@ class KronPsgd:
         view, grad = self._check(name, param, grad, shape)
         options = self._step_options()  # the fields may have been changed since the last step
         scale = self.lr_scale(name)
-        if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not (
-            scale >= 0 and math.isfinite(scale)
+        if (
+            isinstance(scale, bool)
+            or not isinstance(scale, numbers.Real)
+            or not (scale >= 0 and math.isfinite(scale))
         ):
             raise ValueError(f"lr_scale({name!r}) must be a finite number >= 0; got {scale!r}.")
         if self.weight_decay:
@@ -345,65 +371,137 @@ class KronPsgd:
             "pending_skips": dict(self._pending_skips),
             "stepped": sorted(self._stepped),
             "slots": slots,
+            "options": self._state_options(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`; the continued run equals the one that never stopped."""
-        slots = {}
-        for name, saved in state["slots"].items():
-            plan = make_plan(tuple(saved["shape"]), self._layout)
-            factors = tuple(np.array(f) for f in saved["factors"])
-            expected = [
+        """Restore :meth:`state_dict`; the continued run equals the one that never stopped.
+
+        The whole dict is checked before anything is assigned, so a checkpoint that is refused
+        (``ValueError`` naming the entry and what was expected) leaves this optimizer as it was.
+        """
+        check_keys(state, "checkpoint", _CHECKPOINT_KEYS, _LATER_CHECKPOINT_KEYS)
+        if "options" in state:  # checkpoints saved before it existed cannot be checked here
+            self._check_saved_options(state["options"])
+        fields = _saved_fields(state["hyperparameters"])
+        seed = whole_number(state["seed"], "checkpoint['seed']")
+        iteration = whole_number(state["iteration"], "checkpoint['iteration']")
+        decision_total = self._saved_decision_total(state["decision_total"])
+        decided = saved_decided(state["decided"], iteration)
+        slots = self._saved_slots(state["slots"])
+        pending_skips = saved_pending_skips(state["pending_skips"], slots)
+        stepped = saved_names(state.get("stepped", []), "checkpoint['stepped']")
+        # Nothing below can raise: the checkpoint replaces the state as a whole.
+        for name, value in fields.items():
+            setattr(self, name, value)
+        self.seed = seed
+        self._iteration = iteration
+        self._decision_total = decision_total
+        self._decided = decided
+        self._pending_skips = pending_skips
+        self._stepped = set(stepped)
+        self._slots = slots
+
+    def _state_options(self) -> dict[str, Any]:
+        """The keyword options that fix what the saved state means: the layout gives the factors'
+        shapes, the geometry whether they are ``Q_i`` (triangular for EQ) or ``P_i``, and the
+        decision rule whether ``decision_total`` is a counter or an accumulator. Saved so that a
+        checkpoint is refused by an optimizer that would read it otherwise."""
+        layout = self._layout
+        merge = layout.merge_dims
+        return {
+            "preconditioner_mode": self._fit.geometry,
+            "max_size": float(layout.max_size),
+            "max_skew": float(layout.max_skew),
+            "min_ndim_dense": int(layout.min_ndim_dense),
+            "memory_save_mode": layout.memory_save_mode,
+            "merge_dims": merge if isinstance(merge, str) else bool(merge),
+            "block_size": layout.block_size,  # an int: LayoutOptions stores it so
+            "decision_rule": self.decision_rule,
+        }
+
+    def _check_saved_options(self, saved: Any) -> None:
+        """``ValueError`` naming the options a checkpoint was saved with that differ from this
+        optimizer's: its factors and counters would be read with another meaning."""
+        mine = self._state_options()
+        check_keys(saved, "checkpoint['options']", tuple(mine))
+        differ = [key for key in mine if not same_option(saved[key], mine[key])]
+        if differ:
+            theirs = ", ".join(f"{key}={saved[key]!r}" for key in differ)
+            ours = ", ".join(f"{key}={mine[key]!r}" for key in differ)
+            raise ValueError(
+                f"The checkpoint was saved with {theirs}, but this optimizer has {ours}. The "
+                "geometry, the layout options and the decision rule fix what the saved state "
+                "means; construct the optimizer with the options used when saving."
+            )
+
+    def _saved_decision_total(self, value: Any) -> float:
+        """The saved counter (a count of iterations) or accumulator (a fraction in [0, 1))."""
+        high = 1.0 if self.decision_rule == "accumulator" else math.inf
+        if not (_is_real(value) and 0 <= value < high):
+            expected = "in [0, 1)" if high == 1.0 else "finite and >= 0"
+            raise ValueError(
+                f"checkpoint['decision_total'] must be a number {expected} for decision_rule "
+                f"{self.decision_rule!r}; got {value!r}."
+            )
+        return float(value)
+
+    def _saved_slots(self, saved: Any) -> dict[str, _Slot]:
+        """The slots of a checkpoint, each checked against the plan its shape gives under this
+        optimizer's layout."""
+        names = saved_keys(saved, "checkpoint['slots']")
+        return {name: self._saved_slot(name, saved[name]) for name in names}
+
+    def _saved_slot(self, name: str, saved: Any) -> _Slot:
+        """One saved slot as a :class:`_Slot` holding copies of its arrays. Its factors and
+        Lipschitz estimates must be the ones :meth:`_new_slot` makes for its shape: a list one
+        short would load, and the next step would leave the parameter a factor short."""
+        where = f"checkpoint['slots'][{name!r}]"
+        check_keys(saved, where, _SLOT_KEYS)
+        plan = make_plan(saved_shape(saved["shape"], f"{where}['shape']"), self._layout)
+        momentum = saved_array(saved["momentum"], f"{where}['momentum']")
+        if momentum.shape != plan.shape or momentum.dtype not in _FLOAT_DTYPES:
+            raise ValueError(
+                f"{where}['momentum'] is {momentum.shape} {momentum.dtype}; expected "
+                f"{plan.shape} (its 'shape' entry), float32 or float64."
+            )
+        if not np.isfinite(momentum).all():
+            raise ValueError(f"{where}['momentum'] holds a value that is not finite.")
+        layout = f"the plan of shape {plan.shape} under this optimizer's layout options"
+        factors = saved_arrays(
+            saved["factors"],
+            f"{where}['factors']",
+            [
                 (plan.num_blocks, n, n) if dense else (plan.num_blocks, n)
                 for n, dense in zip(plan.block_shape, plan.dense)
-            ]
-            if [f.shape for f in factors] != [tuple(e) for e in expected]:
-                raise ValueError(
-                    f"Saved factors of {name!r} have shapes {[f.shape for f in factors]}, but this "
-                    f"optimizer's layout options give {expected}; construct it with the options "
-                    "used when saving."
-                )
-            mask = plan.mask()
-            slots[name] = _Slot(
-                plan=plan,
-                state=TensorState(
-                    factors,
-                    tuple(np.array(lip) for lip in saved["lipschitz"]),
-                    np.array(saved["momentum"]),
-                ),
-                count=int(saved["count"]),
-                skipped=int(saved["skipped"]),
-                mask=None if mask is None else mask.astype(factors[0].dtype),
-            )
-        for key, value in state["hyperparameters"].items():
-            setattr(self, key, value)
-        self.seed = int(state["seed"])
-        self._iteration = int(state["iteration"])
-        self._decision_total = float(state["decision_total"])
-        decided = state["decided"]
-        self._decided = None if decided is None else (int(decided[0]), bool(decided[1]))
-        self._pending_skips = dict(state["pending_skips"])
-        self._stepped = set(state.get("stepped", ()))  # absent from checkpoints before it existed
-        self._slots = slots
+            ],
+            momentum.dtype,
+            layout,
+        )
+        lipschitz = saved_arrays(
+            saved["lipschitz"],
+            f"{where}['lipschitz']",
+            [(plan.num_blocks,)] * plan.order,
+            np.promote_types(momentum.dtype, np.float32),  # as _new_slot makes them
+            layout,
+            nonnegative=True,
+        )
+        mask = plan.mask()
+        return _Slot(
+            plan=plan,
+            state=TensorState(tuple(factors), tuple(lipschitz), momentum),
+            count=whole_number(saved["count"], f"{where}['count']"),
+            skipped=whole_number(saved["skipped"], f"{where}['skipped']"),
+            mask=None if mask is None else mask.astype(momentum.dtype),
+        )
 
     # -- internals -----------------------------------------------------------------------------
 
     def _step_options(self) -> StepOptions:
         """The core's options from the current field values (validated here, on every step)."""
-        for name in _HYPERPARAMETERS:
-            value = getattr(self, name)
-            if name == "clip" and value is None:
-                continue
-            if isinstance(value, bool) or not isinstance(value, numbers.Real):
-                raise ValueError(f"{name} must be a number; got {value!r}.")
-        for name in ("lr", "precond_lr", "weight_decay", "eps"):
-            value = getattr(self, name)
-            if not (value >= 0 and math.isfinite(value)):
-                raise ValueError(f"{name} must be a finite number >= 0; got {value!r}.")
+        _check_fields({name: getattr(self, name) for name in _HYPERPARAMETERS})
         if not isinstance(self.whiten_grad, bool):
             raise ValueError(f"whiten_grad must be True or False; got {self.whiten_grad!r}.")
-        if self.clip is not None and not self.clip > 0:
-            raise ValueError(f"clip must be > 0, inf or None; got {self.clip!r}.")
         clip = None if self.clip is None or self.clip == math.inf else self.clip
         return StepOptions(
             layout=self._layout,
@@ -517,6 +615,39 @@ class KronPsgd:
         self._decision_total = float(total)
         self._decided = (self._iteration, bool(decide))
         return bool(decide)
+
+
+def _check_fields(fields: dict[str, Any]) -> None:
+    """``ValueError`` naming the first of the six fields that is not a number in its range. A
+    step checks them before anything moves, and :meth:`KronPsgd.load_state_dict` before it
+    assigns any."""
+    for name in _HYPERPARAMETERS:
+        value = fields[name]
+        if name == "clip" and value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise ValueError(f"{name} must be a number; got {value!r}.")
+    for name in ("lr", "precond_lr", "weight_decay", "eps"):
+        value = fields[name]
+        if not (value >= 0 and math.isfinite(value)):
+            raise ValueError(f"{name} must be a finite number >= 0; got {value!r}.")
+    if not 0.0 <= fields["momentum"] < 1.0:
+        raise ValueError(f"momentum must be in [0, 1); got {fields['momentum']!r}.")
+    if fields["clip"] is not None and not fields["clip"] > 0:
+        raise ValueError(f"clip must be > 0, inf or None; got {fields['clip']!r}.")
+
+
+def _saved_fields(saved: Any) -> dict[str, Any]:
+    """The six fields of a checkpoint, checked as a step checks them: only these may be set from
+    it, since ``setattr`` of any other key could replace a method (``lr_scale``) or an option."""
+    where = "checkpoint['hyperparameters']"
+    check_keys(saved, where, _HYPERPARAMETERS)
+    fields = {name: saved[name] for name in _HYPERPARAMETERS}
+    try:
+        _check_fields(fields)
+    except ValueError as error:
+        raise ValueError(f"{where}: {error}") from None
+    return fields
 
 
 __all__ = ["KronPsgd"]

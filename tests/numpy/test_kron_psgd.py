@@ -114,7 +114,7 @@ def test_state_dict_holds_only_plain_values(rng):
             yield x
 
     kinds = {type(v) for v in leaves(opt.state_dict())}
-    assert kinds <= {np.ndarray, int, float, bool, type(None)}
+    assert kinds <= {np.ndarray, int, float, bool, str, type(None)}
 
 
 def test_load_rejects_state_saved_with_another_layout(rng):
@@ -528,3 +528,185 @@ def test_a_gradient_the_weight_decay_takes_past_the_range_is_skipped():
     state = opt.state_dict()["slots"]["w"]
     assert np.isfinite(state["momentum"]).all()
     assert all(np.isfinite(f).all() for f in state["factors"])
+
+
+def checkpoint(rng, **options):
+    """A state dict of two iterations of :func:`run` at lr 1e-2 and seed 1, so a refused load
+    is seen in the fields as well as in the state."""
+    opt = KronPsgd(lr=1e-2, seed=1, **options)
+    run(opt, make_params(rng), 2)
+    return pickle.loads(pickle.dumps(opt.state_dict()))
+
+
+def _without(mapping, key):
+    del mapping[key]
+
+
+def _set(mapping, key, value):
+    mapping[key] = value
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "message"),
+    [
+        (lambda s: _without(s, "slots"), r"checkpoint lacks 'slots'"),
+        (lambda s: _without(s["slots"]["w"], "lipschitz"), r"\['slots'\]\['w'\] lacks 'lipschitz'"),
+        (
+            lambda s: _set(s["slots"]["w"], "lipschitz", s["slots"]["w"]["lipschitz"][:1]),
+            r"\['slots'\]\['w'\]\['lipschitz'\] must hold 2 arrays, one per factor of the plan of "
+            r"shape \(6, 4\) under this optimizer's layout options; got 1",
+        ),
+        (
+            lambda s: _set(s["slots"]["w"], "factors", s["slots"]["w"]["factors"][:1]),
+            r"\['slots'\]\['w'\]\['factors'\] must hold 2 arrays, .*; got 1",
+        ),
+        (
+            lambda s: _set(s["slots"]["w"], "momentum", np.zeros((4, 6))),
+            r"\['slots'\]\['w'\]\['momentum'\] is \(4, 6\) float64; expected \(6, 4\)",
+        ),
+        (
+            lambda s: _set(s["slots"]["b"], "momentum", np.zeros(4, np.int64)),
+            r"\['slots'\]\['b'\]\['momentum'\] is \(4,\) int64; expected .* float32 or float64",
+        ),
+        (
+            lambda s: _set(
+                s["slots"]["w"]["factors"], 1, s["slots"]["w"]["factors"][1].astype(np.float32)
+            ),
+            r"\['factors'\]\[1\] is \(1, 4, 4\) float32; expected \(1, 4, 4\) float64",
+        ),
+        (
+            lambda s: _set(s["slots"]["w"]["lipschitz"], 0, np.array([np.nan])),
+            r"\['slots'\]\['w'\]\['lipschitz'\]\[0\] holds a value that is not finite and >= 0",
+        ),
+        (
+            lambda s: _set(s["slots"]["w"]["factors"], 0, np.full((1, 6), np.inf)),
+            r"\['slots'\]\['w'\]\['factors'\]\[0\] holds a value that is not finite",
+        ),
+        (
+            lambda s: _set(s["slots"]["w"], "shape", [6, 0]),
+            r"\['slots'\]\['w'\]\['shape'\] must be a list of positive whole numbers",
+        ),
+        (lambda s: _set(s["slots"]["w"], "count", -1), r"\['count'\] must be a whole number >= 0"),
+        (
+            lambda s: _set(s["slots"]["w"], "extra", 1),
+            r"\['slots'\]\['w'\] has unknown entries \['extra'\]",
+        ),
+        (
+            lambda s: _set(s["hyperparameters"], "lr_scale", 2),
+            r"checkpoint\['hyperparameters'\] has unknown entries \['lr_scale'\]",
+        ),
+        (
+            lambda s: _without(s["hyperparameters"], "eps"),
+            r"checkpoint\['hyperparameters'\] lacks 'eps'",
+        ),
+        (
+            lambda s: _set(s["hyperparameters"], "lr", -1.0),
+            r"checkpoint\['hyperparameters'\]: lr must be a finite number >= 0; got -1.0",
+        ),
+        (
+            lambda s: _set(s["hyperparameters"], "momentum", 1.0),
+            r"checkpoint\['hyperparameters'\]: momentum must be in \[0, 1\); got 1.0",
+        ),
+        (lambda s: _set(s, "seed", "x"), r"checkpoint\['seed'\] must be a whole number >= 0"),
+        (lambda s: _set(s, "iteration", -1), r"checkpoint\['iteration'\] must be a whole"),
+        (lambda s: _set(s, "decision_total", math.nan), r"checkpoint\['decision_total'\]"),
+        (lambda s: _set(s, "decided", [9, True]), r"checkpoint\['decided'\] must be None or"),
+        (
+            lambda s: _set(s, "pending_skips", {"w": 1}),
+            r"checkpoint\['pending_skips'\] names 'w', which has a slot",
+        ),
+        (lambda s: _set(s, "stepped", [3]), r"checkpoint\['stepped'\] must be a list of names"),
+        (lambda s: _set(s, "extra", 0), r"checkpoint has unknown entries \['extra'\]"),
+        (
+            lambda s: _set(s["options"], "preconditioner_mode", "EQ"),
+            r"saved with preconditioner_mode='EQ', but this optimizer has "
+            r"preconditioner_mode='Q0.5EQ1.5'",
+        ),
+    ],
+)
+def test_a_bad_checkpoint_is_refused_naming_what_is_wrong_and_changes_nothing(
+    rng, corrupt, message
+):
+    """The whole dict is checked before anything is assigned: the refused load leaves the
+    fields, the counters and every slot as they were, and the run goes on as if it never
+    happened."""
+    saved = checkpoint(rng)
+    corrupt(saved)
+    params = make_params(np.random.default_rng(5))
+    opt = KronPsgd()
+    run(opt, params, 1)
+    twin, twin_params = copy.deepcopy(opt), copy.deepcopy(params)
+    before = opt.state_dict()
+    with pytest.raises(ValueError, match=message):
+        opt.load_state_dict(saved)
+    np.testing.assert_equal(opt.state_dict(), before)
+    assert opt.lr_scale("w") == 1.0
+    run(opt, params, 1, start=1)
+    run(twin, twin_params, 1, start=1)
+    np.testing.assert_equal(params, twin_params)
+
+
+def test_a_shortened_lipschitz_list_is_refused_instead_of_dropping_a_factor(rng):
+    """It used to load, and the next step left 'w' with one factor instead of two."""
+    saved = checkpoint(rng)
+    saved["slots"]["w"]["lipschitz"] = saved["slots"]["w"]["lipschitz"][:1]
+    opt = KronPsgd()
+    with pytest.raises(ValueError, match="lipschitz"):
+        opt.load_state_dict(saved)
+    assert opt.state_dict()["slots"] == {}
+
+
+def test_load_rejects_state_saved_with_another_geometry(rng):
+    """EQ keeps a triangular Q, QUAD4P keeps P: read under the other geometry, the factors would
+    mean something else, though their shapes agree."""
+    saved = checkpoint(rng, preconditioner_mode="EQ")
+    opt = KronPsgd(preconditioner_mode="QUAD4P")
+    with pytest.raises(ValueError, match=r"preconditioner_mode='EQ'.*preconditioner_mode='QUAD4P'"):
+        opt.load_state_dict(saved)
+    assert opt.state_dict()["slots"] == {} and opt.lr == 3e-3
+
+
+@pytest.mark.parametrize(
+    ("saved_with", "loaded_with", "named"),
+    [
+        (dict(block_size=3), dict(block_size=4), "block_size=3"),
+        (dict(merge_dims=True), dict(), "merge_dims=True"),
+        (dict(decision_rule="accumulator"), dict(decision_rule="counter"), "decision_rule"),
+        (dict(preconditioner_mode="QE"), dict(preconditioner_mode="Q0.5EQ1.5"), "'QEQ'"),
+    ],
+)
+def test_load_rejects_other_layout_geometry_or_rule_by_name(rng, saved_with, loaded_with, named):
+    with pytest.raises(ValueError, match=f"saved with .*{named}"):
+        KronPsgd(**loaded_with).load_state_dict(checkpoint(rng, **saved_with))
+
+
+def test_a_geometry_is_saved_by_its_canonical_name(rng):
+    """An alias saves the name it stands for, so the other spelling loads it."""
+    saved = checkpoint(rng, preconditioner_mode="QE")
+    assert saved["options"]["preconditioner_mode"] == "QEQ"
+    KronPsgd(preconditioner_mode="QEQ").load_state_dict(saved)
+
+
+def test_a_checkpoint_saved_before_options_were_saved_still_loads(rng):
+    """Without the ``options`` entry the geometry cannot be checked, but the factor shapes still
+    are, and a valid old checkpoint resumes bit for bit."""
+    params = make_params(rng)
+    straight, reference = KronPsgd(block_size=3), copy.deepcopy(params)
+    run(straight, reference, 4)
+    first = KronPsgd(block_size=3)
+    run(first, params, 2)
+    saved = pickle.loads(pickle.dumps(first.state_dict()))
+    del saved["options"], saved["stepped"]  # the older formats had neither
+    with pytest.raises(ValueError, match="layout options give"):
+        KronPsgd(block_size=4).load_state_dict(copy.deepcopy(saved))
+    resumed = KronPsgd(block_size=3)
+    resumed.load_state_dict(saved)
+    run(resumed, params, 2, start=2)
+    np.testing.assert_equal(params, reference)
+
+
+def test_options_entry_holds_python_values_for_numpy_scalars():
+    opt = KronPsgd(max_skew=np.float64(2.0), min_ndim_dense=np.int64(1), block_size=np.int64(3))
+    options = opt.state_dict()["options"]
+    assert options["max_skew"] == 2.0 and type(options["max_skew"]) is float
+    assert type(options["min_ndim_dense"]) is int and type(options["block_size"]) is int
