@@ -51,6 +51,10 @@ BAD_OPTIONS = [
     (dict(precond_init_scale=float("inf")), "precond_init_scale must be finite and > 0"),
     (dict(damping=float("inf")), "damping must be finite and >= 0; got inf"),
     (dict(seed=1.5), "seed must be an int in [0, "),
+    # Keras takes any float; these turned the weights to NaN (or climbed) from the first step.
+    (dict(learning_rate=float("nan")), "learning_rate must be finite and >= 0 (or a schedule"),
+    (dict(learning_rate=float("inf")), "learning_rate must be finite and >= 0 (or a schedule"),
+    (dict(learning_rate=-0.1), "learning_rate must be finite and >= 0 (or a schedule or"),
 ]
 
 
@@ -317,3 +321,140 @@ def test_an_empty_variable_is_left_alone_as_keras_optimizers_do() -> None:
     np.testing.assert_array_equal(to_numpy(full), to_numpy(alone))
     assert not np.allclose(to_numpy(full), 1.0)
     assert len(with_empty.variables) == len(without.variables)
+
+
+def test_learning_rate_schedules_callables_and_zero_are_still_taken() -> None:
+    """Only a plain number is checked: a schedule or callable is the user's to keep in range."""
+    schedule = keras.optimizers.schedules.ExponentialDecay(0.01, 100, 0.5)
+    for learning_rate in (schedule, lambda: 0.01, 0.0):
+        Kron(learning_rate=learning_rate)
+
+
+def _int_variable() -> keras.Variable:
+    # PyTorch cannot make an integer variable trainable; the optimizer is handed it all the same.
+    trainable = keras.backend.backend() != "torch"
+    return keras.Variable(np.ones((4, 3), "int32"), trainable=trainable, name="counts")
+
+
+def test_a_non_floating_variable_is_refused_in_build() -> None:
+    """An int32 variable was taken and its step cast to 0: training did nothing and said
+    nothing (Keras's Adam does the same on JAX, fails on a dtype clash on TensorFlow)."""
+    floating, counts = keras.Variable(np.ones(3, "float32")), _int_variable()
+    optimizer = Kron(learning_rate=0.1)
+    with pytest.raises(ValueError) as error:
+        optimizer.build([floating, counts])
+    message = str(error.value)
+    assert "floating-point variables" in message and "float32" in message
+    assert f"{counts.path!r} has dtype int32" in message
+    assert not optimizer.built
+
+
+def test_a_model_with_non_trainable_integer_state_trains() -> None:
+    """Models hand the optimizer only their trainable variables: an integer counter and the
+    seed generator of a dropout layer stay out of it."""
+
+    class Counting(keras.layers.Layer):
+        def build(self, input_shape):
+            self.calls = self.add_weight((), "zeros", dtype="int32", trainable=False)
+
+        def call(self, x):
+            self.calls.assign_add(1)
+            return x
+
+    model = keras.Sequential(
+        [keras.Input((4,)), keras.layers.Dense(3), keras.layers.Dropout(0.1), Counting()]
+    )
+    assert any("int" in v.dtype for v in model.non_trainable_variables)
+    model.compile(optimizer=Kron(learning_rate=0.1), loss="mse", run_eagerly=True)
+    before = to_numpy(model.layers[0].kernel).copy()
+    model.train_on_batch(np.ones((8, 4), "float32"), np.zeros((8, 3), "float32"))
+    assert not np.allclose(before, to_numpy(model.layers[0].kernel))
+
+
+@pytest.mark.parametrize(
+    "shape", [(3, 4), (12,), (3,), (4, 1)], ids=["transposed", "flat", "broadcast", "column"]
+)
+def test_a_gradient_of_the_wrong_shape_names_the_variable(shape) -> None:
+    """A (3,) or (4, 1) gradient broadcast into a (4, 3) step silently; the others failed in
+    the step with a bare broadcasting error."""
+    variable = keras.Variable(np.ones((4, 3), "float32"), name="kernel")
+    optimizer = Kron(learning_rate=0.1)
+    optimizer.build([variable])
+    before = _snapshot([variable, *optimizer.variables])
+    with pytest.raises(ValueError) as error:
+        optimizer.apply([keras.ops.ones(shape)], [variable])
+    assert f"gradient for variable {variable.path!r} has shape {shape}" in str(error.value)
+    assert "the variable has shape (4, 3)" in str(error.value)
+    for a, b in zip(before, _snapshot([variable, *optimizer.variables])):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize(
+    ("returned", "message"),
+    [
+        (2.0, "preconditioner_update_probability gave 2.0 at step 0; it must be in [0, 1]"),
+        (-0.5, "preconditioner_update_probability gave -0.5 at step 0; it must be in [0, 1]"),
+        (float("nan"), "preconditioner_update_probability gave nan at step 0; it must be in"),
+        (np.float32(1.5), "preconditioner_update_probability gave 1.5 at step 0; it must be in"),
+        ("often", "preconditioner_update_probability must return a number in [0, 1] or a scal"),
+    ],
+)
+def test_a_probability_callable_giving_a_bad_number_raises(returned, message) -> None:
+    """A number out of [0, 1] from the schedule was taken silently (2.0 as 1.0; NaN never fit
+    and turned the accumulator's counter NaN), and a string failed without naming the option.
+    The check runs before anything is written."""
+    variable = keras.Variable(np.ones((4, 3)), dtype="float32")
+    optimizer = Kron(learning_rate=0.1, preconditioner_update_probability=lambda step: returned)
+    optimizer.build([variable])
+    before = _snapshot([variable, *optimizer.variables])
+    with pytest.raises(ValueError) as error:
+        optimizer.apply([keras.ops.ones((4, 3))], [variable])
+    assert message in str(error.value)
+    for a, b in zip(before, _snapshot([variable, *optimizer.variables])):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_bad_probability_number_raises_while_tracing() -> None:
+    """In a compiled step a returned Python number is known while tracing: it raises there
+    (without a step, which is not known yet)."""
+    variable = keras.Variable(np.ones((4, 3)), dtype="float32")
+    optimizer = Kron(learning_rate=0.1, preconditioner_update_probability=lambda step: 2.0)
+    optimizer.build([variable])
+    grads = [keras.ops.ones((4, 3))]
+    match = r"gave 2\.0; it must be in \[0, 1\]"
+    if keras.backend.backend() == "jax":
+        import jax
+
+        step = jax.jit(lambda o, v, g: optimizer.stateless_apply(o, g, v))
+        with pytest.raises(ValueError, match=match):
+            step([v.value for v in optimizer.variables], [variable.value], grads)
+    elif keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        with pytest.raises(ValueError, match=match):
+            tf.function(lambda gs: optimizer.apply(gs, [variable]))(grads)
+    else:
+        pytest.skip("PyTorch steps run eagerly; the eager test covers them")
+
+
+@pytest.mark.parametrize("rule", ["counter", "accumulator"])
+def test_a_probability_tensor_is_clipped_and_nan_never_fits(rule) -> None:
+    """A tensor is known only when the step runs: it is clipped to [0, 1], and NaN counts as 0,
+    so the decision counter (the accumulator's running sum of p) never turns NaN."""
+
+    def run(schedule) -> tuple[np.ndarray, Kron]:
+        variable = keras.Variable(np.ones((4, 3)), dtype="float32")
+        optimizer = Kron(
+            learning_rate=0.1, preconditioner_update_probability=schedule, decision_rule=rule
+        )
+        for _ in range(3):
+            optimizer.apply([keras.ops.ones((4, 3))], [variable])
+        return to_numpy(variable), optimizer
+
+    never, _ = run(0.0)
+    always, _ = run(1.0)
+    nan, optimizer = run(lambda step: step * 0.0 + float("nan"))
+    np.testing.assert_array_equal(nan, never)
+    assert np.isfinite(float(to_numpy(optimizer._decision_counter)))
+    np.testing.assert_array_equal(run(lambda step: step * 0.0 + 2.0)[0], always)
+    np.testing.assert_array_equal(run(lambda step: step * 0.0 - 1.0)[0], never)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 
 import keras
 import numpy as np
+import pytest
 from sklearn.datasets import load_digits
 
 from kron.keras import Kron, UpdateProbability
@@ -144,3 +146,90 @@ def test_save_load_resumes_the_uninterrupted_run(tmp_path) -> None:
     assert not np.allclose(
         to_numpy(restarted.trainable_weights[0]), to_numpy(straight.trainable_weights[0]), atol=1e-6
     )
+
+
+def _stepped(**options) -> tuple[list, Kron]:
+    """An optimizer one step into training two variables, built with ``options``."""
+    variables = [keras.Variable(np.ones((4, 3), "float32")), keras.Variable(np.ones(3, "float32"))]
+    optimizer = Kron(learning_rate=0.1, **options)
+    optimizer.apply([keras.ops.ones((4, 3)), keras.ops.ones(3)], variables)
+    return variables, optimizer
+
+
+def _saved(optimizer: Kron) -> dict:
+    store: dict = {}
+    optimizer.save_own_variables(store)
+    return store
+
+
+def _values(optimizer: Kron) -> list[np.ndarray]:
+    return [to_numpy(v).copy() for v in optimizer.variables]
+
+
+# Four of the optimizer's own (iteration, learning_rate, seed, decision_counter), then 8 for the
+# (4, 3) variable (momentum, two factors, two estimates, two caches, count) and 5 for the (3,).
+SAVED = "17 variables were saved and this optimizer has"
+
+
+@pytest.mark.parametrize(
+    ("saved", "loaded", "message"),
+    [
+        (dict(cached=True), dict(cached=False), f"{SAVED} 14"),
+        (dict(), dict(preconditioner_mode="PRO4P"), f"{SAVED} 14"),  # no caches
+        (dict(), dict(use_ema=True), f"{SAVED} 19"),  # the two moving averages
+        (dict(), dict(max_size_triangular=3), "was saved with shape (1, 4, 4) and this optim"),
+    ],
+    ids=["cached", "geometry", "ema", "layout"],
+)
+def test_state_saved_with_other_options_is_refused(saved, loaded, message) -> None:
+    """Keras only warned "Skipping variable loading" and kept none of the state (iterations back
+    to 0) when the counts differed, and failed half-way through when only the shapes did."""
+    variables, source = _stepped(**saved)
+    target = Kron(learning_rate=0.1, **loaded)
+    target.build(variables)
+    before = _values(target)
+    with pytest.raises(ValueError) as error:
+        target.load_own_variables(_saved(source))
+    assert message in str(error.value)
+    option = next(iter(loaded))
+    assert option in str(error.value)  # the option that changed the count or shapes
+    for a, b in zip(before, _values(target)):
+        np.testing.assert_array_equal(a, b)  # nothing was loaded
+
+
+def test_matching_state_loads_every_variable() -> None:
+    variables, source = _stepped(cached=False)
+    target = Kron(learning_rate=0.1, cached=False)
+    target.build(variables)
+    target.load_own_variables(_saved(source))
+    assert int(target.iterations) == 1
+    for a, b in zip(_values(source), _values(target)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_loading_into_an_unbuilt_optimizer_is_left_to_keras() -> None:
+    """Keras builds the optimizer before it loads (``load_model``); one that is not built yet
+    has nothing to compare with, and Keras warns and loads nothing, as it does for Adam."""
+    _, source = _stepped()
+    target = Kron(learning_rate=0.1)
+    with pytest.warns(UserWarning, match="Skipping variable loading"):
+        target.load_own_variables(_saved(source))
+    assert not target.built and int(target.iterations) == 0
+
+
+def test_load_weights_with_other_options_raises(tmp_path) -> None:
+    """Through ``model.load_weights``: Keras reports the optimizer's error, which names the
+    counts and the options."""
+    path = str(tmp_path / "m.weights.h5")
+    saved = _model()
+    saved.compile(optimizer=Kron(cached=True), loss="mse")
+    saved.optimizer.build(saved.trainable_variables)
+    saved.save_weights(path)
+
+    loaded = _model()
+    loaded.compile(optimizer=Kron(cached=False), loss="mse")
+    loaded.optimizer.build(loaded.trainable_variables)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "Skipping variable loading" warning instead
+        with pytest.raises(ValueError, match="variables were saved and this optimizer has"):
+            loaded.load_weights(path)

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import keras
+import numpy as np
 from keras import ops as kops
 
 from kron.core import (
@@ -96,6 +97,77 @@ def _choice(value: Any, name: str, accepted: tuple) -> Any:
     return value
 
 
+def _variable_name(variable: Any) -> str:
+    """The Keras path of a variable, or the name of a plain ``tf.Variable`` (which has none)."""
+    return getattr(variable, "path", None) or str(variable.name)
+
+
+def _check_floating(variables: list) -> None:
+    """ValueError for a variable that is not floating-point. Its update would be cast to an
+    integer (to 0 for a small step), so the step did nothing and said nothing; Keras's own
+    optimizers do the same or fail on a dtype clash, and PyTorch cannot make such a variable
+    trainable. Models only hand the optimizer their trainable variables, so integer state
+    (counters, seed generators) never gets here."""
+    for variable in variables:
+        dtype = keras.backend.standardize_dtype(variable.dtype)
+        if not keras.backend.is_float_dtype(dtype):
+            raise ValueError(
+                "Kron can only train floating-point variables (float16, bfloat16, float32, "
+                f"float64, ...); variable {_variable_name(variable)!r} has dtype {dtype}. Make "
+                "it non-trainable or leave it out of the optimizer's variables."
+            )
+
+
+def _check_gradient_shapes(grads: list, variables: list) -> None:
+    """ValueError naming the variable and both shapes for a gradient not of its variable's
+    shape (a dimension unknown while tracing matches any)."""
+    for gradient, variable in zip(grads, variables):
+        if gradient is None:  # Keras drops these itself
+            continue
+        got, want = tuple(gradient.shape), tuple(variable.shape)
+        if len(got) != len(want) or any(g is not None and g != w for g, w in zip(got, want)):
+            raise ValueError(
+                f"Kron: the gradient for variable {_variable_name(variable)!r} has shape {got}, "
+                f"and the variable has shape {want}; they must be the same."
+            )
+
+
+def _probability_value(value: Any, step: Any) -> Any:
+    """What a ``preconditioner_update_probability`` callable returned, as a float32 scalar.
+
+    A Python or NumPy number is known where it is returned (while tracing, in a compiled step),
+    so one outside [0, 1] (NaN included) raises there, as a float option does at construction.
+    A tensor is known only when the step runs, where not every backend can raise: it is clipped
+    to [0, 1] and NaN counts as 0 (no fit), so the decision counter, which ``"accumulator"``
+    adds the probability to, never turns NaN. Anything else raises, naming the option."""
+    value = value.item() if isinstance(value, np.ndarray) and value.ndim == 0 else value
+    value = as_python_number(value)
+    if is_real_number(value):
+        if not 0 <= value <= 1:
+            raise ValueError(
+                f"preconditioner_update_probability gave {value!r}{_at_step(step)}; it must be "
+                "in [0, 1]."
+            )
+        return kops.convert_to_tensor(float(value), "float32")
+    if not (kops.is_tensor(value) or isinstance(value, keras.Variable)):
+        raise ValueError(
+            "preconditioner_update_probability must return a number in [0, 1] or a scalar "
+            f"tensor; it returned {value!r}{_at_step(step)}."
+        )
+    probability = kops.cast(value, "float32")
+    return kops.where(kops.isnan(probability), 0.0, kops.clip(probability, 0.0, 1.0))
+
+
+def _at_step(step: Any) -> str:
+    """`` at step N`` where the step is a concrete number, else (while tracing) nothing."""
+    try:
+        return f" at step {int(step)}"
+    except (TypeError, AttributeError, ValueError):
+        # A traced step has no value yet: JAX raises a TypeError, and a Keras variable read in
+        # a tf.function an AttributeError.
+        return ""
+
+
 def _constant(value: Any) -> Callable[..., Any]:
     """A Keras initializer returning ``value`` (already of the right shape and dtype)."""
 
@@ -116,9 +188,9 @@ class Kron(keras.optimizers.Optimizer):
     own (keyword-only). ``docs/keras.md`` lists each one.
 
     Args:
-      learning_rate: float, ``LearningRateSchedule`` or callable. Default 0.0003, seed 000's;
-        0.003 with ``momentum_into_precond_update=False`` did better on the ``kron bench`` tasks
-        (docs/benchmarks.md).
+      learning_rate: float (finite, >= 0), ``LearningRateSchedule`` or callable. Default 0.0003,
+        seed 000's; 0.003 with ``momentum_into_precond_update=False`` did better on the ``kron
+        bench`` tasks (docs/benchmarks.md).
       weight_decay: weight decay, decoupled ``θ ← θ(1 − lr·wd)`` unless
         ``decoupled_weight_decay=False``; honours ``exclude_from_weight_decay``. Default 0.0.
       b1: momentum β in [0, 1) (an EMA with bias correction; 0 disables momentum). Default 0.9.
@@ -243,6 +315,7 @@ class Kron(keras.optimizers.Optimizer):
             optional_flags=dict(whiten_grad=whiten_grad),
         )
         _check_ranges(
+            learning_rate=learning_rate,
             b1=b1,
             weight_decay=weight_decay,
             precond_lr=precond_lr,
@@ -343,6 +416,7 @@ class Kron(keras.optimizers.Optimizer):
         in that fixed order (Keras saves optimizer variables by position)."""
         if self.built:
             return
+        _check_floating(var_list)
         super().build(var_list)
         if len(var_list) > native.MAX_VARIABLES:
             raise ValueError(f"Kron supports at most {native.MAX_VARIABLES} variables.")
@@ -436,6 +510,17 @@ class Kron(keras.optimizers.Optimizer):
 
     # -- the step ------------------------------------------------------------------------------
 
+    def apply(self, grads: list, trainable_variables: list | None = None) -> None:
+        """Keras's ``apply``, after checking that each gradient has its variable's shape:
+        broadcasting let a ``(3,)`` gradient step a ``(4, 3)`` variable, and other shapes failed
+        deep in the step without naming the variable. Shapes are static, so this costs nothing
+        in a compiled step."""
+        if trainable_variables is not None:
+            trainable_variables = list(trainable_variables)
+        known = self._trainable_variables if trainable_variables is None else trainable_variables
+        _check_gradient_shapes(grads, known)
+        return super().apply(grads, trainable_variables)
+
     def _apply_weight_decay(self, variables: list) -> None:
         """Weight decay is applied in :meth:`update_step`, gated on a finite gradient."""
 
@@ -473,7 +558,7 @@ class Kron(keras.optimizers.Optimizer):
         step = self.iterations
         probability = self._schedule
         if callable(probability):  # of a float32 step, as seed 000 called it
-            probability = kops.cast(probability(kops.cast(step, "float32")), "float32")
+            probability = _probability_value(probability(kops.cast(step, "float32")), step)
         counter = kops.convert_to_tensor(self._decision_counter)
         if self.decision_rule == "bernoulli":
             seed = kops.convert_to_tensor(self._seed_state)
@@ -658,6 +743,21 @@ class Kron(keras.optimizers.Optimizer):
         )
         return config
 
+    def load_own_variables(self, store: Any) -> None:
+        """Load the saved optimizer variables, refusing a store that does not fit. Keras's
+        version only warns when the counts differ and keeps none of the state (``iterations``
+        back to 0), and a count that matches with other shapes fails half-way through. A store
+        whose count and shapes fit loads as Keras loads it. An optimizer that is not built yet
+        (``load_model`` builds it first) is left to Keras, which warns and loads nothing."""
+        if not self.built:
+            super().load_own_variables(store)
+            return
+        _check_saved_count(self.name, len(store.keys()), len(self.variables))
+        values = [store[str(i)] for i in range(len(self.variables))]
+        _check_saved_shapes(self.name, self.variables, values)
+        for variable, value in zip(self.variables, values):
+            variable.assign(value)
+
     @classmethod
     def from_config(cls, config: dict[str, Any], custom_objects: Any = None) -> Kron:
         config = dict(config)
@@ -667,6 +767,44 @@ class Kron(keras.optimizers.Optimizer):
                 probability, custom_objects=custom_objects
             )
         return super().from_config(config, custom_objects=custom_objects)
+
+
+# The options that change how many optimizer variables there are, or their shapes.
+_COUNT_OPTIONS = (
+    "learning_rate (a float is saved as a variable, a schedule is not), use_ema, "
+    "gradient_accumulation_steps, cached, preconditioner_mode (PRO4P and QUAD4P keep no cache) "
+    "and merge_dims (one factor per axis)"
+)
+_SHAPE_OPTIONS = (
+    "max_size_triangular, min_ndim_triangular, max_skew_triangular, memory_save_mode, "
+    "merge_dims and block_size"
+)
+
+
+def _check_saved_count(name: str, saved: int, expected: int) -> None:
+    """ValueError unless as many optimizer variables were saved as this optimizer has."""
+    if saved != expected:
+        raise ValueError(
+            f"Kron optimizer {name!r} cannot load the saved state: {saved} variables were "
+            f"saved and this optimizer has {expected}. The count follows the model's trainable "
+            f"variables and the options {_COUNT_OPTIONS}; create the optimizer with the options "
+            "it was saved with."
+        )
+
+
+def _check_saved_shapes(name: str, variables: list, values: list) -> None:
+    """ValueError for the first saved value whose shape is not its variable's (checked before
+    anything is assigned, so a refused store leaves the optimizer as it was)."""
+    for index, (variable, value) in enumerate(zip(variables, values)):
+        saved, expected = tuple(np.shape(value)), tuple(variable.shape)
+        if saved != expected:
+            raise ValueError(
+                f"Kron optimizer {name!r} cannot load the saved state: variable {index} "
+                f"({_variable_name(variable)!r}) was saved with shape {saved} and this "
+                f"optimizer's has shape {expected}. The shapes follow the model's trainable "
+                f"variables and the options {_SHAPE_OPTIONS}; create the optimizer with the "
+                "options it was saved with."
+            )
 
 
 def _preconditioner(state: TensorState) -> tuple[Any, ...]:
@@ -683,6 +821,7 @@ def _where_tree(flag: Any, new: Any, old: Any) -> Any:
 
 def _check_ranges(
     *,
+    learning_rate,
     b1,
     weight_decay,
     precond_lr,
@@ -696,6 +835,14 @@ def _check_ranges(
     probability,
 ) -> None:
     """ValueError naming the option and the value for anything out of range."""
+    # Keras takes any float (it refuses other types itself); a NaN, infinite or negative one
+    # turned the weights to NaN or climbed the loss from the first step. Schedules and
+    # callables are the user's to keep in range.
+    if is_real_number(learning_rate) and not (learning_rate >= 0 and math.isfinite(learning_rate)):
+        raise ValueError(
+            "learning_rate must be finite and >= 0 (or a schedule or callable); got "
+            f"{learning_rate!r}."
+        )
     if not max_size_triangular >= 0:
         raise ValueError(f"max_size_triangular must be >= 0; got {max_size_triangular!r}.")
     if not (min_ndim_triangular >= 0 and float(min_ndim_triangular).is_integer()):
