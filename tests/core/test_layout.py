@@ -174,6 +174,16 @@ def test_unknown_merge_rule_is_refused():
         LayoutOptions(merge_dims="squarest")
 
 
+@pytest.mark.parametrize("merge", [1, 0, 1.0, np.True_])
+def test_merge_dims_takes_a_bool_not_a_number_equal_to_one(merge):
+    """``1 == True``, so the rules' membership test took ``merge_dims=1`` (or 0) and kept it as
+    the stored value; only a real bool or a rule's name is a merge rule."""
+    with pytest.raises(ValueError, match=rf"Unknown merge_dims {merge!r}; accepted: False, True"):
+        LayoutOptions(merge_dims=merge)
+    for accepted in (False, True, "first_last", "heavyball"):
+        assert LayoutOptions(merge_dims=accepted).merge_dims is accepted
+
+
 @pytest.mark.parametrize("shape", [(2, 3, 4), (5, 1, 7, 2), (2, 2, 2, 2, 2), (9, 2, 2, 3, 8)])
 def test_squarest_split_is_brute_force_optimum(shape):
     rows, cols = squarest_split(shape)

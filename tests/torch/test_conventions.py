@@ -150,6 +150,148 @@ def test_a_state_dict_with_more_param_groups_is_refused():
     assert opt.state_dict()["state"] == {}
 
 
+def _edited(edit):
+    """A state dict after two steps of ``make_model``'s parameters, edited by ``edit``."""
+    model = make_model()
+    opt = Kron(model.parameters(), lr=1e-2)
+    train(model, opt, 2)
+    saved = copy.deepcopy(opt.state_dict())
+    edit(saved)
+    return saved
+
+
+def _set(entry, key, value):
+    return lambda saved: saved["state"][entry].update({key: value})
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (
+            lambda saved: saved["param_groups"][0].update(lr="x"),
+            r"loaded state dict, param group 0: lr must be a number; got 'x'",
+        ),
+        (
+            lambda saved: saved["param_groups"][0].update(b1=1.5),
+            r"param group 0: Invalid b1: 1.5",
+        ),
+        (
+            lambda saved: saved["param_groups"][0].update(merge_dims=1),
+            r"param group 0: Unknown merge_dims 1",
+        ),
+        (
+            lambda saved: saved["param_groups"][0].update(step=2.5),
+            r"param group 0: step must be an int >= 0; got 2.5",
+        ),
+        (
+            lambda saved: saved["param_groups"][0].update(params=[0, 1]),
+            r"has 2 parameters in group 0; this optimizer has 6",
+        ),
+        (
+            lambda saved: saved["state"][1].pop("lipschitz"),
+            r"parameter 1 of group 0 lacks lipschitz; a kron.torch state holds factors, "
+            r"lipschitz, cache, momentum, count, skipped",
+        ),
+        (
+            _set(0, "momentum", torch.zeros(8, 16)),
+            r"parameter 0 of group 0 has momentum of shape \(8, 16\), but the parameter has "
+            r"shape \(16, 8\): the state was saved for another parameter",
+        ),
+        (
+            _set(0, "factors", [torch.ones(1, 8, 8), torch.ones(1, 16, 16)]),
+            r"parameter 0 of group 0 has factors of shapes \[\(1, 8, 8\), \(1, 16, 16\)\], not "
+            r"the layout .* shape \(16, 8\): \[\(1, 16, 16\) or \(1, 136\), \(1, 8, 8\) or "
+            r"\(1, 36\)\]",
+        ),
+        (
+            _set(1, "lipschitz", [torch.zeros(1), torch.zeros(1)]),
+            r"parameter 1 of group 0 has lipschitz of shapes \[\(1,\), \(1,\)\]",
+        ),
+        (_set(2, "cache", [torch.ones(1, 3, 3)] * 2), r"parameter 2 of group 0 has cache"),
+        (
+            _set(2, "factors", torch.ones(1, 16, 16)),
+            r"has factors of Tensor; accepted: a list of tensors",
+        ),
+        (_set(3, "count", torch.ones(1)), r"parameter 3 of group 0 has count of shape \(1,\)"),
+        (
+            _set(3, "count", torch.tensor(2)),
+            r"has count of torch.int64; accepted: a floating-point tensor",
+        ),
+        (_set(3, "skipped", 0), r"has skipped of int; accepted: a real tensor"),
+        (lambda saved: saved.update(seed="x"), r"loaded state dict has seed 'x'; accepted: an int"),
+        (lambda saved: saved.update(seed=1.5), r"loaded state dict has seed 1.5; accepted: an int"),
+    ],
+    ids=[
+        "lr",
+        "b1",
+        "merge_dims",
+        "step",
+        "group-size",
+        "missing-key",
+        "momentum-shape",
+        "factor-shapes",
+        "lipschitz-count",
+        "cache-shapes",
+        "factors-not-a-list",
+        "count-shape",
+        "count-dtype",
+        "skipped-not-a-tensor",
+        "seed-string",
+        "seed-fraction",
+    ],
+)
+def test_a_state_dict_the_step_could_not_take_is_refused_before_anything_loads(edit, message):
+    """Saved groups and state used to load unchecked and fail at the next step (a TypeError
+    for lr='x', a KeyError for a missing entry, a broadcast error for a momentum of another
+    shape), or a seed of 1.5 was cut to 1; each is refused by name, and the optimizer keeps
+    what it had."""
+    model = make_model()
+    opt = Kron(model.parameters(), lr=1e-2, seed=3)
+    with pytest.raises(ValueError, match=message):
+        opt.load_state_dict(_edited(edit))
+    assert opt.state_dict()["state"] == {} and opt.seed == 3
+    assert opt.param_groups[0]["lr"] == 1e-2 and opt.param_groups[0]["step"] == 0
+
+
+def test_the_state_of_another_shape_of_parameter_is_named_by_its_shape():
+    """Loading into a model whose parameter has another shape blamed changed layout options,
+    at the first step; the load now names the parameter and both shapes."""
+    saved = _edited(lambda saved: None)
+    model = nn.Sequential(
+        nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 12), nn.Tanh(), nn.Linear(12, 3)
+    )
+    opt = Kron(model.parameters(), lr=1e-2)
+    with pytest.raises(
+        ValueError,
+        match=r"parameter 2 of group 0 has momentum of shape \(16, 16\), but the parameter has "
+        r"shape \(12, 16\)",
+    ):
+        opt.load_state_dict(saved)
+    assert opt.state_dict()["state"] == {}
+
+
+def test_newton_groups_of_different_hvp_methods_are_refused_at_load():
+    a, b = nn.Parameter(torch.ones(2, 2)), nn.Parameter(torch.ones(2, 2))
+    saved = Kron([{"params": [a]}, {"params": [b]}], preconditioner_type="newton").state_dict()
+    saved["param_groups"][1]["hvp_method"] = "finite_difference"
+    opt = Kron([{"params": [a]}, {"params": [b]}], preconditioner_type="newton")
+    with pytest.raises(ValueError, match=r"loaded state dict: .*one hvp_method"):
+        opt.load_state_dict(saved)
+    assert opt.param_groups[1]["hvp_method"] == "double_backward"
+
+
+def test_a_seed_saved_outside_64_bits_resumes_as_the_seed_it_drew_with():
+    """Seeds were not range-checked before, and the draws mask them to 64 bits: a checkpoint
+    saved with seed -1 loads as 2**64 - 1, which draws the same numbers."""
+    from kron.torch.functional import seed_for
+
+    opt = Kron(make_model().parameters())
+    opt.load_state_dict(_edited(lambda saved: saved.update(seed=-1)))
+    assert opt.seed == 2**64 - 1 and seed_for(-1, 5, 0) == seed_for(opt.seed, 5, 0)
+    opt.load_state_dict(_edited(lambda saved: saved.update(seed=2**64 + 7)))
+    assert opt.seed == 7
+
+
 def test_a_state_dict_with_the_empty_entry_of_a_read_state_loads():
     """Reading ``opt.state[p]`` (monitoring code, a frozen parameter) leaves ``{}``, which
     ``state_dict()`` saves; loading it was refused as "not a kron.torch state"."""
@@ -479,7 +621,10 @@ def test_sparse_gradient_is_rejected_clearly():
         ("precond_init_scale", "1.0", r"precond_init_scale must be a number or None; got '1.0'"),
         ("lr", "0.1", r"lr must be a number; got '0.1'"),
         ("block_size", 2.0j, r"block_size must be a number or None"),
-        ("seed", "abc", r"seed must be an int; got 'abc'"),
+        ("seed", "abc", r"seed must be an int in \[0, 2\*\*64\); got 'abc'"),
+        ("seed", -1, r"seed must be an int in \[0, 2\*\*64\); got -1"),
+        ("precond_dtype", torch.float8_e5m2, r"precond_dtype must be .*float64\), its name"),
+        ("merge_dims", 1, r"Unknown merge_dims 1; accepted: False, True, 'first_last'"),
         ("stack_params", None, r"stack_params must be True or False; got None"),
         ("compile", "yes", r"compile must be True, False or None; got 'yes'"),
         ("lr", math.inf, r"Invalid lr: inf \(must be finite and >= 0\)"),

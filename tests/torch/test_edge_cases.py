@@ -90,17 +90,33 @@ def test_newton_products_of_gradients_that_do_not_depend_on_the_parameters(metho
     torch.testing.assert_close(hvps[1], torch.full((3,), 2.0), rtol=1e-3, atol=0)
 
 
-def test_mixed_hvp_methods_are_rejected():
-    a, b = nn.Parameter(torch.ones(2, 2)), nn.Parameter(torch.ones(2, 2))
-    opt = Kron(
-        [
-            {"params": [a], "hvp_method": "double_backward"},
-            {"params": [b], "hvp_method": "finite_difference"},
-        ],
-        preconditioner_type="newton",
+def test_mixed_hvp_methods_are_rejected_when_the_groups_are_made():
+    """One pass over the closure computes every Newton group's products, so their hvp_method
+    must agree; the mix was accepted and refused only by the first step."""
+    a, b, c = (nn.Parameter(torch.ones(2, 2)) for _ in range(3))
+    message = r"one hvp_method; got 'double_backward' \(group 0\), 'finite_difference' \(group 1\)"
+    with pytest.raises(ValueError, match=message):
+        Kron(
+            [
+                {"params": [a], "hvp_method": "double_backward"},
+                {"params": [b], "hvp_method": "finite_difference"},
+            ],
+            preconditioner_type="newton",
+        )
+    opt = Kron([a], preconditioner_type="newton")
+    with pytest.raises(ValueError, match=message):
+        opt.add_param_group({"params": [b], "hvp_method": "finite_difference"})
+    assert len(opt.param_groups) == 1
+    # A whitening group's hvp_method is never used, so it may differ.
+    opt.add_param_group(
+        {"params": [c], "hvp_method": "finite_difference", "preconditioner_type": "whitening"}
     )
-    with pytest.raises(ValueError, match="one hvp_method"):
-        opt.step(lambda: (a * b).sum())
+    opt.add_param_group({"params": [b]})
+    # A group edited after it was added is still caught, before anything steps.
+    opt.param_groups[2]["hvp_method"] = "finite_difference"
+    with pytest.raises(ValueError, match=r"'finite_difference' \(group 2\)"):
+        opt.step(lambda: (a * b * c).sum())
+    assert torch.equal(a.detach(), torch.ones(2, 2)) and not opt.state
 
 
 def test_raise_mode_updates_nothing_when_any_gradient_is_bad():
@@ -492,6 +508,41 @@ def test_a_sparse_parameter_is_refused_and_leaves_the_optimizer_unchanged():
     with pytest.raises(ValueError, match=r"sparse parameters \(parameter 1 of the new group"):
         opt.add_param_group({"params": [nn.Parameter(torch.ones(2)), sparse]})
     assert len(opt.param_groups) == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int8, torch.uint8, torch.bool])
+def test_a_parameter_that_is_not_floating_point_is_refused_before_anything_steps(dtype):
+    """An integer or bool parameter was accepted; the step then moved the float parameter of
+    its group and made state for both before the in-place update of the integer one failed
+    ("result type BFloat16 can't be cast to the desired output type Long"), with the group's
+    clock still at 0."""
+    weight, counter = nn.Parameter(torch.ones(2, 2)), torch.zeros(3, dtype=dtype)
+    message = rf"does not support {dtype} parameters \(parameter 1 of group 0, shape \(3,\)\)"
+    with pytest.raises(ValueError, match=message + r"; accepted: torch.float16, .*complex"):
+        Kron([weight, counter])
+    opt = Kron([weight])
+    with pytest.raises(ValueError, match=rf"{dtype} parameters \(parameter 0 of group 1"):
+        opt.add_param_group({"params": [counter]})
+    assert len(opt.param_groups) == 1
+
+
+@pytest.mark.parametrize(
+    "dtype", [torch.float16, torch.bfloat16, torch.float64, torch.complex32, torch.complex64]
+)
+def test_every_float_and_complex_parameter_dtype_steps(dtype):
+    p = torch.ones(2, 2, dtype=dtype, requires_grad=True)
+    opt = Kron([p], lr=0.1)
+    p.grad = torch.ones_like(p)
+    opt.step()
+    moved = p.detach().to(torch.complex128) != 1  # ComplexHalf has no comparison of its own
+    assert opt.param_groups[0]["step"] == 1 and moved.all()
+
+
+def test_a_float8_parameter_is_refused():
+    """torch promotes no float8 dtype with another, so the step could not update one."""
+    p = torch.ones(2, 2).to(torch.float8_e4m3fn)
+    with pytest.raises(ValueError, match=r"torch.float8_e4m3fn parameters \(parameter 0 of"):
+        Kron([p])
 
 
 def test_an_empty_parameter_is_skipped():

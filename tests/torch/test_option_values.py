@@ -218,3 +218,61 @@ def test_an_unknown_clipping_name_lists_heavyballs_names_too():
             "l2_clip_, rmsnorm_clip_, trust_region_clip_; got 'l2'",
         ):
             Kron([p], **{f"{kind}_clipping": "l2"})
+
+
+FLOAT8 = [getattr(torch, name) for name in dir(torch) if name.startswith("float8_")]
+
+
+@pytest.mark.parametrize("dtype", FLOAT8, ids=str)
+@pytest.mark.parametrize("name", ["precond_dtype", "mu_dtype", "q_dtype", "storage_dtype"])
+def test_a_float8_dtype_is_refused_before_the_first_step(name, dtype):
+    """torch promotes no float8 dtype with another, so a float8 factor or momentum dtype used to
+    pass construction and fail at the first step ("Promotion for Float8 Types is not
+    supported"); the message lists the dtypes accepted."""
+    accepted = r"\(torch.float16, torch.bfloat16, torch.float32, torch.float64\)"
+    p = nn.Parameter(torch.ones(2, 2))
+    with pytest.raises(
+        ValueError, match=rf"{name} must be a floating-point torch.dtype {accepted}"
+    ):
+        Kron([p], **{name: dtype})
+    with pytest.raises(ValueError, match=rf"{name} must be .*; got {dtype}"):
+        Kron([p], **{name: str(dtype).removeprefix("torch.")})
+    opt = Kron([p])
+    with pytest.raises(ValueError, match=rf"dtype must be a floating-point torch.dtype {accepted}"):
+        opt.add_param_group({"params": [nn.Parameter(torch.ones(3))], name: dtype})
+    assert len(opt.param_groups) == 1
+
+
+@pytest.mark.parametrize("merge", [1, 0, 1.0])
+def test_merge_dims_equal_to_one_or_zero_is_refused_not_stored(merge):
+    """``1 == True`` took ``merge_dims=1`` through the rules' membership test, and the group
+    kept 1; a real bool or a rule's name is required, here and in heavyball's class."""
+    from kron.torch import ForeachPSGDKron
+
+    p = nn.Parameter(torch.ones(2, 3, 4))
+    message = rf"Unknown merge_dims {merge!r}; accepted: False, True, 'first_last', 'heavyball'"
+    with pytest.raises(ValueError, match=message):
+        Kron([p], merge_dims=merge)
+    with pytest.raises(ValueError, match=message):
+        ForeachPSGDKron([p], merge_dims=merge)
+    opt = Kron([p])
+    with pytest.raises(ValueError, match=message):
+        opt.add_param_group({"params": [nn.Parameter(torch.ones(3))], "merge_dims": merge})
+    assert len(opt.param_groups) == 1
+    assert Kron([p], merge_dims=True).param_groups[0]["merge_dims"] is True
+
+
+@pytest.mark.parametrize("seed", [-1, 2**64, 1.5, True, "3", None])
+def test_a_seed_outside_64_bits_or_not_an_int_is_refused(seed):
+    """The draws mask the seed to 64 bits, so -1 and 2**64 were accepted and drew the numbers
+    of 2**64 - 1 and 0; Keras and NumPy refuse them."""
+    with pytest.raises(ValueError, match=r"seed must be an int in \[0, 2\*\*64\); got "):
+        Kron([nn.Parameter(torch.ones(2))], seed=seed)
+
+
+def test_every_seed_in_64_bits_is_accepted_as_an_int():
+    import numpy as np
+
+    for seed in (0, 2**64 - 1, np.uint64(2**64 - 1), np.int32(7)):
+        opt = Kron([nn.Parameter(torch.ones(2))], seed=seed)
+        assert type(opt.seed) is int and opt.seed == int(seed)

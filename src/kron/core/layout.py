@@ -75,7 +75,9 @@ class LayoutOptions:
     merge_size: float | None = None
 
     def __post_init__(self) -> None:
-        if self.merge_dims not in MERGE_RULES:
+        merge = self.merge_dims
+        # A bool or a rule's name: 1 == True, so membership alone would take 1 (or 0) and keep it.
+        if not (isinstance(merge, bool) or (isinstance(merge, str) and merge in MERGE_RULES)):
             raise ValueError(
                 f"Unknown merge_dims {self.merge_dims!r}; accepted: "
                 f"{', '.join(repr(m) for m in MERGE_RULES)}."

@@ -18,7 +18,6 @@ import collections
 import contextlib
 import dataclasses
 import math
-import numbers
 import types
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, NamedTuple
@@ -58,11 +57,20 @@ from kron.torch.functional import (
     stochastic_round,
     uniform_for,
 )
+from kron.torch.loading import (
+    check_clock,
+    check_is_kron_state,
+    check_saved_state,
+    loaded_seed,
+)
 from kron.torch.options import (
     GROUP_ALIASES,
     NONFINITE_POLICIES,
     RECORD_KEYS,
+    check_hvp_methods,
+    check_parameter_dtype,
     check_ranges,
+    check_seed,
     check_types,
     core_records,
     group_with_our_names,
@@ -286,14 +294,13 @@ class Kron(torch.optim.Optimizer):
             preconditioner_type=preconditioner_type,
             hvp_method=hvp_method,
         )
-        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-            raise ValueError(f"seed must be an int; got {seed!r}.")
+        seed = check_seed(seed)
         if not isinstance(stack_params, bool):
             raise ValueError(f"stack_params must be True or False; got {stack_params!r}.")
         if compile is not None and not isinstance(compile, bool):
             raise ValueError(f"compile must be True, False or None; got {compile!r}.")
         defaults = {k: as_python_number(v) for k, v in defaults.items()}
-        self.seed = int(seed)
+        self.seed = seed
         self.nonfinite = nonfinite
         self.stack_params = stack_params
         self.compile = compile
@@ -354,10 +361,14 @@ class Kron(torch.optim.Optimizer):
                     f"Kron does not support sparse parameters (parameter {index} of the new "
                     f"group, shape {tuple(p.shape)}); accepted: dense tensors."
                 )
+            if isinstance(p, torch.Tensor):  # torch refuses anything else itself
+                check_parameter_dtype(p, index, len(self.param_groups))
         # NumPy numbers are kept as Python ones: torch.load(weights_only=True) reads no others.
         param_group = {k: as_python_number(v) for k, v in param_group.items()}
         param_group["params"] = params
-        self._validate({**self.defaults, **param_group})
+        full = {**self.defaults, **param_group}
+        self._validate(full)
+        check_hvp_methods([*self.param_groups, full])
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         group.setdefault("step", 0)
@@ -372,8 +383,9 @@ class Kron(torch.optim.Optimizer):
 
     def _options(self, group: dict[str, Any]) -> tuple[LayoutOptions, StepOptions]:
         """The core's option records for ``group`` (built once per distinct set of values);
-        raises ``ValueError`` on a bad value."""
-        key = tuple(group[name] for name in RECORD_KEYS)
+        raises ``ValueError`` on a bad value. Values are keyed with their types: ``1 == True``,
+        so ``merge_dims=1`` would otherwise find the records of ``merge_dims=True``, unchecked."""
+        key = tuple((type(group[name]), group[name]) for name in RECORD_KEYS)
         try:
             records = self._records.get(key)
         except TypeError:  # an unhashable value (a dataclass schedule, a list): build, not cache
@@ -461,11 +473,7 @@ class Kron(torch.optim.Optimizer):
         return _Decision(bool(do_fit), p, float(total))
 
     def _newton_gradients(self, closure, newton, decisions, probes, hvps):
-        methods = {group["hvp_method"] for _, group in newton}
-        if len(methods) > 1:
-            raise ValueError(
-                f"Newton-type groups must share one hvp_method; got {sorted(methods)}."
-            )
+        check_hvp_methods(self.param_groups)  # again: a group's hvp_method may have been edited
         everything = [p for group in self.param_groups for p in group["params"]]
         for p in everything:
             if not p.requires_grad:
@@ -502,7 +510,7 @@ class Kron(torch.optim.Optimizer):
                 params,
                 newton_params,
                 [probes[id(p)] for p in newton_params],
-                methods.pop(),
+                newton[0][1]["hvp_method"],
             )
             hvps.update({id(p): h for p, h in zip(newton_params, products)})
         for p, g in zip(params, grads):
@@ -928,13 +936,18 @@ class Kron(torch.optim.Optimizer):
                 f"loaded state dict has {len(groups)} parameter groups; this optimizer has "
                 f"{len(self.param_groups)}"
             )
-        _check_is_kron_state(state_dict["state"], groups)
+        check_is_kron_state(state_dict["state"], groups)
         merged = []
         for saved, current in zip(groups, self.param_groups):
             merged.append({**{k: v for k, v in current.items() if k != "params"}, **saved})
+        # Everything is checked before anything is assigned, so a checkpoint that is refused
+        # leaves the optimizer as it was, and one that loads does not fail at the next step.
+        self._check_loaded_groups(merged)
+        self._check_loaded_state(state_dict["state"], merged)
+        seed = loaded_seed(state_dict.get("seed", self.seed))
         super().load_state_dict({**state_dict, "param_groups": merged})
         # The noise is drawn from (seed, step, ...), so a run resumes only with its own seed.
-        self.seed = int(state_dict.get("seed", self.seed))
+        self.seed = seed
         self._stacks.clear()
         saved_ids = [i for g in groups for i in g["params"]]
         current = [p for g in self.param_groups for p in g["params"]]
@@ -943,6 +956,36 @@ class Kron(torch.optim.Optimizer):
             if not saved:  # none, or the empty entry that reading opt.state[p] leaves
                 continue
             self.state[p] = {key: _to_device(value, p.device) for key, value in saved.items()}
+
+    def _check_loaded_groups(self, groups: list[dict[str, Any]]) -> None:
+        """``ValueError`` naming the group when a loaded group (saved options over the current
+        ones) fails a check that a new group passes, or its clock is not a count."""
+        for gi, (group, current) in enumerate(zip(groups, self.param_groups)):
+            if len(group["params"]) != len(current["params"]):
+                raise ValueError(
+                    f"loaded state dict has {len(group['params'])} parameters in group {gi}; "
+                    f"this optimizer has {len(current['params'])}"
+                )
+            try:
+                self._validate(group)
+                check_clock(group)
+            except ValueError as error:
+                raise ValueError(f"loaded state dict, param group {gi}: {error}") from None
+        try:
+            check_hvp_methods(groups)
+        except ValueError as error:
+            raise ValueError(f"loaded state dict: {error}") from None
+
+    def _check_loaded_state(self, saved: dict[Any, Any], groups: list[dict[str, Any]]) -> None:
+        """``ValueError`` naming the parameter and the entry when a saved state is not one the
+        step can take, for the layout its loaded group gives (see :func:`check_saved_state`)."""
+        for gi, (group, current) in enumerate(zip(groups, self.param_groups)):
+            layout, _ = self._options(group)
+            for index, (saved_id, p) in enumerate(zip(group["params"], current["params"])):
+                entry = saved.get(saved_id)
+                if entry is None or (isinstance(entry, dict) and not entry):
+                    continue  # none, or the empty entry that reading opt.state[p] leaves
+                check_saved_state(gi, index, p, entry, layout)
 
     def state_dict(self) -> dict[str, Any]:
         """As ``torch.optim.Optimizer.state_dict``, plus the ``seed`` the noise is drawn with;
@@ -1041,20 +1084,6 @@ def _check_layout(gi: int, index: int, plan: Any, factors: list[torch.Tensor]) -
             "(block_size, split, merge_dims, max_size_triangular, min_ndim_triangular, "
             "memory_save_mode, max_skew) cannot change after a parameter's first step."
         )
-
-
-def _check_is_kron_state(saved: dict[Any, Any], groups: list[dict[str, Any]]) -> None:
-    """``ValueError`` naming the parameter when a saved per-parameter state is not this
-    optimizer's (another optimizer's state dict would fail later, on the first step)."""
-    for gi, group in enumerate(groups):
-        for index, saved_id in enumerate(group["params"]):
-            entry = saved.get(saved_id, saved.get(str(saved_id)))
-            if entry and not {"factors", "momentum"} <= set(entry):
-                raise ValueError(
-                    f"The saved state of parameter {index} of group {gi} has keys "
-                    f"{sorted(entry)}, not a kron.torch state (factors, momentum, ...). A "
-                    "kron_torch.Kron state dict loads with kron.torch.load_kron_torch_state."
-                )
 
 
 def _convert_preconditioner(state: dict[str, Any], dtype: torch.dtype) -> None:

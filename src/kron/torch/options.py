@@ -11,17 +11,25 @@ optimizer's defaults. :func:`check_types`, :func:`check_ranges` and :func:`core_
 from __future__ import annotations
 
 import math
+import numbers
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 
 from kron.core import DECISION_RULES, FitOptions, LayoutOptions, StepOptions
+from kron.core.layout import MERGE_RULES
 from kron.core.option_types import check_option_types, is_real_number
 from kron.torch.functional import CLIPPING_NAMES, HEAVYBALL_CLIPPING, clipper
 
 PRECONDITIONER_TYPES = ("whitening", "newton")
 HVP_METHODS = ("double_backward", "finite_difference")
 NONFINITE_POLICIES = ("skip", "raise")
+# The floating-point dtypes the factors, the momentum and the parameters may have: the step
+# promotes them with float32, which torch refuses for every float8 dtype.
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# The seed is mixed into the counter-based draws as one 64-bit word (functional.seed_for).
+SEED_LIMIT = 2**64
 
 # Group options that feed the core's option records; the others are read on every step.
 RECORD_KEYS = (
@@ -96,15 +104,58 @@ _MISSING = object()  # a default no value equals: both names given must agree
 
 
 def torch_dtype(value: Any, name: str) -> torch.dtype | None:
-    """``value`` (a floating-point ``torch.dtype``, its name such as ``"bfloat16"``, or None) as a
-    ``torch.dtype`` or None; ``ValueError`` naming option ``name`` otherwise."""
+    """``value`` (one of :data:`FLOAT_DTYPES`, its name such as ``"bfloat16"``, or None) as a
+    ``torch.dtype`` or None; ``ValueError`` naming option ``name`` otherwise. A float8 dtype is
+    refused here: it would pass construction and fail at the first step."""
     if isinstance(value, str) and isinstance(getattr(torch, value, None), torch.dtype):
         value = getattr(torch, value)
-    if value is None or (isinstance(value, torch.dtype) and value.is_floating_point):
+    if value is None or (isinstance(value, torch.dtype) and value in FLOAT_DTYPES):
         return value
     raise ValueError(
-        f"{name} must be a floating-point torch.dtype, its name or None; got {value!r}."
+        f"{name} must be a floating-point torch.dtype ({_dtype_names()}), its name or None; got "
+        f"{value!r}."
     )
+
+
+def _dtype_names() -> str:
+    return ", ".join(str(dtype) for dtype in FLOAT_DTYPES)
+
+
+def check_parameter_dtype(p: torch.Tensor, index: int, gi: int) -> None:
+    """``ValueError`` naming parameter ``index`` of group ``gi`` unless its dtype is one of
+    :data:`FLOAT_DTYPES` or complex (stepped as its real view). An integer or bool parameter
+    would otherwise be refused only by the step's in-place update, after the other parameters
+    of its group had moved."""
+    if p.dtype in FLOAT_DTYPES or p.is_complex():
+        return
+    raise ValueError(
+        f"Kron does not support {p.dtype} parameters (parameter {index} of group {gi}, shape "
+        f"{tuple(p.shape)}); accepted: {_dtype_names()} and complex dtypes."
+    )
+
+
+def check_seed(seed: Any) -> int:
+    """``seed`` as an int; ``ValueError`` unless it is one in ``[0, 2**64)``, the values that
+    seed distinct draws (the draws mask the seed to 64 bits, so -1 would be 2**64 - 1)."""
+    if (
+        isinstance(seed, bool)
+        or not isinstance(seed, numbers.Integral)
+        or not 0 <= seed < SEED_LIMIT
+    ):
+        raise ValueError(f"seed must be an int in [0, 2**64); got {seed!r}.")
+    return int(seed)
+
+
+def check_hvp_methods(groups: Iterable[dict[str, Any]]) -> None:
+    """``ValueError`` when Newton-type groups name different ``hvp_method`` values: one pass
+    over the closure computes the Hessian-vector products of them all."""
+    first_of: dict[Any, int] = {}
+    for gi, group in enumerate(groups):
+        if group["preconditioner_type"] == "newton":
+            first_of.setdefault(group["hvp_method"], gi)
+    if len(first_of) > 1:
+        found = ", ".join(f"{method!r} (group {gi})" for method, gi in first_of.items())
+        raise ValueError(f"Newton-type groups must share one hvp_method; got {found}.")
 
 
 def is_number(value: Any) -> bool:
@@ -232,6 +283,12 @@ def core_records(group: dict[str, Any]) -> tuple[LayoutOptions, StepOptions]:
         raise ValueError(
             f"balance_probability must be in [0, 1]; got {group['balance_probability']!r}."
         )
+    merge = group["merge_dims"]
+    if not (isinstance(merge, bool) or (isinstance(merge, str) and merge in MERGE_RULES)):
+        # 1 == True: the rules' membership test alone would take 1 (or 0) and store it.
+        raise ValueError(
+            f"Unknown merge_dims {merge!r}; accepted: {', '.join(map(repr, MERGE_RULES))}."
+        )
     torch_dtype(group["mu_dtype"], "mu_dtype")
     torch_dtype(group["precond_dtype"], "precond_dtype")
     for kind in ("gradient", "update"):
@@ -290,12 +347,17 @@ def core_records(group: dict[str, Any]) -> tuple[LayoutOptions, StepOptions]:
 
 
 __all__ = [
+    "FLOAT_DTYPES",
     "GROUP_ALIASES",
     "HVP_METHODS",
     "NONFINITE_POLICIES",
     "PRECONDITIONER_TYPES",
     "RECORD_KEYS",
+    "SEED_LIMIT",
+    "check_hvp_methods",
+    "check_parameter_dtype",
     "check_ranges",
+    "check_seed",
     "check_types",
     "core_records",
     "group_with_our_names",
