@@ -262,3 +262,86 @@ def test_a_state_of_another_structure_is_refused_readably():
         scale_by_kron(pipeline_axis_name="dp", pipeline_axis_size=2).update(
             params, scale_by_kron().init(params), params
         )
+
+
+@pytest.mark.parametrize(
+    ("built_with", "used_with", "message"),
+    [
+        # Diagonal factors kept where dense ones belong: the update ran and kept them.
+        (
+            dict(max_skew_triangular=0),
+            {},
+            r"factors at \['w'\] are \(1, 3\) float32, \(1, 4\) float32, but this "
+            r"transformation makes \(1, 3, 3\) float32, \(1, 4\) float32 for these params: the "
+            r"state was built with other options",
+        ),
+        # EQ caches Q^T Q, QUAD4P keeps P itself and no cache: a raw "cond branch outputs must
+        # have the same pytree structure".
+        (
+            dict(preconditioner_mode="EQ"),
+            dict(preconditioner_mode="QUAD4P"),
+            r"cached preconditioners at \['b'\] are \(1, 4\) float32, but this transformation "
+            r"makes none",
+        ),
+        (
+            dict(precond_dtype=jnp.bfloat16),
+            {},
+            r"factors at \['b'\] are \(1, 4\) bfloat16, but this transformation makes \(1, 4\) "
+            r"float32",
+        ),
+        (
+            dict(mu_dtype=jnp.bfloat16),
+            dict(mu_dtype=jnp.float32),
+            r"momentum at \['b'\] is bfloat16, but this transformation keeps it in float32",
+        ),
+        (
+            dict(pipeline_axis_name="dp", pipeline_axis_size=2, max_skew_triangular=0),
+            dict(pipeline_axis_name="dp", pipeline_axis_size=2),
+            r"factors at the stack of \['w'\] are \(2, 3\) float32, \(2, 4\) float32, but this "
+            r"transformation makes \(2, 3, 3\) float32, \(2, 4\) float32",
+        ),
+    ],
+    ids=["layout", "geometry", "precond_dtype", "mu_dtype", "stacked"],
+)
+def test_a_state_built_with_other_options_is_refused_naming_the_leaf(
+    built_with, used_with, message
+):
+    """Each unit's factors, Lipschitz estimates and caches are checked against init's shapes and
+    dtypes while the update traces (no cost per step), inside jit too."""
+    params = {"w": jnp.ones((3, 4), jnp.float32), "b": jnp.ones(4, jnp.float32)}
+    state = scale_by_kron(**built_with).init(params)
+    with pytest.raises(ValueError, match=message):
+        jax.jit(scale_by_kron(**used_with).update)(params, state, params)
+
+
+@pytest.mark.parametrize("options", [{}, dict(pipeline_axis_name="dp", pipeline_axis_size=2)])
+def test_a_gradient_of_another_shape_is_refused_naming_the_leaf(options):
+    """It met the factors in a raw dot_general error."""
+    params = {"w": jnp.ones((3, 4)), "b": jnp.ones(4)}
+    tx = scale_by_kron(**options)
+    grads = {"w": jnp.ones((4, 3)), "b": jnp.ones(4)}
+    with pytest.raises(
+        ValueError,
+        match=r"the gradient at \['w'\] has shape \(4, 3\), but the state's momentum there has "
+        r"shape \(3, 4\)",
+    ):
+        jax.jit(tx.update)(grads, tx.init(params), params)
+
+
+@pytest.mark.parametrize(
+    ("factory", "given", "message"),
+    [
+        (kron, dict(learning_rate=-1e-2), r"learning_rate must be finite and >= 0, .*got Array"),
+        (quad, dict(learning_rate=np.nan), r"learning_rate must be finite and >= 0, .*got Array"),
+        (kron, dict(weight_decay=np.inf), r"weight_decay must be finite and >= 0, .*got Array"),
+        (skew, dict(preconditioner_lr=0.0), r"preconditioner_lr must be finite and > 0; got Arr"),
+    ],
+)
+def test_inject_hyperparams_values_are_checked_at_init(factory, given, message):
+    """The injected options reach the factory as 0-d arrays, checked like numbers at init (inside
+    the jitted update they are tracers, which pass)."""
+    tx = optax.inject_hyperparams(factory, static_args=static_args(factory))(
+        **{"learning_rate": 1e-2, **given}
+    )
+    with pytest.raises(ValueError, match=message):
+        tx.init(PARAMS)

@@ -158,6 +158,63 @@ def test_invalid_options_raise():
         scale_by_quad(pipeline_axis_size=0)
 
 
+WHITE_KRON_DTYPES = "bfloat16, float32 or float64"
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        # The core named it as its own "damping".
+        (lambda: scale_by_quad(noise_scale=np.inf), r"^noise_scale must be finite and >= 0; got"),
+        (lambda: skew(noise_scale=True), r"^noise_scale must be a finite number >= 0; got True\."),
+        (lambda: quad(max_size_dense=True), r"^max_size_dense must be a number >= 0; got True\."),
+        (lambda: quad(block_size=True), r"^block_size must be a number >= 1; got True\."),
+        (lambda: skew(learning_rate=np.inf), r"^learning_rate must be finite and >= 0, or a sch"),
+        (lambda: quad(learning_rate="1e-3"), r"^learning_rate must be a finite number >= 0, or"),
+        (lambda: quad(weight_decay=np.inf), r"^weight_decay must be finite and >= 0, or a sched"),
+        # eformer's dtypes; None was read as float64 and float16 is not one of them.
+        *(
+            (
+                lambda dtype=dtype: scale_by_skew(dtype=dtype),
+                rf"^dtype must be a floating-point dtype: {WHITE_KRON_DTYPES}; got {got}\.$",
+            )
+            for dtype, got in (
+                (None, "None"),
+                (False, "False"),
+                ("float8_e4m3fn", "float8_e4m3fn"),
+                (jnp.float16, "float16"),
+            )
+        ),
+    ],
+)
+def test_bad_values_are_refused_by_name(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+@pytest.mark.parametrize(
+    ("built_with", "message"),
+    [
+        (
+            dict(block_size=2),
+            r"^the state's factors at \['b'\] are \(2, 2\) bfloat16, but this transformation "
+            r"makes \(1, 4\) bfloat16 for these params: the state was built with other options",
+        ),
+        (
+            dict(dtype=jnp.float32),
+            r"^the state's momentum at \['b'\] is float32, but this transformation keeps it in "
+            r"bfloat16: the state was built with another mu_dtype \(dtype, in quad and skew\)",
+        ),
+    ],
+    ids=["block_size", "dtype"],
+)
+def test_a_state_built_with_other_options_is_refused(built_with, message):
+    params = {"w": jnp.ones((3, 4)), "b": jnp.ones(4)}
+    state = quad(**built_with).init(params)
+    with pytest.raises(ValueError, match=message):
+        jax.jit(quad().update)(params, state, params)
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [{}, {"weight_decay": 0.0}, {"learning_rate": optax.linear_schedule(1e-3, 0.0, 100)}],

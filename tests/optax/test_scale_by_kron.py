@@ -4,6 +4,7 @@ with kron.core is in test_parity.py)."""
 from __future__ import annotations
 
 import inspect
+import re
 
 import jax
 import jax.numpy as jnp
@@ -314,20 +315,20 @@ def test_the_probability_schedule_gets_psgdaxs_step_number():
             "Unknown preconditioner_mode \\(geometry\\) 'foo'",
         ),
         (lambda: skew(max_size_dense=-1), "max_size_dense must be >= 0; got -1"),
-        (lambda: quad(noise_scale=-1.0), "noise_scale must be >= 0"),
+        (lambda: quad(noise_scale=-1.0), "noise_scale must be finite and >= 0; got -1.0"),
         (lambda: quad(b1=1.0), r"b1 must be in \[0, 1\)"),
-        (lambda: kron(weight_decay=-0.1), "weight_decay must be >= 0; got -0.1"),
-        (lambda: skew(weight_decay=-0.1), "weight_decay must be >= 0; got -0.1"),
+        (lambda: kron(weight_decay=-0.1), "weight_decay must be finite and >= 0, .*; got -0.1"),
+        (lambda: skew(weight_decay=-0.1), "weight_decay must be finite and >= 0, .*; got -0.1"),
         # Strings met a comparison and raised TypeError without the option's name.
         (lambda: kron(b1="0.9"), "b1 must be a number in"),
-        (lambda: kron(weight_decay="0.1"), "weight_decay must be a number >= 0; got '0.1'"),
+        (lambda: kron(weight_decay="0.1"), "weight_decay must be a finite number >= 0, .*'0.1'"),
         (lambda: kron(max_size_triangular="8"), "max_size_triangular must be a number"),
         (
             lambda: kron(preconditioner_update_probability="x"),
             "preconditioner_update_probability must be a number",
         ),
         (lambda: quad(b1="x"), "b1 must be a number in"),
-        (lambda: kron(mu_dtype="bf16"), "mu_dtype must be a floating-point dtype or None"),
+        (lambda: kron(mu_dtype="bf16"), "mu_dtype must be a floating-point dtype: .*or None"),
         (lambda: kron(precond_dtype="bf16"), "precond_dtype must be a floating-point dtype"),
         (lambda: quad(dtype="bf16"), "dtype must be a floating-point dtype"),
         (lambda: quad(normalize_grads="no"), "normalize_grads must be True or False; got 'no'"),
@@ -347,6 +348,148 @@ def test_the_probability_schedule_gets_psgdaxs_step_number():
 def test_bad_options_are_named_as_the_caller_spelled_them(make, message):
     with pytest.raises(ValueError, match=message):
         make()
+
+
+FLOATS = "float16, bfloat16, float32 or float64, or None"
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        # optax took any learning rate: nan and inf stepped the params to NaN, and a string or
+        # None failed inside the first update.
+        *(
+            (lambda make=make, lr=lr: make(learning_rate=lr), f"learning_rate must be {want}")
+            for make in (kron, quad, skew)
+            for lr, want in (
+                (np.nan, r"finite and >= 0, or a schedule; got nan\."),
+                (np.inf, r"finite and >= 0, or a schedule; got inf\."),
+                (-1e-3, r"finite and >= 0, or a schedule; got -0\.001\."),
+                (True, r"a finite number >= 0, or a schedule; got True\."),
+                (None, r"a finite number >= 0, or a schedule; got None\."),
+                ("1e-3", r"a finite number >= 0, or a schedule; got '1e-3'\."),
+                (jnp.asarray(np.nan), r"finite and >= 0, or a schedule; got Array\(nan"),
+                (
+                    jnp.ones(2, jnp.float32),
+                    r"a finite number .*; got a float32 array of shape \(2,\)\.",
+                ),
+            )
+        ),
+        (lambda: kron(weight_decay=np.inf), r"weight_decay must be finite and >= 0, .*; got inf"),
+        # Compared inside the core, where these met '<=' between float and str.
+        *(
+            (
+                lambda name=name, value=value: scale_by_kron(**{name: value}),
+                f"{name} must be {kind}; got {re.escape(repr(value))}\\.",
+            )
+            for name, kind in (
+                ("beta_lipschitz", r"a number in \[0, 1\)"),
+                ("damping", "a finite number >= 0"),
+                ("balance_probability", r"a number in \[0, 1\]"),
+                ("preconditioner_init_scale", "a finite number > 0, or None"),
+            )
+            for value in ("0.5", None, [1])
+            if not (name == "preconditioner_init_scale" and value is None)
+        ),
+        # Arrays of several values met "The truth value of an array ... is ambiguous".
+        *(
+            (
+                lambda name=name: scale_by_kron(**{name: jnp.full(2, 0.5, jnp.float32)}),
+                f"{name} must be a .*number .*; got a float32 array of shape \\(2,\\)\\.",
+            )
+            for name in ("b1", "max_size_triangular", "damping")
+        ),
+        # True counted as 1.
+        *(
+            (
+                lambda name=name: scale_by_kron(**{name: True}),
+                f"{name} must be a .*; got True\\.",
+            )
+            for name in (
+                "max_size_triangular",
+                "preconditioner_lr",
+                "damping",
+                "grad_clip_max_amp",
+                "preconditioner_update_probability",
+                "balance_probability",
+            )
+        ),
+        (lambda: quad(noise_scale=True), r"noise_scale must be a finite number >= 0; got True\."),
+        (lambda: skew(max_size_dense=True), r"max_size_dense must be a number >= 0; got True\."),
+        (
+            lambda: scale_by_kron(min_ndim_triangular=1.5),
+            r"min_ndim_triangular must be a whole number >= 0; got 1\.5\.",
+        ),
+        # The core named it as its own "damping".
+        (lambda: quad(noise_scale=np.inf), r"^noise_scale must be finite and >= 0; got inf\.$"),
+        (lambda: skew(noise_scale=np.nan), r"^noise_scale must be finite and >= 0; got nan\.$"),
+        # JAX's TypePromotionError inside init; False was read as None (float32).
+        (
+            lambda: scale_by_kron(precond_dtype="float8_e4m3fn"),
+            f"precond_dtype must be a floating-point dtype: {FLOATS}; got float8_e4m3fn\\.",
+        ),
+        (
+            lambda: kron(mu_dtype=jnp.float8_e5m2),
+            f"mu_dtype must be a floating-point dtype: {FLOATS}; got float8_e5m2\\.",
+        ),
+        (
+            lambda: scale_by_kron(precond_dtype=False),
+            f"precond_dtype must be a floating-point dtype: {FLOATS}; got False\\.",
+        ),
+        # A schedule where quad's μ (annealed from it) is a number failed inside the update.
+        (lambda: quad(preconditioner_lr=lambda count: 0.5), "preconditioner_lr must be a finite"),
+        (lambda: scale_by_kron(b1=lambda count: 0.9), "b1 must be a number in"),
+    ],
+)
+def test_bad_values_are_refused_at_construction_by_name(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(learning_rate=jnp.asarray(1e-2)),
+        dict(learning_rate=np.asarray(1e-2)),
+        dict(learning_rate=np.float32(1e-2)),
+        dict(learning_rate=optax.constant_schedule(1e-2)),
+        dict(learning_rate=1e-2, weight_decay=jnp.asarray(0.0)),
+        dict(learning_rate=1e-2, preconditioner_lr=jnp.asarray(0.1)),
+        dict(learning_rate=1e-2, b1=np.float64(0.9), min_ndim_triangular=np.int64(2)),
+        dict(learning_rate=1e-2, min_ndim_triangular=2.0, max_size_triangular=np.inf),
+        dict(learning_rate=1e-2, precond_dtype="float32", mu_dtype=np.dtype("float32")),
+    ],
+)
+def test_numbers_as_numpy_values_0d_arrays_or_schedules_step_as_plain_floats(options):
+    """The checks refuse bools and arrays of several values, not the 0-d arrays
+    optax.inject_hyperparams passes, NumPy numbers, schedules or dtype names."""
+    params = {"w": jnp.ones((4, 3)), "b": jnp.ones(3)}
+    grads = jax.tree.map(lambda p: jnp.linspace(-1.0, 1.0, p.size).reshape(p.shape), params)
+    tx, plain = kron(**options), kron(learning_rate=1e-2)
+    got, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+    want, _ = jax.jit(plain.update)(grads, plain.init(params), params)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+@pytest.mark.parametrize("make", [kron, quad])
+def test_a_traced_learning_rate_passes_the_checks(make):
+    """Built inside jit (as optax.inject_hyperparams does in its update), the injectable options
+    are tracers, whose values cannot be compared: they pass, and step as the same numbers."""
+    params = {"w": jnp.ones((4, 3))}
+    grads = {"w": jnp.linspace(-1.0, 1.0, 12).reshape(4, 3)}
+    state = make(learning_rate=1e-2, weight_decay=0.1).init(params)
+
+    @jax.jit
+    def step(lr, precond_lr, wd):
+        tx = make(learning_rate=lr, preconditioner_lr=precond_lr, weight_decay=wd)
+        return tx.update(grads, state, params)[0]
+
+    want, _ = make(learning_rate=1e-2, preconditioner_lr=0.5, weight_decay=0.1).update(
+        grads, state, params
+    )
+    got = step(jnp.asarray(1e-2), jnp.asarray(0.5), jnp.asarray(0.1))
+    np.testing.assert_allclose(got["w"], want["w"], rtol=1e-5)
 
 
 def test_half_precision_factors_leave_the_gradient_and_momentum_in_float32():

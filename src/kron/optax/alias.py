@@ -9,7 +9,7 @@ from typing import Any
 import jax
 import optax
 
-from kron.optax.engine import decays_weights, require_option
+from kron.optax.engine import check_chain_options, decays_weights
 from kron.optax.sharding import chain_state_specs, param_specs
 from kron.optax.transform import scale_by_kron
 
@@ -87,7 +87,7 @@ def kron(
     learning_rate = options.pop("learning_rate")
     weight_decay = options.pop("weight_decay")
     weight_decay_mask = options.pop("weight_decay_mask")
-    require_option("weight_decay", weight_decay, lambda v: v >= 0, ">= 0")
+    check_chain_options(learning_rate, weight_decay)
     parts = [scale_by_kron(**options)]
     if decays_weights(weight_decay):
         parts.append(optax.add_decayed_weights(weight_decay, weight_decay_mask))

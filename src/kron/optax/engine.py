@@ -179,10 +179,12 @@ class EngineConfig:
                 f"Unknown preconditioner_type {self.preconditioner_type!r}; accepted: "
                 f"{', '.join(repr(t) for t in PRECONDITIONER_TYPES)}."
             )
-        if self.init_scale is not None and not 0 < self.init_scale < math.inf:
-            raise ValueError(
-                f"preconditioner_init_scale must be finite and > 0, or None; got "
-                f"{self.init_scale!r}."
+        if self.init_scale is not None:
+            require_option(
+                "preconditioner_init_scale",
+                self.init_scale,
+                lambda v: 0 < v < math.inf,
+                "finite and > 0, or None",
             )
         if (
             isinstance(self.lax_map_batch_size, bool)
@@ -196,25 +198,25 @@ class EngineConfig:
         object.__setattr__(self, "lax_map_batch_size", max(1, int(self.lax_map_batch_size)))
         check_axis_options(self.block_axis_name, self.block_axis_size)
         object.__setattr__(self, "block_axis_size", int(self.block_axis_size))  # NumPy ints too
-        if not 0.0 <= self.balance_probability <= 1.0:
-            raise ValueError(
-                f"balance_probability must be in [0, 1]; got {self.balance_probability!r}."
-            )
+        require_option(
+            "balance_probability", self.balance_probability, lambda v: 0 <= v <= 1, "in [0, 1]"
+        )
         require_option(
             "preconditioner_update_probability",
             self.update_probability,
             lambda v: v >= 0,
             ">= 0 (>= 1: every step) or a schedule",
+            schedule=True,
         )
         require_option(
             "preconditioner_lr",
             self.precond_lr,
             lambda v: 0 < v < math.inf,
             "finite and > 0, or a schedule",
+            schedule=True,
         )
-        for name, dtype in (("precond_dtype", self.q_dtype), ("mu_dtype", self.mu_dtype)):
-            if dtype is not None:
-                float_dtype(name, dtype)
+        object.__setattr__(self, "q_dtype", float_dtype("precond_dtype", self.q_dtype))
+        object.__setattr__(self, "mu_dtype", float_dtype("mu_dtype", self.mu_dtype, optional=True))
 
     @property
     def newton(self) -> bool:
@@ -231,15 +233,72 @@ class EngineConfig:
         return self.block_axis_size if self.stacked_state else 1
 
 
-def require_option(name: str, value: Any, ok: Callable[[Any], bool], accepted: str) -> None:
-    """``ValueError`` naming option ``name`` unless ``ok(value)``. Python numbers are checked;
-    a schedule, or an array (a value traced by ``optax.inject_hyperparams``), passes; anything
-    else (a string, say) is refused."""
+def require_option(
+    name: str, value: Any, ok: Callable[[Any], bool], accepted: str, schedule: bool = False
+) -> None:
+    """``ValueError`` naming option ``name`` unless ``value`` is a number with ``ok(value)``, or,
+    with ``schedule``, a callable. A number is a Python or NumPy real (not a bool, which would
+    count as 1) or a 0-d real array (``optax.inject_hyperparams`` hands options over as such
+    arrays; a traced one, inside ``jit``, cannot be compared, so only its kind is checked).
+    Anything else (a string, None, an array of several values) is refused here rather than in a
+    comparison deep inside the core."""
+    if schedule and callable(value):
+        return
+    number = _option_number(value)
+    if number is None:
+        got = (
+            f"a {value.dtype} array of shape {tuple(value.shape)}"
+            if isinstance(value, (jax.Array, np.ndarray)) and np.ndim(value) > 0
+            else repr(value)
+        )
+        raise ValueError(f"{name} must be {_as_number(accepted)}; got {got}.")
+    if number is not _TRACED and not ok(number):
+        raise ValueError(f"{name} must be {accepted}; got {value!r}.")
+
+
+# A traced number: of the right kind, but its value is not known until the step runs.
+_TRACED = object()
+
+
+def _option_number(value: Any) -> Any:
+    """``value`` as a Python number, :data:`_TRACED` for a traced (or not addressable) 0-d real
+    array, or None if it is no number."""
+    if isinstance(value, (bool, np.bool_)):
+        return None
     if isinstance(value, numbers.Real):
-        if not ok(value):
-            raise ValueError(f"{name} must be {accepted}; got {value!r}.")
-    elif not (callable(value) or hasattr(value, "dtype")):
-        raise ValueError(f"{name} must be a number {accepted}; got {value!r}.")
+        return value
+    if not isinstance(value, (jax.Array, np.ndarray)):
+        return None
+    real = jnp.issubdtype(value.dtype, jnp.integer) or jnp.issubdtype(value.dtype, jnp.floating)
+    if np.ndim(value) != 0 or not real:
+        return None
+    if isinstance(value, jax.core.Tracer) or not getattr(value, "is_fully_addressable", True):
+        return _TRACED
+    return value.item()
+
+
+def _as_number(accepted: str) -> str:
+    """A range as a kind: ``"in [0, 1)"`` -> ``"a number in [0, 1)"``, ``"finite and > 0"`` ->
+    ``"a finite number > 0"``; ``"a whole number >= 0"`` names its kind already."""
+    if accepted.startswith("a "):
+        return accepted
+    finite = "finite and "
+    if accepted.startswith(finite):
+        return f"a finite number {accepted[len(finite) :]}"
+    return f"a number {accepted}"
+
+
+def check_chain_options(learning_rate: Any, weight_decay: Any) -> None:
+    """``ValueError`` naming ``learning_rate`` or ``weight_decay`` unless each is a finite number
+    >= 0 or a schedule (or a 0-d array: ``optax.inject_hyperparams`` hands them over as arrays,
+    traced inside ``jit``). optax's chain takes anything: nan or inf stepped the params to NaN,
+    and a string failed inside the first update."""
+    for name, value in (("learning_rate", learning_rate), ("weight_decay", weight_decay)):
+        require_option(name, value, _finite_nonnegative, "finite and >= 0, or a schedule", True)
+
+
+def _finite_nonnegative(value: float) -> bool:
+    return 0 <= value < math.inf
 
 
 def decays_weights(weight_decay: Any) -> bool:
@@ -249,14 +308,33 @@ def decays_weights(weight_decay: Any) -> bool:
     return not isinstance(weight_decay, numbers.Real) or weight_decay > 0
 
 
-def float_dtype(name: str, value: Any) -> Any:
-    """``value`` as a JAX floating-point dtype, or ``ValueError`` naming option ``name``."""
-    try:
-        dtype = jnp.dtype(value)
-    except TypeError:
-        dtype = None
-    if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
-        raise ValueError(f"{name} must be a floating-point dtype or None; got {value!r}.")
+# The dtypes Q, the momentum and the arithmetic may take. An 8-bit float has no implicit
+# promotion to float32 in JAX (precond_dtype's raised a raw TypePromotionError in init);
+# float16's narrow range is handled (a gradient past it counts as non-finite).
+FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
+def float_dtype(
+    name: str, value: Any, accepted: tuple[str, ...] = FLOAT_DTYPES, optional: bool = False
+) -> Any:
+    """``value`` (a dtype or its name) as one of the ``accepted`` dtypes, None for None when
+    ``optional`` (the option's default), or ``ValueError`` naming option ``name``. None is not
+    taken as a dtype otherwise (NumPy reads it as float64), nor is a bool."""
+    if value is None and optional:
+        return None
+    dtype = None
+    if value is not None and not isinstance(value, (bool, np.bool_)):
+        try:
+            dtype = jnp.dtype(value)
+        except TypeError:
+            dtype = None
+    if dtype is None or dtype.name not in accepted:
+        listing = f"{', '.join(accepted[:-1])} or {accepted[-1]}"
+        got = repr(value) if dtype is None else dtype.name
+        raise ValueError(
+            f"{name} must be a floating-point dtype: {listing}{', or None' if optional else ''}; "
+            f"got {got}."
+        )
     return dtype
 
 
@@ -311,6 +389,7 @@ def build(config: EngineConfig) -> optax.GradientTransformationExtraArgs:
     axis = config.block_axis_name
     if not options.fit_before_apply:
         raise ValueError("kron.optax fits P before applying it; fit_before_apply must be True.")
+    templates: dict[Plan, Any] = {}  # _unit_template's, per plan
 
     def init_fn(params: Any) -> KronState:
         check_mesh(axis, config.block_axis_size)
@@ -360,14 +439,17 @@ def build(config: EngineConfig) -> optax.GradientTransformationExtraArgs:
         grads = [jnp.asarray(g) for g in grads]  # a Python number is a 0-d leaf, as in init
         if not grads:  # nothing to precondition (optax.masked or multi_transform left none)
             return updates, state
+        # The checks run while tracing, so a jitted step pays nothing for them.
+        if not stacked:
+            _check_per_leaf(state, treedef)
+        _check_gradients(state, updates, treedef, grads)
         layouts = leaf_layouts(
             grads, scanned_flags(config.scanned_layers, updates), config.step.layout
         )
         stacks = stacks_of(layouts, config.row_multiple)
         if stacked:
             _check_stacked(state, stacks)
-        else:
-            _check_per_leaf(state, treedef)
+        _check_units(state, updates, treedef, layouts, stacks)
         count = state.count
 
         # The gradient and the momentum's average are handled in at least float32 (lip_dtype):
@@ -538,7 +620,8 @@ def build(config: EngineConfig) -> optax.GradientTransformationExtraArgs:
         ``pipeline_axis_name`` holds factor stacks instead, and JAX's own mismatch error would
         print every array of it."""
         try:
-            treedef.flatten_up_to(state.factors)
+            for tree in (state.factors, state.lipschitz, state.cache):
+                treedef.flatten_up_to(tree)
         except (ValueError, TypeError):
             raise ValueError(
                 f"the state's factors do not have these params' structure ({treedef.num_leaves} "
@@ -546,6 +629,32 @@ def build(config: EngineConfig) -> optax.GradientTransformationExtraArgs:
                 "(it then holds factor stacks, and needs a transformation with the same "
                 "pipeline_axis_name and pipeline_axis_size)."
             ) from None
+
+    def _check_gradients(state: KronState, updates: Any, treedef: Any, grads: list) -> None:
+        """Each gradient must have its param's shape, which the momentum was given at init: a
+        gradient of another shape would otherwise meet the factors in a raw ``dot_general``
+        error, naming no leaf. The momentum's dtype must be ``mu_dtype`` when that is set."""
+        try:
+            momenta = treedef.flatten_up_to(state.mu)
+        except (ValueError, TypeError):
+            raise ValueError(
+                f"the state's momentum does not have these gradients' structure "
+                f"({treedef.num_leaves} leaves): the state was built for other params."
+            ) from None
+        for index, (g, m) in enumerate(zip(grads, momenta)):
+            if jnp.shape(g) != jnp.shape(m):
+                raise ValueError(
+                    f"the gradient at {_leaf_name(updates, index)} has shape {jnp.shape(g)}, but "
+                    f"the state's momentum there has shape {jnp.shape(m)}: each gradient must "
+                    "have the shape of its param, as given to init."
+                )
+            if config.mu_dtype is not None and jnp.result_type(m) != config.mu_dtype:
+                raise ValueError(
+                    f"the state's momentum at {_leaf_name(updates, index)} is "
+                    f"{jnp.result_type(m)}, but this transformation keeps it in "
+                    f"{jnp.dtype(config.mu_dtype).name}: the state was built with another "
+                    "mu_dtype (dtype, in quad and skew)."
+                )
 
     def _check_stacked(state: KronState, stacks: list[Stack]) -> None:
         """A stacked state must hold these stacks with these row counts: one made for another
@@ -563,6 +672,50 @@ def build(config: EngineConfig) -> optax.GradientTransformationExtraArgs:
                 f"pipeline_axis_size={config.block_axis_size} need {expected}: the state was "
                 "built for other params or another pipeline_axis_size."
             )
+
+    def _check_units(state: KronState, updates: Any, treedef: Any, layouts, stacks) -> None:
+        """Each unit's factors, Lipschitz estimates and caches must have the shapes and dtypes
+        that init makes for these params. A state built with other options (another layout,
+        geometry, dtype or caching) otherwise either ran on with the wrong factors (with
+        ``max_skew_triangular=0``, diagonal factors where this transformation fits dense ones)
+        or failed inside ``lax.cond`` naming neither the leaf nor the cause."""
+        parts = (
+            ("factors", state.factors),
+            ("Lipschitz estimates", state.lipschitz),
+            ("cached preconditioners", state.cache),
+        )
+        if stacked:
+            units = [(stack.plan, stack.rows) for stack in stacks]
+            held = [list(tree) for _, tree in parts]
+        else:
+            units = [(lay.plan, lay.blocks) for lay in layouts]
+            held = [treedef.flatten_up_to(tree) for _, tree in parts]
+        for index, ((plan, rows), *found) in enumerate(zip(units, *held)):
+            for (what, _), have, want in zip(parts, found, _unit_template(plan)):
+                have = [(tuple(jnp.shape(x)), jnp.result_type(x)) for x in jax.tree.leaves(have)]
+                want = [((rows, *x.shape[1:]), x.dtype) for x in want]
+                if have != want:
+                    members = stacks[index].members if stacked else [index]
+                    where = ", ".join(_leaf_name(updates, i) for i in members)
+                    where = f"the stack of {where}" if stacked else where
+                    raise ValueError(
+                        f"the state's {what} at {where} are {_shapes(have)}, but this "
+                        f"transformation makes {_shapes(want)} for these params: the state was "
+                        "built with other options (layout, preconditioner mode, dtype or "
+                        "caching) or for other params."
+                    )
+
+    def _unit_template(plan: Plan) -> Any:
+        """Shapes and dtypes of one row's factors, Lipschitz estimates and caches as init makes
+        them, traced once per plan (nothing is computed)."""
+        if plan not in templates:
+
+            def one_row() -> Any:
+                factors = _initial_factors(plan, 1.0, 1)
+                return factors, _initial_lipschitz(plan, 1), _cached(factors)
+
+            templates[plan] = jax.eval_shape(one_row)
+        return templates[plan]
 
     def _like_params(tensors: list[Any], specs: list[Any], grads: list[Any]) -> list:
         """Each leaf's ``(S, *layer_shape)`` tensor pinned to its param's sharding before it is
@@ -901,6 +1054,17 @@ def build(config: EngineConfig) -> optax.GradientTransformationExtraArgs:
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+def _leaf_name(tree: Any, index: int) -> str:
+    """The path of ``tree``'s leaf number ``index``, as an error message names it."""
+    path = jax.tree_util.tree_flatten_with_path(tree)[0][index][0]
+    return jax.tree_util.keystr(path) or "the root"
+
+
+def _shapes(parts: list[tuple[tuple[int, ...], Any]]) -> str:
+    """``[(shape, dtype), ...]`` as ``"(1, 3, 3) float32, (1, 4) float32"``; ``"none"``."""
+    return ", ".join(f"{shape} {jnp.dtype(dtype).name}" for shape, dtype in parts) or "none"
+
+
 def _expand(flags: Any, like: Any) -> Any:
     """``(S,)`` flags reshaped to broadcast against ``(S, ...)``."""
     return jnp.reshape(flags, (-1,) + (1,) * (like.ndim - 1))
@@ -921,4 +1085,11 @@ def _rescale(units: list[Any], scale: Any, state_is_p: bool) -> list:
     return [tuple(f * (scale ** (1.0 / len(unit))).astype(f.dtype) for f in unit) for unit in units]
 
 
-__all__ = ["PRECONDITIONER_TYPES", "EngineConfig", "build", "require_option"]
+__all__ = [
+    "FLOAT_DTYPES",
+    "PRECONDITIONER_TYPES",
+    "EngineConfig",
+    "build",
+    "check_chain_options",
+    "require_option",
+]

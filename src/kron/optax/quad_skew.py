@@ -25,6 +25,7 @@ from kron.optax.engine import (
     INJECTED_HINT,
     EngineConfig,
     build,
+    check_chain_options,
     decays_weights,
     float_dtype,
     require_option,
@@ -32,6 +33,9 @@ from kron.optax.engine import (
 from kron.optax.sharding import chain_state_specs, param_specs
 
 LR_STYLES = ("adam", None)
+# The dtypes of Q, the momentum and the arithmetic (docs/optax.md); not float16, which
+# scale_by_kron's precond_dtype takes.
+WHITE_KRON_DTYPES = ("bfloat16", "float32", "float64")
 # ÷5 brings the RMS-1.1-capped update to Adam's typical update RMS (about 0.2).
 ADAM_STYLE_SCALE = 0.2
 PRECOND_LR_FLOOR = 0.4
@@ -91,7 +95,8 @@ def _scale_by_white_kron(
     if isinstance(block_size, jax.Array):
         raise ValueError(f"block_size must be an int; got {block_size!r}.{INJECTED_HINT}")
     require_option("block_size", block_size, lambda v: v >= 1, ">= 1")
-    require_option("noise_scale", noise_scale, lambda v: v >= 0, ">= 0")
+    # Checked here for finiteness too: the core would name inf as its own "damping".
+    require_option("noise_scale", noise_scale, lambda v: 0 <= v < math.inf, "finite and >= 0")
     require_option(
         "preconditioner_lr", preconditioner_lr, lambda v: 0 < v < math.inf, "finite and > 0"
     )
@@ -102,9 +107,7 @@ def _scale_by_white_kron(
         flags=dict(normalize_grads=normalize_grads),
         optional_flags={},
     )
-    dtype = float_dtype("dtype", dtype)
-    if dtype not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32), jnp.dtype(jnp.float64)):
-        raise ValueError(f"dtype must be bfloat16, float32 or float64; got {dtype.name}.")
+    dtype = float_dtype("dtype", dtype, WHITE_KRON_DTYPES)
     step = StepOptions(
         layout=white_kron_layout(max_size_dense, block_size),
         fit=FitOptions(
@@ -206,7 +209,7 @@ def _full_optimizer(
     learning_rate = options.pop("learning_rate")
     weight_decay = options.pop("weight_decay")
     weight_decay_mask = options.pop("weight_decay_mask")
-    require_option("weight_decay", weight_decay, lambda v: v >= 0, ">= 0")
+    check_chain_options(learning_rate, weight_decay)
     parts = [scale_by(**options)]
     if decays_weights(weight_decay):
         parts.append(optax.add_decayed_weights(weight_decay, weight_decay_mask))

@@ -6,6 +6,7 @@ randomness and decides when to fit. This module only maps psgdax's options onto 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -129,13 +130,22 @@ def scale_by_kron(
         ("precond_grads_precision", precond_grads_precision),
     ):
         _check_precision(name, precision)
+    # The core's records check these too, under their own names and with comparisons that a
+    # string, None, a bool or an array of several values fails or passes by accident; these
+    # name psgdax's options first.
+    require_option("b1", b1, lambda v: 0 <= v < 1, "in [0, 1)")
     if not whiten_grad and b1 <= 0:
         raise ValueError(f"whiten_grad=False whitens the momentum and needs b1 > 0; got {b1!r}.")
-    # The core's records check these too, under their own names; these name psgdax's.
-    require_option("b1", b1, lambda v: 0 <= v < 1, "in [0, 1)")
     require_option("max_size_triangular", max_size_triangular, lambda v: v >= 0, ">= 0")
     require_option("max_skew_triangular", max_skew_triangular, lambda v: v >= 0, ">= 0")
-    require_option("min_ndim_triangular", min_ndim_triangular, lambda v: v >= 0, ">= 0")
+    require_option(
+        "min_ndim_triangular",
+        min_ndim_triangular,
+        lambda v: v >= 0 and float(v).is_integer(),
+        "a whole number >= 0",
+    )
+    require_option("beta_lipschitz", beta_lipschitz, lambda v: 0 <= v < 1, "in [0, 1)")
+    require_option("damping", damping, lambda v: 0 <= v < math.inf, "finite and >= 0")
     if grad_clip_max_amp is not None:
         require_option("grad_clip_max_amp", grad_clip_max_amp, lambda v: v > 0, "> 0 or None")
     preconditioner_mode = canonical_geometry(preconditioner_mode)
@@ -166,7 +176,10 @@ def scale_by_kron(
         preconditioner_update_probability,
         lambda v: v >= 0,
         ">= 0 (>= 1: every step), a schedule or None",
+        schedule=True,
     )
+    # None is psgdax's float32; False (or another non-dtype) is refused, not read as None.
+    q_dtype = float_dtype("precond_dtype", precond_dtype, optional=True)
     if cached is None:
         cached = (
             callable(preconditioner_update_probability) or preconditioner_update_probability < 0.5
@@ -177,7 +190,7 @@ def scale_by_kron(
         update_probability=preconditioner_update_probability,
         decision_rule=decision_rule,
         balance_probability=balance_probability,
-        q_dtype=float_dtype("precond_dtype", precond_dtype or jnp.float32),
+        q_dtype=jnp.float32 if q_dtype is None else q_dtype,
         mu_dtype=mu_dtype,
         init_scale=preconditioner_init_scale,
         fit_precision=precond_update_precision,
