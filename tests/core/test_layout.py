@@ -370,3 +370,16 @@ def test_empty_tensor_is_rejected():
 def test_a_shape_of_other_than_whole_numbers_is_refused(shape):
     with pytest.raises(ValueError, match="A shape holds whole numbers"):
         make_plan(shape)
+
+
+@pytest.mark.parametrize("shape", [(600,), (1, 600), (1, 1, 600), (600, 1), (1,), ()])
+def test_whole_vectors_take_one_diagonal_factor_over_the_whole_axis(shape):
+    """eformer's 1-D path: a parameter whose size is its longest axis gets one diagonal factor,
+    untiled, however its size-1 axes sit (dense and in 256-blocks otherwise)."""
+    options = LayoutOptions(max_skew=math.inf, block_size=256, whole_vectors=True)
+    plan = make_plan(shape, options)
+    assert (plan.grid, plan.dense) == ((1,), (False,))
+    assert plan.block_shape == (max(1, math.prod(shape)),)
+    without = make_plan(shape, LayoutOptions(max_skew=math.inf, block_size=256))
+    if math.prod(shape) > 1:
+        assert (without.grid, without.dense) == ((3,), (True,))

@@ -197,8 +197,9 @@ def test_bad_values_are_refused_by_name(make, message):
     [
         (
             dict(block_size=2),
-            r"^the state's factors at \['b'\] are \(2, 2\) bfloat16, but this transformation "
-            r"makes \(1, 4\) bfloat16 for these params: the state was built with other options",
+            r"^the state's factors at \['w'\] are \(4, 2, 2\) bfloat16, \(4, 2, 2\) bfloat16, but "
+            r"this transformation makes \(1, 3, 3\) bfloat16, \(1, 4, 4\) bfloat16 for these "
+            r"params: the state was built with other options",
         ),
         (
             dict(dtype=jnp.float32),
@@ -299,3 +300,21 @@ def test_a_vocabulary_sized_embedding_keeps_its_long_axis_whole_and_diagonal():
     factors = jax.tree.leaves(jax.eval_shape(quad().init, params)[0].factors)
     assert sorted(f.shape for f in factors) == [(16, 256, 256), (16, 50257)]
     assert sum(f.size * f.dtype.itemsize for f in factors) < 4 * 2**20
+
+
+def test_one_axis_leaves_take_eformers_one_d_path():
+    """A (300,) bias and its (1, 300) and (1, 1, 300) spellings are one leaf to eformer (its
+    size is its longest axis): one diagonal factor over all 300 entries, not tiled into 256-blocks
+    nor dense, and the same updates from the same gradients."""
+    shapes = {"vector": (300,), "row": (1, 300), "token": (1, 1, 300)}
+    params = {name: jnp.zeros(shape) for name, shape in shapes.items()}
+    tx = quad(learning_rate=1e-2, dtype=jnp.float32, noise_scale=0.0)
+    state = tx.init(params)
+    assert [f.shape for f in jax.tree.leaves(state[0].factors)] == [(1, 300)] * 3
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        g = rng.standard_normal(300).astype(np.float32)
+        grads = {name: jnp.asarray(g).reshape(shape) for name, shape in shapes.items()}
+        updates, state = tx.update(grads, state, params)
+        for name in ("row", "token"):
+            np.testing.assert_array_equal(updates[name].reshape(300), updates["vector"])

@@ -23,8 +23,8 @@ PARAMS = {
     "grid": jnp.zeros((12, 10)),  # a 2 × 2 grid of dense blocks: (8 + 4) × (8 + 2)
     "conv": jnp.zeros((3, 2, 2, 2)),  # merged to 2-D, both sides dense
     "scan": jnp.zeros((2, 6, 5)),  # two scanned layers, both sides dense
-    "bias": jnp.zeros(11),  # blocks of 8 + 3
-    "row": jnp.zeros((1, 6)),  # a size-1 axis: the 1-D path, with a dense factor
+    "bias": jnp.zeros(11),  # the 1-D path: one diagonal factor, longer than a block, not tiled
+    "row": jnp.zeros((1, 6)),  # a size-1 axis: the 1-D path too (eformer: size == longest axis)
 }
 SCANNED = {name: name == "scan" for name in PARAMS}
 OPTIONS = dict(block_size=BLOCK, max_size_dense=16, scanned_layers=SCANNED, dtype=jnp.float32)
@@ -89,10 +89,11 @@ def test_leaf_records_follow_the_layout(state):
     assert (wide.diag_left, wide.diag_right, wide.nr, wide.nc, wide.stack) == (False, True, 1, 1, 1)
     assert (scan.scanned, scan.B, scan.shape, scan.stack) == (1, 2, (6, 5), 2)
     assert leaves["conv"].merged in {(4, 6), (6, 4)}
-    assert (bias.merged, bias.nr, bias.stack, bias.diag_left) == ((11,), 2, 2, True)
-    assert (row.merged, row.nc, row.diag_left, row.diag_right) == ((6,), None, False, None)
+    assert (bias.merged, bias.nr, bias.stack, bias.diag_left) == ((11,), 1, 1, True)
+    assert bias.Ql.shape == (1, 11) and bias.Ll.shape == (1,)
+    assert (row.merged, row.nc, row.diag_left, row.diag_right) == ((6,), None, True, None)
     assert row.Qr is None
-    assert row.Ql.shape == (1, 6, 6)
+    assert row.Ql.shape == (1, 6)
     for name in ("tall", "wide", "bias", "row"):  # the dense path keeps its counts in DenseState
         rows, cols = _real_rows_and_cols(name)
         np.testing.assert_array_equal(leaves[name].valid_rows, rows)

@@ -39,6 +39,7 @@ class LayoutOptions:
     tiling, is diagonal iff any of these holds:
 
     * ``n == 1``; ``n_axis > max_size``; ``n * n > max_skew * N``; ``ndim < min_ndim_dense``;
+    * ``whole_vectors`` is set and the parameter has one axis after squeezing;
     * ``memory_save_mode`` marks it: ``"one_diag"`` the largest axis (the last one on ties),
       ``"smart_one_diag"`` the largest axis if it is strictly larger than the second largest,
       ``"one_triu"`` every axis but the smallest, ``"all_diag"`` every axis.
@@ -64,6 +65,9 @@ class LayoutOptions:
         the limit here.
       block_size: cut axes longer than this (and no longer than ``max_size``) into blocks with
         their own factors. Default ``None`` (never split).
+      whole_vectors: a parameter with one axis after squeezing (a vector, ``(1, n)``, a scalar)
+        gets one diagonal factor over the whole axis, never cut into blocks: eformer's 1-D
+        path. Default False.
     """
 
     max_size: float = math.inf
@@ -73,6 +77,7 @@ class LayoutOptions:
     merge_dims: bool | str = False
     block_size: int | None = None
     merge_size: float | None = None
+    whole_vectors: bool = False
 
     def __post_init__(self) -> None:
         merge = self.merge_dims
@@ -82,6 +87,8 @@ class LayoutOptions:
                 f"Unknown merge_dims {self.merge_dims!r}; accepted: "
                 f"{', '.join(repr(m) for m in MERGE_RULES)}."
             )
+        if not isinstance(self.whole_vectors, bool):
+            raise ValueError(f"whole_vectors must be True or False; got {self.whole_vectors!r}.")
         if not self.max_size >= 0:  # 0: every axis diagonal, as in the peers
             raise ValueError(f"max_size must be >= 0; got {self.max_size!r}.")
         if self.merge_size is not None and not self.merge_size >= 0:
@@ -251,7 +258,7 @@ def make_plan(shape: tuple[int, ...], options: LayoutOptions = LayoutOptions()) 
     # max_size speaks of the parameter's own axes: a longer one is diagonal however it would be
     # tiled, and is left whole, since cutting a diagonal saves nothing and would multiply the
     # other axes' dense blocks (a 50257×4096 embedding in 256-blocks: 3152 pairs of 256² factors).
-    long = tuple(n > options.max_size for n in work)
+    long = tuple(n > options.max_size or (options.whole_vectors and len(work) == 1) for n in work)
     bs = options.block_size
     grid = tuple(1 if bs is None or n <= bs or lg else -(-n // bs) for n, lg in zip(work, long))
     block = tuple(n if g == 1 else bs for n, g in zip(work, grid))

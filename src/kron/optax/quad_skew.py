@@ -60,14 +60,15 @@ def annealed_precond_lr(initial: float) -> Callable[[jax.Array], jax.Array]:
 
 def white_kron_layout(max_size_dense: int, block_size: int) -> LayoutOptions:
     """eformer's layout: leaves merged to their squarest 2-D view and tiled into
-    ``block_size`` blocks; an axis longer than ``max_size_dense``, or any axis of a leaf with
-    fewer than 2 axes, gets a diagonal factor."""
+    ``block_size`` blocks; an axis longer than ``max_size_dense`` gets a diagonal factor, and a
+    leaf with one axis after dropping size-1 axes (eformer's 1-D path: its size equals its
+    longest axis) one diagonal factor over the whole axis, not tiled."""
     return LayoutOptions(
         max_size=max_size_dense,
         max_skew=math.inf,
-        min_ndim_dense=2,
         merge_dims=True,
         block_size=block_size,
+        whole_vectors=True,
     )
 
 
