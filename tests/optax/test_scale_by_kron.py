@@ -299,7 +299,7 @@ def test_the_probability_schedule_gets_psgdaxs_step_number():
 @pytest.mark.parametrize(
     ("make", "message"),
     [
-        (lambda: scale_by_kron(b1=1.5), r"b1 must be in \[0, 1\); got 1.5"),
+        (lambda: scale_by_kron(b1=1.5), r"b1 must be in \[0, 1\]; got 1.5"),
         (lambda: scale_by_kron(max_size_triangular=-1), "max_size_triangular must be >= 0"),
         (lambda: scale_by_kron(grad_clip_max_amp=0.0), "grad_clip_max_amp must be > 0"),
         (lambda: scale_by_kron(preconditioner_lr=-1.0), "preconditioner_lr must be finite and"),
@@ -578,3 +578,16 @@ def test_values_the_seeds_accept_are_accepted():
 
     assert shapes(quad, np.int64(4), max_size_dense=0) == shapes(quad, 4, max_size_dense=0)
     assert shapes(kron, np.int64(4)) == shapes(kron, 4)
+
+
+def test_b1_of_one_averages_every_gradient():
+    """psgdax's momentum weight is min(t/(t+1), b1), so b1 = 1 keeps a running mean of all the
+    gradients (psgdax takes it; the bias-corrected EMA of quad and skew could not)."""
+    tx = scale_by_kron(b1=1.0, preconditioner_update_probability=0.0)
+    params = {"w": jnp.zeros((3, 4))}
+    state = tx.init(params)
+    rng = np.random.default_rng(0)
+    grads = [rng.standard_normal((3, 4)).astype(np.float32) for _ in range(5)]
+    for g in grads:
+        _, state = tx.update({"w": jnp.asarray(g)}, state, params)
+    np.testing.assert_allclose(state.mu["w"], np.mean(grads, axis=0), rtol=1e-5, atol=1e-6)

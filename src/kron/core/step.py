@@ -73,13 +73,17 @@ class StepOptions:
     soft_clip: bool = False
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.beta < 1.0:
-            raise ValueError(f"momentum beta must be in [0, 1); got {self.beta!r}.")
         if self.momentum_rule not in MOMENTUM_RULES:
             raise ValueError(
                 f"Unknown momentum_rule {self.momentum_rule!r}; accepted: "
                 f"{', '.join(MOMENTUM_RULES)}."
             )
+        # The running mean's weight is min(t/(t+1), beta): beta = 1 averages every gradient (as
+        # psgdax allows); the EMA's bias correction 1/(1 - beta^t) would divide by zero.
+        if self.momentum_rule == "running_mean" and not 0.0 <= self.beta <= 1.0:
+            raise ValueError(f"momentum beta must be in [0, 1]; got {self.beta!r}.")
+        if self.momentum_rule != "running_mean" and not 0.0 <= self.beta < 1.0:
+            raise ValueError(f"momentum beta must be in [0, 1); got {self.beta!r}.")
         for name in ("clip_rms", "clip_max"):
             value = getattr(self, name)
             if value is not None and not value > 0:

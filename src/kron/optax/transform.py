@@ -133,7 +133,8 @@ def scale_by_kron(
     # The core's records check these too, under their own names and with comparisons that a
     # string, None, a bool or an array of several values fails or passes by accident; these
     # name psgdax's options first.
-    require_option("b1", b1, lambda v: 0 <= v < 1, "in [0, 1)")
+    # psgdax's running mean, min(t/(t+1), b1): b1 = 1 averages every gradient.
+    require_option("b1", b1, lambda v: 0 <= v <= 1, "in [0, 1]")
     if not whiten_grad and b1 <= 0:
         raise ValueError(f"whiten_grad=False whitens the momentum and needs b1 > 0; got {b1!r}.")
     require_option("max_size_triangular", max_size_triangular, lambda v: v >= 0, ">= 0")
