@@ -129,33 +129,44 @@ def test_whitening_converges_to_inverse_root(numpy_backend, geometry, case):
 SCALE = 3.7
 
 
-@pytest.mark.parametrize("newton", [False, True], ids=["whitening", "newton"])
-@pytest.mark.parametrize("geometry", ALL_GEOMETRIES)
-def test_scale_equivariance(backend, geometry, newton):
-    rng = np.random.default_rng(4)
-    plan = make_plan((4, 6))  # one dense and one diagonal factor
-    options = FitOptions(geometry=geometry, damping=0.0)
-    steps = 30
+def _hessian_pairs(seed: int, plan, steps: int):
+    """Probes ``v``, their products ``H·v`` with a random Kronecker-factored ``H``, and noise."""
+    rng = np.random.default_rng(seed)
     h_factors, _ = kron_hessian(rng, plan)
     probes = [rng.standard_normal((1, *plan.block_shape)) for _ in range(steps)]
     xs = [apply_hessian(h_factors, v) for v in probes]
     noises = [rng.standard_normal(x.shape) for x in xs]
-    lrs = [0.3] * steps
+    return probes, xs, noises
+
+
+def _p_history(backend, plan, options, init_scale, xs, noises, probes):
+    """P after each of ``len(xs)`` fits at lr 0.3 from ``Q = init_scale·I``."""
     like = np.zeros(1)
-    runs = []
-    for s in (1.0, SCALE):
-        factors = init_factors(plan, s**-0.5, like, NP, options.state_is_p)
-        history, _ = fit_trajectory(
-            backend,
-            factors,
-            init_lipschitz(plan, like, NP),
-            [s * x for x in xs],
-            noises,
-            options=options,
-            lrs=lrs,
-            probes=probes if newton else None,
+    history, _ = fit_trajectory(
+        backend,
+        init_factors(plan, init_scale, like, NP, options.state_is_p),
+        init_lipschitz(plan, like, NP),
+        xs,
+        noises,
+        options=options,
+        lrs=[0.3] * len(xs),
+        probes=probes,
+    )
+    return [batched_p(f, options.state_is_p) for f in history]
+
+
+@pytest.mark.parametrize("newton", [False, True], ids=["whitening", "newton"])
+@pytest.mark.parametrize("geometry", ALL_GEOMETRIES)
+def test_scale_equivariance(backend, geometry, newton):
+    plan = make_plan((4, 6))  # one dense and one diagonal factor
+    options = FitOptions(geometry=geometry, damping=0.0)
+    probes, xs, noises = _hessian_pairs(4, plan, steps=30)
+    runs = [
+        _p_history(
+            backend, plan, options, s**-0.5, [s * x for x in xs], noises, probes if newton else None
         )
-        runs.append([batched_p(f, options.state_is_p) for f in history])
+        for s in (1.0, SCALE)
+    ]
     for p, p_scaled in zip(*runs):
         # measured ≤ 2.5e-13 relative on both backends
         np.testing.assert_allclose(p_scaled * SCALE, p, rtol=1e-11, atol=1e-12 * np.abs(p).max())
@@ -166,28 +177,13 @@ def test_scale_equivariance(backend, geometry, newton):
 def test_newton_pairs_scaled_together_leave_p_unchanged(backend, geometry):
     """§7.4's second half: (v, h) -> (a·v, a·h) scales T1 and T2 by a², and the step, divided by
     the Lipschitz estimate (which scales by a² too, from L₀ = 0), undoes it."""
-    rng = np.random.default_rng(5)
     plan = make_plan((4, 6))
     options = FitOptions(geometry=geometry, damping=0.0)
-    steps = 20
-    h_factors, _ = kron_hessian(rng, plan)
-    probes = [rng.standard_normal((1, *plan.block_shape)) for _ in range(steps)]
-    xs = [apply_hessian(h_factors, v) for v in probes]
-    noises = [rng.standard_normal(x.shape) for x in xs]
-    like = np.zeros(1)
+    probes, xs, noises = _hessian_pairs(5, plan, steps=20)
     runs = []
     for a in (1.0, SCALE):
-        history, _ = fit_trajectory(
-            backend,
-            init_factors(plan, 1.0, like, NP, options.state_is_p),
-            init_lipschitz(plan, like, NP),
-            [a * x for x in xs],
-            noises,
-            options=options,
-            lrs=[0.3] * steps,
-            probes=[a * v for v in probes],
-        )
-        runs.append([batched_p(f, options.state_is_p) for f in history])
+        hvps, scaled_probes = [a * x for x in xs], [a * v for v in probes]
+        runs.append(_p_history(backend, plan, options, 1.0, hvps, noises, scaled_probes))
     for p, p_scaled in zip(*runs):
         np.testing.assert_allclose(p_scaled, p, rtol=1e-11, atol=1e-12 * np.abs(p).max())
     assert np.abs(runs[0][-1] - runs[0][0]).max() > 1e-2 * np.abs(runs[0][0]).max()  # P moved
