@@ -248,6 +248,8 @@ class KronPsgd:
         view, grad = self._check(name, param, grad, shape)
         options = self._step_options()  # the fields may have been changed since the last step
         scale = self.lr_scale(name)
+        if isinstance(scale, np.ndarray) and scale.ndim == 0:
+            scale = scale.item()
         if (
             isinstance(scale, bool)
             or not isinstance(scale, numbers.Real)

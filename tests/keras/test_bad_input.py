@@ -414,6 +414,23 @@ def test_a_probability_callable_giving_a_bad_number_raises(returned, message) ->
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize(("returned", "number"), [(True, 1.0), (False, 0.0), (np.True_, 1.0)])
+def test_a_probability_callable_may_answer_with_a_bool(returned, number) -> None:
+    """``lambda step: True`` (always fit) steps as ``lambda step: 1.0``, as a tensor bool does."""
+    gradient = np.random.default_rng(0).standard_normal((4, 3)).astype("float32")
+    runs = []
+    for answer in (returned, number):
+        variable = keras.Variable(np.ones((4, 3)), dtype="float32")
+        optimizer = Kron(
+            learning_rate=0.1, preconditioner_update_probability=lambda step, a=answer: a
+        )
+        optimizer.build([variable])
+        optimizer.apply([keras.ops.convert_to_tensor(gradient)], [variable])
+        runs.append(_snapshot([variable, *optimizer.variables]))
+    for a, b in zip(*runs):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_a_bad_probability_number_raises_while_tracing() -> None:
     """In a compiled step a returned Python number is known while tracing: it raises there
     (without a step, which is not known yet)."""

@@ -233,3 +233,17 @@ def test_load_weights_with_other_options_raises(tmp_path) -> None:
         warnings.simplefilter("error")  # no "Skipping variable loading" warning instead
         with pytest.raises(ValueError, match="variables were saved and this optimizer has"):
             loaded.load_weights(path)
+
+
+def test_a_model_saved_before_fit_loads(tmp_path) -> None:
+    """A model compiled and saved before training (initial weights) holds an unbuilt optimizer:
+    iterations and the learning rate only. Loading it, or its weights into a trained model,
+    loads as Keras's own optimizers do, with nothing to lose."""
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    model.compile(optimizer=Kron(learning_rate=0.1), loss="mse")
+    model.save(tmp_path / "initial.keras")
+    loaded = keras.models.load_model(tmp_path / "initial.keras")
+    x, y = np.ones((8, 4), "float32"), np.zeros((8, 3), "float32")
+    loaded.fit(x, y, epochs=1, verbose=0)
+    assert int(loaded.optimizer.iterations) == 1
+    loaded.load_weights(tmp_path / "initial.keras")

@@ -710,3 +710,22 @@ def test_options_entry_holds_python_values_for_numpy_scalars():
     options = opt.state_dict()["options"]
     assert options["max_skew"] == 2.0 and type(options["max_skew"]) is float
     assert type(options["min_ndim_dense"]) is int and type(options["block_size"]) is int
+
+
+def test_lr_scale_may_return_a_0d_array(rng):
+    """A 0-d array is a number to NumPy code (``np.float64(0.5) * 2`` and ``np.array(0.5)``
+    alike), so an lr_scale returning one steps as with the Python number."""
+
+    class ArrayScale(KronPsgd):
+        def lr_scale(self, name):
+            return np.array(0.5)
+
+    class FloatScale(KronPsgd):
+        def lr_scale(self, name):
+            return 0.5
+
+    grad = rng.standard_normal((3, 4))
+    a, b = np.ones((3, 4)), np.ones((3, 4))
+    ArrayScale().step("w", a, grad)
+    FloatScale().step("w", b, grad)
+    np.testing.assert_array_equal(a, b)

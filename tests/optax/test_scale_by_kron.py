@@ -591,3 +591,24 @@ def test_b1_of_one_averages_every_gradient():
     for g in grads:
         _, state = tx.update({"w": jnp.asarray(g)}, state, params)
     np.testing.assert_allclose(state.mu["w"], np.mean(grads, axis=0), rtol=1e-5, atol=1e-6)
+
+
+def test_float64_momentum_without_x64_steps_as_jax_stores_it(tmp_path):
+    """Without x64, JAX stores a float64 momentum as float32; the state check must expect what
+    init stored, not refuse every update. In a process of its own: the suite enables x64."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "no_x64.py"
+    script.write_text(
+        "import jax, jax.numpy as jnp\n"
+        "from kron.optax import kron, quad\n"
+        "params = {'w': jnp.ones((3, 4)), 'b': jnp.ones(4)}\n"
+        "for tx in (kron(mu_dtype=jnp.float64), quad(dtype=jnp.float64)):\n"
+        "    state = tx.init(params)\n"
+        "    updates, state = jax.jit(tx.update)(params, state, params)\n"
+        "    assert all(bool(jnp.isfinite(u).all()) for u in jax.tree.leaves(updates))\n"
+        "print('ok')\n"
+    )
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]

@@ -292,6 +292,57 @@ def test_a_seed_saved_outside_64_bits_resumes_as_the_seed_it_drew_with():
     assert opt.seed == 7
 
 
+def test_group_values_earlier_versions_saved_load_in_their_current_form():
+    """merge_dims 0 or 1 (taken, and run as False and True, before bools were required) and a
+    NumPy integer step count (which the draws' seeding cannot take) load as a bool and an int."""
+    import numpy as np
+
+    def edit(saved):
+        saved["param_groups"][0].update(merge_dims=1, step=np.int64(3))
+
+    model = make_model()
+    opt = Kron(model.parameters())
+    opt.load_state_dict(_edited(edit))
+    group = opt.param_groups[0]
+    assert group["merge_dims"] is True and type(group["step"]) is int and group["step"] == 3
+    train(model, opt, 1, start=3)
+    assert group["step"] == 4
+
+
+def test_a_bucket_of_loaded_lines_and_new_squares_steps():
+    """A checkpoint's triangles as lines, loaded into a group whose store_triu_as_line is now
+    off (the saved group edited), next to a same-shape parameter with no state yet (square
+    factors): the bucket stacks both forms, and the loaded parameter steps as where the lines
+    are kept."""
+
+    def run(store_triu_as_line):
+        torch.manual_seed(0)
+        a, b = nn.Parameter(torch.randn(4, 4)), nn.Parameter(torch.randn(4, 4))
+        saver = Kron([a, b], preconditioner_mode="EQ", store_triu_as_line=True)
+        a.grad = torch.randn(4, 4)
+        saver.step()  # b has no gradient: no state
+        saved = saver.state_dict()
+        saved["param_groups"][0]["store_triu_as_line"] = store_triu_as_line
+        opt = Kron([a, b], preconditioner_mode="EQ")
+        opt.load_state_dict(saved)
+        a.grad, b.grad = torch.ones(4, 4), torch.ones(4, 4)
+        opt.step()
+        return a.detach().clone()
+
+    torch.testing.assert_close(run(False), run(True), rtol=0, atol=0)
+
+
+def test_a_heavyball_class_pickled_before_it_kept_split_adds_groups():
+    """Instances pickled before the classes kept the constructor's split (their defaults hold
+    it) still take a new group that sets split or merge_dims."""
+    from kron.torch import ForeachPSGDKron
+
+    opt = ForeachPSGDKron([nn.Parameter(torch.ones(3, 3))], split=True, merge_dims=True)
+    del opt._split
+    opt.add_param_group({"params": [nn.Parameter(torch.ones(2, 2))], "merge_dims": True})
+    assert opt.param_groups[1]["split"] is True
+
+
 def test_a_state_dict_with_the_empty_entry_of_a_read_state_loads():
     """Reading ``opt.state[p]`` (monitoring code, a frozen parameter) leaves ``{}``, which
     ``state_dict()`` saves; loading it was refused as "not a kron.torch state"."""

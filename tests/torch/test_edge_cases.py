@@ -337,7 +337,7 @@ def test_schedule_values_are_checked_every_step():
     p = nn.Parameter(torch.ones(2, 2))
     opt = Kron([p], preconditioner_update_probability=lambda step: 0.0)
     p.grad = torch.ones(2, 2)
-    with pytest.raises(ValueError, match=r"gave 0\.0 at step 0 of group 0"):
+    with pytest.raises(ValueError, match=r"gave 0\.0 for step count 0 of group 0"):
         opt.step()
 
 

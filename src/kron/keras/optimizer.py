@@ -141,6 +141,8 @@ def _probability_value(value: Any, step: Any) -> Any:
     to [0, 1] and NaN counts as 0 (no fit), so the decision counter, which ``"accumulator"``
     adds the probability to, never turns NaN. Anything else raises, naming the option."""
     value = value.item() if isinstance(value, np.ndarray) and value.ndim == 0 else value
+    if isinstance(value, (bool, np.bool_)):  # "always" or "never", as a tensor bool reads
+        value = float(value)
     value = as_python_number(value)
     if is_real_number(value):
         if not 0 <= value <= 1:
@@ -290,6 +292,8 @@ class Kron(keras.optimizers.Optimizer):
             name=name,
             **kwargs,
         )
+        # What a store saved before the optimizer was built holds (iterations, a float lr).
+        self._unbuilt_variable_count = len(self.variables)
         check_option_types(
             numbers=dict(
                 b1=b1,
@@ -749,7 +753,9 @@ class Kron(keras.optimizers.Optimizer):
         back to 0), and a count that matches with other shapes fails half-way through. A store
         whose count and shapes fit loads as Keras loads it. An optimizer that is not built yet
         (``load_model`` builds it first) is left to Keras, which warns and loads nothing."""
-        if not self.built:
+        if not self.built or len(store.keys()) == self._unbuilt_variable_count:
+            # Unbuilt here, or saved unbuilt (a model saved before fit): Keras warns and loads
+            # nothing, as for its own optimizers; there is no state to lose.
             super().load_own_variables(store)
             return
         _check_saved_count(self.name, len(store.keys()), len(self.variables))

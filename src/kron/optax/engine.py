@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax import dtypes
 from jax.sharding import PartitionSpec
 
 from kron.core import (
@@ -648,12 +649,13 @@ def build(config: EngineConfig) -> optax.GradientTransformationExtraArgs:
                     f"the state's momentum there has shape {jnp.shape(m)}: each gradient must "
                     "have the shape of its param, as given to init."
                 )
-            if config.mu_dtype is not None and jnp.result_type(m) != config.mu_dtype:
+            # As init stores it: float64 is float32 unless x64 is enabled.
+            kept = None if config.mu_dtype is None else dtypes.canonicalize_dtype(config.mu_dtype)
+            if kept is not None and jnp.result_type(m) != kept:
                 raise ValueError(
                     f"the state's momentum at {_leaf_name(updates, index)} is "
-                    f"{jnp.result_type(m)}, but this transformation keeps it in "
-                    f"{jnp.dtype(config.mu_dtype).name}: the state was built with another "
-                    "mu_dtype (dtype, in quad and skew)."
+                    f"{jnp.result_type(m)}, but this transformation keeps it in {kept.name}: the "
+                    "state was built with another mu_dtype (dtype, in quad and skew)."
                 )
 
     def _check_stacked(state: KronState, stacks: list[Stack]) -> None:

@@ -184,7 +184,8 @@ class ForeachPSGDKron(Kron):
                 group["momentum_into_precond_update"] = wanted and exp_avg_input
         if "split" in group or "merge_dims" in group:
             group["split"] = _split_if_merging(
-                group.get("split", self._split),
+                # an instance pickled before _split existed kept the constructor's in defaults
+                group.get("split", getattr(self, "_split", self.defaults["split"])),
                 group.get("merge_dims", self.defaults["merge_dims"]),
             )
         if "merge_dims" in group:

@@ -18,6 +18,7 @@ import collections
 import contextlib
 import dataclasses
 import math
+import numbers
 import types
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, NamedTuple
@@ -458,11 +459,12 @@ class Kron(torch.optim.Optimizer):
         schedule = group["preconditioner_update_probability"]
         if schedule is None:
             schedule = self._default_schedule
-        p = float(probability_at(schedule, step + self._schedule_first_step))
+        count = step + self._schedule_first_step  # the count the schedule is called with
+        p = float(probability_at(schedule, count))
         if not 0 < p <= 1:
             raise ValueError(
-                f"preconditioner_update_probability gave {p!r} at step {step} of group {gi}; "
-                "it must be in (0, 1]."
+                f"preconditioner_update_probability gave {p!r} for step count {count} of group "
+                f"{gi}; it must be in (0, 1]."
             )
         rule = "bernoulli" if group["stochastic_schedule"] else group["decision_rule"]
         if rule == "bernoulli":
@@ -939,7 +941,9 @@ class Kron(torch.optim.Optimizer):
         check_is_kron_state(state_dict["state"], groups)
         merged = []
         for saved, current in zip(groups, self.param_groups):
-            merged.append({**{k: v for k, v in current.items() if k != "params"}, **saved})
+            merged.append(
+                _as_saved_before({**{k: v for k, v in current.items() if k != "params"}, **saved})
+            )
         # Everything is checked before anything is assigned, so a checkpoint that is refused
         # leaves the optimizer as it was, and one that loads does not fail at the next step.
         self._check_loaded_groups(merged)
@@ -1001,6 +1005,19 @@ class Kron(torch.optim.Optimizer):
             changed = hook(self, state)
             state = state if changed is None else changed
         return state
+
+
+def _as_saved_before(group: dict[str, Any]) -> dict[str, Any]:
+    """A loaded group with the values earlier versions let through in their current form:
+    ``merge_dims`` 0 or 1 (which ran as False and True) as a bool, and a NumPy integer step
+    count (which the draws' seeding cannot take) as an ``int``."""
+    merge = group.get("merge_dims")
+    if type(merge) is int and merge in (0, 1):
+        group["merge_dims"] = bool(merge)
+    step = group.get("step")
+    if isinstance(step, numbers.Integral) and not isinstance(step, (bool, int)):
+        group["step"] = int(step)
+    return group
 
 
 def warmup_factor(t: int, warmup_steps: int) -> float:

@@ -43,6 +43,17 @@ def pack_triangles(factors: tuple, plan: Plan, unchanged: tuple = ()) -> list:
     ]
 
 
+def _one_form(factors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """One factor of a bucket's parameters, lines and squares mixed (a checkpoint stored in the
+    other form, next to a parameter whose state is new) made all square, so they stack. A 2-D
+    entry among 3-D ones can only be a line: a diagonal factor is 2-D for every parameter."""
+    squares = [f for f in factors if f.ndim == 3]
+    if not squares or len(squares) == len(factors):
+        return factors
+    n = squares[0].shape[-1]
+    return [f if f.ndim == 3 else line_to_triu(f, n) for f in factors]
+
+
 def unpack_triangles(state: TensorState, plan: Plan) -> TensorState:
     """``state`` with every dense factor that is stored as a line made square again; ``state``
     itself when none is (a checkpoint may hold either form, whatever the option is now)."""
@@ -89,7 +100,7 @@ class StateStacks:
             if all(_same_entries(s, entry) for s, entry in zip(states, entries)):
                 return stacked
         return TensorState(
-            tuple(concat([s["factors"][i] for s in states]) for i in range(order)),
+            tuple(concat(_one_form([s["factors"][i] for s in states])) for i in range(order)),
             tuple(concat([s["lipschitz"][i] for s in states]) for i in range(order)),
             stack([s["momentum"] for s in states]).to(dtype),
             tuple(concat([s["cache"][i] for s in states]) for i in range(order))
