@@ -176,8 +176,8 @@ def _set(entry, key, value):
             r"param group 0: Invalid b1: 1.5",
         ),
         (
-            lambda saved: saved["param_groups"][0].update(merge_dims=1),
-            r"param group 0: Unknown merge_dims 1",
+            lambda saved: saved["param_groups"][0].update(merge_dims=2),
+            r"param group 0: Unknown merge_dims 2",
         ),
         (
             lambda saved: saved["param_groups"][0].update(step=2.5),
