@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+import kron.torch.bucket_step as bucket_step
 from kron.torch import Kron
 
 from ._compiled_step import run_training_step
@@ -906,14 +907,15 @@ def test_device_path_without_host_reads_matches_the_cpu_fast_path(monkeypatch):
         return snapshot(model), opt
 
     fast, fast_opt = run()
-    # The class this module built its optimizers from: a test elsewhere may re-import kron.torch.
-    original = Kron._gather_gradients
+    # The bucket step of the class this module built its optimizers from (imported with it): a
+    # test elsewhere may re-import kron.torch.
+    original = bucket_step.gather_gradients
 
-    def without_host_read(self, *args):
-        grads, finite, _ = original(self, *args)
+    def without_host_read(*args):
+        grads, finite, _ = original(*args)
         return grads, finite, False
 
-    monkeypatch.setattr(Kron, "_gather_gradients", without_host_read)
+    monkeypatch.setattr(bucket_step, "gather_gradients", without_host_read)
     slow, slow_opt = run()
     for a, b in zip(fast, slow):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
@@ -975,16 +977,15 @@ def test_state_bytes_counts_every_tensor_of_the_state():
 
 def take_the_device_path(monkeypatch) -> None:
     """Make CPU steps take the accelerator path: finiteness never read on the host, step counts
-    passed as tensors (the CPU shortcuts still run, their results unused). Patches the ``Kron``
-    this module imported: a test elsewhere may re-import kron.torch, making a second class."""
-    gather, counts = Kron._gather_gradients, Kron._step_counts
+    passed as tensors (the CPU shortcuts still run, their results unused). Patches the bucket
+    step this module imported with ``Kron``: a test elsewhere may re-import kron.torch, making a
+    second class and a second module."""
+    gather, counts = bucket_step.gather_gradients, bucket_step.step_counts
+    monkeypatch.setattr(bucket_step, "gather_gradients", lambda *args: (*gather(*args)[:2], False))
     monkeypatch.setattr(
-        Kron, "_gather_gradients", lambda self, *args: (*gather(self, *args)[:2], False)
-    )
-    monkeypatch.setattr(
-        Kron,
-        "_step_counts",
-        staticmethod(lambda states, ndim, eager, dtype: counts(states, ndim, False, dtype)),
+        bucket_step,
+        "step_counts",
+        lambda states, ndim, eager, dtype: counts(states, ndim, False, dtype),
     )
 
 
@@ -1034,7 +1035,7 @@ def test_the_device_path_reads_nothing_back_to_the_host(monkeypatch):
     CPU-only shortcuts may read, and they are off that path."""
     import sys
 
-    cpu_only = {"_gather_gradients", "_step_counts"}
+    cpu_only = {"gather_gradients", "step_counts"}
     take_the_device_path(monkeypatch)
     model = make_model()
     opt = Kron(model.parameters(), preconditioner_update_probability=0.5, **EVERY_STEP_BRANCH)

@@ -1,5 +1,6 @@
-"""The PyTorch glue between ``torch.Tensor`` parameters and :mod:`kron.core`: random streams,
-stacking of same-shape parameters, bf16 storage and Hessian-vector products. No math lives here
+"""The PyTorch glue between ``torch.Tensor`` parameters and :mod:`kron.core`: random streams
+(and the stream identifiers the optimizer draws with), clipping, stacking of same-shape
+parameters, bf16 storage, leaving autocast, and Hessian-vector products. No math lives here
 that other front ends would also need."""
 
 from __future__ import annotations
@@ -56,6 +57,10 @@ def seed_for(*words: int) -> int:
 def uniform_for(*words: int) -> float:
     """A uniform draw in ``[0, 1)`` from the same words (for host-side random decisions)."""
     return seed_for(*words) / float(1 << 63)
+
+
+# Stream identifiers mixed into the counter-based seeds, the last of the words above.
+NOISE, PROBE, SUBSPACE, ROUNDING, BALANCE, DECISION = range(6)
 
 
 class Streams:
@@ -206,6 +211,16 @@ def stochastic_round(
     return rounded.view(torch.float32).to(torch.bfloat16)
 
 
+def autocast_disabled() -> contextlib.ExitStack:
+    """A context without the autocast that is on (CPU or CUDA), if any: under it the factor
+    products would run in bfloat16 or float16 whatever ``precond_dtype`` says."""
+    stack = contextlib.ExitStack()
+    for device_type in ("cpu", "cuda"):
+        if torch.is_autocast_enabled(device_type):
+            stack.enter_context(torch.autocast(device_type, enabled=False))
+    return stack
+
+
 def stack(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """Stack along a new axis 0 (the single-tensor case is a view, not a copy)."""
     if len(tensors) == 1:
@@ -313,6 +328,66 @@ def hessian_vector_products(
         for s, g, p, eps in zip(shifted, base, newton_params, steps)
     ]
     return loss.detach(), grads, hvps
+
+
+def newton_gradients(
+    param_groups: list[dict[str, Any]],
+    seed: int,
+    streams: Streams,
+    closure: Callable[[], torch.Tensor],
+    newton: list[tuple[int, dict[str, Any]]],
+    decisions: Sequence[Any],
+    probes: dict[int, torch.Tensor],
+    hvps: dict[int, torch.Tensor],
+) -> Any:
+    """Evaluate ``closure`` (the loss, without ``backward``) for a step with the Newton-type
+    groups ``newton`` (``(gi, group)`` pairs of ``param_groups``) and set every trainable
+    parameter's ``grad``; return the loss. Where ``decisions[gi].fit``, each trainable parameter
+    of group ``gi`` gets a normal probe, drawn from ``streams`` with the words
+    ``(seed, step, gi, index, PROBE)``, in ``probes``, and its Hessian-vector product in
+    ``hvps`` (both by ``id(p)``), with the first Newton group's ``hvp_method``."""
+    everything = [p for group in param_groups for p in group["params"]]
+    for p in everything:
+        if not p.requires_grad:
+            p.grad = None  # frozen parameters must not step on a stale gradient
+    params = [p for p in everything if p.requires_grad]
+    if not params:  # all frozen: nothing to differentiate or step, as in torch.optim
+        with torch.enable_grad():
+            loss = closure()
+        return loss.detach() if isinstance(loss, torch.Tensor) else loss
+    newton_params = []
+    for gi, group in newton:
+        for index, p in enumerate(group["params"]):
+            if p.is_complex():
+                raise ValueError(
+                    f"Newton-type preconditioning does not support complex parameters "
+                    f"(parameter {index} of group {gi}, {p.dtype}); accepted: real "
+                    f"floating-point parameters, or preconditioner_type='whitening'."
+                )
+        if not decisions[gi].fit:
+            continue
+        for index, p in enumerate(group["params"]):
+            if p.requires_grad:
+                words = (seed, group["step"], gi, index, PROBE)
+                probes[id(p)] = streams.normal(p.shape, p.dtype, p.device, words)
+                newton_params.append(p)
+    if not newton_params:
+        with torch.enable_grad():
+            loss = closure()
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+        loss = loss.detach()
+    else:
+        loss, grads, products = hessian_vector_products(
+            closure,
+            params,
+            newton_params,
+            [probes[id(p)] for p in newton_params],
+            newton[0][1]["hvp_method"],
+        )
+        hvps.update({id(p): h for p, h in zip(newton_params, products)})
+    for p, g in zip(params, grads):
+        p.grad = None if g is None else g
+    return loss
 
 
 def _rng_state(cuda_devices):

@@ -1,21 +1,161 @@
-"""Checks of a state dict given to ``Kron.load_state_dict``, made before anything is assigned.
+"""Loading a state dict into ``Kron``: the checks made before anything is assigned, and the
+copy of the saved state that follows (``Kron.load_state_dict`` and ``Kron.state_dict`` are thin
+methods over these).
 
 A checkpoint that is refused leaves the optimizer as it was, and one that loads does not fail
 at the next step: each check raises ``ValueError`` naming the group or parameter and the entry.
-Shapes and types only, so a load does no tensor work.
+Shapes and types only, so a load does no tensor work until the state is copied.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import math
 import numbers
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 
 from kron.core import LayoutOptions, make_plan
 from kron.core.option_types import is_real_number
-from kron.torch.options import SEED_LIMIT
+from kron.torch.options import SEED_LIMIT, check_hvp_methods
+
+
+def checked_load(
+    state_dict: dict[str, Any],
+    param_groups: list[dict[str, Any]],
+    seed: int,
+    validate: Callable[[dict[str, Any]], None],
+    options: Callable[[dict[str, Any]], tuple],
+) -> tuple[dict[str, Any], int]:
+    """``state_dict`` as ``torch.optim.Optimizer.load_state_dict`` is to load it into an optimizer
+    with ``param_groups``: integer state keys, and each saved group over the current one's
+    options (callables are not saved) in its current form (:func:`as_saved_before`); and the
+    seed to resume with (``seed``, the optimizer's, when none was saved). ``ValueError`` when
+    anything would fail, at the load or at the next step: ``validate`` checks a group as a new
+    one is checked, ``options`` gives its ``(layout, step options)``."""
+    # A torch.distributed.checkpoint round trip turns the integer state keys into strings.
+    state_dict = {
+        **state_dict,
+        "state": {
+            (int(k) if isinstance(k, str) and k.isdigit() else k): v
+            for k, v in state_dict["state"].items()
+        },
+    }
+    groups = state_dict["param_groups"]
+    if len(groups) != len(param_groups):  # zip below would drop the extra groups
+        raise ValueError(
+            f"loaded state dict has {len(groups)} parameter groups; this optimizer has "
+            f"{len(param_groups)}"
+        )
+    check_is_kron_state(state_dict["state"], groups)
+    merged = []
+    for saved, current in zip(groups, param_groups):
+        merged.append(
+            as_saved_before({**{k: v for k, v in current.items() if k != "params"}, **saved})
+        )
+    # Everything is checked before anything is assigned, so a checkpoint that is refused
+    # leaves the optimizer as it was, and one that loads does not fail at the next step.
+    check_loaded_groups(merged, param_groups, validate)
+    check_loaded_state(state_dict["state"], merged, param_groups, options)
+    seed = loaded_seed(state_dict.get("seed", seed))
+    return {**state_dict, "param_groups": merged}, seed
+
+
+def copy_saved_state(
+    state: dict[torch.Tensor, Any], state_dict: dict[str, Any], param_groups: list[dict[str, Any]]
+) -> None:
+    """Put into ``state`` (the optimizer's) a copy of each parameter's saved state, on the
+    parameter's device; ``state_dict`` is :func:`checked_load`'s."""
+    saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+    current = [p for g in param_groups for p in g["params"]]
+    for saved_id, p in zip(saved_ids, current):
+        saved = state_dict["state"].get(saved_id)
+        if not saved:  # none, or the empty entry that reading opt.state[p] leaves
+            continue
+        state[p] = {key: to_device(value, p.device) for key, value in saved.items()}
+
+
+def check_loaded_groups(
+    groups: list[dict[str, Any]],
+    param_groups: list[dict[str, Any]],
+    validate: Callable[[dict[str, Any]], None],
+) -> None:
+    """``ValueError`` naming the group when a loaded group (saved options over the current
+    ones, ``param_groups``) fails a check that a new group passes (``validate``), or its clock
+    is not a count."""
+    for gi, (group, current) in enumerate(zip(groups, param_groups)):
+        if len(group["params"]) != len(current["params"]):
+            raise ValueError(
+                f"loaded state dict has {len(group['params'])} parameters in group {gi}; "
+                f"this optimizer has {len(current['params'])}"
+            )
+        try:
+            validate(group)
+            check_clock(group)
+        except ValueError as error:
+            raise ValueError(f"loaded state dict, param group {gi}: {error}") from None
+    try:
+        check_hvp_methods(groups)
+    except ValueError as error:
+        raise ValueError(f"loaded state dict: {error}") from None
+
+
+def check_loaded_state(
+    saved: dict[Any, Any],
+    groups: list[dict[str, Any]],
+    param_groups: list[dict[str, Any]],
+    options: Callable[[dict[str, Any]], tuple],
+) -> None:
+    """``ValueError`` naming the parameter and the entry when a saved state is not one the
+    step can take, for the layout its loaded group gives (``options(group)[0]``; see
+    :func:`check_saved_state`)."""
+    for gi, (group, current) in enumerate(zip(groups, param_groups)):
+        layout, _ = options(group)
+        for index, (saved_id, p) in enumerate(zip(group["params"], current["params"])):
+            entry = saved.get(saved_id)
+            if entry is None or (isinstance(entry, dict) and not entry):
+                continue  # none, or the empty entry that reading opt.state[p] leaves
+            check_saved_state(gi, index, p, entry, layout)
+
+
+def as_saved_before(group: dict[str, Any]) -> dict[str, Any]:
+    """A loaded group with the values earlier versions let through in their current form:
+    ``merge_dims`` 0 or 1 (which ran as False and True) as a bool, and a NumPy integer step
+    count (which the draws' seeding cannot take) as an ``int``."""
+    merge = group.get("merge_dims")
+    if type(merge) is int and merge in (0, 1):
+        group["merge_dims"] = bool(merge)
+    step = group.get("step")
+    if isinstance(step, numbers.Integral) and not isinstance(step, (bool, int)):
+        group["step"] = int(step)
+    return group
+
+
+def to_device(value: Any, device: torch.device) -> Any:
+    """A copy of ``value`` on ``device``: the optimizer updates its state in place, and the
+    caller's state dict must not change under it."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device=device, copy=True)
+    if isinstance(value, list):
+        return [to_device(v, device) for v in value]
+    return value
+
+
+@contextlib.contextmanager
+def hooks_suspended(optimizer: torch.optim.Optimizer, *names: str) -> Iterator[None]:
+    """``optimizer``'s hook tables ``names`` emptied for the block: the checkpoint methods run
+    the user's hooks themselves, around their own work rather than inside torch's."""
+    saved = {name: getattr(optimizer, name) for name in names}
+    try:
+        for name in names:
+            setattr(optimizer, name, collections.OrderedDict())
+        yield
+    finally:
+        for name, hooks in saved.items():
+            setattr(optimizer, name, hooks)
 
 
 def check_is_kron_state(saved: dict[Any, Any], groups: list[dict[str, Any]]) -> None:

@@ -34,9 +34,10 @@ from typing import Any
 import torch
 
 from kron.core import make_plan
-from kron.torch.optimizer import Kron, initial_state
+from kron.torch.optimizer import Kron
 from kron.torch.options import core_records
 from kron.torch.stacks import pack_triangles
+from kron.torch.state import initial_state
 
 # kron_torch 0.3.3's Kron, in this optimizer's options: its lr, fitting target, geometry, merging
 # rule, per-step normaliser, damping and norm bound, no cache, and float32 factors.

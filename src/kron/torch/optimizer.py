@@ -10,94 +10,49 @@ The class does bookkeeping only: options, param groups, state, when to fit, stac
   ``(seed, step, group, parameter index)``;
 * preconditioner state stays in ``precond_dtype`` (bfloat16 by default) whatever the parameter
   dtype, including after ``load_state_dict``.
+
+The class keeps the order of things and the hooks ``DistributedKron`` overrides; the work is in
+functions: the per-bucket step in :mod:`kron.torch.bucket_step`, fit decisions in
+:mod:`~kron.torch.decisions`, gradient checks in :mod:`~kron.torch.gradients`, a parameter's
+state in :mod:`~kron.torch.state`, option checks in :mod:`~kron.torch.options`, checkpoint
+loading in :mod:`~kron.torch.loading`.
 """
 
 from __future__ import annotations
 
-import collections
-import contextlib
-import dataclasses
 import math
-import numbers
-import types
-from collections.abc import Callable, Iterable, Iterator
-from typing import Any, NamedTuple
+from collections.abc import Callable, Iterable
+from typing import Any
 
-import numpy as np
 import torch
 
-from kron.core import (
-    LayoutOptions,
-    StepOptions,
-    accumulator_decision,
-    balance,
-    bernoulli_decision,
-    counter_decision,
-    exponential_schedule,
-    finite_rows,
-    fourth_moment,
-    init_factors,
-    init_lipschitz,
-    kron_step,
-    make_plan,
-    mars_correction,
-    overflow_limit,
-    probability_at,
-    scale_from_moments,
-    select_state,
-)
+from kron.core import LayoutOptions, StepOptions, kron_step
 from kron.core.option_types import as_python_number
-from kron.torch.functional import (
-    OPS,
-    Streams,
-    apply_caution,
-    clipper,
-    concat,
-    hessian_vector_products,
-    stack,
-    stochastic_round,
-    uniform_for,
+from kron.torch.bucket_step import fresh_kron_step, step_bucket
+from kron.torch.decisions import (
+    DEFAULT_SCHEDULE,
+    Decision,
+    advance_clock,
+    decide,
+    group_context,
 )
-from kron.torch.loading import (
-    check_clock,
-    check_is_kron_state,
-    check_saved_state,
-    loaded_seed,
-)
+from kron.torch.functional import Streams, autocast_disabled, newton_gradients
+from kron.torch.functional import clipper as clipper  # benchmarks/torch_temporaries.py reads it
+from kron.torch.gradients import check_dense_gradients, raise_on_nonfinite
+from kron.torch.loading import checked_load, copy_saved_state, hooks_suspended
 from kron.torch.options import (
     GROUP_ALIASES,
-    NONFINITE_POLICIES,
-    RECORD_KEYS,
+    cached_records,
     check_hvp_methods,
-    check_parameter_dtype,
     check_ranges,
     check_seed,
+    check_settings,
     check_types,
-    core_records,
-    group_with_our_names,
     merge_alias,
-    torch_dtype,
+    new_group,
 )
-from kron.torch.stacks import StateStacks, pack_triangles, unpack_triangles
-
-DEFAULT_SCHEDULE = exponential_schedule()
-# bfloat16 factors were level with float32 ones or better on 12 of the 13 `kron bench` tasks
-# (the deep linear network ended up to 1.7× higher) and made the benchmark MLP's step 0.66× as
-# long on a CPU with bfloat16 instructions (docs/benchmarks.md, *The preconditioner dtype*);
-# the algorithm's author defaults his DDP wrapper to bfloat16 too.
-DEFAULT_PRECOND_DTYPE = torch.bfloat16
-
-# Stream identifiers mixed into the counter-based seeds.
-_NOISE, _PROBE, _SUBSPACE, _ROUNDING, _BALANCE, _DECISION = range(6)
-
-
-class _Decision(NamedTuple):
-    """A group's fit decision for one step: whether to fit, the probability it came from, and
-    the decision rule's counter after this step."""
-
-    fit: bool
-    probability: float
-    total: float
+from kron.torch.stacks import StateStacks
+from kron.torch.state import DEFAULT_PRECOND_DTYPE as DEFAULT_PRECOND_DTYPE
 
 
 class Kron(torch.optim.Optimizer):
@@ -241,14 +196,7 @@ class Kron(torch.optim.Optimizer):
         mu_dtype = merge_alias(mu_dtype, "mu_dtype", storage_dtype, "storage_dtype")
         b1 = merge_alias(b1, "b1", beta, "beta", default=0.9)
         stack_params = merge_alias(stack_params, "stack_params", foreach, "foreach", default=True)
-        if nonfinite not in NONFINITE_POLICIES:
-            raise ValueError(
-                f"Unknown nonfinite {nonfinite!r}; accepted: {', '.join(NONFINITE_POLICIES)}."
-            )
-        if resync is not None and (
-            isinstance(resync, bool) or not isinstance(resync, int) or resync < 0
-        ):
-            raise ValueError(f"resync must be a non-negative int or None; got {resync!r}.")
+        check_settings(nonfinite, resync)
         if resync:
             from kron.torch.distributed.replicas import require_process_group
 
@@ -343,30 +291,7 @@ class Kron(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         # Validate the group as it will be (defaults filled in) before torch installs it, so a
         # rejected group leaves the optimizer unchanged.
-        param_group = group_with_our_names(param_group)
-        # heavyball's foreach is stack_params, one value for the whole optimizer too.
-        global_only = [name for name in (*self._SETTINGS, "foreach") if name in param_group]
-        if global_only:
-            raise ValueError(
-                f"{', '.join(global_only)} cannot be set per param group (one value serves "
-                "the whole optimizer); pass it to the constructor."
-            )
-        params = param_group["params"]
-        if isinstance(params, torch.Tensor):
-            params = [params]
-        elif not isinstance(params, set):  # torch refuses sets, as unordered, with its message
-            params = list(params)  # a generator is read once, here
-        for index, p in enumerate(params):
-            if isinstance(p, torch.Tensor) and p.is_sparse:
-                raise ValueError(
-                    f"Kron does not support sparse parameters (parameter {index} of the new "
-                    f"group, shape {tuple(p.shape)}); accepted: dense tensors."
-                )
-            if isinstance(p, torch.Tensor):  # torch refuses anything else itself
-                check_parameter_dtype(p, index, len(self.param_groups))
-        # NumPy numbers are kept as Python ones: torch.load(weights_only=True) reads no others.
-        param_group = {k: as_python_number(v) for k, v in param_group.items()}
-        param_group["params"] = params
+        param_group = new_group(param_group, self._SETTINGS, len(self.param_groups))
         full = {**self.defaults, **param_group}
         self._validate(full)
         check_hvp_methods([*self.param_groups, full])
@@ -383,19 +308,9 @@ class Kron(torch.optim.Optimizer):
         self._options(group)  # builds the core's records, which check everything else
 
     def _options(self, group: dict[str, Any]) -> tuple[LayoutOptions, StepOptions]:
-        """The core's option records for ``group`` (built once per distinct set of values);
-        raises ``ValueError`` on a bad value. Values are keyed with their types: ``1 == True``,
-        so ``merge_dims=1`` would otherwise find the records of ``merge_dims=True``, unchecked."""
-        key = tuple((type(group[name]), group[name]) for name in RECORD_KEYS)
-        try:
-            records = self._records.get(key)
-        except TypeError:  # an unhashable value (a dataclass schedule, a list): build, not cache
-            return core_records(group)
-        if records is None:
-            if len(self._records) > 64:  # options changed by hand many times; start afresh
-                self._records.clear()
-            records = self._records[key] = core_records(group)
-        return records
+        """The core's option records for ``group``, built once per distinct set of values
+        (:func:`kron.torch.options.cached_records`); raises ``ValueError`` on a bad value."""
+        return cached_records(self._records, group)
 
     # -- the step ------------------------------------------------------------------------------
 
@@ -427,7 +342,7 @@ class Kron(torch.optim.Optimizer):
                 loss = closure()
         self._check_gradients()
         clocks = [group["step"] for group in self.param_groups]
-        with _autocast_disabled():  # the products run in precond_dtype, as the user chose
+        with autocast_disabled():  # the products run in precond_dtype, as the user chose
             self._step_all(decisions, probes, hvps)
         if self.resync:
             self._resync_if_due(clocks)
@@ -452,96 +367,29 @@ class Kron(torch.optim.Optimizer):
 
             broadcast_state(self, due)
 
-    def _decide(self, gi: int, group: dict[str, Any]) -> _Decision:
+    def _decide(self, gi: int, group: dict[str, Any]) -> Decision:
         """Whether ``group`` fits its preconditioner on this step, decided on the host (no
         device sync). Pure: ``_step_group`` commits the new counter once the group has stepped."""
-        step = group["step"]
-        schedule = group["preconditioner_update_probability"]
-        if schedule is None:
-            schedule = self._default_schedule
-        count = step + self._schedule_first_step  # the count the schedule is called with
-        p = float(probability_at(schedule, count))
-        if not 0 < p <= 1:
-            raise ValueError(
-                f"preconditioner_update_probability gave {p!r} for step count {count} of group "
-                f"{gi}; it must be in (0, 1]."
-            )
-        rule = "bernoulli" if group["stochastic_schedule"] else group["decision_rule"]
-        if rule == "bernoulli":
-            draw = uniform_for(self.seed, step, gi, _DECISION)
-            return _Decision(bool(bernoulli_decision(draw, p)), p, group["decision_total"])
-        decide = counter_decision if rule == "counter" else accumulator_decision
-        do_fit, total = decide(group["decision_total"], p, np)
-        return _Decision(bool(do_fit), p, float(total))
+        return decide(gi, group, self.seed, self._default_schedule, self._schedule_first_step)
 
     def _newton_gradients(self, closure, newton, decisions, probes, hvps):
+        """The closure's loss, with the gradients and Hessian-vector products of the Newton-type
+        groups ``newton``: :func:`kron.torch.functional.newton_gradients`."""
         check_hvp_methods(self.param_groups)  # again: a group's hvp_method may have been edited
-        everything = [p for group in self.param_groups for p in group["params"]]
-        for p in everything:
-            if not p.requires_grad:
-                p.grad = None  # frozen parameters must not step on a stale gradient
-        params = [p for p in everything if p.requires_grad]
-        if not params:  # all frozen: nothing to differentiate or step, as in torch.optim
-            with torch.enable_grad():
-                loss = closure()
-            return loss.detach() if isinstance(loss, torch.Tensor) else loss
-        newton_params = []
-        for gi, group in newton:
-            for index, p in enumerate(group["params"]):
-                if p.is_complex():
-                    raise ValueError(
-                        f"Newton-type preconditioning does not support complex parameters "
-                        f"(parameter {index} of group {gi}, {p.dtype}); accepted: real "
-                        f"floating-point parameters, or preconditioner_type='whitening'."
-                    )
-            if not decisions[gi].fit:
-                continue
-            for index, p in enumerate(group["params"]):
-                if p.requires_grad:
-                    words = (self.seed, group["step"], gi, index, _PROBE)
-                    probes[id(p)] = self._streams.normal(p.shape, p.dtype, p.device, words)
-                    newton_params.append(p)
-        if not newton_params:
-            with torch.enable_grad():
-                loss = closure()
-                grads = torch.autograd.grad(loss, params, allow_unused=True)
-            loss = loss.detach()
-        else:
-            loss, grads, products = hessian_vector_products(
-                closure,
-                params,
-                newton_params,
-                [probes[id(p)] for p in newton_params],
-                newton[0][1]["hvp_method"],
-            )
-            hvps.update({id(p): h for p, h in zip(newton_params, products)})
-        for p, g in zip(params, grads):
-            p.grad = None if g is None else g
-        return loss
+        return newton_gradients(
+            self.param_groups, self.seed, self._streams, closure, newton, decisions, probes, hvps
+        )
 
     def _check_gradients(self) -> None:
         """Before anything is updated: reject sparse gradients and, with ``nonfinite="raise"``,
         non-finite ones (the gradients the closure, if any, has just computed)."""
-        for gi, group in enumerate(self.param_groups):
-            for index, p in enumerate(group["params"]):
-                if p.grad is not None and p.grad.is_sparse:
-                    raise ValueError(
-                        f"Kron does not support sparse gradients (parameter {index} of group "
-                        f"{gi}, shape {tuple(p.shape)}); use a dense gradient."
-                    )
+        check_dense_gradients(self.param_groups)
         if self.nonfinite == "raise":
             self._raise_on_nonfinite()
 
     def _raise_on_nonfinite(self) -> None:
         """A hook: ``DistributedKron`` agrees across ranks on the first bad gradient."""
-        for gi, group in enumerate(self.param_groups):
-            for index, p in enumerate(group["params"]):
-                if p.grad is not None and not usable_gradient(p.grad, group):
-                    past = "" if _gradient_limit(group) == math.inf else _PAST_FLOAT16
-                    raise FloatingPointError(
-                        f"Non-finite gradient{past} in parameter {index} of group {gi} (shape "
-                        f"{tuple(p.shape)}); nothing was updated."
-                    )
+        raise_on_nonfinite(self.param_groups)
 
     def _step_group(self, gi, group, decision, probes, hvps) -> None:
         members = []
@@ -586,206 +434,19 @@ class Kron(torch.optim.Optimizer):
     def _group_context(self, gi, group, decision) -> tuple[LayoutOptions, StepOptions, bool, bool]:
         """``(layout, options, do_fit, do_balance)`` for this step of a group: the same on every
         rank, since they derive from the group's counters and the seed only."""
-        layout, options = self._options(group)
-        use_cache = group["cached"] if group["cached"] is not None else decision.probability < 0.5
-        if use_cache:
-            options = dataclasses.replace(options, cache=True)
-        balance_draw = uniform_for(self.seed, group["step"], gi, _BALANCE)
-        do_balance = decision.fit and balance_draw < group["balance_probability"]
-        return layout, options, decision.fit, do_balance
+        return group_context(gi, group, decision, self.seed, *self._options(group))
 
-    @staticmethod
-    def _advance_clock(group: dict[str, Any], decision: _Decision) -> None:
-        group["decision_total"] = decision.total
-        group["step"] = group["step"] + 1
+    _advance_clock = staticmethod(advance_clock)
 
     def _state_for(self, p: torch.Tensor) -> dict[str, Any]:
         """The state of the parameter that ``p`` stands for. A hook: ``DistributedKron`` steps
         full-size stand-ins for sharded (DTensor) parameters and keeps state on the parameter."""
         return self.state[self._complex_of.get(id(p), p)]
 
-    def _init_state(self, group, p, plan, options, probes, hvps) -> dict[str, Any]:
-        # The moments behind the automatic scale are taken in at least float32: a bfloat16 mean
-        # of g⁴ over a large tensor would be mostly rounding.
-        dtype = torch_dtype(group["precond_dtype"], "precond_dtype") or DEFAULT_PRECOND_DTYPE
-        moment_dtype = torch.promote_types(dtype, torch.float32)
-        scale = group["precond_init_scale"]
-        if scale is None and id(p) in hvps:  # Newton: (E v²)^¼ (E h⁴)^(-1/8), algorithm.md §2.4
-            v, h = probes[id(p)].to(moment_dtype), hvps[id(p)].to(moment_dtype)
-            scale = scale_from_moments(
-                fourth_moment(h, OPS), OPS, group["damping"], probe_second=(v * v).mean()
-            )
-        elif scale is None:
-            grad = p.grad.to(moment_dtype)
-            scale = scale_from_moments(fourth_moment(grad, OPS), OPS, group["damping"])
-        state = self._state_for(p)
-        state.update(initial_state(group, p, plan, options, scale))
-        return state
-
-    def _mask(self, plan, stack_size, dtype, device):
-        key = (plan, stack_size, dtype, device)
-        if key not in self._masks:
-            mask = plan.mask()
-            self._masks[key] = (
-                None
-                if mask is None
-                else torch.as_tensor(
-                    np.concatenate([mask] * stack_size), dtype=dtype, device=device
-                )
-            )
-        return self._masks[key]
-
-    def _precond_lr(self, gi, value, dtype, device) -> torch.Tensor:
-        """The group's preconditioner learning rate as a 0-d tensor on ``device``, so a changed
-        value never recompiles the step. It is refreshed in place (a kernel with a scalar
-        argument): a CPU tensor or ``torch.tensor(value, device=...)`` would cost a blocking
-        host-to-device copy per bucket and step."""
-        key = (gi, dtype, device)
-        if isinstance(value, torch.Tensor):  # may be edited in place, as schedulers edit lr
-            held = self._precond_lrs.get(key, (None, None))[1]
-            if held is None:
-                held = torch.empty((), dtype=dtype, device=device)
-                self._precond_lrs[key] = (None, held)
-            return held.copy_(value.reshape(()))
-        if key not in self._precond_lrs:
-            self._precond_lrs[key] = (value, torch.full((), value, dtype=dtype, device=device))
-        held_value, held = self._precond_lrs[key]
-        if held_value != value:
-            held.fill_(value)
-            self._precond_lrs[key] = (value, held)
-        return held
-
     def _step_bucket(self, gi, group, members, layout, options, do_fit, do_balance, probes, hvps):
-        """One ``kron_step`` for same-shape parameters ``members`` (``(index, param)`` pairs)."""
-        plan = make_plan(tuple(members[0][1].shape), layout)
-        params = [p for _, p in members]
-        states = [
-            self._state_for(p) or self._init_state(group, p, plan, options, probes, hvps)
-            for p in params
-        ]
-        factor_dtype = torch_dtype(group["precond_dtype"], "precond_dtype") or DEFAULT_PRECOND_DTYPE
-        mu_dtype = torch_dtype(group["mu_dtype"], "mu_dtype")
-        for p, state in zip(params, states):  # dtypes edited since the state was made convert now
-            if state["factors"][0].dtype != factor_dtype:
-                _convert_preconditioner(state, factor_dtype)
-            if state["momentum"].dtype != (mu_dtype or p.dtype):
-                for key in ("momentum", "previous_grad"):
-                    if key in state:
-                        state[key] = state[key].to(mu_dtype or p.dtype)
-        # The gradient and momentum are handled in at least float32; only the products (and the
-        # fit's inputs) are in the factors' dtype, so bfloat16 factors never round the momentum
-        # and the float32 state is still stepped in place. Not wider: a float64 gradient past
-        # float32's range would overflow the products, so it is skipped as non-finite.
-        dtype = torch.promote_types(factor_dtype, torch.float32)
-        size = len(params)
-        grads, finite, all_finite = self._gather_gradients(gi, group, params, states, dtype)
-        clipped_grads = grads  # what MARS remembers as the previous gradient
-        if group["mars"]:
-            for p, s in zip(params, states):  # mars switched on after the first step: as at init
-                if "previous_grad" not in s:
-                    s["previous_grad"] = torch.zeros_like(p, dtype=s["momentum"].dtype)
-            previous = stack([s["previous_grad"] for s in states]).to(dtype)
-            grads = mars_correction(grads, previous, group["b1"], group["mars_gamma"], OPS)
-        if group["weight_decay"] and not group["decoupled_weight_decay"]:
-            grads = grads + group["weight_decay"] * stack([p.detach() for p in params]).to(dtype)
-        _check_layout(gi, members[0][0], plan, states[0]["factors"])
-        bucket = (gi, tuple(plan.shape), dtype, grads.device)
-        indices = tuple(index for index, _ in members)
-        old = unpack_triangles(
-            self._stacks.gather(bucket, indices, states, plan.order, dtype), plan
-        )
-        fit_inputs = self._fit_inputs(gi, group, members, plan, factor_dtype, do_fit, probes, hvps)
-        step_fn = self._compiled_step(plan, options, do_fit, size, dtype, grads.device)
-        count = self._step_counts(states, len(plan.shape), step_fn is kron_step, dtype)
-        # With every gradient known finite the old momentum is never restored, so the eager step
-        # updates the optimizer's own stack in place: one large temporary and one copy fewer
-        # (compiled steps plan their own buffers).
-        donate = all_finite and step_fn is kron_step and self._stacks.owns(bucket, old)
-        extra = dict(donate_momentum=True) if donate else {}
-        y, new = step_fn(
-            old,
-            grads,
-            count,
-            plan=plan,
-            options=options,
-            ops=OPS,
-            precond_lr=self._precond_lr(gi, group["precond_lr"], factor_dtype, grads.device),
-            do_fit=do_fit,
-            mask=self._mask(plan, size, factor_dtype, grads.device),
-            **fit_inputs,
-            **extra,
-        )
-        if do_balance:
-            new = new._replace(factors=tuple(balance(new.factors, OPS)))
-        # y is a fresh temporary of the step's, so the named clips may overwrite it; all_finite
-        # holds only on the CPU (see _gather_gradients), where reading the norms is free.
-        clip_update = clipper(
-            group["update_clipping"],
-            group["update_clip_value"],
-            in_place=True,
-            read_norms=all_finite,
-        )
-        if clip_update is not None:
-            y = clip_update(y)
-        # Caution is heavyball's option and comes after the clip, as in heavyball (the clip is
-        # the last link of its chain, caution part of the parameter update): its rescale by the
-        # inverse kept fraction may take the update past the clip's bound.
-        if group["caution"]:
-            y = apply_caution(y, grads)
-        if not all_finite:
-            new = select_state(finite, new, old, plan.num_blocks, OPS)
-            y = y * finite.view(-1, *[1] * len(plan.shape)).to(dtype)
-        self._update_params(group, params, y, finite, all_finite)
-        packed = group["store_triu_as_line"]
-        if not (group["mars"] or packed) and self._stacks.store_in_place(bucket, old, new):
-            self._count_steps(states, finite, all_finite)
-            return
-        self._write_back(
-            gi, group, members, states, plan, old, new, clipped_grads, finite, all_finite
-        )
-        if packed:  # the state holds lines, not views of the square stack
-            self._stacks.forget(bucket)
-        else:
-            self._stacks.remember(bucket, indices, states, new, dtype)
-
-    @staticmethod
-    def _step_counts(states, ndim: int, eager: bool, dtype: torch.dtype) -> torch.Tensor | float:
-        """The parameters' step counts, ``(S, 1, …, 1)``, for the momentum's weights: in the
-        stack's ``dtype`` but never narrower than float32 (float64 stacks get float64 weights,
-        as from a number; a bfloat16 stack's counts stay exact past 256). An eager CPU step
-        whose parameters share one count gets it as a number: the weights are then host
-        arithmetic rather than five tiny tensor operations (a CPU tensor reads for free; a
-        compiled step would specialise on the number and recompile every step). Its counts
-        that differ are float64, the precision of a number, so that a parameter's weight does
-        not depend on whether its stack mates missed a step (stacked or not, Kron or
-        DistributedKron, the same bits)."""
-        counts = [state["count"] for state in states]
-        wide = torch.promote_types(dtype, torch.float32)
-        if eager and counts[0].device.type == "cpu":
-            first = counts[0].item()
-            if all(c.item() == first for c in counts[1:]):
-                return first
-            wide = torch.float64
-        return stack(counts).to(wide).view(-1, *[1] * ndim)
-
-    def _update_params(self, group, params, y, finite, all_finite) -> None:
-        """``θ ← θ·(1 - lr·wd) - lr·y`` in each parameter's own dtype (a float64 parameter is
-        never rounded through the float32 preconditioner)."""
-        lr = group["lr"]
-        if isinstance(lr, torch.Tensor):  # one element, checked; alpha= takes only a 0-d tensor
-            lr = lr.reshape(())
-        if group["warmup_steps"]:
-            lr = lr * warmup_factor(group["step"] + 1, group["warmup_steps"])
-        decay = 1.0 - lr * group["weight_decay"] if group["decoupled_weight_decay"] else 1.0
-        if decay != 1.0:
-            if all_finite:
-                torch._foreach_mul_(params, decay)
-            else:
-                factors = torch.where(finite, decay, 1.0)
-                torch._foreach_mul_(params, [factors[s].to(p.dtype) for s, p in enumerate(params)])
-        # An in-place add promotes, so each parameter takes y in its own dtype with no cast (and
-        # no operation) per slice.
-        torch._foreach_add_(params, list(y.unbind(0)), alpha=-lr)
+        """One ``kron_step`` for same-shape parameters ``members`` (``(index, param)`` pairs):
+        :func:`kron.torch.bucket_step.step_bucket`."""
+        step_bucket(self, gi, group, members, layout, options, do_fit, do_balance, probes, hvps)
 
     def _compiled_step(self, plan, options, do_fit, size, dtype, device) -> Callable:
         """``kron_step``, compiled once per (plan, options, fit or not, stack size, dtype) when
@@ -801,106 +462,6 @@ class Kron(torch.optim.Optimizer):
             self._compiled[key] = torch.compile(fresh_kron_step(), dynamic=False)
         return self._compiled[key]
 
-    def _gather_gradients(self, gi, group, params, states, dtype):
-        """Stacked gradients in ``dtype``, clipped, with non-finite ones zeroed; the per-parameter
-        finiteness flags; and whether all are known to be finite. On the CPU that is known from a
-        free read; elsewhere it is left to the device (no synchronisation)."""
-        size = len(params)
-        grads = stack([p.grad for p in params]).to(dtype)
-        on_cpu = grads.device.type == "cpu"
-        limit = overflow_limit(states[0]["factors"][0].dtype)  # float16 factors: 65520
-        # A finite sum proves every entry finite (NaN and ±inf survive addition), so on the CPU
-        # one reduction usually settles it; a non-finite or overflowing sum takes the exact test.
-        if on_cpu and limit == math.inf and math.isfinite(grads.sum().item()):
-            return self._clip_gradients(group, grads), torch.ones(size, dtype=torch.bool), True
-        finite = finite_rows(grads.reshape(size, -1), OPS, limit)
-        all_finite = on_cpu and bool(finite.all())
-        if not all_finite:
-            grads = torch.where(finite.view(-1, *[1] * (grads.ndim - 1)), grads, 0.0)
-        return self._clip_gradients(group, grads), finite, all_finite
-
-    @staticmethod
-    def _clip_gradients(group, grads):
-        clip_grad = clipper(group["gradient_clipping"], group["gradient_clip_value"])
-        return grads if clip_grad is None else clip_grad(grads)
-
-    def _fit_inputs(self, gi, group, members, plan, dtype, do_fit, probes, hvps):
-        """The random and Newton inputs of a fit (all None on steps that do not fit)."""
-        if not do_fit:
-            return dict(noise=None)
-        device, step = members[0][1].device, group["step"]
-
-        def draw(shape, *words):
-            return concat(
-                [
-                    self._streams.normal(shape, dtype, device, (self.seed, step, gi, index, *words))
-                    for index, _ in members
-                ]
-            )
-
-        inputs = dict(noise=draw((plan.num_blocks, *plan.block_shape), _NOISE))
-        if group["norm_bound"] == "subspace":
-            inputs["norm_probes"] = [
-                draw((plan.num_blocks, 32, n), _SUBSPACE, axis)
-                for axis, n in enumerate(plan.block_shape)
-            ]
-        if group["preconditioner_type"] == "newton":
-            for key, source in (("probe", probes), ("hvp", hvps)):
-                stacked = stack([source[id(p)] for _, p in members]).to(dtype)
-                inputs[key] = plan.to_blocks(stacked, OPS, stacked=True)
-        return inputs
-
-    @staticmethod
-    def _count_steps(states, finite, all_finite) -> None:
-        """Add one to each parameter's ``count`` if its gradient was finite, else to ``skipped``,
-        in place (no host synchronisation: ``finite`` stays on the device)."""
-        counts = [state["count"] for state in states]
-        if all_finite:
-            torch._foreach_add_(counts, 1.0)
-            return
-        torch._foreach_add_(counts, list(finite.to(counts[0].dtype).unbind(0)))
-        skipped = [state["skipped"] for state in states]
-        torch._foreach_add_(skipped, list((~finite).to(skipped[0].dtype).unbind(0)))
-
-    def _write_back(
-        self, gi, group, members, states, plan, old, new, clipped_grads, finite, all_finite
-    ):
-        """Store each parameter's slice of the stacked state."""
-        nb, step = plan.num_blocks, group["step"]
-        self._count_steps(states, finite, all_finite)
-        factors = new.factors
-        if group["store_triu_as_line"]:
-            # A factor the step left as it was is still in the stored lines: no packing.
-            stored = states[0]["factors"]
-            unchanged = tuple(
-                i
-                for i, (f, g) in enumerate(zip(new.factors, old.factors))
-                if f is g and stored[i].ndim == f.ndim - plan.dense[i]
-            )
-            factors = pack_triangles(factors, plan, unchanged)
-        for s, ((index, _), state) in enumerate(zip(members, states)):
-            state["factors"] = [
-                state["factors"][i] if f is None else f[s * nb : (s + 1) * nb]
-                for i, f in enumerate(factors)
-            ]
-            state["lipschitz"] = [f[s * nb : (s + 1) * nb] for f in new.lipschitz]
-            state["cache"] = [f[s * nb : (s + 1) * nb] for f in new.cache]
-            state["momentum"] = stochastic_round(
-                new.momentum[s],
-                state["momentum"].dtype,
-                (self.seed, step, gi, index, _ROUNDING),
-                self._streams,
-            )
-            if group["mars"]:
-                kept = (
-                    clipped_grads[s]
-                    if all_finite
-                    else torch.where(
-                        finite[s], clipped_grads[s], state["previous_grad"].to(clipped_grads.dtype)
-                    )
-                )
-                state["previous_grad"] = kept.to(state["previous_grad"].dtype)
-
     # -- checkpoints ---------------------------------------------------------------------------
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -915,7 +476,7 @@ class Kron(torch.optim.Optimizer):
         for hook in list(self._optimizer_load_state_dict_pre_hooks.values()):
             changed = hook(self, state_dict)
             state_dict = state_dict if changed is None else changed
-        with _hooks_suspended(
+        with hooks_suspended(
             self, "_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks"
         ):
             self._load(state_dict)
@@ -923,79 +484,22 @@ class Kron(torch.optim.Optimizer):
             hook(self)
 
     def _load(self, state_dict: dict[str, Any]) -> None:
-        """``load_state_dict`` without its hooks."""
-        # A torch.distributed.checkpoint round trip turns the integer state keys into strings.
-        state_dict = {
-            **state_dict,
-            "state": {
-                (int(k) if isinstance(k, str) and k.isdigit() else k): v
-                for k, v in state_dict["state"].items()
-            },
-        }
-        groups = state_dict["param_groups"]
-        if len(groups) != len(self.param_groups):  # zip below would drop the extra groups
-            raise ValueError(
-                f"loaded state dict has {len(groups)} parameter groups; this optimizer has "
-                f"{len(self.param_groups)}"
-            )
-        check_is_kron_state(state_dict["state"], groups)
-        merged = []
-        for saved, current in zip(groups, self.param_groups):
-            merged.append(
-                _as_saved_before({**{k: v for k, v in current.items() if k != "params"}, **saved})
-            )
-        # Everything is checked before anything is assigned, so a checkpoint that is refused
-        # leaves the optimizer as it was, and one that loads does not fail at the next step.
-        self._check_loaded_groups(merged)
-        self._check_loaded_state(state_dict["state"], merged)
-        seed = loaded_seed(state_dict.get("seed", self.seed))
-        super().load_state_dict({**state_dict, "param_groups": merged})
+        """``load_state_dict`` without its hooks. A hook: ``DistributedKron`` keeps the state of
+        the parameters its rank owns."""
+        state_dict, seed = checked_load(
+            state_dict, self.param_groups, self.seed, self._validate, self._options
+        )
+        super().load_state_dict(state_dict)
         # The noise is drawn from (seed, step, ...), so a run resumes only with its own seed.
         self.seed = seed
         self._stacks.clear()
-        saved_ids = [i for g in groups for i in g["params"]]
-        current = [p for g in self.param_groups for p in g["params"]]
-        for saved_id, p in zip(saved_ids, current):
-            saved = state_dict["state"].get(saved_id)
-            if not saved:  # none, or the empty entry that reading opt.state[p] leaves
-                continue
-            self.state[p] = {key: _to_device(value, p.device) for key, value in saved.items()}
-
-    def _check_loaded_groups(self, groups: list[dict[str, Any]]) -> None:
-        """``ValueError`` naming the group when a loaded group (saved options over the current
-        ones) fails a check that a new group passes, or its clock is not a count."""
-        for gi, (group, current) in enumerate(zip(groups, self.param_groups)):
-            if len(group["params"]) != len(current["params"]):
-                raise ValueError(
-                    f"loaded state dict has {len(group['params'])} parameters in group {gi}; "
-                    f"this optimizer has {len(current['params'])}"
-                )
-            try:
-                self._validate(group)
-                check_clock(group)
-            except ValueError as error:
-                raise ValueError(f"loaded state dict, param group {gi}: {error}") from None
-        try:
-            check_hvp_methods(groups)
-        except ValueError as error:
-            raise ValueError(f"loaded state dict: {error}") from None
-
-    def _check_loaded_state(self, saved: dict[Any, Any], groups: list[dict[str, Any]]) -> None:
-        """``ValueError`` naming the parameter and the entry when a saved state is not one the
-        step can take, for the layout its loaded group gives (see :func:`check_saved_state`)."""
-        for gi, (group, current) in enumerate(zip(groups, self.param_groups)):
-            layout, _ = self._options(group)
-            for index, (saved_id, p) in enumerate(zip(group["params"], current["params"])):
-                entry = saved.get(saved_id)
-                if entry is None or (isinstance(entry, dict) and not entry):
-                    continue  # none, or the empty entry that reading opt.state[p] leaves
-                check_saved_state(gi, index, p, entry, layout)
+        copy_saved_state(self.state, state_dict, self.param_groups)
 
     def state_dict(self) -> dict[str, Any]:
         """As ``torch.optim.Optimizer.state_dict``, plus the ``seed`` the noise is drawn with;
         callables in the param groups (schedules, clipping functions) are left out so that
         ``torch.load(weights_only=True)`` can read it. The post-hooks see the finished dict."""
-        with _hooks_suspended(self, "_optimizer_state_dict_post_hooks"):
+        with hooks_suspended(self, "_optimizer_state_dict_post_hooks"):
             state = super().state_dict()
         for group in state["param_groups"]:
             for key in [k for k, v in group.items() if callable(v)]:
@@ -1005,145 +509,3 @@ class Kron(torch.optim.Optimizer):
             changed = hook(self, state)
             state = state if changed is None else changed
         return state
-
-
-def _as_saved_before(group: dict[str, Any]) -> dict[str, Any]:
-    """A loaded group with the values earlier versions let through in their current form:
-    ``merge_dims`` 0 or 1 (which ran as False and True) as a bool, and a NumPy integer step
-    count (which the draws' seeding cannot take) as an ``int``."""
-    merge = group.get("merge_dims")
-    if type(merge) is int and merge in (0, 1):
-        group["merge_dims"] = bool(merge)
-    step = group.get("step")
-    if isinstance(step, numbers.Integral) and not isinstance(step, (bool, int)):
-        group["step"] = int(step)
-    return group
-
-
-def warmup_factor(t: int, warmup_steps: int) -> float:
-    """heavyball's warm-up, ``t / max(t, warmup_steps + 1)`` on step ``t`` counted from 1 (its
-    option, so its formula): ``1/(W+1), …, W/(W+1)``, then 1 from step ``W + 1``. With
-    ``warmup_steps=1`` the first step takes half the learning rate."""
-    return t / max(t, warmup_steps + 1)
-
-
-def _autocast_disabled() -> contextlib.ExitStack:
-    """A context without the autocast that is on (CPU or CUDA), if any: under it the factor
-    products would run in bfloat16 or float16 whatever ``precond_dtype`` says."""
-    stack = contextlib.ExitStack()
-    for device_type in ("cpu", "cuda"):
-        if torch.is_autocast_enabled(device_type):
-            stack.enter_context(torch.autocast(device_type, enabled=False))
-    return stack
-
-
-@contextlib.contextmanager
-def _hooks_suspended(optimizer: torch.optim.Optimizer, *names: str) -> Iterator[None]:
-    """``optimizer``'s hook tables ``names`` emptied for the block: the checkpoint methods run
-    the user's hooks themselves, around their own work rather than inside torch's."""
-    saved = {name: getattr(optimizer, name) for name in names}
-    try:
-        for name in names:
-            setattr(optimizer, name, collections.OrderedDict())
-        yield
-    finally:
-        for name, hooks in saved.items():
-            setattr(optimizer, name, hooks)
-
-
-_PAST_FLOAT16 = ", or past float16's range (the factors' dtype)"
-
-
-def fresh_kron_step() -> Callable:
-    """``kron_step`` under a fresh code object. Compiled once per key, each copy gets its own
-    compile cache, so models with many shapes never hit dynamo's per-function recompile limit
-    (and no global setting changes)."""
-    fresh = types.FunctionType(
-        kron_step.__code__.replace(),
-        kron_step.__globals__,
-        kron_step.__name__,
-        kron_step.__defaults__,
-        kron_step.__closure__,
-    )
-    fresh.__kwdefaults__ = kron_step.__kwdefaults__
-    return fresh
-
-
-def _gradient_limit(group: dict[str, Any]) -> float:
-    """``finite_rows``'s limit for the group's factor dtype (65520 for float16, else inf)."""
-    return overflow_limit(
-        torch_dtype(group["precond_dtype"], "precond_dtype") or DEFAULT_PRECOND_DTYPE
-    )
-
-
-def usable_gradient(grad: torch.Tensor, group: dict[str, Any]) -> bool:
-    """Whether ``grad`` is finite, and within float16's range when the group's factors are
-    float16 (their products would overflow): the test ``nonfinite="raise"`` applies."""
-    if grad.numel() == 0:  # an empty parameter, or a rank's empty shard of one
-        return True
-    return bool(finite_rows(grad.reshape(1, -1), OPS, _gradient_limit(group))[0])
-
-
-def _check_layout(gi: int, index: int, plan: Any, factors: list[torch.Tensor]) -> None:
-    """``ValueError`` when a parameter's factors were made for another layout than ``plan``,
-    the group's options now give (a layout option changed after the first step)."""
-    found = [tuple(f.shape) for f in factors]
-    blocks = plan.num_blocks
-    fits = len(found) == plan.order and all(
-        shape in ((blocks, n, n), (blocks, n * (n + 1) // 2)) if dense else shape == (blocks, n)
-        for shape, n, dense in zip(found, plan.block_shape, plan.dense)
-    )
-    if not fits:
-        raise ValueError(
-            f"The factors of parameter {index} of group {gi} have shapes {found}, made for "
-            f"another layout than the group's options now give ({blocks} block(s) of "
-            f"{plan.block_shape}, dense axes {plan.dense}). Options that set the layout "
-            "(block_size, split, merge_dims, max_size_triangular, min_ndim_triangular, "
-            "memory_save_mode, max_skew) cannot change after a parameter's first step."
-        )
-
-
-def _convert_preconditioner(state: dict[str, Any], dtype: torch.dtype) -> None:
-    """``state``'s factors and cache in ``dtype``, its Lipschitz estimates in at least float32."""
-    state["factors"] = [f.to(dtype) for f in state["factors"]]
-    state["cache"] = [c.to(dtype) for c in state["cache"]]
-    wide = torch.promote_types(dtype, torch.float32)
-    state["lipschitz"] = [lip.to(wide) for lip in state["lipschitz"]]
-
-
-def initial_state(
-    group: dict[str, Any], p: torch.Tensor, plan: Any, options: StepOptions, scale: float
-) -> dict[str, Any]:
-    """The state of parameter ``p`` before its first step: zero momentum, ``Q_i = scale^(1/k)·I``
-    (or ``P_i``, for the geometries that keep P), the initial Lipschitz estimates, no cache and
-    a zero step count, in the dtypes ``group`` asks for."""
-    precond_dtype = torch_dtype(group["precond_dtype"], "precond_dtype") or DEFAULT_PRECOND_DTYPE
-    mu_dtype = torch_dtype(group["mu_dtype"], "mu_dtype") or p.dtype
-    like = torch.zeros((), dtype=precond_dtype, device=p.device)
-    factors = init_factors(plan, scale, like, OPS, options.fit.state_is_p)
-    if group["store_triu_as_line"]:
-        factors = pack_triangles(factors, plan)
-    lipschitz_like = torch.zeros(
-        (), dtype=torch.promote_types(precond_dtype, torch.float32), device=p.device
-    )
-    state = {
-        "momentum": torch.zeros(p.shape, dtype=mu_dtype, device=p.device),
-        "factors": factors,
-        "lipschitz": init_lipschitz(plan, lipschitz_like, OPS),
-        "cache": [],
-        "count": torch.zeros((), dtype=torch.float32, device=p.device),
-        "skipped": torch.zeros((), dtype=torch.int64, device=p.device),
-    }
-    if group["mars"]:
-        state["previous_grad"] = torch.zeros(p.shape, dtype=mu_dtype, device=p.device)
-    return state
-
-
-def _to_device(value: Any, device: torch.device) -> Any:
-    """A copy of ``value`` on ``device``: the optimizer updates its state in place, and the
-    caller's state dict must not change under it."""
-    if isinstance(value, torch.Tensor):
-        return value.to(device=device, copy=True)
-    if isinstance(value, list):
-        return [_to_device(v, device) for v in value]
-    return value

@@ -4,8 +4,9 @@ A group is the dict torch keeps per param group, with every option filled in fro
 optimizer's defaults. :func:`check_types`, :func:`check_ranges` and :func:`core_records` raise
 ``ValueError`` naming the option and the value given; :func:`core_records` also builds the
 :class:`~kron.core.LayoutOptions` and :class:`~kron.core.StepOptions` that
-:func:`kron.core.kron_step` takes. The optimizer caches those records per distinct set of
-:data:`RECORD_KEYS` values.
+:func:`kron.core.kron_step` takes; :func:`cached_records` keeps them per distinct set of
+:data:`RECORD_KEYS` values. :func:`new_group` and :func:`check_settings` check what
+``add_param_group`` and the constructor are given.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 
 from kron.core import DECISION_RULES, FitOptions, LayoutOptions, StepOptions
 from kron.core.layout import MERGE_RULES
-from kron.core.option_types import check_option_types, is_real_number
+from kron.core.option_types import as_python_number, check_option_types, is_real_number
 from kron.torch.functional import CLIPPING_NAMES, HEAVYBALL_CLIPPING, clipper
 
 PRECONDITIONER_TYPES = ("whitening", "newton")
@@ -146,6 +147,19 @@ def check_seed(seed: Any) -> int:
     return int(seed)
 
 
+def check_settings(nonfinite: Any, resync: Any) -> None:
+    """``ValueError`` unless ``nonfinite`` is one of :data:`NONFINITE_POLICIES` and ``resync`` a
+    non-negative int or None (two of the options kept on the optimizer, not in its groups)."""
+    if nonfinite not in NONFINITE_POLICIES:
+        raise ValueError(
+            f"Unknown nonfinite {nonfinite!r}; accepted: {', '.join(NONFINITE_POLICIES)}."
+        )
+    if resync is not None and (
+        isinstance(resync, bool) or not isinstance(resync, int) or resync < 0
+    ):
+        raise ValueError(f"resync must be a non-negative int or None; got {resync!r}.")
+
+
 def check_hvp_methods(groups: Iterable[dict[str, Any]]) -> None:
     """``ValueError`` when Newton-type groups name different ``hvp_method`` values: one pass
     over the closure computes the Hessian-vector products of them all."""
@@ -190,6 +204,40 @@ def group_with_our_names(group: dict[str, Any]) -> dict[str, Any]:
         else:
             renamed[name] = group[alias]
     return renamed
+
+
+def new_group(param_group: dict[str, Any], settings: Iterable[str], gi: int) -> dict[str, Any]:
+    """``param_group``, given to ``add_param_group`` as group ``gi``, with our option names
+    (:func:`group_with_our_names`), its ``params`` a list (a lone tensor listed, a generator
+    read once; a set is left for torch to refuse) and NumPy numbers as Python ones, which
+    ``torch.load(weights_only=True)`` reads. ``ValueError`` when it sets one of the
+    optimizer-wide ``settings`` (or ``foreach``), or holds a sparse parameter or one of a dtype
+    the step cannot take."""
+    param_group = group_with_our_names(param_group)
+    # heavyball's foreach is stack_params, one value for the whole optimizer too.
+    global_only = [name for name in (*settings, "foreach") if name in param_group]
+    if global_only:
+        raise ValueError(
+            f"{', '.join(global_only)} cannot be set per param group (one value serves "
+            "the whole optimizer); pass it to the constructor."
+        )
+    params = param_group["params"]
+    if isinstance(params, torch.Tensor):
+        params = [params]
+    elif not isinstance(params, set):  # torch refuses sets, as unordered, with its message
+        params = list(params)  # a generator is read once, here
+    for index, p in enumerate(params):
+        if isinstance(p, torch.Tensor) and p.is_sparse:
+            raise ValueError(
+                f"Kron does not support sparse parameters (parameter {index} of the new "
+                f"group, shape {tuple(p.shape)}); accepted: dense tensors."
+            )
+        if isinstance(p, torch.Tensor):  # torch refuses anything else itself
+            check_parameter_dtype(p, index, gi)
+    # NumPy numbers are kept as Python ones: torch.load(weights_only=True) reads no others.
+    param_group = {k: as_python_number(v) for k, v in param_group.items()}
+    param_group["params"] = params
+    return param_group
 
 
 def merge_alias(value: Any, name: str, alias: Any, alias_name: str, default: Any = None) -> Any:
@@ -333,7 +381,7 @@ def core_records(group: dict[str, Any]) -> tuple[LayoutOptions, StepOptions]:
         momentum_rule="debiased_ema",
         whiten_momentum=whiten_momentum,
         precondition_momentum=group["exp_avg_input"],
-        cache=False,  # decided per step, see Kron._step_bucket
+        cache=False,  # decided per step, see decisions.group_context
         fit_before_apply=not group["delayed"],
         clip_rms=None,
         clip_max=None,
@@ -346,6 +394,25 @@ def core_records(group: dict[str, Any]) -> tuple[LayoutOptions, StepOptions]:
     return layout, step
 
 
+def cached_records(
+    cache: dict[tuple, tuple[LayoutOptions, StepOptions]], group: dict[str, Any]
+) -> tuple[LayoutOptions, StepOptions]:
+    """:func:`core_records` for ``group``, kept in ``cache`` (the optimizer's) per distinct set of
+    :data:`RECORD_KEYS` values; raises ``ValueError`` on a bad value. Values are keyed with their
+    types: ``1 == True``, so ``merge_dims=1`` would otherwise find the records of
+    ``merge_dims=True``, unchecked."""
+    key = tuple((type(group[name]), group[name]) for name in RECORD_KEYS)
+    try:
+        records = cache.get(key)
+    except TypeError:  # an unhashable value (a dataclass schedule, a list): build, not cache
+        return core_records(group)
+    if records is None:
+        if len(cache) > 64:  # options changed by hand many times; start afresh
+            cache.clear()
+        records = cache[key] = core_records(group)
+    return records
+
+
 __all__ = [
     "FLOAT_DTYPES",
     "GROUP_ALIASES",
@@ -354,13 +421,16 @@ __all__ = [
     "PRECONDITIONER_TYPES",
     "RECORD_KEYS",
     "SEED_LIMIT",
+    "cached_records",
     "check_hvp_methods",
     "check_parameter_dtype",
     "check_ranges",
     "check_seed",
+    "check_settings",
     "check_types",
     "core_records",
     "group_with_our_names",
     "merge_alias",
+    "new_group",
     "torch_dtype",
 ]

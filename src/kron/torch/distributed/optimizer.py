@@ -37,7 +37,8 @@ from kron.torch.distributed.replicas import (
     unpack,
 )
 from kron.torch.distributed.shards import Gather, Scatter, ShardSpec, is_dtensor, local_part
-from kron.torch.optimizer import Kron, usable_gradient
+from kron.torch.gradients import usable_gradient
+from kron.torch.optimizer import Kron
 
 
 class _Entry(NamedTuple):
