@@ -140,6 +140,33 @@ def test_half_precision_factors_leave_the_gradient_and_momentum_in_float32() -> 
     np.testing.assert_allclose(to_numpy(momentum), 1.3, rtol=1e-5)
 
 
+def test_float16_factors_fit_padded_blocks() -> None:
+    """Padded blocks (``block_size`` not dividing a dimension) with float16 factors: the fit
+    adds the padding's largest per-index count to the factor's norm bound, which a float16
+    factor gets in float32. TensorFlow adds no mixed dtypes, so every such fit raised there."""
+    rng = np.random.default_rng(0)
+    start = rng.standard_normal((10, 6)).astype(np.float32)  # blocks of 4 pad to 12 x 8
+    grads = [rng.standard_normal((10, 6)).astype(np.float32) for _ in range(5)]
+    results = {}
+    for precond_dtype in ("float16", "float32"):
+        variable = keras.Variable(start, dtype="float32")
+        optimizer = Kron(
+            learning_rate=0.01,
+            precond_dtype=precond_dtype,
+            block_size=4,
+            preconditioner_update_probability=1.0,
+        )
+        for grad in grads:
+            optimizer.apply([keras.ops.convert_to_tensor(grad)], [variable])
+        factors = [v for v in optimizer.variables if "_q" in v.path]
+        assert factors and {keras.backend.standardize_dtype(f.dtype) for f in factors} == {
+            precond_dtype
+        }
+        results[precond_dtype] = to_numpy(variable)
+    assert not np.array_equal(results["float16"], start)
+    np.testing.assert_allclose(results["float16"], results["float32"], atol=2e-3)
+
+
 def test_a_probability_callable_gets_a_float_step() -> None:
     """Seed 000 called the schedule with a float32 step; one written with ``keras.ops`` and
     float constants failed on TensorFlow, whose step counter is int64."""

@@ -303,8 +303,14 @@ def fit(
             else:
                 # The auxiliary term is E vvᵀ = diag(count), so it is subtracted on the diagonal.
                 count = _whitening_count(mask, i, shape, ops)
-                biggest = count if isinstance(count, float) else ops.max(count, axis=-1)
-                ell = _bound(t1, dense, options, ops, probes) + biggest
+                bound = _bound(t1, dense, options, ops, probes)
+                # In the bound's dtype: a float16 bound comes back in float32.
+                biggest = (
+                    count
+                    if isinstance(count, float)
+                    else ops.astype(ops.max(count, axis=-1), ops.dtype(bound))
+                )
+                ell = bound + biggest
                 g = ops.add_diagonal(t1, -count, into=t1) if dense else t1 - count
         # The estimate keeps its stored dtype, so a state's dtypes never change in a step. A
         # narrower bound (bfloat16 factors, float32 L) is widened first: TensorFlow does not

@@ -134,7 +134,7 @@ def _fit(
             precond_lr=precond_lr,
             do_fit=True,
             ops=OPS,
-            mask=_mask(plan, dtype),
+            mask=_mask(plan, old.factors[0].dtype),
             **inputs,
         )
         factors = tuple(new.factors)
@@ -182,7 +182,9 @@ def _fit_inputs(
     return inputs
 
 
-def _mask(plan: Plan, dtype: str) -> Any:
+def _mask(plan: Plan, dtype: Any) -> Any:
+    """The plan's padding mask (None without one) in ``dtype``, the factors' dtype: the fit
+    combines it with the factors' statistics, and TensorFlow does not promote mixed dtypes."""
     mask = plan.mask()
     return None if mask is None else kops.convert_to_tensor(mask, dtype)
 
