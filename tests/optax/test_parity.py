@@ -23,7 +23,7 @@ from kron.core import (
     make_plan,
 )
 from kron.optax import leaf_key, scale_by_kron
-from kron.optax.engine import BALANCE, NEWTON_PROBE, NOISE
+from kron.optax.fitting import BALANCE, NEWTON_PROBE, NOISE
 
 OPS = get_ops("jax")
 STEPS = 50

@@ -33,7 +33,7 @@ from kron.optax import (
     scale_by_skew,
     skew,
 )
-from kron.optax.engine import NOISE
+from kron.optax.fitting import NOISE
 from kron.optax.quad_skew import annealed_precond_lr
 
 OPS = get_ops("jax")

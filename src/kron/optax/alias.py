@@ -9,7 +9,7 @@ from typing import Any
 import jax
 import optax
 
-from kron.optax.engine import check_chain_options, decays_weights
+from kron.optax.options import check_chain_options, decays_weights
 from kron.optax.sharding import chain_state_specs, param_specs
 from kron.optax.transform import scale_by_kron
 

@@ -21,10 +21,10 @@ import optax
 
 from kron.core import FitOptions, LayoutOptions, StepOptions
 from kron.core.option_types import check_option_types
-from kron.optax.engine import (
+from kron.optax.engine import build
+from kron.optax.options import (
     INJECTED_HINT,
     EngineConfig,
-    build,
     check_chain_options,
     decays_weights,
     float_dtype,

@@ -1,7 +1,8 @@
 """``scale_by_kron``: PSGD-Kron as an optax ``GradientTransformation`` (psgdax's contract).
 
-The arithmetic is :mod:`kron.core`'s; :mod:`kron.optax.engine` stacks the leaves, draws the
-randomness and decides when to fit. This module only maps psgdax's options onto them.
+The arithmetic is :mod:`kron.core`'s; :mod:`kron.optax.engine` stacks the leaves and
+:mod:`kron.optax.fitting` draws the randomness and decides when to fit. This module only maps
+psgdax's options onto them.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from kron.core import (
     get_ops,
 )
 from kron.core.option_types import check_option_types
-from kron.optax.engine import EngineConfig, build, float_dtype, require_option
+from kron.optax.engine import build
+from kron.optax.options import EngineConfig, float_dtype, require_option
 
 
 def scale_by_kron(
