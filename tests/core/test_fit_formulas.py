@@ -109,9 +109,7 @@ def reference_fit(geometry, factors, lipschitz, x, v, newton):
             ell = _bound(t1 + t2)
         else:  # whitening with T2 = (N/n_i)·I: ‖T1‖ + N/n_i
             ell = _bound(t1) + SIZE / len(t1)
-        lipschitz_now = max(
-            BETA_LIPSCHITZ * lipschitz[axis] + (1 - BETA_LIPSCHITZ) * ell, ell
-        )
+        lipschitz_now = max(BETA_LIPSCHITZ * lipschitz[axis] + (1 - BETA_LIPSCHITZ) * ell, ell)
         step = PRECOND_LR / lipschitz_now
         if dense:
             new = _dense_update(geometry, square[0], step, t1 - t2)

@@ -763,3 +763,56 @@ def test_select_state_keeps_each_parameters_blocks(backend):
             got, per_block.reshape((6,) + (1,) * (got.ndim - 1)) + 0 * got
         )
     np.testing.assert_array_equal(backend.numpy(picked.momentum), [[0.0] * 5, [1.0] * 5])
+
+
+@pytest.mark.parametrize("whiten_momentum", [True, False])
+@pytest.mark.parametrize("geometry", ALL_GEOMETRIES)
+def test_a_parameter_with_an_all_zero_gradient_keeps_its_factors(
+    backend, geometry, whiten_momentum
+):
+    """A fit leaves the factors of a parameter whose gradient is all zeros (one the loss did not
+    use) as they were, even when it whitens the momentum, which is not zero; the momentum still
+    decays. Fitted on a decaying momentum, or on the damping noise alone, P grew as fast as the
+    momentum shrank and held such a parameter's update at the clip's size for ~150 steps."""
+    plan, options, state, mask, rng = _step_setup(
+        backend, geometry, beta=0.9, whiten_momentum=whiten_momentum
+    )
+    ops = backend.ops
+    g = rng.standard_normal((2, *plan.shape))
+    g[0, :8] = 0.0  # the first block of the first parameter: it is still fitted
+    g[1] = 0.0  # every block of the second
+    momentum = backend.array(rng.standard_normal((2, *plan.shape)))
+    state = state._replace(momentum=momentum)
+    zero = np.repeat([False, True], plan.num_blocks)
+    _, new = kron_step(
+        state,
+        backend.array(g),
+        3,
+        backend.array(rng.standard_normal((2 * plan.num_blocks, *plan.block_shape))),
+        plan=plan,
+        options=options,
+        precond_lr=0.1,
+        do_fit=True,
+        ops=ops,
+        mask=mask,
+    )
+    # QEP balances every block's factors before its fit, which keeps their product, P.
+    pairs = [*zip(state.lipschitz, new.lipschitz)]
+    if geometry != "QEP":
+        pairs += [*zip(state.factors, new.factors)]
+    for before, after in pairs:
+        before, after = backend.numpy(before), backend.numpy(after)
+        np.testing.assert_array_equal(after[zero], before[zero])
+        assert all(not np.array_equal(a, b) for a, b in zip(after[~zero], before[~zero]))
+    x = backend.array(rng.standard_normal((2 * plan.num_blocks, *plan.block_shape)))
+    fit = options.fit
+    p_before, p_after = (
+        backend.numpy(precondition(list(f), x, ops, fit.state_is_p, fit.symmetric_p))
+        for f in (state.factors, new.factors)
+    )
+    np.testing.assert_allclose(p_after[zero], p_before[zero], rtol=1e-12, atol=1e-12)
+    assert not np.allclose(p_after[~zero], p_before[~zero])
+    # The second parameter's average of zero gradients shrinks by one factor everywhere.
+    ratio = backend.numpy(new.momentum)[1] / backend.numpy(momentum)[1]
+    assert 0 < ratio.flat[0] < 1
+    np.testing.assert_allclose(ratio, ratio.flat[0], rtol=1e-12)

@@ -158,3 +158,22 @@ def test_seed_import_gives_the_keras_optimizer_lazily() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
     )
     assert out.stdout.strip() == "False"
+
+
+def test_a_variable_with_zero_gradients_coasts_to_a_stop() -> None:
+    """Zero gradients (a loss weight of 0, a head the loss stopped using) leave the
+    preconditioner as it is, so the update decays with the momentum (it stayed at the clip's
+    size for ~150 steps: a drift of 12.7 here over 100 steps, now 1.1)."""
+    rng = np.random.default_rng(0)
+    start = rng.standard_normal((16, 16)).astype(np.float32)
+    grads = [rng.standard_normal((16, 16)).astype(np.float32) for _ in range(20)]
+    variable = keras.Variable(start)
+    optimizer = Kron(learning_rate=1e-2)
+    for grad in grads:
+        optimizer.apply([keras.ops.convert_to_tensor(grad)], [variable])
+    trained = keras.ops.convert_to_numpy(variable)
+    zeros = keras.ops.zeros((16, 16))
+    for _ in range(100):
+        optimizer.apply([zeros], [variable])
+    one_step = 1e-2 * 1.1 * 16  # a whole update at the RMS clip, in norm
+    assert np.linalg.norm(keras.ops.convert_to_numpy(variable) - trained) < 15 * one_step

@@ -729,3 +729,18 @@ def test_lr_scale_may_return_a_0d_array(rng):
     ArrayScale().step("w", a, grad)
     FloatScale().step("w", b, grad)
     np.testing.assert_array_equal(a, b)
+
+
+def test_a_parameter_with_zero_gradients_coasts_to_a_stop(rng):
+    """Zero gradients leave the preconditioner as it is, so the update decays with the
+    momentum (it stayed at the clip's size for ~150 steps: a drift of 9 here)."""
+    w = rng.standard_normal((16, 16))
+    x, y = rng.standard_normal((64, 16)), rng.standard_normal((64, 16))
+    opt = KronPsgd(lr=1e-2)
+    for _ in range(20):
+        opt.step("w", w, 2 * x.T @ (x @ w - y) / y.size)
+    trained = w.copy()
+    for _ in range(200):
+        opt.step("w", w, np.zeros_like(w))
+    one_step = 1e-2 * 1.1 * 16  # a whole update at the RMS clip, in norm
+    assert np.linalg.norm(w - trained) < 15 * one_step

@@ -756,3 +756,33 @@ def test_mars_switched_on_after_the_first_step_starts_from_a_zero_previous_gradi
             assert torch.equal(opt.state[p]["previous_grad"], grads[1])
         params.append(p.detach().clone())
     torch.testing.assert_close(params[0], params[1], rtol=1e-6, atol=0)
+
+
+def _drift_after_zero_gradients(make_optimizer, zero_steps: int = 200) -> float:
+    """How far a 16x16 weight moves over ``zero_steps`` steps of all-zero gradients after 20
+    steps of a least-squares fit."""
+    torch.manual_seed(0)
+    weight = nn.Parameter(torch.randn(16, 16))
+    x, y = torch.randn(64, 16), torch.randn(64, 16)
+    optimizer = make_optimizer([weight])
+    for _ in range(20):
+        optimizer.zero_grad()
+        ((x @ weight - y) ** 2).mean().backward()
+        optimizer.step()
+    trained = weight.detach().clone()
+    for _ in range(zero_steps):
+        weight.grad = torch.zeros_like(weight)
+        optimizer.step()
+    return (weight.detach() - trained).norm().item()
+
+
+def test_a_parameter_with_zero_gradients_coasts_to_a_stop_as_under_adam():
+    """Zero gradients (a parameter the loss stopped using, ``zero_grad(set_to_none=False)``)
+    leave P as it is, so the update decays with the momentum. P used to grow as fast as the
+    momentum shrank: the update stayed at the clip's size for ~150 steps (a drift of 31 here,
+    against AdamW's 0.8)."""
+    kron = _drift_after_zero_gradients(lambda ps: Kron(ps, lr=1e-2))
+    adamw = _drift_after_zero_gradients(lambda ps: torch.optim.AdamW(ps, lr=1e-2))
+    one_step = 1e-2 * 1.1 * 16  # a whole update at the RMS clip, in norm
+    assert kron < 15 * one_step  # measured 1.5, 8.5 such steps; AdamW's 0.8
+    assert adamw < 15 * one_step

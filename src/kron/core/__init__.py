@@ -20,7 +20,7 @@ from kron.core.clipping import (
     shrink_factor,
     soft_clip,
 )
-from kron.core.finite import FLOAT16_OVERFLOW, finite_rows, overflow_limit
+from kron.core.finite import FLOAT16_OVERFLOW, finite_rows, nonzero_rows, overflow_limit
 from kron.core.fitting import (
     DAMPING_RULES,
     GEOMETRIES,
@@ -111,6 +111,7 @@ __all__ = [
     "make_plan",
     "mars_correction",
     "mode_product",
+    "nonzero_rows",
     "norm_lower_bound",
     "norm_per_parameter",
     "overflow_limit",

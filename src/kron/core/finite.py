@@ -1,4 +1,5 @@
-"""Finiteness per stacked item: what the fit and the front ends check before state is written."""
+"""Per stacked item, what the fit and the front ends check before state is written: finiteness,
+and whether a gradient holds anything but zeros."""
 
 from __future__ import annotations
 
@@ -37,3 +38,11 @@ def finite_rows(x: Any, ops: Any, limit: float = math.inf) -> Any:
     simplifies ``x·0`` to 0 and the test to True."""
     axes = tuple(range(1, len(x.shape)))
     return (ops.max_abs(x, axes) if axes else ops.abs(x)) < limit
+
+
+def nonzero_rows(x: Any, ops: Any) -> Any:
+    """``(S,)`` booleans: whether ``x[s]`` (``x`` is ``(S, ...)``) has an entry other than zero
+    (NaN counts as one: :func:`finite_rows` is what rejects it). One reduction, as in
+    :func:`finite_rows`."""
+    axes = tuple(range(1, len(x.shape)))
+    return (ops.max_abs(x, axes) if axes else ops.abs(x)) > 0

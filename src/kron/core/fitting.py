@@ -241,6 +241,7 @@ def fit(
     mask: Any = None,
     norm_probes: Sequence[Any] | None = None,
     cache: Sequence[Any] | None = None,
+    informative: Any = None,
 ) -> tuple[list[Any], list[Any]]:
     """One preconditioner update (§4.0). Returns ``(factors, lipschitz)``.
 
@@ -256,6 +257,9 @@ def fit(
       norm_probes: per factor, ``(B, r, n_i)`` normals for the ``"subspace"`` norm bound.
       cache: ``P_i = Q_iᵀQ_i`` of these factors, when the caller keeps it: ``P·x`` then takes one
         product per axis instead of two. Ignored by EQ, which does not form ``P·x``.
+      informative: ``(B,)`` booleans, the blocks of parameters whose gradient this step has an
+        entry other than zero (:func:`kron.core.kron_step` passes them); the others keep their
+        factor and estimate. None: every block is fitted.
     """
     geometry = options.geometry
     newton = probe is not None
@@ -329,10 +333,15 @@ def fit(
         )
         # Wider inputs (a float64 μ, a float32 x) must not change the factor's dtype.
         updated = ops.astype(updated, ops.dtype(q))
+        # A parameter whose gradient is all zeros (one the loss did not use) keeps its
+        # factors: fitted on the damping noise alone, or on a decaying momentum, P would grow
+        # as fast as the momentum shrinks and keep the update at the clip's size for as long.
         # A block whose fit overflowed (a finite float32 gradient near 1e19 squares past the
         # range) keeps its factor and estimate: an inf L would freeze the factor for good, and a
         # NaN factor would reach the parameters.
         ok = _finite_blocks(updated, ops) & ops.isfinite(lip)
+        if informative is not None:
+            ok = ok & informative
         new_factors.append(ops.where(_per_block(ok, q, ops), updated, q, into=updated))
         new_lipschitz.append(ops.where(ok, lip, old_lip))
     return new_factors, new_lipschitz

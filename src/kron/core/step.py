@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from kron.core.clipping import clip_elementwise, clip_rms, soft_clip
+from kron.core.finite import nonzero_rows
 from kron.core.fitting import FitOptions, fit
 from kron.core.kron_product import cache_preconditioner, precondition
 from kron.core.layout import LayoutOptions, Plan
@@ -120,6 +121,12 @@ def update_momentum(
     return ops.lerp(momentum, grad, weight, in_place=in_place)
 
 
+def _blocks_of(flags: Any, num_blocks: int, ops: Any) -> Any:
+    """``(S·B,)`` booleans from ``(S,)`` per-parameter ``flags``: each parameter's flag for each
+    of its ``num_blocks`` blocks."""
+    return ops.reshape(ops.reshape(flags, (-1, 1)) & ops.ones((1, num_blocks), flags), (-1,))
+
+
 def select_state(
     ok: Any, new: TensorState, old: TensorState, num_blocks: int, ops: Any
 ) -> TensorState:
@@ -134,7 +141,7 @@ def select_state(
             return a
         return ops.where(ops.reshape(flags, (-1,) + (1,) * (len(a.shape) - 1)), a, b)
 
-    per_block = ops.reshape(ops.reshape(ok, (-1, 1)) & ops.ones((1, num_blocks), ok), (-1,))
+    per_block = _blocks_of(ok, num_blocks, ops)
     return TensorState(
         tuple(pick(per_block, a, b) for a, b in zip(new.factors, old.factors)),
         tuple(pick(per_block, a, b) for a, b in zip(new.lipschitz, old.lipschitz)),
@@ -224,6 +231,7 @@ def kron_step(
             mask=mask,
             norm_probes=norm_probes,
             cache=cache if use_cache else None,
+            informative=_blocks_of(nonzero_rows(grad, ops), plan.num_blocks, ops),
         )
         cache = cache_preconditioner(factors, ops) if use_cache else []
 

@@ -24,6 +24,7 @@ from kron.core import (
     finite_rows,
     fit,
     fourth_moment,
+    nonzero_rows,
     scale_from_moments,
     shared_scale,
 )
@@ -108,6 +109,10 @@ def fit_step(
     # Per-row flags of finite gradients, made here (resharding them may need collectives)
     # and used by both the fit's selection and the product outside it.
     unit_finite = unit_flags(config, finite, layouts, stacks)
+    # A layer whose gradient is all zeros (one the loss did not use) keeps its factors as a
+    # non-finite one does (kron.core.fit says why); its momentum still decays.
+    fitted_layers = [ok & nonzero_rows(g, OPS) for ok, g in zip(finite, layered)]
+    unit_fitted = unit_flags(config, fitted_layers, layouts, stacks)
 
     def fit_branch(f: list, c: list) -> Any:
         with precision(config.fit_precision):
@@ -124,10 +129,11 @@ def fit_step(
                 params,
                 value_fn,
             )
-        # A layer keeps its fitted factors only if its gradient (and Newton pair) was finite.
-        rows = unit_finite
+        # A layer keeps its fitted factors only if its gradient (and Newton pair) was finite
+        # and not all zeros.
+        rows = unit_fitted
         if config.newton:
-            keep = [ok & pair_ok for ok, pair_ok in zip(finite, fit_ok)]
+            keep = [ok & pair_ok for ok, pair_ok in zip(fitted_layers, fit_ok)]
             rows = unit_flags(config, keep, layouts, stacks)
         return (
             select_units(config, rows, new_f, f),
