@@ -225,6 +225,15 @@ class Kron(keras.optimizers.Optimizer):
         self.seed = int(seed)
         self.nonfinite = validation.choice(nonfinite, "nonfinite", validation.NONFINITE_POLICIES)
         self._step_options = self._build_step_options()  # the core validates the rest
+        self._fit_settings = preconditioner.FitSettings(
+            options=self._step_options,
+            precond_lr=self.precond_lr,
+            balance_probability=self.balance_probability,
+            norm_bound=self.norm_bound,
+            damping=self.damping,
+            dtype=self.precond_dtype,
+            scale_from_gradient=self.precond_init_scale is None,
+        )
         self._schedule = (
             UpdateProbability()
             if preconditioner_update_probability is None
@@ -383,16 +392,8 @@ class Kron(keras.optimizers.Optimizer):
             finite,
             fit,
             plan=plan,
-            index=index,
-            seed=self._seed,
-            step=lambda: self.iterations,
-            options=self._step_options,
-            precond_lr=self.precond_lr,
-            balance_probability=self.balance_probability,
-            norm_bound=self.norm_bound,
-            damping=self.damping,
-            dtype=self.precond_dtype,
-            scale_from_gradient=self.precond_init_scale is None,
+            key=preconditioner.DrawKey(self._seed, lambda: self.iterations, index),
+            settings=self._fit_settings,
         )
         state = old._replace(factors=factors, lipschitz=lipschitz, cache=cache)
         y, new = kron_step(

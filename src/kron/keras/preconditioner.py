@@ -10,7 +10,7 @@ caller reads the state and stores the result.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 from keras import ops as kops
 
@@ -30,6 +30,30 @@ OPS = get_ops("keras")
 SUBSPACE_PROBES = 32  # rows of the norm-bound probes for norm_bound="subspace" (psgd_torch's)
 
 
+class FitSettings(NamedTuple):
+    """The optimizer's options that a preconditioner update reads, gathered once in
+    ``Kron.__init__`` (``dtype``: ``precond_dtype``; ``scale_from_gradient``:
+    ``precond_init_scale=None``; the others are the options of those names)."""
+
+    options: StepOptions
+    precond_lr: float
+    balance_probability: float
+    norm_bound: str
+    damping: float
+    dtype: str
+    scale_from_gradient: bool
+
+
+class DrawKey(NamedTuple):
+    """What keys one variable's random draws: ``seed()`` and ``step()`` read the optimizer's
+    seed and step, and are called where a draw is made, so the reads (and the step's division
+    under gradient accumulation) stay inside the branch that uses them."""
+
+    seed: Callable[[], Any]
+    step: Callable[[], Any]
+    index: int
+
+
 def update(
     old: TensorState,
     grad: Any,
@@ -38,55 +62,26 @@ def update(
     fit: Any,
     *,
     plan: Plan,
-    index: int,
-    seed: Callable[[], Any],
-    step: Callable[[], Any],
-    options: StepOptions,
-    precond_lr: float,
-    balance_probability: float,
-    norm_bound: str,
-    damping: float,
-    dtype: str,
-    scale_from_gradient: bool,
+    key: DrawKey,
+    settings: FitSettings,
 ) -> tuple[Any, ...]:
-    """``(factors, lipschitz, cache)`` for this step of variable ``index``.
+    """``(factors, lipschitz, cache)`` for this step of the variable ``key.index``.
 
     ``old`` is its stored state, ``grad`` its gradient as ``(1, *shape)`` (zeros where not
-    ``finite``), ``count`` its update count and ``fit`` this step's decision. ``seed()`` and
-    ``step()`` read the optimizer's seed and step, which with ``index`` key every random draw;
-    they are called where a draw is made, so the reads (and the step's division under gradient
-    accumulation) stay inside the branch that uses them. The other arguments are the optimizer's
-    options of those names (``dtype``: ``precond_dtype``; ``scale_from_gradient``:
-    ``precond_init_scale=None``)."""
+    ``finite``), ``count`` its update count and ``fit`` this step's decision."""
 
     def changed() -> tuple[Any, ...]:
         """The first update's automatic init scale, then this step's fit if any."""
         start = old
-        if scale_from_gradient:
-            start = _scale_at_first_step(old, grad, count, plan, damping, options)
+        if settings.scale_from_gradient:
+            start = _scale_at_first_step(old, grad, count, plan, settings)
         return native.cond(
-            fit,
-            _fit(
-                start,
-                grad,
-                count,
-                finite,
-                plan=plan,
-                index=index,
-                seed=seed,
-                step=step,
-                options=options,
-                precond_lr=precond_lr,
-                balance_probability=balance_probability,
-                norm_bound=norm_bound,
-                dtype=dtype,
-            ),
-            lambda: _parts(start),
+            fit, _fit(start, grad, count, finite, plan, key, settings), lambda: _parts(start)
         )
 
     # Only the preconditioner's update sits under the conds; applying it runs outside, so a
     # step that does not fit takes the cheap branch and XLA schedules the products freely.
-    first = count == 0 if scale_from_gradient else False
+    first = count == 0 if settings.scale_from_gradient else False
     return native.cond(kops.logical_or(fit, first), changed, lambda: _parts(old))
 
 
@@ -107,41 +102,34 @@ def _fit(
     grad: Any,
     count: Any,
     finite: Any,
-    *,
     plan: Plan,
-    index: int,
-    seed: Callable[[], Any],
-    step: Callable[[], Any],
-    options: StepOptions,
-    precond_lr: float,
-    balance_probability: float,
-    norm_bound: str,
-    dtype: str,
+    key: DrawKey,
+    settings: FitSettings,
 ) -> Callable[[], tuple[Any, ...]]:
     """The fit branch: ``kron_step``'s preconditioner update (its direction is not used, so
     the compiler drops it), with a random balance after it. The new factors, estimates and
     cache are kept only when the gradient was ``finite``."""
 
     def run() -> tuple[Any, ...]:
-        inputs = _fit_inputs(seed, step, index, plan, norm_bound, dtype)
+        inputs = _fit_inputs(key, plan, settings)
         _, new = kron_step(
             old,
             grad,
             count,
             inputs.pop("noise"),
             plan=plan,
-            options=options,
-            precond_lr=precond_lr,
+            options=settings.options,
+            precond_lr=settings.precond_lr,
             do_fit=True,
             ops=OPS,
             mask=_mask(plan, old.factors[0].dtype),
             **inputs,
         )
         factors = tuple(new.factors)
-        if balance_probability > 0 and plan.order > 1:
-            draw = native.uniform(seed(), step(), index, native.BALANCE)
+        if settings.balance_probability > 0 and plan.order > 1:
+            draw = native.uniform(key.seed(), key.step(), key.index, native.BALANCE)
             factors = native.cond(
-                draw < balance_probability,
+                draw < settings.balance_probability,
                 lambda: tuple(balance(factors, OPS)),
                 lambda: factors,
             )
@@ -154,25 +142,18 @@ def _fit(
     return run
 
 
-def _fit_inputs(
-    seed: Callable[[], Any],
-    step: Callable[[], Any],
-    index: int,
-    plan: Plan,
-    norm_bound: str,
-    dtype: str,
-) -> dict[str, Any]:
+def _fit_inputs(key: DrawKey, plan: Plan, settings: FitSettings) -> dict[str, Any]:
     """The fit's random draws: the damping noise and, for ``norm_bound="subspace"``, the probes
     of each axis."""
-    seed, step = seed(), step()
+    seed, step, dtype = key.seed(), key.step(), settings.dtype
     shape = (plan.num_blocks, *plan.block_shape)
-    inputs = {"noise": native.normal(seed, step, index, native.NOISE, shape, dtype)}
-    if norm_bound == "subspace":
+    inputs = {"noise": native.normal(seed, step, key.index, native.NOISE, shape, dtype)}
+    if settings.norm_bound == "subspace":
         inputs["norm_probes"] = [
             native.normal(
                 seed,
                 step,
-                index,
+                key.index,
                 native.PROBES + axis,
                 (plan.num_blocks, SUBSPACE_PROBES, n),
                 dtype,
@@ -190,12 +171,12 @@ def _mask(plan: Plan, dtype: Any) -> Any:
 
 
 def _scale_at_first_step(
-    state: TensorState, grad: Any, count: Any, plan: Plan, damping: float, options: StepOptions
+    state: TensorState, grad: Any, count: Any, plan: Plan, settings: FitSettings
 ) -> TensorState:
     """``precond_init_scale=None``: on a variable's first step, rescale Q (and the cache)
     from that gradient, ``(mean g⁴ + δ⁴)^(-1/8)`` (1.0 for a zero gradient)."""
-    scale = scale_from_moments(fourth_moment(grad, OPS), OPS, damping)
-    if options.fit.state_is_p:
+    scale = scale_from_moments(fourth_moment(grad, OPS), OPS, settings.damping)
+    if settings.options.fit.state_is_p:
         scale = scale * scale
     per_factor = kops.where(count == 0, scale ** (1.0 / plan.order), 1.0)
     return state._replace(
