@@ -225,15 +225,6 @@ class Kron(keras.optimizers.Optimizer):
         self.seed = int(seed)
         self.nonfinite = validation.choice(nonfinite, "nonfinite", validation.NONFINITE_POLICIES)
         self._step_options = self._build_step_options()  # the core validates the rest
-        self._fit_settings = preconditioner.FitSettings(
-            options=self._step_options,
-            precond_lr=self.precond_lr,
-            balance_probability=self.balance_probability,
-            norm_bound=self.norm_bound,
-            damping=self.damping,
-            dtype=self.precond_dtype,
-            scale_from_gradient=self.precond_init_scale is None,
-        )
         self._schedule = (
             UpdateProbability()
             if preconditioner_update_probability is None
@@ -393,7 +384,7 @@ class Kron(keras.optimizers.Optimizer):
             fit,
             plan=plan,
             key=preconditioner.DrawKey(self._seed, lambda: self.iterations, index),
-            settings=self._fit_settings,
+            settings=self._fit_settings(),
         )
         state = old._replace(factors=factors, lipschitz=lipschitz, cache=cache)
         y, new = kron_step(
@@ -411,6 +402,18 @@ class Kron(keras.optimizers.Optimizer):
         write_slots(self, slots, new, finite)
         self._apply_update(
             variable, index, kops.where(finite, y[0], kops.zeros_like(y[0])), finite, learning_rate
+        )
+
+    def _fit_settings(self) -> preconditioner.FitSettings:
+        """The options the preconditioner's update reads, read when a step is traced."""
+        return preconditioner.FitSettings(
+            options=self._step_options,
+            precond_lr=self.precond_lr,
+            balance_probability=self.balance_probability,
+            norm_bound=self.norm_bound,
+            damping=self.damping,
+            dtype=self.precond_dtype,
+            scale_from_gradient=self.precond_init_scale is None,
         )
 
     def _seed(self) -> Any:

@@ -31,9 +31,9 @@ SUBSPACE_PROBES = 32  # rows of the norm-bound probes for norm_bound="subspace" 
 
 
 class FitSettings(NamedTuple):
-    """The optimizer's options that a preconditioner update reads, gathered once in
-    ``Kron.__init__`` (``dtype``: ``precond_dtype``; ``scale_from_gradient``:
-    ``precond_init_scale=None``; the others are the options of those names)."""
+    """The optimizer's options that a preconditioner update reads (``dtype``: ``precond_dtype``;
+    ``scale_from_gradient``: ``precond_init_scale=None``; the others are the options of those
+    names)."""
 
     options: StepOptions
     precond_lr: float
