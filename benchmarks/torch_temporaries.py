@@ -22,32 +22,46 @@ from torch_step import MODELS, _Run
 import kron.torch.bucket_step as bucket_step
 from kron.torch import Kron
 
+_shipped_kron_step = bucket_step.kron_step
+_shipped_clipper = bucket_step.clipper
+
+
+def _kron_step_without_donation(*args, donate_momentum=False, **kwargs):
+    return _shipped_kron_step(*args, **kwargs)
+
 
 class MomentumOutOfPlace(Kron):
-    """A wrapper instead of ``kron_step`` itself turns off ``donate_momentum``."""
+    """Steps with whatever ``bucket_step.kron_step`` is while it runs: the variant installs
+    :func:`_kron_step_without_donation` there, so the bucket step takes it for the eager step
+    (the same step counts as a number, the same weights) and only the momentum's donation is
+    dropped. A wrapper returned from here alone would also count the steps as a compiled step
+    does, in float32 tensors, and so not be bit-identical."""
 
     def _compiled_step(self, *key):
-        return lambda *args, **kwargs: bucket_step.kron_step(*args, **kwargs)
-
-
-_shipped_clipper = bucket_step.clipper
+        return bucket_step.kron_step
 
 
 def _out_of_place_clipper(spec, threshold, in_place=False, read_norms=False):
     return _shipped_clipper(spec, threshold)
 
 
-def variants(p: float) -> dict[str, tuple[Callable, Callable]]:
-    """``{name: (optimizer factory, clipper to install while it steps)}``."""
+def variants(p: float) -> dict[str, tuple[Callable, Callable, Callable]]:
+    """``{name: (optimizer factory, clipper, kron_step to install while it steps)}``."""
     return {
-        "shipped": (lambda ps: Kron(ps, preconditioner_update_probability=p), _shipped_clipper),
+        "shipped": (
+            lambda ps: Kron(ps, preconditioner_update_probability=p),
+            _shipped_clipper,
+            _shipped_kron_step,
+        ),
         "momentum out of place": (
             lambda ps: MomentumOutOfPlace(ps, preconditioner_update_probability=p),
             _shipped_clipper,
+            _kron_step_without_donation,
         ),
         "clip out of place": (
             lambda ps: Kron(ps, preconditioner_update_probability=p),
             _out_of_place_clipper,
+            _shipped_kron_step,
         ),
     }
 
@@ -65,20 +79,20 @@ def main() -> None:
     args = parser.parse_args()
     for model in args.models:
         runs = {
-            name: (_Run(model, make, torch.device("cpu")), clip)
-            for name, (make, clip) in variants(args.probability).items()
+            name: (_Run(model, make, torch.device("cpu")), clip, step)
+            for name, (make, clip, step) in variants(args.probability).items()
             if args.variants is None or name in args.variants
         }
         windows: dict[str, list[float]] = {name: [] for name in runs}
         for repeat in range(args.repeats + 1):
-            for name, (run, clip) in runs.items():
-                bucket_step.clipper = clip
+            for name, (run, clip, step) in runs.items():
+                bucket_step.clipper, bucket_step.kron_step = clip, step
                 ms = run.steps(args.warmup if repeat == 0 else args.steps)
                 if repeat:
                     windows[name].append(ms)
-        bucket_step.clipper = _shipped_clipper
+        bucket_step.clipper, bucket_step.kron_step = _shipped_clipper, _shipped_kron_step
         reference = list(next(iter(runs.values()))[0].model.parameters())
-        for name, (run, _) in runs.items():
+        for name, (run, _, _) in runs.items():
             same = all(torch.equal(a, b) for a, b in zip(run.model.parameters(), reference))
             print(
                 f"{model} p={args.probability:g} {name}: "
