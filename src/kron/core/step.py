@@ -235,10 +235,13 @@ def kron_step(
         )
         cache = cache_preconditioner(factors, ops) if use_cache else []
 
+    if use_cache and not cache:
+        # Before the fit, which reads P through the cache: a fit with and without one rounds
+        # differently in bfloat16, and a parameter's result must not depend on whether a newly
+        # stacked neighbour (or a fresh state) left the caller without a cache.
+        cache = cache_preconditioner(factors, ops)
     if do_fit and options.fit_before_apply:
         refit()
-    if use_cache and not cache:
-        cache = cache_preconditioner(factors, ops)
     blocks = ops.astype(plan.to_blocks(used, ops, stacked=True), factor_dtype)
     if use_cache:
         y = precondition(cache, blocks, ops, state_is_p=True)

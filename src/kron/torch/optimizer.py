@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from kron.core import LayoutOptions, StepOptions, kron_step
+from kron.core import LayoutOptions, StepOptions, kron_step, make_plan
 from kron.core.option_types import as_python_number
 from kron.torch.bucket_step import fresh_kron_step, step_bucket
 from kron.torch.decisions import (
@@ -53,6 +53,7 @@ from kron.torch.options import (
 )
 from kron.torch.stacks import StateStacks
 from kron.torch.state import DEFAULT_PRECOND_DTYPE as DEFAULT_PRECOND_DTYPE
+from kron.torch.state import check_layout
 
 
 class Kron(torch.optim.Optimizer):
@@ -349,9 +350,24 @@ class Kron(torch.optim.Optimizer):
         return loss
 
     def _step_all(self, decisions, probes, hvps) -> None:
-        """Step every group. A hook: ``DistributedKron`` steps only what its rank owns."""
-        for gi, group in enumerate(self.param_groups):
-            self._step_group(gi, group, decisions[gi], probes, hvps)
+        """Step every group. Every group's options, and the layout of every parameter's stored
+        factors, are checked before any parameter moves: a group edited into a bad value then
+        raises with nothing updated, and the step can be retried once the value is fixed. A
+        hook: ``DistributedKron`` steps only what its rank owns."""
+        work = []
+        try:
+            for gi, group in enumerate(self.param_groups):
+                members = self._members(group)
+                if members:  # else nothing to step: the clock and decision counter stand still
+                    context = self._group_context(gi, group, decisions[gi])
+                    self._check_layouts(gi, members, context[0])
+                    work.append((gi, group, members, context))
+            for gi, group, members, context in work:
+                for bucket in self._buckets(members):
+                    self._step_bucket(gi, group, bucket, *context, probes, hvps)
+                self._advance_clock(group, decisions[gi])
+        finally:
+            self._complex_of.clear()
 
     def _resync_if_due(self, clocks: list[int]) -> None:
         """Broadcast the parameters and state of every group whose clock just reached a multiple
@@ -369,7 +385,7 @@ class Kron(torch.optim.Optimizer):
 
     def _decide(self, gi: int, group: dict[str, Any]) -> Decision:
         """Whether ``group`` fits its preconditioner on this step, decided on the host (no
-        device sync). Pure: ``_step_group`` commits the new counter once the group has stepped."""
+        device sync). Pure: ``_step_all`` commits the new counter once the group has stepped."""
         return decide(gi, group, self.seed, self._default_schedule, self._schedule_first_step)
 
     def _newton_gradients(self, closure, newton, decisions, probes, hvps):
@@ -391,22 +407,23 @@ class Kron(torch.optim.Optimizer):
         """A hook: ``DistributedKron`` agrees across ranks on the first bad gradient."""
         raise_on_nonfinite(self.param_groups)
 
-    def _step_group(self, gi, group, decision, probes, hvps) -> None:
-        members = []
-        for index, p in enumerate(group["params"]):
-            # An empty parameter has nothing to precondition or update (torch.optim steps it as
-            # a no-op too).
-            if p.grad is not None and p.numel() > 0:
-                members.append((index, self._as_real(p)))
-        if not members:  # nothing to step: the group's clock and decision counter stand still
-            return
-        context = self._group_context(gi, group, decision)
-        try:
-            for bucket in self._buckets(members):
-                self._step_bucket(gi, group, bucket, *context, probes, hvps)
-        finally:
-            self._complex_of.clear()
-        self._advance_clock(group, decision)
+    def _members(self, group: dict[str, Any]) -> list[tuple[int, torch.Tensor]]:
+        """``(index, param)`` for the group's parameters that have a gradient, complex ones as
+        their real views (:meth:`_as_real`). An empty parameter has nothing to precondition or
+        update (torch.optim steps it as a no-op too)."""
+        return [
+            (index, self._as_real(p))
+            for index, p in enumerate(group["params"])
+            if p.grad is not None and p.numel() > 0
+        ]
+
+    def _check_layouts(self, gi: int, members: list, layout: LayoutOptions) -> None:
+        """``ValueError`` (:func:`kron.torch.state.check_layout`) for a member whose stored
+        factors were made under other layout options than the group's ``layout`` now gives."""
+        for index, p in members:
+            state = self._state_for(p)
+            if state:
+                check_layout(gi, index, make_plan(tuple(p.shape), layout), state["factors"])
 
     def _as_real(self, p: torch.Tensor) -> torch.Tensor:
         """``p``, or for a complex parameter its real view ``(*p.shape, 2)`` carrying the real

@@ -299,7 +299,9 @@ def _check_clipping(group: dict[str, Any], kind: str) -> None:
 
 def core_records(group: dict[str, Any]) -> tuple[LayoutOptions, StepOptions]:
     """The core's option records for a group with every option filled in; ``ValueError``
-    naming the option and value for anything the records or this front end do not accept."""
+    naming the option and value for anything the records or this front end do not accept (as
+    :func:`check_ranges` names them, for a group edited between steps too)."""
+    check_ranges(group)
     if group["preconditioner_type"] not in PRECONDITIONER_TYPES:
         raise ValueError(
             f"Unknown preconditioner_type {group['preconditioner_type']!r}; accepted: "
