@@ -154,6 +154,16 @@ def test_a_complex_leaf_is_refused_by_name(make):
         make().init(params)
 
 
+@pytest.mark.parametrize("make", [lambda: kron(1e-3), quad])
+@pytest.mark.parametrize("leaf", [jnp.zeros((), jnp.int32), jnp.zeros(3, bool), 3])
+def test_a_leaf_that_is_not_floating_point_is_refused_by_name(make, leaf):
+    """An integer leaf (a step counter kept in the params) was taken at init and failed at the
+    first update with float0 gradients, naming no leaf."""
+    params = {"b": jnp.zeros(3), "step": leaf}
+    with pytest.raises(ValueError, match=r"floating-point leaves only; got \w+ at \['step'\]"):
+        make().init(params)
+
+
 @pytest.mark.parametrize(
     "make",
     [

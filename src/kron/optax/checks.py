@@ -24,7 +24,8 @@ from kron.optax.units import cached, initial_factors, initial_lipschitz
 
 def check_leaves(params: Any, flags: list[bool]) -> None:
     """Refuse by name the leaves the fit cannot take: complex ones would lose their imaginary
-    part in the real-valued fit, and empty ones (a scanned leaf of zero layers too) have
+    part in the real-valued fit, integer and boolean ones have no gradient to fit on (JAX
+    gives them float0 gradients), and empty ones (a scanned leaf of zero layers too) have
     nothing to precondition."""
     for (path, leaf), scanned in zip(jax.tree_util.tree_flatten_with_path(params)[0], flags):
         shape = jnp.shape(leaf)
@@ -42,6 +43,12 @@ def check_leaves(params: Any, flags: list[bool]) -> None:
                 f"at {jax.tree_util.keystr(path) or 'the root'}. Accepted: real floating-point "
                 "leaves; keep a complex parameter as its real and imaginary parts, "
                 "jnp.stack([z.real, z.imag], -1)."
+            )
+        if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
+            raise ValueError(
+                f"kron.optax steps floating-point leaves only; got {jnp.result_type(leaf)} at "
+                f"{jax.tree_util.keystr(path) or 'the root'}. Leave it out with optax.masked, "
+                "or step it with another transformation (optax.multi_transform)."
             )
 
 
