@@ -418,12 +418,17 @@ class Kron(torch.optim.Optimizer):
         ]
 
     def _check_layouts(self, gi: int, members: list, layout: LayoutOptions) -> None:
-        """``ValueError`` (:func:`kron.torch.state.check_layout`) for a member whose stored
-        factors were made under other layout options than the group's ``layout`` now gives."""
+        """``ValueError`` (:func:`kron.torch.state.check_layout`) when stored factors were made
+        under other layout options than the group's ``layout`` now gives. One parameter with
+        state per shape is read, as the bucket step reads one per stack: a layout option edited
+        between steps changes the plan of every parameter of a shape alike."""
+        checked = set()
         for index, p in members:
+            shape = tuple(p.shape)
             state = self._state_for(p)
-            if state:
-                check_layout(gi, index, make_plan(tuple(p.shape), layout), state["factors"])
+            if shape not in checked and state:
+                check_layout(gi, index, make_plan(shape, layout), state["factors"])
+                checked.add(shape)
 
     def _as_real(self, p: torch.Tensor) -> torch.Tensor:
         """``p``, or for a complex parameter its real view ``(*p.shape, 2)`` carrying the real
