@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The test command: installs everything the suite needs into .venv, lints, then runs pytest: the
 # main suite (with tests/gpu where CUDA is present), the GPU suite's code on the CPU, then the
-# Keras suite once per Keras backend, each in its own processes.
+# Keras suite once per Keras backend, each run in processes of its own.
 # Extra arguments go to every pytest run.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
