@@ -6,7 +6,8 @@ tiled into ``block_size`` blocks (padding masked out of every statistic), a prec
 that anneals as ``max(μ·(1 + t/10⁴)^(-½), min(μ, 0.4))``, Lipschitz β = 0.95, factor balancing
 every 100 steps, absolute damping ``noise_scale`` and an output RMS cap of 1.1 (then ÷5 with
 ``lr_style="adam"``). ``quad`` uses the QUAD geometry, ``skew`` Q0.5EQ1.5 (the Procrustes-kept
-SPD factor). Q, the momentum and the arithmetic run in ``dtype``; Lipschitz estimates in float32.
+SPD factor). Q, the momentum and the arithmetic run in ``dtype``; Lipschitz estimates in at least
+float32.
 """
 
 from __future__ import annotations
