@@ -243,11 +243,16 @@ def test_trains_a_rotated_least_squares_problem():
 def test_automatic_init_scale_applies_on_a_first_step_without_a_fit():
     """The automatic scale is set from the first gradients whether or not that step fits P: with
     a fit probability that never fires, the first update equals one from a run started at that
-    scale, and differs from one started at 1 (the scale is far from 1 here)."""
+    scale, and differs from one started at 1 (the scale is far from 1 here). The largest 4th
+    moment is the second of two same-shape leaves, whose moments are taken together."""
     from kron.core import fourth_moment, get_ops, shared_scale
 
-    params = {"w": jnp.zeros((5, 3)), "b": jnp.zeros(3)}
-    grads = {"w": jnp.full((5, 3), 40.0).at[0, 0].set(-7.0), "b": jnp.arange(3.0) + 30.0}
+    params = {"w": jnp.zeros((5, 3)), "v": jnp.zeros((5, 3)), "b": jnp.zeros(3)}
+    grads = {
+        "v": jnp.full((5, 3), 40.0).at[0, 0].set(-7.0),
+        "w": jnp.full((5, 3), 90.0).at[2, 1].set(5.0),  # after "v" in the tree's order
+        "b": jnp.arange(3.0) + 30.0,
+    }
     ops = get_ops("jax")
     scale = float(shared_scale([fourth_moment(g, ops) for g in jax.tree.leaves(grads)], ops))
     assert not 0.5 < scale < 2.0
@@ -263,7 +268,7 @@ def test_automatic_init_scale_applies_on_a_first_step_without_a_fit():
     auto, auto_state = first_update(None)
     fixed, fixed_state = first_update(scale)
     unit, _ = first_update(1.0)
-    for leaf in ("w", "b"):
+    for leaf in ("w", "v", "b"):
         np.testing.assert_allclose(auto[leaf], fixed[leaf], rtol=1e-5)
         assert not np.allclose(auto[leaf], unit[leaf], rtol=1e-2)
     for a, b in zip(jax.tree.leaves(auto_state.factors), jax.tree.leaves(fixed_state.factors)):
