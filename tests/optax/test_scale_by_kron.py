@@ -294,6 +294,40 @@ def test_a_step_with_every_gradient_skipped_is_not_counted(make):
         np.testing.assert_array_equal(a, b)
 
 
+def test_an_all_zero_first_step_leaves_the_automatic_init_scale_to_the_first_real_gradient():
+    """A first step whose gradients are all zeros (a loss term whose weight starts at 0) does not
+    use up the automatic scale: the run then matches one given, as a fixed scale, the one the
+    first nonzero gradients set, and not one started at 1 (the scale is far from 1 here)."""
+    from kron.core import fourth_moment, get_ops, shared_scale
+
+    params = {"w": jnp.zeros((5, 3)), "b": jnp.zeros(3)}
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    grads = {"w": jnp.full((5, 3), 40.0).at[0, 0].set(-7.0), "b": jnp.arange(3.0) + 30.0}
+    ops = get_ops("jax")
+    scale = float(shared_scale([fourth_moment(g, ops) for g in jax.tree.leaves(grads)], ops))
+    assert not 0.5 < scale < 2.0
+
+    def run(init_scale):
+        tx = scale_by_kron(preconditioner_init_scale=init_scale, preconditioner_lr=0.5)
+        update = jax.jit(tx.update)
+        state = tx.init(params)
+        _, state = update(zeros, state, params)
+        waiting = bool(state.needs_scale_init)
+        for _ in range(3):
+            updates, state = update(grads, state, params)
+        return updates, state, waiting
+
+    auto, auto_state, waiting = run(None)
+    fixed, fixed_state, _ = run(scale)
+    unit, _, _ = run(1.0)
+    assert waiting and not bool(auto_state.needs_scale_init)
+    for leaf in ("w", "b"):
+        np.testing.assert_allclose(auto[leaf], fixed[leaf], rtol=1e-5)
+        assert not np.allclose(auto[leaf], unit[leaf], rtol=1e-2)
+    for a, b in zip(jax.tree.leaves(auto_state.factors), jax.tree.leaves(fixed_state.factors)):
+        np.testing.assert_allclose(a, b, rtol=1e-5)
+
+
 def test_the_probability_schedule_gets_psgdaxs_step_number():
     """psgdax calls the schedule with the count after the step: 1 on the first."""
     seen = []

@@ -6,8 +6,8 @@ Leaves (and layers) that share a plan are fitted as one stack, so a model with t
 weights traces one batched fit instead of ten: the traced fit, and so the compile time, grows
 with the number of distinct shapes, not of leaves. Scanned stacks may instead be fitted with
 ``lax.map`` in chunks of ``lax_map_batch_size`` layers, which trades speed for peak memory; both
-paths compute the same numbers. The momentum and ``P·m`` run leaf by leaf, outside the
-``lax.cond`` of the fit.
+paths compute the same numbers. The momentum and ``P·m`` run leaf by leaf (``P·m`` per stack
+when the state is stacked), outside the ``lax.cond`` of the fit.
 
 Where the factors live depends on ``EngineConfig.block_axis_name``:
 
@@ -20,7 +20,8 @@ Where the factors live depends on ``EngineConfig.block_axis_name``:
   that eformer calls ``pipeline_axis_name``.
 
 Whether to fit P is decided inside the update (``lax.cond``), and every random draw is folded from
-the state's key with the step, the stack index and a stream number (:func:`kron.optax.leaf_key`),
+the state's key with the step, an index (the stack's; the leaf's for Newton probes; 0 for the
+decision and balance draws) and a stream number (:func:`kron.optax.leaf_key`),
 so a restored state repeats the run that never stopped, every host of a multi-host run draws the
 same numbers, and a sharded run draws what the unsharded one does (padding rows get zeros).
 
@@ -39,7 +40,14 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import PartitionSpec
 
-from kron.core import Plan, finite_rows, overflow_limit, precondition, update_momentum
+from kron.core import (
+    Plan,
+    finite_rows,
+    nonzero_rows,
+    overflow_limit,
+    precondition,
+    update_momentum,
+)
 from kron.core.step import clip_update
 from kron.optax.checks import check_leaves, check_newton_args, checked_layouts
 from kron.optax.fitting import Fitted, fit_step
@@ -152,7 +160,12 @@ def build(config: EngineConfig) -> optax.GradientTransformationExtraArgs:
             )
         if config.newton:
             momenta = [jnp.where(expand(k, m), m, old) for k, m, old in zip(keep, momenta, mu)]
-        return _outputs(config, state, treedef, grads, fitted, finite, keep, directions, momenta)
+        # Layers whose gradient is finite and not all zeros: the first step with one sets the
+        # automatic init scale.
+        informative = [ok & nonzero_rows(g, OPS) for ok, g in zip(finite, layered)]
+        return _outputs(
+            config, state, treedef, grads, fitted, finite, informative, keep, directions, momenta
+        )
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -227,6 +240,7 @@ def _outputs(
     grads: list,
     fitted: Fitted,
     finite: list,
+    informative: list,
     keep: list,
     directions: list,
     momenta: list,
@@ -246,9 +260,13 @@ def _outputs(
         new_mu.append(jnp.reshape(m, old_m.shape).astype(old_m.dtype))
         new_skipped.append(skipped + jnp.sum(~k).astype(jnp.int32))
     # A step on which every gradient was skipped is not counted (the momentum's bias
-    # correction counts the updates it took) and leaves the automatic scale to come.
+    # correction counts the updates it took). One on which every gradient was skipped or all
+    # zeros (a loss term switched on later) leaves the automatic scale to come: taken from
+    # zeros it would fall back to 1.0 for good.
     any_finite = jnp.any(jnp.stack([jnp.any(ok) for ok in finite]))
-    scaled = fitted.newton_scaled if config.newton else any_finite & (config.init_scale is None)
+    any_informative = jnp.any(jnp.stack([jnp.any(ok) for ok in informative]))
+    auto = config.init_scale is None
+    scaled = fitted.newton_scaled if config.newton else any_informative & auto
     count = state.count
     new_state = KronState(
         count=jnp.where(any_finite, optax.safe_int32_increment(count), count),
@@ -289,9 +307,10 @@ def apply_all(
 def _apply_leaves(
     config: EngineConfig, factors: list, cache: list, applied: list, layouts: list, keep: list
 ) -> list:
-    """Per-leaf state: unlike the fit, the product runs leaf by leaf, since stacking would
-    copy every factor into the stack on every step, which costs more than the one product
-    per axis it batches (measured in benchmarks/RESULTS.md)."""
+    """Per-leaf state: unlike the fit, the product runs leaf by leaf. Stacking would copy
+    every factor into the stack on every step (the fit pays that only on steps that fit), and
+    separate leaves' products can run side by side (benchmarks/RESULTS.md, *one stacked fit
+    per shape*, measures that for the fit)."""
     directions = []
     for leaf_factors, leaf_cache, m, lay, k in zip(factors, cache, applied, layouts, keep):
         blocks = lay.plan.to_blocks(m, OPS, stacked=True)

@@ -29,13 +29,17 @@ class KronState(NamedTuple):
     Attributes:
       count: int32 scalar, steps taken.
       mu: momentum, shaped like the params, in ``mu_dtype``.
-      factors: per leaf, a tuple of ``Q_i``, each ``(S·B, n, n)`` (dense) or ``(S·B, n)``
-        (diagonal), where ``S`` is the number of scanned layers (1 for an unscanned leaf) and ``B``
-        the number of blocks per layer; layer ``s`` owns rows ``s·B … (s+1)·B - 1``.
+      factors: per leaf, a tuple of ``Q_i`` (``P_i`` for PRO4P/QUAD4P), each ``(S·B, n, n)``
+        (dense) or ``(S·B, n)`` (diagonal), where ``S`` is the number of scanned layers (1 for an
+        unscanned leaf) and ``B`` the number of blocks per layer; layer ``s`` owns rows
+        ``s·B … (s+1)·B - 1``. With ``pipeline_axis_name`` (a stacked state) ``factors``,
+        ``lipschitz`` and ``cache`` are instead tuples with one entry per plan, ``(R, …)``,
+        ``R`` the plan's rows padded to a multiple of ``pipeline_axis_size``.
       lipschitz: per leaf, a tuple of ``(S·B,)`` Lipschitz estimates (at least float32).
       decision_total: float32 scalar, the counter of the deterministic decision rule.
       needs_scale_init: bool scalar; with an automatic init scale, Q is rescaled on the first
-        update (Newton type: on the first fit).
+        update with a gradient that is finite and not all zeros (Newton type: on the first
+        fit).
       skipped: int32 scalar per leaf, layers whose update was skipped for a non-finite gradient.
       key: the PRNG key every draw is folded from.
       cache: per leaf, ``P_i = Q_iᵀQ_i`` shaped like ``factors`` when caching is on, else ``()``.
