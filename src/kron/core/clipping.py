@@ -1,5 +1,7 @@
-"""Clipping the preconditioned update (algorithm.md §6.4). Tensors are ``(S, *shape)``, ``S``
-stacked parameters; statistics are per parameter (per leading index)."""
+"""Clipping the preconditioned update (algorithm.md §6.4), and the two other elementwise
+transforms of the gradient and the update: heavyball's MARS correction of the gradient before
+the momentum, and cautious masking of the update. Tensors are ``(S, *shape)``, ``S`` stacked
+parameters; statistics are per parameter (per leading index)."""
 
 from __future__ import annotations
 

@@ -6,7 +6,9 @@ A :class:`Plan` is pure Python, computed once per ``(shape, LayoutOptions)`` and
    with ``merge_dims``, a tensor of order > 2 reshaped to its squarest 2-D view (or by another
    merge rule: kron_torch's, heavyball's);
 2. the *block grid*: with ``block_size`` set, every work axis longer than ``block_size`` is cut
-   into blocks of ``block_size`` (the last one zero-padded); every block gets its own factors;
+   into blocks of ``block_size`` (the last one zero-padded), except an axis longer than
+   ``max_size`` (and, with ``whole_vectors``, a vector's), which stays whole and diagonal; every
+   block gets its own factors;
 3. per block axis, whether its factor is a dense ``n×n`` matrix or a diagonal (a vector).
 
 Tensors handed to the core always have the *blocked* layout ``(B, *block_shape)``: ``B`` counts
@@ -255,9 +257,10 @@ def make_plan(shape: tuple[int, ...], options: LayoutOptions = LayoutOptions()) 
         work = tuple(n for n in shape if n > 1) or (1,)
         if options.merge_dims and len(work) > 2:
             work = squarest_split(work)
-    # max_size speaks of the parameter's own axes: a longer one is diagonal however it would be
-    # tiled, and is left whole, since cutting a diagonal saves nothing and would multiply the
-    # other axes' dense blocks (a 50257×4096 embedding in 256-blocks: 3152 pairs of 256² factors).
+    # max_size speaks of the work axes (squeezed and merged), before tiling: a longer one is
+    # diagonal however it would be tiled, and is left whole, since cutting a diagonal saves
+    # nothing and would multiply the other axes' dense blocks (a 50257×4096 embedding in
+    # 256-blocks: 3152 pairs of 256² factors).
     long = tuple(n > options.max_size or (options.whole_vectors and len(work) == 1) for n in work)
     bs = options.block_size
     grid = tuple(1 if bs is None or n <= bs or lg else -(-n // bs) for n, lg in zip(work, long))

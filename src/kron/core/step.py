@@ -189,7 +189,9 @@ def kron_step(
 
     Args:
       grad: the gradients, ``(S, *plan.shape)``.
-      count: momentum updates taken so far (int or scalar array).
+      count: momentum updates taken so far: a number, or a floating-point array that
+        broadcasts against ``grad`` (``(S, 1, …, 1)``, one count per stacked parameter); see
+        :func:`update_momentum`.
       noise: standard normal in the blocked layout ``(S·B, *plan.block_shape)``.
       do_fit: update the preconditioner on this step.
       probe, hvp: Newton type: the probe ``v`` and ``H v`` in the blocked layout; when given, P is

@@ -91,10 +91,11 @@ class Kron(keras.optimizers.Optimizer):
       name: Default ``"kron"``.
       preconditioner_mode: geometry, one of ``kron.core.GEOMETRIES``. Default ``"Q0.5EQ1.5"``.
       whiten_grad: psgd's name for ``not momentum_into_precond_update``; overrides it when given.
-      max_skew_triangular: an axis whose square exceeds this times the variable size gets a
-        diagonal factor (``inf``, the default, disables the rule).
+      max_skew_triangular: an axis whose square exceeds this times the block's size (the
+        variable's, without ``block_size``) gets a diagonal factor (``inf``, the default,
+        disables the rule).
       merge_dims: view variables of more than two axes as a matrix: ``True``, the squarest one;
-        ``"first_last"``, kron_torch's choice. Default False.
+        ``"first_last"``, kron_torch's choice; ``"heavyball"``, heavyball 1.5's. Default False.
       block_size: cut axes longer than this into blocks with their own factors. Default None.
       cached: keep ``P_i = Q_iᵀQ_i`` (one product per axis instead of two on steps that do not
         fit; twice the factor memory). Default True.

@@ -4,7 +4,8 @@
 when :func:`decide` says so, one fit of every stack (:func:`fit_all`) on ``(rows, *block_shape)``
 inputs, batched or walked with ``lax.map``, then maybe balanced. A layer whose gradient (or Newton
 pair) was not finite keeps its old rows. Every random draw is folded from the state's key with the
-step, the stack index and one of the stream numbers below (:func:`kron.optax.leaf_key`), so a
+step, an index (the stack's; the leaf's for Newton probes; 0 for the decision and balance draws)
+and one of the stream numbers below (:func:`kron.optax.leaf_key`), so a
 restored, multi-host or sharded run draws what the original one does (padding rows get zeros).
 """
 
@@ -90,9 +91,11 @@ def fit_step(
     factors = as_units(config, treedef, state.factors)
     lipschitz = as_units(config, treedef, state.lipschitz)
     cache = as_units(config, treedef, state.cache)
-    # Work that may need collectives (a reduction over sharded gradients, resharding them
-    # into rows) runs outside the lax.conds below: XLA:CPU may run a conditional at the same
-    # time as a collective outside it, and host devices then wait on each other forever.
+    # For a stacked state, work that may need collectives (a reduction over sharded gradients,
+    # resharding them into rows) runs outside the lax.conds below: XLA:CPU may run a
+    # conditional at the same time as a collective outside it, and host devices then wait on
+    # each other forever. A per-leaf state gathers its fit's inputs inside them (docs/optax.md,
+    # *No collective inside a lax.cond*).
     auto_scale = config.init_scale is None and not config.newton
     # Only the first update uses the scale. A per-leaf state computes it inside that update's
     # branch, joining same-shape leaves as the fit does, rather than reducing every gradient

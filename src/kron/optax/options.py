@@ -65,8 +65,8 @@ class EngineConfig:
       mu_dtype: dtype of the momentum (None: the param's).
       init_scale: initial ``Q = scale·I``; None sets one scale for all leaves from the first
         gradients (Newton: from the first Hessian-vector products).
-      fit_precision, apply_precision: ``jax.default_matmul_precision`` on fitting and on
-        preconditioning-only steps.
+      fit_precision, apply_precision: ``jax.default_matmul_precision`` of the fit and of the
+        product ``P·m`` (on every step, those that fit included).
       scanned_layers: a bool pytree like the params, a function of the params returning one, or
         None; True marks a leaf whose leading axis stacks layers.
       lax_map_scanned_layers, lax_map_batch_size: walk scanned stacks with ``lax.map``.

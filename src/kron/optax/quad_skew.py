@@ -6,8 +6,8 @@ tiled into ``block_size`` blocks (padding masked out of every statistic), a prec
 that anneals as ``max(μ·(1 + t/10⁴)^(-½), min(μ, 0.4))``, Lipschitz β = 0.95, factor balancing
 every 100 steps, absolute damping ``noise_scale`` and an output RMS cap of 1.1 (then ÷5 with
 ``lr_style="adam"``). ``quad`` uses the QUAD geometry, ``skew`` Q0.5EQ1.5 (the Procrustes-kept
-SPD factor). Q, the momentum and the arithmetic run in ``dtype``; Lipschitz estimates in at least
-float32.
+SPD factor). Q and the momentum are stored in ``dtype``, and the fit and the product run in it;
+the gradient, the momentum's average and the Lipschitz estimates use at least float32.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ WHITE_KRON_DTYPES = ("bfloat16", "float32", "float64")
 # ÷5 brings the RMS-1.1-capped update to Adam's typical update RMS (about 0.2).
 ADAM_STYLE_SCALE = 0.2
 PRECOND_LR_FLOOR = 0.4
-PRECOND_LR_HALF_LIFE_STEPS = 10_000
+PRECOND_LR_DECAY_STEPS = 10_000  # μ·(1 + t/this)^(-½): μ/√2 at t = this, μ/2 at 3× this
 BALANCE_EVERY = 100
 BETA_LIPSCHITZ = 0.95
 MAX_UPDATE_RMS = 1.1
@@ -54,7 +54,7 @@ def annealed_precond_lr(initial: float) -> Callable[[jax.Array], jax.Array]:
         # initial may be traced (inject_hyperparams).
         floor = jnp.minimum(initial, PRECOND_LR_FLOOR)
         t = jnp.asarray(count, jnp.float32)
-        return jnp.maximum(initial * jax.lax.rsqrt(1.0 + t / PRECOND_LR_HALF_LIFE_STEPS), floor)
+        return jnp.maximum(initial * jax.lax.rsqrt(1.0 + t / PRECOND_LR_DECAY_STEPS), floor)
 
     return schedule
 
@@ -168,7 +168,9 @@ def scale_by_quad(
       preconditioner_lr: μ at step 0, annealed as in the module docstring. Default 0.7.
       preconditioner_init_scale: initial ``Q = scale·I`` (None: from the first gradients).
         Default 1.0.
-      dtype: dtype of Q, the momentum and the arithmetic. Default bfloat16.
+      dtype: dtype of Q and of the stored momentum, and of the fit's and the product's
+        arithmetic (the gradient and the momentum's average use at least float32). Default
+        bfloat16.
       scanned_layers: bool pytree like the params (or a function of them); True marks a leaf
         whose leading axis stacks layers. Default None.
       block_size: tile size of the merged 2-D view; padding is masked. Default 256.

@@ -5,7 +5,8 @@ stacked along a leading axis of size ``S`` and stepped in one batched :func:`kro
 draws the fit's inputs, runs the step (compiled or eager, as ``Kron._compiled_step`` says),
 clips the update, writes the parameters, and stores the new state back into each parameter's
 entries (as views of the new stacks where it can). It is called per bucket and step: nothing
-in it reads a device value on the host except where that is free (the CPU).
+in it reads a device value on the host except where that is free (the CPU), or a group's
+``lr`` given as a device tensor, which the weight decay and the update read once per bucket.
 """
 
 from __future__ import annotations

@@ -60,8 +60,9 @@ class Kron(torch.optim.Optimizer):
     """PSGD-Kron: SGD preconditioned by a learned Kronecker-factored ``P = QᵀQ``.
 
     The options of kron_torch's ``Kron`` come first, in its order (positional calls mean the
-    same), with its defaults except three: the learning rate and the fitting target, chosen
-    together by measurement, and ``merge_dims``, heavyball's default; then, keyword-only, those
+    same), with its defaults except four: the learning rate and the fitting target, chosen together
+    by measurement, ``merge_dims``, heavyball's default, and ``precond_dtype``, bfloat16 here
+    (float32 there); then, keyword-only, those
     of heavyball's ``PSGDKron``; then kron's own. Every option except ``seed``, ``nonfinite``,
     ``stack_params``, ``compile`` and ``resync`` can be overridden per param group.
     ``docs/torch.md`` lists each one.
@@ -84,8 +85,9 @@ class Kron(torch.optim.Optimizer):
         stochastically rounded.
       precond_dtype: dtype of the factors, of the cache and of the products (the fit's
         included). Default bfloat16. The gradient and momentum are handled in at least float32
-        (the momentum stored in ``mu_dtype``); triangular solves and Procrustes rotations run in
-        float32 whatever it is.
+        (the momentum stored in ``mu_dtype``); triangular solves, the Lipschitz estimates and
+        each Procrustes rotation's step size run in at least float32, the rotation's products
+        in this dtype.
       merge_dims: view parameters of more than two axes as a matrix: ``True``, the squarest one;
         ``"first_last"``, kron_torch's choice; or, ``"heavyball"``, fold the trailing axes as
         heavyball's ``merge_dims=True`` does (see :class:`kron.core.LayoutOptions`). Default
@@ -125,14 +127,15 @@ class Kron(torch.optim.Optimizer):
         without calling ``backward``.
       hvp_method: ``"double_backward"`` (default) or ``"finite_difference"``.
       seed: seed of every random draw. Default 0.
-      nonfinite: ``"skip"`` (default): a parameter whose gradient has a NaN or Inf is left
-        untouched this step and counted in ``state[p]["skipped"]``; ``"raise"`` raises
-        ``FloatingPointError`` (this one synchronises with the device).
+      nonfinite: ``"skip"`` (default): a parameter whose gradient has a NaN or Inf (or, with
+        float16 factors, an entry of 65520 or more in magnitude) is left untouched this step
+        and counted in ``state[p]["skipped"]``; ``"raise"`` raises ``FloatingPointError``
+        (this one synchronises with the device).
       stack_params: step same-shape parameters in one batched call. Default True.
       compile: compile the per-bucket math with ``torch.compile``; ``None`` (default) compiles
         on accelerators and runs eagerly on the CPU. On the CPU ``True`` compiles the steps
-        that fit (0.76-0.83x the eager step's time on the benchmark models, after tens of
-        seconds of compiling) and leaves the others eager, where compiled ones were slower.
+        that fit (0.70-0.83x the eager step's time on the benchmark models, run to run, after
+        tens of seconds of compiling) and leaves the others eager, where compiled ones were slower.
       resync: with replicated training (DDP), every ``resync`` steps of a group broadcast its
         parameters and their state (Q, L, cache, momentum, ...) from rank 0 of the default process
         group, to cancel floating-point drift between replicas. ``None`` or 0 (default): never.
@@ -350,10 +353,13 @@ class Kron(torch.optim.Optimizer):
         return loss
 
     def _step_all(self, decisions, probes, hvps) -> None:
-        """Step every group. Every group's options, and the layout of every parameter's stored
-        factors, are checked before any parameter moves: a group edited into a bad value then
-        raises with nothing updated, and the step can be retried once the value is fixed. A
-        hook: ``DistributedKron`` steps only what its rank owns."""
+        """Step every group. Every group's record options (``RECORD_KEYS``, checked again
+        whenever one changes) and the layout of every parameter's stored factors are checked
+        before any parameter moves: a group edited into a bad value there raises with nothing
+        updated, and the step can be retried once the value is fixed. ``lr``,
+        ``weight_decay``, ``precond_lr``, ``mars_gamma`` and ``warmup_steps`` are checked when
+        a group is added, as ``torch.optim`` checks its own, not on every step. A hook:
+        ``DistributedKron`` steps only what its rank owns."""
         work = []
         try:
             for gi, group in enumerate(self.param_groups):
@@ -475,7 +481,8 @@ class Kron(torch.optim.Optimizer):
         ``compile`` is on (by default on accelerators only; the docstring of :class:`Kron` says
         why). On the CPU only steps that fit are compiled: one that does not is a few products
         and passes, which the compiled graph's guards and calls per bucket made slower than the
-        eager step (benchmarks/RESULTS.md, the PyTorch table)."""
+        eager step (benchmarks/RESULTS.md, *PyTorch against the peers*, the bullet on where
+        the LM's p = 0.03 step goes)."""
         enabled = self.compile if self.compile is not None else device.type != "cpu"
         if not enabled or (device.type == "cpu" and not do_fit):
             return kron_step

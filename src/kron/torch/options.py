@@ -32,7 +32,9 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # The seed is mixed into the counter-based draws as one 64-bit word (functional.seed_for).
 SEED_LIMIT = 2**64
 
-# Group options that feed the core's option records; the others are read on every step.
+# Group options that the core's option records are built from or that are checked with them
+# (:func:`core_records`): a group whose values here change is checked again on its next step.
+# The others are checked when the group is added and then read as they are on every step.
 RECORD_KEYS = (
     "b1",
     "preconditioner_update_probability",
@@ -299,8 +301,9 @@ def _check_clipping(group: dict[str, Any], kind: str) -> None:
 
 def core_records(group: dict[str, Any]) -> tuple[LayoutOptions, StepOptions]:
     """The core's option records for a group with every option filled in; ``ValueError``
-    naming the option and value for anything the records or this front end do not accept (as
-    :func:`check_ranges` names them, for a group edited between steps too)."""
+    naming the option and value for anything the records or this front end do not accept (a
+    range named as :func:`check_ranges` names it, for a record option edited between steps
+    too)."""
     check_ranges(group)
     if group["preconditioner_type"] not in PRECONDITIONER_TYPES:
         raise ValueError(
