@@ -95,3 +95,38 @@ def test_sharded_mode_matches_single_process_kron_and_splits_the_state(world):
     single_bytes = state_bytes(single)
     assert sum(per_rank) == single_bytes
     assert max(per_rank) < single_bytes
+
+
+def _layout_edit_worker(rank: int, world: int) -> dict:
+    """Two steps, then a layout option edited into the group: the next step must be refused on
+    every rank before anything moves, and, once the edit is undone, run on every rank."""
+    model = mlp()
+    opt = DistributedKron(model.parameters(), **fp64_options())
+    for step in range(2):
+        opt.zero_grad()
+        loss(model, *global_batch(step)).backward()
+        opt.step()
+    before = params_of(model)
+    opt.zero_grad()
+    loss(model, *global_batch(2)).backward()
+    opt.param_groups[0]["max_size_triangular"] = 10  # the 24-wide axes would turn diagonal
+    try:
+        opt.step()
+        refused = None
+    except ValueError as error:
+        refused = str(error)
+    unchanged = max_difference(params_of(model), before) == 0.0
+    opt.param_groups[0]["max_size_triangular"] = 8192
+    opt.step()
+    return dict(refused=refused, unchanged=unchanged, after=params_of(model))
+
+
+def test_a_layout_edit_is_refused_on_every_rank_before_anything_moves():
+    """Only a parameter's owner holds its factors, so only the owner can see that they no
+    longer fit the layout; the ranks agree before the step's collectives start, so none is
+    left waiting for a rank that raised, and the retried step stays in step across ranks."""
+    results = _launch.run(_layout_edit_worker, 2)
+    assert all(r["refused"] is not None for r in results)
+    assert any("parameter" in r["refused"] and "of group 0" in r["refused"] for r in results)
+    assert all(r["unchanged"] for r in results)
+    assert max_difference(results[0]["after"], results[1]["after"]) == 0.0

@@ -132,6 +132,9 @@ class DistributedKron(Kron):
         self._chunks: list[list[list[_Entry]]] | None = None
         self._standins: dict[int, torch.Tensor] = {}  # id(full-size stand-in) -> parameter
         self._full: dict[int, torch.Tensor] = {}  # id(parameter) -> its updated stand-in
+        # Per group, the layout options its owned state was last checked against (see
+        # _check_owned_layouts); the same on every rank, as the groups are.
+        self._checked_layouts: dict[int, Any] = {}
         super().__init__(params, *args, **kwargs)
 
     def __getstate__(self) -> dict[str, Any]:
@@ -233,6 +236,7 @@ class DistributedKron(Kron):
             for gi, group in enumerate(self.param_groups)
             if active[gi]
         }
+        self._check_owned_layouts(contexts)
         arrivals = self._start_arrivals(chunks)
         pending: list[Any] = []
         try:
@@ -250,6 +254,45 @@ class DistributedKron(Kron):
         for gi, group in enumerate(self.param_groups):
             if active[gi]:
                 self._advance_clock(group, decisions[gi])
+
+    def _check_owned_layouts(self, contexts) -> None:
+        """``ValueError`` on every rank, before any collective of the step, when the factors a
+        rank holds were made for another layout than a group's options now give (a layout
+        option edited between steps). Only the owner holds a parameter's state, so each rank
+        checks its own and all agree through one all-reduce; a rank raising alone would leave
+        the others waiting in the step's collectives. Done only for a group whose layout
+        options have changed since its last check (on its first step, after an edit or a
+        load), so a step whose options did not change costs nothing."""
+        changed = [gi for gi, ctx in contexts.items() if self._checked_layouts.get(gi) != ctx[0]]
+        if not changed:
+            return
+        error = None
+        for gi in changed:
+            group = self.param_groups[gi]
+            owned = [
+                (index, p)
+                for index, p in enumerate(group["params"])
+                if _has_step(p) and self._owner_of[id(p)] == self.rank
+            ]
+            try:
+                self._check_layouts(gi, owned, contexts[gi][0])
+            except ValueError as found:
+                error = found
+                break
+        device = self.param_groups[changed[0]]["params"][0].device
+        flag = torch.tensor([0 if error is None else 1], dtype=torch.int64, device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.process_group)
+        if error is not None:
+            raise error
+        if int(flag.item()):
+            raise ValueError(
+                "The factors another rank holds were made for another layout than the options "
+                "of a group now give (that rank names the parameter). Options that set the "
+                "layout (block_size, split, merge_dims, max_size_triangular, "
+                "min_ndim_triangular, memory_save_mode, max_skew) cannot change after a "
+                "parameter's first step."
+            )
+        self._checked_layouts.update((gi, contexts[gi][0]) for gi in changed)
 
     def _start_arrivals(self, chunks) -> dict[int, Any]:
         """Launch, in parameter order, the collectives that bring gradients to their owners: for a
@@ -379,6 +422,7 @@ class DistributedKron(Kron):
                 state[position] = value
         self._warn_of_missing_state(state_dict, state, owned)
         super()._load({**state_dict, "state": state})
+        self._checked_layouts.clear()
 
     def _warn_of_missing_state(self, state_dict, found, owned) -> None:
         """Warn when a trainable parameter this rank owns has no state in ``state_dict`` although
