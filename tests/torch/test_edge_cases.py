@@ -761,6 +761,8 @@ def test_a_layout_option_changed_after_the_first_step_is_named(change):
         ((1, "max_size_triangular", 8), "parameter 0 of group 1"),  # a later group's layout
         ((1, "b1", 1.5), "Invalid b1: 1.5"),  # a later group's option
         ((0, "max_size_triangular", 8), "parameter 1 of group 0"),  # a later bucket's layout
+        # Q read as P: the factors have the same shapes, so only the geometry's kind tells.
+        ((1, "preconditioner_mode", "PRO4P"), "preconditioner_mode of group 1 was edited"),
     ],
 )
 def test_a_step_refused_for_an_edited_group_updates_nothing(edit, message):
@@ -786,6 +788,19 @@ def test_a_step_refused_for_an_edited_group_updates_nothing(edit, message):
     opt.param_groups[gi][key] = kept
     step()
     assert [opt.state[p]["count"].item() for p in (a, b, c)] == [2, 2, 2]
+
+
+def test_preconditioner_mode_moves_freely_between_geometries_of_one_kind():
+    """Q0.5EQ1.5 to QUAD and PRO4P to QUAD4P read the factors as what they are (Q, then P), so
+    those edits step on; the refusal is only across the kinds."""
+    for first, second in (("Q0.5EQ1.5", "QUAD"), ("PRO4P", "QUAD4P")):
+        p = nn.Parameter(torch.randn(4, 3))
+        opt = Kron([p], preconditioner_mode=first)
+        for mode in (first, second):
+            opt.param_groups[0]["preconditioner_mode"] = mode
+            p.grad = torch.ones_like(p)
+            opt.step()
+        assert opt.param_groups[0]["step"] == 2 and torch.isfinite(p).all()
 
 
 def test_mars_switched_on_after_the_first_step_starts_from_a_zero_previous_gradient():

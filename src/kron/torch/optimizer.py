@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from kron.core import LayoutOptions, StepOptions, kron_step, make_plan
+from kron.core import STATE_IS_P, LayoutOptions, StepOptions, kron_step, make_plan
 from kron.core.option_types import as_python_number
 from kron.torch.bucket_step import fresh_kron_step, step_bucket
 from kron.torch.decisions import (
@@ -280,6 +280,7 @@ class Kron(torch.optim.Optimizer):
         self._records: dict[tuple, tuple[LayoutOptions, StepOptions]] = {}
         self._stacks = StateStacks()
         self._complex_of: dict[int, torch.Tensor] = {}  # id(real view) -> complex parameter
+        self._geometries: dict[int, str] = {}  # group index -> geometry at its last (tried) step
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
@@ -462,7 +463,31 @@ class Kron(torch.optim.Optimizer):
     def _group_context(self, gi, group, decision) -> tuple[LayoutOptions, StepOptions, bool, bool]:
         """``(layout, options, do_fit, do_balance)`` for this step of a group: the same on every
         rank, since they derive from the group's counters and the seed only."""
-        return group_context(gi, group, decision, self.seed, *self._options(group))
+        layout, options = self._options(group)
+        self._check_geometry(gi, group, options.fit.geometry)
+        return group_context(gi, group, decision, self.seed, layout, options)
+
+    def _check_geometry(self, gi: int, group: dict[str, Any], geometry: str) -> None:
+        """``ValueError`` when a group that has stepped had its ``preconditioner_mode`` moved
+        between a geometry that keeps Q and one that keeps P (PRO4P, QUAD4P): its factors would
+        be read as the other kind, with the same shapes. Known from the geometry of the group's
+        last step on this optimizer, so a copy, or a load (whose groups bring their own mode),
+        starts afresh."""
+        last = self._geometries.get(gi)
+        if (
+            last is not None
+            and group["step"] > 0
+            and (last in STATE_IS_P) != (geometry in STATE_IS_P)
+        ):
+            kinds = {True: "P itself", False: "Q"}
+            raise ValueError(
+                f"preconditioner_mode of group {gi} was edited from {last!r}, whose factors are "
+                f"{kinds[last in STATE_IS_P]}, to {geometry!r}, whose factors are "
+                f"{kinds[geometry in STATE_IS_P]}, after the group's first step. Move between "
+                f"geometries of one kind (Q: EQ, QEQ, Q0.5EQ1.5, QUAD, QEP; P: PRO4P, QUAD4P), "
+                f"or start a new optimizer."
+            )
+        self._geometries[gi] = geometry
 
     _advance_clock = staticmethod(advance_clock)
 
@@ -522,6 +547,7 @@ class Kron(torch.optim.Optimizer):
         # The noise is drawn from (seed, step, ...), so a run resumes only with its own seed.
         self.seed = seed
         self._stacks.clear()
+        self._geometries.clear()
         copy_saved_state(self.state, state_dict, self.param_groups)
 
     def state_dict(self) -> dict[str, Any]:
