@@ -47,36 +47,16 @@ def step_bucket(opt, gi, group, members, layout, options, do_fit, do_balance, pr
     Hessian-vector products by ``id(param)``."""
     plan = make_plan(tuple(members[0][1].shape), layout)
     params = [p for _, p in members]
-    state_for = opt._state_for
-    states = [
-        state_for(p) or init_state(state_for(p), group, p, plan, options, probes, hvps)
-        for p in params
-    ]
     factor_dtype = torch_dtype(group["precond_dtype"], "precond_dtype") or DEFAULT_PRECOND_DTYPE
-    mu_dtype = torch_dtype(group["mu_dtype"], "mu_dtype")
-    for p, state in zip(params, states):  # dtypes edited since the state was made convert now
-        if state["factors"][0].dtype != factor_dtype:
-            convert_preconditioner(state, factor_dtype)
-        if state["momentum"].dtype != (mu_dtype or p.dtype):
-            for key in ("momentum", "previous_grad"):
-                if key in state:
-                    state[key] = state[key].to(mu_dtype or p.dtype)
+    states = _states(opt, group, params, plan, options, factor_dtype, probes, hvps)
     # The gradient and momentum are handled in at least float32; only the products (and the
     # fit's inputs) are in the factors' dtype, so bfloat16 factors never round the momentum
     # and the float32 state is still stepped in place. Not wider: a float64 gradient past
     # float32's range would overflow the products, so it is skipped as non-finite.
     dtype = torch.promote_types(factor_dtype, torch.float32)
     size = len(params)
-    grads, finite, all_finite = gather_gradients(group, params, states, dtype)
-    clipped_grads = grads  # what MARS remembers as the previous gradient
-    if group["mars"]:
-        for p, s in zip(params, states):  # mars switched on after the first step: as at init
-            if "previous_grad" not in s:
-                s["previous_grad"] = torch.zeros_like(p, dtype=s["momentum"].dtype)
-        previous = stack([s["previous_grad"] for s in states]).to(dtype)
-        grads = mars_correction(grads, previous, group["b1"], group["mars_gamma"], OPS)
-    if group["weight_decay"] and not group["decoupled_weight_decay"]:
-        grads = grads + group["weight_decay"] * stack([p.detach() for p in params]).to(dtype)
+    clipped_grads, finite, all_finite = gather_gradients(group, params, states, dtype)
+    grads = _corrected_gradients(group, params, states, clipped_grads, dtype)
     check_layout(gi, members[0][0], plan, states[0]["factors"])
     stacks = opt._stacks
     bucket = (gi, tuple(plan.shape), dtype, grads.device)
@@ -150,6 +130,39 @@ def step_bucket(opt, gi, group, members, layout, options, do_fit, do_balance, pr
         stacks.forget(bucket)
     else:
         stacks.remember(bucket, indices, states, new, dtype)
+
+
+def _states(opt, group, params, plan, options, factor_dtype, probes, hvps) -> list[dict]:
+    """The parameters' states, made on a parameter's first step (:func:`init_state`), and
+    converted where the group's ``precond_dtype`` or ``mu_dtype`` was edited since."""
+    state_for = opt._state_for
+    states = [
+        state_for(p) or init_state(state_for(p), group, p, plan, options, probes, hvps)
+        for p in params
+    ]
+    mu_dtype = torch_dtype(group["mu_dtype"], "mu_dtype")
+    for p, state in zip(params, states):
+        if state["factors"][0].dtype != factor_dtype:
+            convert_preconditioner(state, factor_dtype)
+        if state["momentum"].dtype != (mu_dtype or p.dtype):
+            for key in ("momentum", "previous_grad"):
+                if key in state:
+                    state[key] = state[key].to(mu_dtype or p.dtype)
+    return states
+
+
+def _corrected_gradients(group, params, states, grads, dtype) -> torch.Tensor:
+    """The stacked, clipped ``grads`` with MARS's correction and coupled weight decay, when
+    the group asks for them (the clipped gradient is what MARS remembers as the previous one)."""
+    if group["mars"]:
+        for p, s in zip(params, states):  # mars switched on after the first step: as at init
+            if "previous_grad" not in s:
+                s["previous_grad"] = torch.zeros_like(p, dtype=s["momentum"].dtype)
+        previous = stack([s["previous_grad"] for s in states]).to(dtype)
+        grads = mars_correction(grads, previous, group["b1"], group["mars_gamma"], OPS)
+    if group["weight_decay"] and not group["decoupled_weight_decay"]:
+        grads = grads + group["weight_decay"] * stack([p.detach() for p in params]).to(dtype)
+    return grads
 
 
 def fresh_kron_step() -> Callable:
