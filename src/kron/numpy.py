@@ -290,6 +290,12 @@ class KronPsgd:
             else:
                 self._pending_skips[name] = self._pending_skips.get(name, 0) + 1
             return
+        if name not in self._slots and self.init_scale is None and not grad.any():
+            # No state yet from an all-zero gradient (a LoRA factor whose partner starts at
+            # zero): its automatic scale would fall back to 1.0 for good. The step would move
+            # nothing (a zero momentum, preconditioned), so the name starts at its first
+            # nonzero gradient instead, as if this one had not come.
+            return
         slot = self._slots.get(name) or self._new_slot(view, grad)
         rng = np.random.default_rng([self.seed, self._iteration, zlib.crc32(name.encode())])
         do_fit = self._do_fit()

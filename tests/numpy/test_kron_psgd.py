@@ -274,13 +274,30 @@ def test_a_numpy_scalar_init_scale_keeps_the_parameters_dtype():
     assert [f.dtype for f in opt.preconditioner("w")] == [np.float32, np.float32]
 
 
-def test_zero_first_gradient_gives_a_finite_start():
-    opt = KronPsgd()
+def test_zero_first_gradient_gives_a_finite_start_at_a_fixed_scale():
+    opt = KronPsgd(init_scale=1.0)
     w = np.ones((3, 3))
     opt.step("w", w, np.zeros((3, 3)))
     factors = opt.preconditioner("w")
     assert all(np.all(np.isfinite(f)) for f in factors)
     np.testing.assert_array_equal(w, np.ones((3, 3)))
+
+
+def test_an_all_zero_first_gradient_leaves_the_automatic_scale_to_the_first_real_one():
+    """With ``init_scale=None`` a zero first gradient (a LoRA factor whose partner starts at
+    zero) makes no state, where it used to fix the scale at its fallback 1.0: the next step is
+    a fresh optimizer's first, scaled from 10·ones (up to the damping noise of the iteration)."""
+    opt = KronPsgd(seed=3)
+    w = np.ones((3, 3))
+    opt.step("w", w, np.zeros((3, 3)))
+    np.testing.assert_array_equal(w, np.ones((3, 3)))
+    assert "w" not in opt.state_dict()["slots"] and opt.skipped("w") == 0
+    opt.step("w", w, np.full((3, 3), 10.0))
+    fresh, w_fresh = KronPsgd(seed=3), np.ones((3, 3))
+    fresh.step("w", w_fresh, np.full((3, 3), 10.0))
+    np.testing.assert_allclose(w, w_fresh, rtol=1e-9)
+    for mine, theirs in zip(opt.preconditioner("w"), fresh.preconditioner("w")):
+        np.testing.assert_allclose(mine, theirs, rtol=1e-9)
 
 
 def test_shape_mismatch_names_both_shapes():
