@@ -290,6 +290,30 @@ def test_zero_first_gradient_with_automatic_scale_gives_no_nan() -> None:
     assert all(np.isfinite(to_numpy(v)).all() for v in variables)
 
 
+def test_an_all_zero_first_gradient_leaves_the_automatic_scale_to_the_first_real_one() -> None:
+    """A zero first gradient (a LoRA factor whose partner starts at zero) is not counted, so the
+    automatic scale comes from the next, nonzero one, as for a fresh optimizer (up to the
+    damping noise of the other step), where it used to stay at its fallback 1.0 (0.14 here)."""
+    rng = np.random.default_rng(0)
+    start = rng.standard_normal((4, 3)).astype("float32")
+    grad = (40.0 * rng.standard_normal((4, 3))).astype("float32")
+    runs = []
+    for zero_first in (True, False):
+        variable = keras.Variable(start, dtype="float32")
+        optimizer = Kron(learning_rate=0.1, precond_init_scale=None)
+        optimizer.build([variable])
+        if zero_first:
+            optimizer.apply([keras.ops.zeros((4, 3))], [variable])
+            np.testing.assert_array_equal(to_numpy(variable), start)
+            assert float(to_numpy(optimizer._slots[0].count)) == 0.0
+        optimizer.apply([keras.ops.convert_to_tensor(grad)], [variable])
+        runs.append((to_numpy(variable), [to_numpy(f) for f in optimizer._slots[0].factors]))
+    (waited, waited_factors), (fresh, fresh_factors) = runs
+    np.testing.assert_allclose(waited, fresh, rtol=1e-4)
+    for a, b in zip(waited_factors, fresh_factors):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_coupled_weight_decay_adds_to_the_gradient() -> None:
     """decoupled_weight_decay=False steps as decay 0 on the gradient g + wd·θ (seed 000's
     ``decoupled`` flag); the decoupled default steps differently."""

@@ -41,6 +41,7 @@ from kron.core import (
     get_ops,
     kron_step,
     make_plan,
+    nonzero_rows,
     overflow_limit,
 )
 from kron.core.option_types import as_python_number, is_real_number
@@ -83,7 +84,7 @@ class Kron(keras.optimizers.Optimizer):
         the gradient (False). With ``b1=0`` the momentum is the gradient, so both fit the same.
       precond_lr: preconditioner learning rate μ. Default 0.1.
       precond_init_scale: initial ``Q = scale·I``; None sets it per variable from its first
-        finite gradient, ``(mean g⁴)^(-1/8)``. Default 1.0.
+        gradient that is finite and not all zeros, ``(mean g⁴ + δ⁴)^(-1/8)``. Default 1.0.
       mu_dtype: momentum storage dtype (None: the variable's). Default None.
       precond_dtype: dtype of Q and of the preconditioner math. Default ``"float32"``.
       clipnorm, clipvalue, global_clipnorm, use_ema, ema_momentum, ema_overwrite_frequency,
@@ -400,7 +401,15 @@ class Kron(keras.optimizers.Optimizer):
             ops=OPS,
         )
         new = new._replace(momentum=kops.where(finite, new.momentum, old.momentum))
-        write_slots(self, slots, new, finite)
+        counted = finite
+        if self.precond_init_scale is None:
+            # Leading all-zero gradients (a LoRA factor whose partner starts at zero) are not
+            # counted: the automatic scale, taken at count 0, would fall back to 1.0 for good.
+            # Such a step moves nothing (a zero momentum, preconditioned), so the scale and the
+            # momentum start from the first nonzero gradient, as for a fresh variable.
+            waiting = kops.logical_and(count == 0, kops.logical_not(nonzero_rows(grad, OPS)[0]))
+            counted = kops.logical_and(finite, kops.logical_not(waiting))
+        write_slots(self, slots, new, counted)
         self._apply_update(
             variable, index, kops.where(finite, y[0], kops.zeros_like(y[0])), finite, learning_rate
         )

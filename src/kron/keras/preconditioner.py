@@ -173,8 +173,9 @@ def _mask(plan: Plan, dtype: Any) -> Any:
 def _scale_at_first_step(
     state: TensorState, grad: Any, count: Any, plan: Plan, settings: FitSettings
 ) -> TensorState:
-    """``precond_init_scale=None``: on a variable's first step, rescale Q (and the cache)
-    from that gradient, ``(mean g⁴ + δ⁴)^(-1/8)`` (1.0 for a zero gradient)."""
+    """``precond_init_scale=None``: on a variable's first counted step (count 0), rescale Q
+    (and the cache) from that gradient, ``(mean g⁴ + δ⁴)^(-1/8)``. An all-zero gradient gives
+    1.0, a no-op, and is not counted (``Kron.update_step``), so the next one rescales."""
     scale = scale_from_moments(fourth_moment(grad, OPS), OPS, settings.damping)
     if settings.options.fit.state_is_p:
         scale = scale * scale

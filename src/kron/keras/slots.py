@@ -100,9 +100,10 @@ def read_slots(slots: Slots, work: str) -> tuple[TensorState, Any]:
     return state, read(slots.count)
 
 
-def write_slots(optimizer: Any, slots: Slots, state: TensorState, finite: Any) -> None:
+def write_slots(optimizer: Any, slots: Slots, state: TensorState, counted: Any) -> None:
     """Store ``state`` with ``optimizer.assign`` (Keras routes it to the backend, or to the
-    state of ``stateless_apply``) and count the update if the gradient was ``finite``."""
+    state of ``stateless_apply``) and count the update if ``counted`` (a boolean scalar: the
+    gradient was finite, and not one of the leading zeros an automatic init scale waits out)."""
     for variables, values in (
         (slots.factors, state.factors),
         (slots.lipschitz, state.lipschitz),
@@ -117,4 +118,4 @@ def write_slots(optimizer: Any, slots: Slots, state: TensorState, finite: Any) -
         # variable to NaN on the next step; the largest finite value is kept instead.
         momentum = kops.clip(momentum, -_FLOAT16_MAX, _FLOAT16_MAX)
     optimizer.assign(slots.momentum, kops.cast(momentum, stored))
-    optimizer.assign_add(slots.count, kops.cast(finite, "float32"))
+    optimizer.assign_add(slots.count, kops.cast(counted, "float32"))
