@@ -21,13 +21,11 @@ import argparse
 import json
 import platform
 import statistics
-import time
 from collections.abc import Callable
 
 import jax
-import jax.numpy as jnp
 import optax
-from optax_step import make_step, mlp_loss, mlp_params
+from optax_step import compiled_run, mlp_loss, mlp_params, time_in_turn
 
 import kron.optax
 import kron.optax.checks
@@ -84,41 +82,15 @@ def measure(args: argparse.Namespace) -> list[dict]:
     y = jax.random.randint(jax.random.PRNGKey(2), (BATCH,), 0, 10)
     rows = []
     for probability in args.probabilities:
-        runs = {}
+        runs: dict[str, dict] = {}
         for _ in range(args.compiles):  # the shortest of a few fresh compiles, in turn
             for name, (make, limit) in variants(probability, args.limits).items():
                 kron.optax.checks.stacks_of = limited_stacks(limit)
                 try:
-                    tx = make()
-                    params = jax.tree.map(jnp.copy, params0)
-                    state = tx.init(params)
-                    start = time.perf_counter()
-                    compiled = make_step(tx, mlp_loss).lower(params, state, x, y).compile()
-                    compile_s = time.perf_counter() - start
-                    cost = compiled.cost_analysis()
-                    cost = cost[0] if isinstance(cost, list) else cost
+                    runs[name] = compiled_run(make, params0, mlp_loss, x, y, runs.get(name))
                 finally:
                     kron.optax.checks.stacks_of = _STACKS_OF
-                best = min(compile_s, runs.get(name, {}).get("compile_s", compile_s))
-                runs[name] = {
-                    "compiled": compiled,
-                    "params": params,
-                    "state": state,
-                    "compile_s": best,
-                    "gflop": cost.get("flops", float("nan")) / 1e9,
-                    "windows": [],
-                }
-        for run in runs.values():
-            for _ in range(args.warmup):
-                run["params"], run["state"] = run["compiled"](run["params"], run["state"], x, y)
-            jax.block_until_ready(run["params"])
-        for _ in range(args.repeats):
-            for run in runs.values():
-                start = time.perf_counter()
-                for _ in range(args.steps):
-                    run["params"], run["state"] = run["compiled"](run["params"], run["state"], x, y)
-                jax.block_until_ready(run["params"])
-                run["windows"].append((time.perf_counter() - start) / args.steps * 1e3)
+        time_in_turn(runs, x, y, args)
         peer = statistics.median(runs["psgdax"]["windows"])
         for name, run in runs.items():
             ms = statistics.median(run["windows"])

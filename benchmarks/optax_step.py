@@ -135,6 +135,47 @@ def make_step(tx: optax.GradientTransformation, loss: Callable) -> Callable:
     return jax.jit(step, donate_argnums=(0, 1))
 
 
+def compiled_run(make: Callable, params0: dict, loss: Callable, x, y, best: dict | None) -> dict:
+    """A fresh transformation from ``make``, its params and state, and its train step compiled
+    afresh: ``{"compiled", "params", "state", "compile_s", "gflop", "windows": []}``.
+    ``compile_s`` is the shorter of this compile and ``best``'s (an earlier run of the same
+    optimizer): one compile varies by ±20 % with the machine's load. ``gflop`` is XLA's count
+    per step (every branch of a ``lax.cond`` included)."""
+    tx = make()
+    params = jax.tree.map(jnp.copy, params0)
+    state = tx.init(params)
+    start = time.perf_counter()
+    compiled = make_step(tx, loss).lower(params, state, x, y).compile()
+    compile_s = time.perf_counter() - start
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return {
+        "compiled": compiled,
+        "params": params,
+        "state": state,
+        "compile_s": compile_s if best is None else min(compile_s, best["compile_s"]),
+        "gflop": cost.get("flops", float("nan")) / 1e9,
+        "windows": [],
+    }
+
+
+def time_in_turn(runs: dict[str, dict], x, y, args: argparse.Namespace) -> None:
+    """``args.warmup`` steps of each run, then ``args.repeats`` windows of ``args.steps`` steps,
+    taken in turn across the runs so that load from other processes hits every one alike;
+    each window's mean ms per step is appended to its run's ``windows``."""
+    for run in runs.values():
+        for _ in range(args.warmup):
+            run["params"], run["state"] = run["compiled"](run["params"], run["state"], x, y)
+        jax.block_until_ready(run["params"])
+    for _ in range(args.repeats):
+        for run in runs.values():
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                run["params"], run["state"] = run["compiled"](run["params"], run["state"], x, y)
+            jax.block_until_ready(run["params"])
+            run["windows"].append((time.perf_counter() - start) / args.steps * 1e3)
+
+
 def measure(args: argparse.Namespace) -> list[dict]:
     rows = []
     rng = np.random.default_rng(0)
@@ -146,39 +187,11 @@ def measure(args: argparse.Namespace) -> list[dict]:
         for probability in args.probabilities:
             runs: dict[str, dict] = {}
             # Each optimizer's step is compiled afresh ``--compiles`` times, in turn across the
-            # optimizers, and the shortest time is kept: one compile varies by ±20 % with load.
+            # optimizers, and the shortest time is kept.
             for _ in range(args.compiles):
                 for name, make in optimizers(probability, scanned, args.factor_dtypes).items():
-                    tx = make()
-                    params = jax.tree.map(jnp.copy, params0)
-                    state = tx.init(params)
-                    step = make_step(tx, loss)
-                    start = time.perf_counter()
-                    compiled = step.lower(params, state, x, y).compile()
-                    compile_s = time.perf_counter() - start
-                    best = min(compile_s, runs.get(name, {}).get("compile_s", compile_s))
-                    runs[name] = {
-                        "compiled": compiled,
-                        "params": params,
-                        "state": state,
-                        "compile_s": best,
-                        "windows": [],
-                    }
-            for run in runs.values():
-                params, state = run["params"], run["state"]
-                for _ in range(args.warmup):
-                    params, state = run["compiled"](params, state, x, y)
-                jax.block_until_ready(params)
-                run["params"], run["state"] = params, state
-            for _ in range(args.repeats):
-                for run in runs.values():
-                    params, state = run["params"], run["state"]
-                    start = time.perf_counter()
-                    for _ in range(args.steps):
-                        params, state = run["compiled"](params, state, x, y)
-                    jax.block_until_ready(params)
-                    run["windows"].append((time.perf_counter() - start) / args.steps * 1e3)
-                    run["params"], run["state"] = params, state
+                    runs[name] = compiled_run(make, params0, loss, x, y, runs.get(name))
+            time_in_turn(runs, x, y, args)
             for name, run in runs.items():
                 rows.append(
                     {

@@ -250,21 +250,25 @@ def test_nonfinite_gradient_raises_when_asked(rng):
         KronPsgd(nonfinite="raise").step("w", np.zeros(3), np.array([0.0, np.nan, 1.0]))
 
 
-def test_nonfinite_first_gradient_creates_no_state():
-    """The skipped first step leaves nothing behind: no slot, and the next step is a fresh
-    optimizer's first (its automatic scale comes from that gradient, 10·ones, not from ones),
-    up to the damping noise, which is drawn for the iteration the skipped step advanced."""
+@pytest.mark.parametrize("first, skips", [(np.inf, 1), (0.0, 0)])
+def test_a_nonfinite_or_all_zero_first_gradient_creates_no_state(first, skips):
+    """The first step leaves nothing behind: no slot, the parameter as it was, and the next
+    step is a fresh optimizer's first (its automatic scale comes from that gradient, 10·ones,
+    not from ones), up to the damping noise, drawn for the iteration the first step advanced.
+    A non-finite gradient is counted as skipped. An all-zero one (a LoRA factor whose partner
+    starts at zero) is not: it used to make the state, its scale at the fallback 1.0 for good."""
     opt = KronPsgd(seed=3)
     w = np.ones((3, 3))
-    opt.step("w", w, np.full((3, 3), np.inf))
-    assert opt.skipped("w") == 1 and "w" not in opt.state_dict()["slots"]
+    opt.step("w", w, np.full((3, 3), first))
+    np.testing.assert_array_equal(w, np.ones((3, 3)))
+    assert opt.skipped("w") == skips and "w" not in opt.state_dict()["slots"]
     opt.step("w", w, np.full((3, 3), 10.0))
     fresh, w_fresh = KronPsgd(seed=3), np.ones((3, 3))
     fresh.step("w", w_fresh, np.full((3, 3), 10.0))
     np.testing.assert_allclose(w, w_fresh, rtol=1e-9)
     for mine, theirs in zip(opt.preconditioner("w"), fresh.preconditioner("w")):
         np.testing.assert_allclose(mine, theirs, rtol=1e-9)
-    assert opt.skipped("w") == 1
+    assert opt.skipped("w") == skips
 
 
 def test_a_numpy_scalar_init_scale_keeps_the_parameters_dtype():
@@ -281,23 +285,6 @@ def test_zero_first_gradient_gives_a_finite_start_at_a_fixed_scale():
     factors = opt.preconditioner("w")
     assert all(np.all(np.isfinite(f)) for f in factors)
     np.testing.assert_array_equal(w, np.ones((3, 3)))
-
-
-def test_an_all_zero_first_gradient_leaves_the_automatic_scale_to_the_first_real_one():
-    """With ``init_scale=None`` a zero first gradient (a LoRA factor whose partner starts at
-    zero) makes no state, where it used to fix the scale at its fallback 1.0: the next step is
-    a fresh optimizer's first, scaled from 10·ones (up to the damping noise of the iteration)."""
-    opt = KronPsgd(seed=3)
-    w = np.ones((3, 3))
-    opt.step("w", w, np.zeros((3, 3)))
-    np.testing.assert_array_equal(w, np.ones((3, 3)))
-    assert "w" not in opt.state_dict()["slots"] and opt.skipped("w") == 0
-    opt.step("w", w, np.full((3, 3), 10.0))
-    fresh, w_fresh = KronPsgd(seed=3), np.ones((3, 3))
-    fresh.step("w", w_fresh, np.full((3, 3), 10.0))
-    np.testing.assert_allclose(w, w_fresh, rtol=1e-9)
-    for mine, theirs in zip(opt.preconditioner("w"), fresh.preconditioner("w")):
-        np.testing.assert_allclose(mine, theirs, rtol=1e-9)
 
 
 def test_shape_mismatch_names_both_shapes():
